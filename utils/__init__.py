@@ -1,0 +1,1 @@
+"""Library code shared by the soup scripts: soup math, I/O, evaluation, distribution."""

@@ -1,0 +1,80 @@
+"""Architecture registry: `--arch NAME` -> ArchSpec (how to build the model, how to preprocess).
+
+Every builder takes (num_classes, pretrained). Soup scripts build with pretrained=False: the
+ingredients supply every weight."""
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision.transforms import v2
+
+from utils.errors import UserError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ArchSpec:
+    name: str
+    build: Callable            # (num_classes, pretrained) -> nn.Module
+    preprocess: Callable       # per-sample eval transform: PIL image or uint8 tensor -> float tensor
+    train_preprocess: Callable # per-sample transform for fine-tuning before augmentation is added
+    is_vit: bool = False       # MEHL clips the gradient norm to 1 for ViTs, as released
+
+
+def to_rgb(img):
+    """Grey images (1 channel) become 3-channel, so every arch sees RGB."""
+    if isinstance(img, torch.Tensor) and img.ndim == 3 and img.shape[0] == 1:
+        return img.expand(3, -1, -1)
+    return img
+
+
+def image_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation=v2.InterpolationMode.BILINEAR,
+                    crop=True):
+    steps = [v2.ToImage(), v2.Lambda(to_rgb), v2.RGB(), v2.Resize(size, interpolation=interpolation, antialias=True)]
+    if crop:
+        steps.append(v2.CenterCrop(size))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(steps)
+
+
+# ------------------------------------------------------------------------- tiny arch for tests
+class TinyCNN(nn.Module):
+    """A small conv net with BatchNorm, for tests and quick CPU experiments (any input size)."""
+
+    def __init__(self, num_classes, width=8):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def _tiny_cnn(num_classes, pretrained=False):
+    torch.manual_seed(0)  # "pre-trained" start is a fixed random init, so every ingredient shares it
+    return TinyCNN(num_classes)
+
+
+ARCHS = {
+    "tiny-cnn": ArchSpec("tiny-cnn", _tiny_cnn, image_transform(16), image_transform(16)),
+}
+ALIASES = {}
+
+
+def register(spec, *aliases):
+    ARCHS[spec.name] = spec
+    for a in aliases:
+        ALIASES[a] = spec.name
+
+
+def get_arch(name):
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in ARCHS:
+        known = sorted(ARCHS) + sorted(ALIASES)
+        raise UserError(f"unknown --arch {name!r}; known: {', '.join(known)}")
+    return ARCHS[key]

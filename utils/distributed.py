@@ -1,0 +1,103 @@
+"""The one distributed helper: torchrun's environment when present, a single process otherwise.
+
+Backend: nccl on CUDA, gloo on CPU. Every print and file write is guarded by `is_primary()`.
+"""
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_primary():
+    return rank() == 0
+
+
+def is_distributed():
+    return world_size() > 1
+
+
+def setup(device_arg="auto"):
+    """Start the process group when torchrun set WORLD_SIZE > 1; return the torch.device to use.
+
+    `device_arg`: "auto" (CUDA when available), "cpu", or "cuda".
+    """
+    use_cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        from utils.errors import UserError
+        raise UserError("--device cuda was asked for but no CUDA device is visible")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        # A collective that never completes (a peer died) ends with an error instead of hanging.
+        timeout = datetime.timedelta(seconds=float(os.environ.get("SOUP_DIST_TIMEOUT", 600)))
+        backend = "nccl" if use_cuda else "gloo"
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        try:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        except Exception as err:  # the rendezvous could not complete: say so in one line
+            from utils.errors import UserError
+            raise UserError(f"could not join the process group ({backend}, "
+                            f"MASTER_ADDR={os.environ.get('MASTER_ADDR')}, "
+                            f"MASTER_PORT={os.environ.get('MASTER_PORT')}): {err}") from err
+    if use_cuda:
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def teardown():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor):
+    """Sum `tensor` in place over ranks (no-op on one process) and return it."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_object(obj, src=0):
+    """Send a picklable object from `src` to every rank (used for small metadata only)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def agree(ok, message):
+    """Every rank learns whether all ranks are `ok`; used so that one rank's bad input stops all.
+
+    Returns normally when all are fine; raises UserError (with this rank's message, or a note that
+    another rank failed) otherwise. Avoids the hang of one rank leaving while others wait in a collective.
+    """
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    if is_distributed() and dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    all_reduce_sum(flag)
+    if int(flag.item()) > 0:
+        from utils.errors import UserError
+        raise UserError(message if not ok else "another rank failed (see its message above)")
+
+
+def shard_range(n, parts=None, index=None):
+    """Contiguous split of range(n) into `parts` pieces, the first n % parts one longer. Returns (start, stop)."""
+    parts = world_size() if parts is None else parts
+    index = rank() if index is None else index
+    base, extra = divmod(n, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
