@@ -1,0 +1,33 @@
+"""Dataset registry: `--datasets NAME` -> builder(root, preprocess, **options) -> DataBundle.
+
+This package is named `datasets` (the user's layout) and so shadows Hugging Face's `datasets` inside
+the scripts: nothing here may import the latter.
+"""
+import importlib
+
+from datasets.base import DataBundle, EvalSet, per_class_split  # noqa: F401
+from utils.errors import UserError
+
+# name -> (module, builder function); modules are imported on use so that one family's optional
+# dependency never breaks another.
+REGISTRY = {
+    "FashionMNIST": ("datasets.fashion_mnist", "build_fashion_mnist"),
+    "ImageNet": ("datasets.imagenet", "build_imagenet"),
+    "CIFAR10": ("datasets.cifar", "build_cifar10"),
+    "CIFAR100": ("datasets.cifar", "build_cifar100"),
+}
+
+
+def build_dataset(name, root, preprocess, **options):
+    """Build the DataBundle of dataset `name`.
+
+    options (each builder accepts them all; None means the dataset's default):
+      heldout_per_class, heldout_index (path of a 0/1 .npy over the sorted train set), seed (of the drawn
+      split), test_size (subsample test and each shift to this many images), finetune_size (subsample
+      the fine-tune split), train_preprocess (transform for the fine-tune split; default `preprocess`).
+    """
+    match = {k.lower(): k for k in REGISTRY}.get(name.lower())
+    if match is None:
+        raise UserError(f"unknown --datasets {name!r}; known: {', '.join(REGISTRY)}")
+    module, fn = REGISTRY[match]
+    return getattr(importlib.import_module(module), fn)(root, preprocess, **options)
