@@ -78,3 +78,7 @@ def get_arch(name):
         known = sorted(ARCHS) + sorted(ALIASES)
         raise UserError(f"unknown --arch {name!r}; known: {', '.join(known)}")
     return ARCHS[key]
+
+
+# The families register themselves on import (after ArchSpec / register exist above).
+from utils import arch_clip, arch_effnet  # noqa: E402,F401

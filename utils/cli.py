@@ -125,3 +125,23 @@ def prepare(args, check_ingredients=True):
 def record_args(args):
     """The arguments as they go into a results line."""
     return {k: v for k, v in vars(args).items() if k not in ("local_rank", "local-rank")}
+
+
+def result_record(args, setup, paths, scores, **extra):
+    """One results line: method, ingredients, held-out / test / shifts, seconds, peak memory, arguments."""
+    from utils import memory
+    return {
+        "method": args.method,
+        "dataset": args.datasets,
+        "arch": args.arch,
+        "ingredients": [ingredients.index_of(p) for p in paths],
+        "model_location": str(Path(args.model_location).resolve()),
+        **scores,
+        "split": setup.bundle.split,
+        "seconds": round(time.time() - setup.started, 2),
+        "peak_memory_bytes": memory.peak_bytes(setup.device),
+        "device": str(setup.device),
+        "world_size": distributed.world_size(),
+        **extra,
+        "args": record_args(args),
+    }

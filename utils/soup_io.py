@@ -1,0 +1,66 @@
+"""Saving a soup with its recipe: the state dict, and beside it `<name>.recipe.json` holding the
+ingredient paths with their sha256, the coefficients (when learned) and the arguments, from which the
+soup can be rebuilt without learning again (`rebuild`)."""
+import json
+from pathlib import Path
+
+import torch
+
+from utils import distributed
+from utils.state_dicts import atomic_write, load_state_dict, save_state_dict, sha256
+
+
+def recipe_path(soup_path):
+    soup_path = Path(soup_path)
+    return soup_path.with_name(soup_path.stem + ".recipe.json")
+
+
+def save_soup(sd, path, method, paths, args, coefficients=None, extra=None, overwrite=False):
+    """Write the soup and its recipe (primary rank only). `coefficients`: for learned soups, a dict with
+    "names" (the parameter names), "blocks" (lists of names) and "alpha" (B x N nested lists) – the
+    parameters not in any block are taken as they are in the soup."""
+    if path is None or not distributed.is_primary():
+        return None
+    path = Path(path)
+    recipe = {
+        "method": method,
+        "soup": path.name,
+        "ingredients": [{"path": str(Path(p).resolve()), "sha256": sha256(p)} for p in paths],
+        "coefficients": coefficients,
+        "args": args,
+        **(extra or {}),
+    }
+    text = json.dumps(recipe, indent=1, default=str)
+    # Recipe first: a soup file under its final name always has its recipe beside it.
+    atomic_write(recipe_path(path), lambda tmp: Path(tmp).write_text(text), overwrite=True)
+    save_state_dict(sd, path, overwrite=overwrite)
+    return path
+
+
+def rebuild(recipe_file, check_hashes=True):
+    """Rebuild a soup from its recipe: uniform / greedy means, or sum_i alpha[b, i] theta_i per block.
+    Parameters outside the blocks and integer tensors come from the soup's first ingredient."""
+    recipe = json.loads(Path(recipe_file).read_text())
+    items = recipe["ingredients"]
+    sds = []
+    for item in items:
+        if check_hashes and sha256(item["path"]) != item["sha256"]:
+            raise ValueError(f"{item['path']} changed since the soup was made (sha256 differs)")
+        sds.append(load_state_dict(item["path"]))
+    coeff = recipe.get("coefficients")
+    first = sds[0]
+    out = {}
+    if coeff is None:
+        for k, v in first.items():
+            out[k] = (torch.stack([sd[k].to(torch.float64) for sd in sds]).mean(0).to(v.dtype)
+                      if v.is_floating_point() else v.clone())
+        return out
+    out = {k: v.clone() for k, v in first.items()}
+    alpha = torch.tensor(coeff["alpha"], dtype=torch.float64)
+    for b, names in enumerate(coeff["blocks"]):
+        for name in names:
+            mix = sum(alpha[b, i] * sd[name].to(torch.float64) for i, sd in enumerate(sds))
+            out[name] = mix.to(first[name].dtype)
+    for name in coeff.get("averaged_buffers", []):
+        out[name] = torch.stack([sd[name].to(torch.float64) for sd in sds]).mean(0).to(first[name].dtype)
+    return out
