@@ -1,0 +1,58 @@
+"""BatchNorm handling of SPEC 3.
+
+If the running statistics are identical in every ingredient (fine-tuned with frozen statistics), every
+soup keeps them and runs those layers in eval mode, also while learning coefficients. If they differ,
+learned soups learn in train mode (batch statistics) and the final soup's statistics are re-estimated
+on the held-out split."""
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from utils import distributed
+
+BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+def has_batchnorm(model):
+    return any(isinstance(m, BN_TYPES) for m in model.modules())
+
+
+def buffer_keys(model):
+    """Names of the floating-point buffers (running means / variances) of the model."""
+    return [n for n, b in model.named_buffers() if b.is_floating_point()]
+
+
+def set_mode(model, frozen_stats):
+    """Train mode for learning; BatchNorm layers in eval mode when their statistics are frozen."""
+    model.train()
+    if frozen_stats:
+        for m in model.modules():
+            if isinstance(m, BN_TYPES):
+                m.eval()
+    return model
+
+
+@torch.no_grad()
+def reestimate(model, dataset, device, batch_size=256, workers=0):
+    """Recompute the running statistics of every BatchNorm layer on `dataset` (cumulative average over
+    the whole set; ranks average their estimates)."""
+    from utils.evaluation import make_loader
+    bns = [m for m in model.modules() if isinstance(m, BN_TYPES)]
+    if not bns:
+        return model
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch counts the same
+    model.train()
+    for x, _ in tqdm(make_loader(dataset, batch_size, workers), desc="re-estimating BatchNorm",
+                     leave=False, disable=not distributed.is_primary()):
+        model(x.to(device))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+        if distributed.is_distributed():
+            for buf in (m.running_mean, m.running_var):
+                distributed.all_reduce_sum(buf)
+                buf /= distributed.world_size()
+    model.eval()
+    return model
