@@ -1,0 +1,179 @@
+"""Fashion-MNIST, the embedded default: 60k train / 10k test, 28x28 grey, 10 classes.
+
+Looked for at --data-location, else at /usr/share/datasets/fashion-mnist (Debian package
+dataset-fashion-mnist: the original gzip files), else downloaded by torchvision when online.
+Shift sets are synthetic corruptions of real images: the test set under fixed, seeded corruptions
+(noise, blur, contrast, rotation, JPEG, pixelate), reported each and as their mean."""
+import gzip
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as F
+
+from datasets.base import DataBundle, EvalSet, per_class_split
+from utils.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+         "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+           "Ankle boot")
+DEFAULT_HELDOUT_PER_CLASS = 100
+CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "contrast", "rotation", "jpeg", "pixelate")
+
+
+class ImageTensors(Dataset):
+    """uint8 images (N, 1, H, W) and labels, with a per-sample transform."""
+
+    def __init__(self, images, labels, transform=None):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        img = self.images[i]
+        return (self.transform(img) if self.transform else img), int(self.labels[i])
+
+
+# ---------------------------------------------------------------------------------- the files
+def _candidates(root):
+    if root is not None:
+        root = Path(root)
+        return [root, root / "fashion-mnist", root / "FashionMNIST" / "raw", root / "fashion_mnist"]
+    return [SYSTEM_DIR, Path("data") / "FashionMNIST" / "raw"]
+
+
+def _find(folder, stem):
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def locate(root=None, download=True):
+    """The folder holding the four files. Tries torchvision's download only when nothing is found."""
+    looked = _candidates(root)
+    for folder in looked:
+        if all(_find(folder, stem) for stem in FILES.values()):
+            return folder
+    if download:
+        target = Path(root) if root is not None else Path("data")
+        try:
+            from torchvision.datasets import FashionMNIST
+            FashionMNIST(str(target), train=True, download=True)
+            FashionMNIST(str(target), train=False, download=True)
+            return target / "FashionMNIST" / "raw"
+        except Exception as err:  # offline: fall through to the message below
+            log.info("torchvision download failed: %s", err)
+    raise UserError("Fashion-MNIST not found; looked in " + ", ".join(str(p) for p in looked)
+                    + ". Install it (apt-get install dataset-fashion-mnist) or put the four files "
+                    + ", ".join(s + ".gz" for s in FILES.values()) + " in the folder given by "
+                    "--data-location")
+
+
+def read_idx(path):
+    """Parse an IDX file (gzipped or not) into a numpy array."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+        zero, dtype_code, ndim = data[0] * 256 + data[1], data[2], data[3]
+        if zero != 0 or dtype_code != 0x08:
+            raise ValueError("not an unsigned-byte IDX file")
+        shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    except (OSError, ValueError, EOFError, IndexError) as err:
+        raise UserError(f"{path}: not a readable IDX file ({err})") from err
+
+
+def load_arrays(root=None):
+    folder = locate(root)
+    arrays = {k: read_idx(_find(folder, stem)) for k, stem in FILES.items()}
+    for split in ("train", "test"):
+        if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
+            raise UserError(f"{folder}: {split} images and labels differ in length")
+    return folder, arrays
+
+
+# ------------------------------------------------------------------------------- corruptions
+def corrupt(images, name, seed):
+    """Apply corruption `name` to uint8 images (N, 1, H, W); deterministic for a given seed."""
+    gen = torch.Generator().manual_seed(seed)
+    x = images
+    if name == "gaussian_noise":
+        noisy = x.float() + 0.25 * 255 * torch.randn(x.shape, generator=gen)
+        return noisy.clamp(0, 255).round().to(torch.uint8)
+    if name == "gaussian_blur":
+        return F.gaussian_blur(x, kernel_size=[5, 5], sigma=[1.2, 1.2])
+    if name == "contrast":
+        return F.adjust_contrast(x, 0.3)
+    if name == "rotation":
+        angles = (torch.rand(len(x), generator=gen) * 2 - 1) * 35
+        return torch.stack([F.rotate(img, float(a)) for img, a in zip(x, angles)])
+    if name == "jpeg":
+        return torch.stack([F.jpeg(img, quality=8) for img in x])
+    if name == "pixelate":
+        h, w = x.shape[-2:]
+        small = F.resize(x, [h // 3, w // 3], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+        return F.resize(small, [h, w], interpolation=F.InterpolationMode.NEAREST)
+    raise ValueError(f"unknown corruption {name}")
+
+
+def _subsample(labels, size, seed):
+    """Indices of a seeded, class-balanced subsample of `size` (all when size is None or too big)."""
+    n = len(labels)
+    if size is None or size >= n:
+        return np.arange(n)
+    per_class = int(np.ceil(size / len(np.unique(labels))))
+    idx = np.flatnonzero(per_class_split(labels, per_class, seed))
+    return np.sort(np.random.default_rng(seed).choice(idx, size=size, replace=False))
+
+
+# ---------------------------------------------------------------------------------- the bundle
+def build_fashion_mnist(root, preprocess, heldout_per_class=None, heldout_index=None, seed=0,
+                        test_size=None, finetune_size=None, train_preprocess=None, corruption_seed=0):
+    folder, arr = load_arrays(root)
+    train_x = torch.from_numpy(arr["train_images"].copy()).unsqueeze(1)
+    train_y = arr["train_labels"].astype(np.int64)
+    test_x = torch.from_numpy(arr["test_images"].copy()).unsqueeze(1)
+    test_y = arr["test_labels"].astype(np.int64)
+
+    if heldout_index is not None:
+        mask = _read_index(heldout_index, len(train_y))
+        split = {"heldout": "index file", "path": str(heldout_index)}
+    else:
+        per_class = heldout_per_class or DEFAULT_HELDOUT_PER_CLASS
+        mask = per_class_split(train_y, per_class, seed)
+        split = {"heldout": "drawn", "per_class": per_class, "seed": seed}
+    held = np.flatnonzero(mask)
+    rest = np.flatnonzero(~mask)
+    rest = rest[_subsample(train_y[rest], finetune_size, seed + 1)]
+    keep = _subsample(test_y, test_size, seed + 2)
+    test_x, test_y = test_x[keep], test_y[keep]
+    split.update(heldout_size=len(held), finetune_size=len(rest), test_size=len(keep), folder=str(folder))
+
+    shifts = [EvalSet(name, ImageTensors(corrupt(test_x, name, corruption_seed + k), test_y, preprocess))
+              for k, name in enumerate(CORRUPTIONS)]
+    return DataBundle(
+        name="FashionMNIST", num_classes=10,
+        finetune=ImageTensors(train_x[rest], train_y[rest], train_preprocess or preprocess),
+        heldout=ImageTensors(train_x[held], train_y[held], preprocess),
+        test=EvalSet("test", ImageTensors(test_x, test_y, preprocess)),
+        shifts=shifts, split=split)
+
+
+def _read_index(path, n):
+    try:
+        mask = np.load(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--heldout-index {path}: not a readable numpy file ({err})") from err
+    if mask.shape != (n,):
+        raise UserError(f"--heldout-index {path}: expected a 0/1 array of length {n}, got shape "
+                        f"{mask.shape}")
+    return mask.astype(bool)
