@@ -134,13 +134,14 @@ def flatten(sd, names, dtype=None):
 
 def unflatten(vec, names, like):
     """Inverse of `flatten`: a dict name -> tensor shaped (and typed) like `like[name]`."""
+    total = sum(like[n].numel() for n in names)
+    if total != vec.numel():
+        raise ValueError(f"flat vector has {vec.numel()} numbers, the tensors {total}")
     out, offset = {}, 0
     for n in names:
         numel = like[n].numel()
         out[n] = vec[offset:offset + numel].view(like[n].shape).to(like[n].dtype)
         offset += numel
-    if offset != vec.numel():
-        raise ValueError(f"flat vector has {vec.numel()} numbers, the tensors {offset}")
     return out
 
 

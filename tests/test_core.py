@@ -1,0 +1,127 @@
+"""Core utils: blocks, flatten, identical parameters, state-dict I/O, results, exact distributed eval."""
+import json
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from utils import distributed, results
+from utils.errors import UserError
+from utils.evaluation import accuracy
+from utils.state_dicts import (block_ids, flatten, identical_keys, load_state_dict, make_blocks,
+                               save_state_dict, unflatten)
+
+
+def test_blocks_zero_one_per_tensor_and_huge_one_block():
+    sizes = [5, 3, 10, 1, 7]
+    assert make_blocks(sizes, 0) == [[0], [1], [2], [3], [4]]
+    assert make_blocks(sizes, sum(sizes)) == [[0, 1, 2, 3, 4]]
+    # a new block starts once the current one holds MORE than S numbers
+    assert make_blocks(sizes, 6) == [[0, 1], [2], [3, 4]]
+    assert make_blocks(sizes, 8) == [[0, 1, 2], [3, 4]]
+    ids = block_ids(sizes, make_blocks(sizes, 6))
+    assert ids.tolist() == [0] * 8 + [1] * 10 + [2] * 8
+    with pytest.raises(UserError):
+        make_blocks(sizes, -1)
+
+
+def test_flatten_unflatten_round_trip():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    names = [n for n, _ in model.named_parameters()]
+    sd = model.state_dict()
+    vec = flatten(sd, names)
+    assert vec.numel() == sum(p.numel() for p in model.parameters())
+    back = unflatten(vec, names, sd)
+    for n in names:
+        torch.testing.assert_close(back[n], sd[n], rtol=0, atol=0)
+    with pytest.raises(ValueError):
+        unflatten(vec[:-1], names, sd)
+
+
+def test_identical_keys_streams_and_detects():
+    base = {"a": torch.ones(3), "b": torch.zeros(2), "c": torch.arange(3.0)}
+    others = [dict(base, a=torch.ones(3) * 2), dict(base)]
+    assert identical_keys(base, iter(others), ["a", "b", "c"]) == ["b", "c"]
+    assert identical_keys(base, iter([]), ["a", "b"]) == ["a", "b"]
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_state_dict_io_both_formats(tmp_path, suffix):
+    sd = {"w": torch.randn(3, 2), "n": torch.tensor(7)}
+    path = save_state_dict(sd, tmp_path / f"m{suffix}")
+    back = load_state_dict(path)
+    torch.testing.assert_close(back["w"], sd["w"], rtol=0, atol=0)
+    assert back["n"].item() == 7
+    with pytest.raises(UserError, match="exists"):
+        save_state_dict(sd, path)
+    save_state_dict(sd, path, overwrite=True)
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+class Boom:
+    def __reduce__(self):
+        return (os.system, ("touch boom-marker",))
+
+
+def test_code_in_pickle_is_refused(tmp_path):
+    marker = tmp_path / "boom-marker"
+    path = tmp_path / "evil.pt"
+    torch.save({"w": torch.zeros(1), "x": Boom()}, path)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with pytest.raises(UserError, match="refused"):
+            load_state_dict(path)
+    finally:
+        os.chdir(cwd)
+    assert not marker.exists()
+
+
+def test_results_append_never_truncates(tmp_path):
+    path = tmp_path / "r.jsonl"
+    results.append(path, {"method": "a", "acc": 1.0})
+    results.append(path, {"method": "b", "acc": 2.0})
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["method"] for line in lines] == ["a", "b"]
+    with open(path, "a") as f:
+        f.write('{"method": "torn"')  # a torn last line is skipped when reading
+    assert [r["method"] for r in results.read(path)] == ["a", "b"]
+    assert results.find(path, method="b")["acc"] == 2.0
+
+
+def test_shard_range_contiguous_first_ones_longer():
+    parts = [distributed.shard_range(7, 3, i) for i in range(3)]
+    assert parts == [(0, 3), (3, 5), (5, 7)]
+    assert [distributed.shard_range(1, 2, i) for i in range(2)] == [(0, 1), (1, 1)]
+
+
+class Fixed(nn.Module):
+    """Predicts class = first feature, so accuracy is known exactly."""
+
+    def forward(self, x):
+        return nn.functional.one_hot(x[:, 0].long(), 3).float()
+
+
+def _eval_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    device = distributed.setup("cpu")
+    x = torch.tensor([[0.0], [1.0], [2.0], [0.0], [1.0], [2.0], [0.0]])
+    y = torch.tensor([0, 1, 1, 0, 2, 2, 1])  # 4 of 7 right
+    acc = accuracy(Fixed(), TensorDataset(x, y), device, batch_size=2)
+    out[rank] = acc
+    distributed.teardown()
+
+
+def test_distributed_accuracy_is_exact_on_odd_sizes():
+    from tests.conftest import free_port
+    single = accuracy(Fixed(), TensorDataset(torch.tensor([[0.0], [1.0], [2.0], [0.0], [1.0], [2.0], [0.0]]),
+                                             torch.tensor([0, 1, 1, 0, 2, 2, 1])), torch.device("cpu"),
+                      batch_size=2)
+    out = mp.Manager().dict()
+    mp.spawn(_eval_worker, args=(2, free_port(), out), nprocs=2, join=True)
+    assert single == pytest.approx(100 * 4 / 7)
+    assert out[0] == out[1] == pytest.approx(single)
