@@ -1,0 +1,262 @@
+"""The paper's tables and figures, generated from results files only (nothing is recomputed).
+
+    python report.py --results-db runs/demo/results.jsonl --out docs/results
+
+Writes into --out: report.md (the main table shaped like the paper's, the elimination table),
+ingredients.png (test accuracy of greedy soup and MEHL-Soup+ when souping only the first n
+ingredients), scatter.png (in- vs out-of-distribution accuracy of ingredients and soups) and
+coefficients.png (MEHL-Soup+'s coefficients, blocks x ingredients). Prints the main table last.
+"""
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from utils import results
+from utils.errors import UserError, run_main
+
+log = logging.getLogger("report")
+
+# Display order and names of the methods (as written by the soup scripts in their results lines).
+METHODS = [("uniform", "uniform soup"), ("greedy", "greedy soup"), ("Learned-Soup", "Learned-Soup"),
+           ("Learned-Soup+", "Learned-Soup+"), ("MEHL-Soup", "MEHL-Soup"), ("MEHL-Soup+", "MEHL-Soup+")]
+MISSING = "missing"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--results-db", nargs="+", default=["runs/results.jsonl"],
+                   help="one or more JSON-lines results files")
+    p.add_argument("--out", default="runs/report", help="folder for report.md and the PNG figures")
+    p.add_argument("--dataset", default=None, help="only lines of this dataset (default: all)")
+    p.add_argument("--arch", default=None, help="only lines of this architecture (default: all)")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------ selecting lines
+def load(paths, dataset=None, arch=None):
+    lines = []
+    for path in paths:
+        if not Path(path).exists():
+            raise UserError(f"--results-db {path}: no such file")
+        lines += results.read(path)
+    return [r for r in lines if (dataset is None or r.get("dataset") == dataset)
+            and (arch is None or r.get("arch") == arch)]
+
+
+def excluded(r):
+    return (r.get("args") or {}).get("exclude_top", 0) or 0
+
+
+def individuals(lines):
+    """The latest line of each ingredient evaluated alone, by ingredient index."""
+    out = {}
+    for r in lines:
+        if r.get("method") == "individual":
+            out[r["ingredients"][0]] = r
+    return out
+
+
+def method_key(name):
+    """Method names compare without case and without a trailing " soup" ("uniform" = "Uniform soup")."""
+    key = (name or "").lower().strip()
+    return key[:-5] if key.endswith(" soup") else key
+
+
+def latest(lines, method, n=None, exclude=0):
+    """The latest line of `method` with `exclude` top ingredients removed and, when n is given, souping
+    exactly the first n ingredients of the range (else the line with the most ingredients)."""
+    want = method_key(method)
+    hits = [r for r in lines if method_key(r.get("method")) == want and excluded(r) == exclude]
+    if n is not None:
+        hits = [r for r in hits if len(r.get("ingredients", [])) == n and not (r.get("args") or {}).get(
+            "exclude_top")]
+    if not hits:
+        return None
+    most = max(len(r.get("ingredients", [])) for r in hits)
+    return [r for r in hits if len(r.get("ingredients", [])) == most][-1]
+
+
+# ------------------------------------------------------------------------------------- tables
+def fmt(v, digits=2):
+    return MISSING if v is None else f"{v:.{digits}f}"
+
+
+def main_table(lines):
+    """Rows (name, line) in the paper's order: best individual (by held-out) first."""
+    rows = []
+    ind = individuals(lines)
+    if ind:
+        best = max(ind.values(), key=lambda r: (r.get("heldout") or -1, -r["ingredients"][0]))
+        rows.append((f"best individual (#{best['ingredients'][0]})", best))
+    for method, name in METHODS:
+        r = latest(lines, method)
+        if r is not None:
+            rows.append((name, r))
+    return rows
+
+
+def shift_names(lines):
+    names = []
+    for r in lines:
+        for s in (r.get("shifts") or {}):
+            if s not in names:
+                names.append(s)
+    return names
+
+
+def render_main(rows, shifts):
+    head = ["method", "held-out", "test", "shift mean", *shifts, "time (s)", "peak mem (GB)"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows:
+        s = r.get("shifts") or {}
+        mem = r.get("peak_memory_bytes")
+        secs = r.get("seconds") if r.get("method") != "individual" else None
+        cells = [name, fmt(r.get("heldout")), fmt(r.get("test")), fmt(r.get("shift_mean")),
+                 *[fmt(s.get(k)) for k in shifts],
+                 "-" if secs is None else f"{secs:.0f}",
+                 "-" if mem is None or r.get("method") == "individual" else f"{mem / 1e9:.2f}"]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def elimination(lines):
+    """test accuracy of greedy and MEHL-Soup+ after removing the top-k ingredients, k as run."""
+    ks = sorted({excluded(r) for r in lines if method_key(r.get("method")) in
+                 (method_key("greedy"), method_key("MEHL-Soup+"))})
+    if not ks:
+        return None
+    head = ["removed"] + ["none" if k == 0 else f"top-{k}" for k in ks]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, name in (("greedy", "greedy soup"), ("MEHL-Soup+", "MEHL-Soup+")):
+        cells = [fmt((latest(lines, method, exclude=k) or {}).get("test")) for k in ks]
+        out.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------ figures
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def figure_ingredients(lines, path):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    drawn = False
+    for method, style in (("greedy", "o-"), ("MEHL-Soup+", "s-")):
+        pts = {}
+        for r in lines:
+            if method_key(r.get("method")) == method_key(method) and not excluded(r):
+                pts[len(r["ingredients"])] = r.get("test")
+        pts = sorted((n, v) for n, v in pts.items() if v is not None)
+        if pts:
+            ax.plot(*zip(*pts), style, label=method)
+            drawn = True
+    ind = individuals(lines)
+    if ind:
+        order = sorted(ind)
+        best = [max(ind[i]["test"] for i in order[:n]) for n in range(1, len(order) + 1)]
+        ax.plot(range(1, len(order) + 1), best, ":", color="grey", label="best individual so far")
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("number of ingredients souped (the first n)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def figure_scatter(lines, rows, path):
+    plt = _plt()
+    ind = [r for r in individuals(lines).values() if r.get("shift_mean") is not None]
+    if not ind:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.scatter([r["test"] for r in ind], [r["shift_mean"] for r in ind], c="grey", s=18,
+               label="ingredients")
+    for name, r in rows:
+        if r.get("method") != "individual" and r.get("shift_mean") is not None:
+            ax.scatter([r["test"]], [r["shift_mean"]], s=60, marker="*", label=name)
+    ax.set_xlabel("test accuracy (%)")
+    ax.set_ylabel("mean accuracy over shifts (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def coefficients_of(r):
+    """alpha (blocks x ingredients) of a learned soup's line: inline, or in the file it names."""
+    if r is None:
+        return None
+    if r.get("alpha") is not None:
+        return r["alpha"]
+    f = r.get("coefficients_file")
+    if f and Path(f).exists():
+        data = json.loads(Path(f).read_text())
+        return data.get("alpha")
+    return None
+
+
+def figure_coefficients(lines, path):
+    import numpy as np
+    r = latest(lines, "MEHL-Soup+")
+    alpha = coefficients_of(r)
+    if alpha is None:
+        return None
+    alpha = np.asarray(alpha, dtype=float)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lim = float(np.abs(alpha).max()) or 1.0
+    im = ax.imshow(alpha, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    ax.set_xlabel("ingredient")
+    ax.set_ylabel("block (parameter tensor)")
+    ax.set_xticks(range(alpha.shape[1]), r.get("ingredients", list(range(alpha.shape[1]))), fontsize=6)
+    ax.set_title(f"MEHL-Soup+ coefficients ({(alpha < 0).mean() * 100:.0f}% negative)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    lines = load(args.results_db, args.dataset, args.arch)
+    if not lines:
+        raise UserError("no results lines to report on")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = main_table(lines)
+    shifts = shift_names([r for _, r in rows])
+    table = render_main(rows, shifts)
+    parts = ["# Results", "", "Main table (accuracies in percent; time and peak memory of each soup run).", "",
+             table, ""]
+    missing = sorted({m for _, r in rows for m in (r.get("missing_shifts") or [])})
+    if missing:
+        parts += [f"Shift sets missing on disk (shown as '{MISSING}'): {', '.join(missing)}.", ""]
+    elim = elimination(lines)
+    if elim:
+        parts += ["## Removing the top-k ingredients (test accuracy)", "", elim, ""]
+    for name, fn in (("ingredients.png", lambda p: figure_ingredients(lines, p)),
+                     ("scatter.png", lambda p: figure_scatter(lines, rows, p)),
+                     ("coefficients.png", lambda p: figure_coefficients(lines, p))):
+        if fn(out / name):
+            parts += [f"![{name}]({name})", ""]
+    (out / "report.md").write_text("\n".join(parts))
+    print(f"wrote {out / 'report.md'}\n")
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    run_main(main)

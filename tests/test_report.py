@@ -1,0 +1,45 @@
+"""report.py on a hand-written results file: values, ordering, missing shifts, figures."""
+import json
+
+from report import main
+
+
+def line(method, ingredients, test, heldout, shifts, exclude=0, **extra):
+    present = [v for v in shifts.values() if v is not None]
+    return {"method": method, "dataset": "FashionMNIST", "arch": "tiny-cnn", "ingredients": ingredients,
+            "heldout": heldout, "test": test, "shifts": shifts,
+            "shift_mean": sum(present) / len(present) if present else None,
+            "missing_shifts": [k for k, v in shifts.items() if v is None],
+            "seconds": 12.0, "peak_memory_bytes": 2_000_000_000, "args": {"exclude_top": exclude}, **extra}
+
+
+def test_report_table_ordering_values_and_missing(tmp_path):
+    db = tmp_path / "r.jsonl"
+    rows = [
+        line("individual", [0], 70.0, 71.0, {"noise": 50.0, "blur": None}),
+        line("individual", [1], 80.0, 82.0, {"noise": 60.0, "blur": None}),
+        line("individual", [2], 81.0, 79.0, {"noise": 58.0, "blur": None}),
+        line("MEHL-Soup+", [0, 1, 2], 84.5, 85.0, {"noise": 66.0, "blur": None},
+             alpha=[[0.5, 0.7, -0.2], [0.2, 0.3, 0.5]]),
+        line("uniform", [0, 1, 2], 78.0, 77.0, {"noise": 61.0, "blur": None}),
+        line("greedy", [0, 1, 2], 83.0, 84.0, {"noise": 62.0, "blur": None}),
+        line("greedy", [0, 1], 82.0, 83.5, {"noise": 62.0, "blur": None}),
+        line("greedy", [0, 1, 2], 79.5, 80.0, {"noise": 55.0, "blur": None}, exclude=1),
+    ]
+    db.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "rep"
+    table = main(["--results-db", str(db), "--out", str(out)])
+    body = table.splitlines()
+    assert body[0].split("|")[1:-1] == [" method ", " held-out ", " test ", " shift mean ", " noise ",
+                                         " blur ", " time (s) ", " peak mem (GB) "]
+    names = [row.split("|")[1].strip() for row in body[2:]]
+    # best individual is chosen by held-out (82.0: ingredient 1), not by test
+    assert names == ["best individual (#1)", "uniform soup", "greedy soup", "MEHL-Soup+"]
+    greedy = body[4].split("|")
+    assert greedy[2].strip() == "84.00" and greedy[3].strip() == "83.00" and greedy[5].strip() == "62.00"
+    assert greedy[6].strip() == "missing" and greedy[7].strip() == "12" and greedy[8].strip() == "2.00"
+    report = (out / "report.md").read_text()
+    assert "missing on disk" in report and "blur" in report
+    assert "| greedy soup | 83.00 | 79.50 |" in report  # elimination: none, top-1
+    for png in ("ingredients.png", "scatter.png", "coefficients.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
