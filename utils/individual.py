@@ -1,0 +1,98 @@
+"""Accuracies of the individual ingredients: held-out, test and every shift, one results line each
+(method "individual"). An ingredient whose line is already in the results file, for the same file,
+dataset, architecture, held-out split and test size, is not evaluated again (STYLE 8).
+
+Used by greedy soup (held-out ranking), by --exclude-top in every soup script, and by the report."""
+import logging
+from pathlib import Path
+
+from utils import distributed, results
+from utils.errors import UserError
+from utils.evaluation import evaluate_all
+from utils.ingredients import index_of, load_checked
+
+log = logging.getLogger(__name__)
+METHOD = "individual"
+
+
+def fingerprint(path):
+    """Cheap identity of a checkpoint file (size and modification time): a rewritten file is
+    evaluated again."""
+    st = Path(path).stat()
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+def cache_key(args, setup, path):
+    """The fields a cached line must match to stand for `path` under this configuration."""
+    return {
+        "method": METHOD,
+        "index": index_of(path),
+        "path": str(Path(path).resolve()),
+        "fingerprint": fingerprint(path),
+        "dataset": args.datasets,
+        "arch": setup.spec.name,
+        "split": setup.bundle.split,
+        "test_size": args.test_size,
+    }
+
+
+def _cached(records, key):
+    hits = [r for r in records if all(r.get(k) == v for k, v in key.items())]
+    return hits[-1] if hits else None
+
+
+def evaluate_individuals(args, setup, paths=None):
+    """Records (dicts with "heldout", "test", "shifts", ...) of every ingredient in `paths` (default:
+    the whole range), in the order of `paths`; missing ones are evaluated and appended to the results.
+
+    The primary rank reads the results file and tells the others what is cached, so every rank
+    evaluates the same ingredients (each over its share of the data)."""
+    paths = setup.paths if paths is None else paths
+    keys = [cache_key(args, setup, p) for p in paths]
+    cached = None
+    if distributed.is_primary():
+        existing = results.read(args.results_db)
+        cached = [_cached(existing, k) for k in keys]
+    cached = distributed.broadcast_object(cached)
+    todo = [i for i, c in enumerate(cached) if c is None]
+    if len(todo) < len(paths):
+        log.info("individual accuracies: %d of %d ingredients taken from %s",
+                 len(paths) - len(todo), len(paths), args.results_db)
+    out = list(cached)
+    for i in todo:
+        sd = load_checked(paths[i], setup.reference)
+        setup.model.load_state_dict(sd)
+        del sd
+        scores = evaluate_all(setup.model, setup.bundle, setup.device, args.batch_size, args.workers)
+        record = {**keys[i], **scores, "device": str(setup.device),
+                  "world_size": distributed.world_size()}
+        out[i] = results.append(args.results_db, record)
+        log.info("ingredient %d (%s): held-out %.2f, test %.2f", keys[i]["index"], paths[i].name,
+                 scores["heldout"], scores["test"])
+    return out
+
+
+def heldout_ranking(args, setup, paths=None):
+    """[(index, path, held-out accuracy)] sorted by held-out accuracy, best first; ties: lower
+    ingredient index first (SPEC 5)."""
+    paths = setup.paths if paths is None else paths
+    records = evaluate_individuals(args, setup, paths)
+    ranking = [(index_of(p), p, r["heldout"]) for p, r in zip(paths, records)]
+    return sorted(ranking, key=lambda t: (-t[2], t[0]))
+
+
+def exclude_top(paths, ranking, k):
+    """`paths` without the `k` ingredients ranked best (order of `paths` kept)."""
+    if k == 0:
+        return list(paths)
+    if k >= len(paths):
+        raise UserError(f"--exclude-top {k} leaves no ingredient: the range holds {len(paths)}")
+    dropped = {index_of(p) for _, p, _ in ranking[:k]}
+    return [p for p in paths if index_of(p) not in dropped]
+
+
+def check_exclude_top(args, setup):
+    """Fail early (before any evaluation) when --exclude-top would leave nothing to soup."""
+    if args.exclude_top >= len(setup.paths):
+        raise UserError(f"--exclude-top {args.exclude_top} leaves no ingredient: the range holds "
+                        f"{len(setup.paths)}")
