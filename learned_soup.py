@@ -1,0 +1,291 @@
+"""Learned-Soup and Learned-Soup+ (SPEC 6): mixing coefficients learned by gradient descent on the
+held-out split, with all N ingredients resident.
+
+Raw coefficients R (B, N) start equal (the first soup is the uniform soup); alpha = softmax(R, dim=1);
+theta_b = sum_i alpha[b, i] theta_{i,b}; a temperature beta (starting at 1) multiplies the logits;
+loss = CE(beta * f(x; theta(alpha)), y). Only R and beta are learned (AdamW, lr 0.05, wd 0, 5 epochs,
+batch 256, constant lr). B = 1 (Learned-Soup) or, with --layerwise, one row per parameter tensor
+(Learned-Soup+; --layer-size S for coarser blocks). Parameters identical in every ingredient are kept as
+they are. BatchNorm (SPEC 3): statistics identical in every ingredient are kept and those layers run in
+eval mode while learning; statistics that differ are learned through in train mode and the final soup's
+statistics are re-estimated on the held-out split.
+
+    python learned_soup.py --model-location zoo/fashion_mnist --arch efficientnet-lite0 --layerwise
+    torchrun --nproc_per_node=2 learned_soup.py --model-location zoo/fashion_mnist --layerwise
+
+Under torchrun each rank holds all N ingredients and takes its slice of every global batch; the R and
+beta gradients are summed over ranks, so 1 and 2 processes give the same soup for the same --seed.
+Memory is about N times the model's parameters: the script estimates it first and refuses when it does
+not fit (--memory-check off to skip). Expect held-out accuracy above the uniform soup's and usually
+above the best ingredient's; the coefficients and temperature are written to <soup>.coefficients.json.
+"""
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from utils import batchnorm, cli, distributed, individual, learned, results
+from utils.errors import UserError, run_main
+from utils.evaluation import evaluate_all
+from utils.ingredients import index_of, stream
+from utils.memory import gib, reset_peak
+from utils.soup_io import save_soup
+from utils.state_dicts import atomic_write, param_names
+
+log = logging.getLogger("learned_soup")
+MARGIN_BYTES = 512 * 2**20  # activations of one batch, the optimizer, the runtime
+
+
+def parse_args(argv=None):
+    p = cli.soup_parser("Learned-Soup(+): mixing coefficients learned on the held-out split.",
+                        "Learned-Soup")
+    g = p.add_argument_group("learning")
+    g.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate (constant)")
+    g.add_argument("--wd", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--epochs", type=int, default=5, help="epochs over the shuffled held-out split")
+    g.add_argument("--layerwise", action="store_true",
+                   help="one row of coefficients per parameter tensor (Learned-Soup+)")
+    g.add_argument("--layer-size", "--layer_size", type=int, default=None,
+                   help="blocks of coefficients as in the released code (a new block once the current "
+                   "one holds more than this many numbers; 0 = one per tensor); implies Learned-Soup+")
+    g.add_argument("--seed", type=int, default=0, help="seed of the held-out shuffling")
+    g.add_argument("--memory-check", choices=["on", "off"], default="on",
+                   help="refuse to start when the N resident ingredients will not fit in memory")
+    g.add_argument("--memory-limit", type=float, default=None,
+                   help="treat at most this many GiB as available (a shared machine); default: what "
+                   "the device reports")
+    p.set_defaults(batch_size=256)
+    args = p.parse_args(argv)
+    if args.layerwise or args.layer_size is not None:
+        args.method = "Learned-Soup+"
+        args.layer_size = 0 if args.layer_size is None else args.layer_size
+    return args
+
+
+def check_learning_args(args):
+    if not args.lr > 0:
+        raise UserError(f"--lr must be > 0, got {args.lr}")
+    if args.wd < 0:
+        raise UserError(f"--wd must be >= 0, got {args.wd}")
+    if args.epochs < 0:
+        raise UserError(f"--epochs must be >= 0, got {args.epochs}")
+    if args.layer_size is not None and args.layer_size < 0:
+        raise UserError(f"--layer-size must be >= 0, got {args.layer_size}")
+
+
+# ------------------------------------------------------------------------------------------ memory
+def available_bytes(device):
+    """Free memory where the ingredients will live: CUDA free memory, or MemAvailable on the host."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def check_memory(args, setup, n):
+    """Refuse (on every rank) when N ingredients + the model + a margin will not fit."""
+    param_bytes = sum(p.numel() * p.element_size() for p in setup.model.parameters())
+    model_bytes = sum(v.numel() * v.element_size() for v in setup.reference.values())
+    need = n * param_bytes + 3 * model_bytes + MARGIN_BYTES
+    if setup.device.type == "cpu":  # ranks on one host share its memory
+        need *= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    have = available_bytes(setup.device)
+    if args.memory_limit is not None:
+        have = min(have, int(args.memory_limit * 2**30)) if have is not None else int(args.memory_limit * 2**30)
+    ok = args.memory_check == "off" or have is None or need <= have
+    distributed.agree(ok, f"{n} resident ingredients need about {gib(need)} GiB on {setup.device} "
+                      f"({n} x {gib(param_bytes)} GiB of parameters + model + margin) but {gib(have or 0)} "
+                      "GiB is available: use fewer ingredients (--params_start/--params_end), MEHL soup, "
+                      "or --memory-check off")
+    return need, have
+
+
+# ------------------------------------------------------------------------------------- ingredients
+def load_resident(paths, setup):
+    """Stack every parameter over the ingredients: {name: (N, *shape)} on the device. The model gets
+    the first ingredient (integer tensors and kept parameters come from it); float buffers that differ
+    between ingredients are set to their mean. Returns (stacked, differing buffer names)."""
+    model, device = setup.model, setup.device
+    names = param_names(model)
+    buffers = [k for k, v in setup.reference.items() if v.is_floating_point() and k not in names]
+    stacked = {k: torch.empty((len(paths), *setup.reference[k].shape), dtype=setup.reference[k].dtype,
+                              device=device) for k in names}
+    first, buf_sum, differ = None, {}, set()
+    for i, _, sd in stream(paths, setup.reference, desc="loading ingredients"):
+        for k in names:
+            stacked[k][i].copy_(sd[k])
+        if first is None:
+            first = sd
+            model.load_state_dict(sd)
+            buf_sum = {k: sd[k].to(torch.float64) for k in buffers}
+            continue
+        for k in buffers:
+            buf_sum[k] += sd[k].to(torch.float64)
+            if not torch.equal(sd[k], first[k]):
+                differ.add(k)
+        del sd
+    differ = [k for k in buffers if k in differ]
+    state = model.state_dict()
+    for k in differ:
+        state[k].copy_((buf_sum[k] / len(paths)).to(state[k].dtype))
+    return stacked, differ
+
+
+def drop_identical(stacked):
+    """Remove (in place) the parameters equal in every ingredient: they stay as the model holds them."""
+    same = [k for k, t in stacked.items() if all(torch.equal(t[i], t[0]) for i in range(1, len(t)))]
+    for k in same:
+        del stacked[k]
+    return same
+
+
+def bn_buffers(model, names):
+    bn_prefixes = [n + "." for n, m in model.named_modules() if isinstance(m, batchnorm.BN_TYPES)]
+    return [k for k in names if any(k.startswith(p) for p in bn_prefixes)]
+
+
+# ---------------------------------------------------------------------------------------- learning
+def global_batches(n, batch_size, seed, epoch):
+    """The shuffled global batches of one epoch, the same on every rank, and this rank's slice of each."""
+    gen = torch.Generator().manual_seed(seed * 100003 + epoch)
+    order = torch.randperm(n, generator=gen).tolist()
+    for s in range(0, n, batch_size):
+        batch = order[s:s + batch_size]
+        a, b = distributed.shard_range(len(batch))
+        yield batch[a:b], len(batch)
+
+
+def sum_grads(tensors):
+    for t in tensors:
+        distributed.all_reduce_sum(t.grad)
+
+
+def learn(args, setup, stacked, blocks, frozen_stats, wandb):
+    """AdamW over R and beta; returns (R, beta, mean held-out loss per epoch)."""
+    model, device = setup.model, setup.device
+    owner = learned.owners(blocks)
+    raw = learned.init_raw(len(blocks), len(next(iter(stacked.values()))), device)
+    beta = torch.ones((), device=device, requires_grad=True)
+    opt = torch.optim.AdamW([raw, beta], lr=args.lr, weight_decay=args.wd)
+    heldout = setup.bundle.heldout
+    losses, step = [], 0
+    for epoch in range(args.epochs):
+        batchnorm.set_mode(model, frozen_stats)
+        plan = list(global_batches(len(heldout), args.batch_size, args.seed, epoch))
+        loader = iter(DataLoader(heldout, batch_sampler=[b for b, _ in plan if b], num_workers=args.workers))
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        for local, size in tqdm(plan, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                                disable=not distributed.is_primary()):
+            opt.zero_grad(set_to_none=False)
+            if local:
+                x, y = next(loader)
+                loss = learned.soup_loss(model, stacked, raw, beta, owner, x.to(device), y.to(device), size)
+            else:  # a global batch smaller than the world: this rank adds nothing
+                loss = 0.0 * (raw.sum() + beta)
+            loss.backward()
+            sum_grads([raw, beta])
+            opt.step()
+            total += torch.tensor([loss.item() * size, len(local)], dtype=torch.float64, device=device)
+            step += 1
+        distributed.all_reduce_sum(total)
+        mean_loss = total[0].item() / total[1].item()
+        losses.append(mean_loss)
+        wandb.log({"heldout_loss": mean_loss, "temperature": beta.item(), "epoch": epoch + 1}, step=step)
+        if distributed.is_primary():
+            log.info("epoch %d: held-out loss %.4f, temperature %.3f", epoch + 1, mean_loss, beta.item())
+    return raw.detach(), beta.detach(), losses
+
+
+# -------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    args = parse_args(argv)
+    check_learning_args(args)
+    out_path = cli.soup_path(args)
+    setup = cli.prepare(args)
+    individual.check_exclude_top(args, setup)
+    paths = setup.paths
+    if args.exclude_top:
+        ranking = individual.heldout_ranking(args, setup)
+        paths = individual.exclude_top(paths, ranking, args.exclude_top)
+    need, have = check_memory(args, setup, len(paths))
+    torch.manual_seed(args.seed)
+    reset_peak(setup.device)
+    model = setup.model
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    stacked, differ = load_resident(paths, setup)
+    kept = drop_identical(stacked)
+    if not stacked:
+        raise UserError("every parameter is identical in all ingredients: there is nothing to learn")
+    names = list(stacked)
+    bn_differ = bn_buffers(model, differ)
+    frozen_stats = not bn_differ
+    blocks = learned.coefficient_blocks(names, [stacked[k][0].numel() for k in names],
+                                        args.layer_size)
+    if distributed.is_primary():
+        log.info("%s: %d ingredients, %d learned tensors in %d block(s), %d kept; BatchNorm statistics %s",
+                 args.method, len(paths), len(names), len(blocks), len(kept),
+                 "frozen (eval mode)" if frozen_stats else "differ (train mode, re-estimated at the end)")
+
+    wandb = results.Wandb(args.wandb, "model-soups", cli.record_args(args), Path(args.results_db).parent)
+    raw, beta, losses = learn(args, setup, stacked, blocks, frozen_stats, wandb)
+
+    alpha = torch.softmax(raw, dim=1)
+    with torch.no_grad():
+        state = model.state_dict()
+        for k, v in learned.mix(stacked, alpha, learned.owners(blocks)).items():
+            state[k].copy_(v)
+    del stacked
+    if bn_differ:
+        batchnorm.reestimate(model, setup.bundle.heldout, setup.device, args.batch_size, args.workers)
+    soup = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    scores = evaluate_all(model, setup.bundle, setup.device, args.batch_size, args.workers)
+
+    alpha_list = alpha.cpu().double().tolist()
+    extra = {"temperature": beta.item(), "heldout_loss_per_epoch": losses, "blocks": len(blocks),
+             "kept_parameters": kept, "bn_reestimated": bool(bn_differ),
+             "memory_estimate_bytes": need, "memory_available_bytes": have}
+    if len(blocks) == 1:
+        extra["alpha"] = alpha_list[0]
+    record = results.append(args.results_db, cli.result_record(args, setup, paths, scores, **extra))
+    wandb.log({"heldout": scores["heldout"], "test": scores["test"]})
+    wandb.finish()
+    coefficients = {"names": names, "blocks": blocks, "alpha": alpha_list, "averaged_buffers": differ}
+    note = ("BatchNorm statistics were re-estimated on the held-out split: rebuild() gives the soup "
+            "before re-estimation" if bn_differ else None)
+    save_soup(soup, out_path, args.method, paths, cli.record_args(args), coefficients=coefficients,
+              extra={"temperature": beta.item(), "bn_reestimated": bool(bn_differ), "note": note},
+              overwrite=args.overwrite)
+    if out_path is not None and distributed.is_primary():
+        write_coefficients(coeff_path(out_path), paths, blocks, alpha_list, beta.item())
+    if distributed.is_primary():
+        log.info("%s: held-out %.2f, test %.2f, shift mean %s, temperature %.3f", args.method,
+                 scores["heldout"], scores["test"], scores.get("shift_mean"), beta.item())
+    distributed.teardown()
+    return record
+
+
+def coeff_path(soup_path):
+    soup_path = Path(soup_path)
+    return soup_path.with_name(soup_path.stem + ".coefficients.json")
+
+
+def write_coefficients(path, paths, blocks, alpha, temperature):
+    """alpha per block and ingredient, readable: one entry per block with its tensors."""
+    doc = {"ingredients": [index_of(p) for p in paths], "temperature": temperature,
+           "blocks": [{"tensors": names, "alpha": dict(zip(map(str, (index_of(p) for p in paths)), row))}
+                      for names, row in zip(blocks, alpha)]}
+    text = json.dumps(doc, indent=1)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text), overwrite=True)
+
+
+if __name__ == "__main__":
+    run_main(main)
