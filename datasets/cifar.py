@@ -75,10 +75,11 @@ def _read(root, name):
     if root is None:
         raise UserError(f"{name} needs --data-location (the folder holding {folder_name}/)")
     folder = Path(root) / folder_name
-    for f in train_files + test_files:
+    files = train_files + test_files
+    for f in files:
         if not (folder / f).is_file():
             raise UserError(f"{name}: {folder / f} not found; expected the python version of the data set "
-                            f"unpacked under --data-location ({folder_name}/{', '.join(train_files + test_files)})")
+                            f"unpacked under --data-location ({folder_name}/{', '.join(files)})")
     parts = {k: [read_batch(folder / f, label_key) for f in files]
              for k, files in (("train", train_files), ("test", test_files))}
     out = {k: (np.concatenate([p[0] for p in v]), np.concatenate([p[1] for p in v])) for k, v in parts.items()}

@@ -207,13 +207,15 @@ def objectnet_classes(mappings, num_classes):
         folder_of = {label: folder for folder, label in
                      json.loads((mappings / OBJECTNET_MAPPINGS[0]).read_text()).items()}
         to_imagenet = json.loads((mappings / OBJECTNET_MAPPINGS[1]).read_text())
-        index_of_id = {int(v): int(k) for k, v in json.loads((mappings / OBJECTNET_MAPPINGS[2]).read_text()).items()}
+        pytorch_to_id = json.loads((mappings / OBJECTNET_MAPPINGS[2]).read_text())
+        index_of_id = {int(v): int(k) for k, v in pytorch_to_id.items()}
         lines = (mappings / OBJECTNET_MAPPINGS[3]).read_text().splitlines()
         # As in the reference evaluation, a repeated ImageNet name resolves to its last id.
         index_of_name = {name.strip(): index_of_id[i] for i, name in enumerate(lines) if name.strip()}
         groups = {}
         for objectnet_name, imagenet_names in to_imagenet.items():
-            groups[folder_of[objectnet_name]] = sorted(index_of_name[n] for n in imagenet_names.split("; "))
+            ids = [index_of_name[n.strip()] for n in imagenet_names.split("; ")]
+            groups[folder_of[objectnet_name]] = sorted(ids)
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"{mappings}: the ObjectNet mapping files do not fit together ({type(err).__name__}: "
                         f"{err})") from err

@@ -64,8 +64,10 @@ def main(argv=None):
     sync(device)
     seconds = time.perf_counter() - start
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"device {name}, arch {args.arch}, batch {args.batch_size}, {args.image_size} px, "
-          f"params {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M ({sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f} M trained), loss {loss.item():.3f}")
+          f"params {total / 1e6:.1f} M ({trained / 1e6:.1f} M trained), loss {loss.item():.3f}")
     print(f"forward+backward: {args.iters * args.batch_size / seconds:.1f} images/s "
           f"({seconds / args.iters * 1000:.1f} ms/iter over {args.iters} iterations)")
     kind = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak resident set of the process"
