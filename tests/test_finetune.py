@@ -1,0 +1,99 @@
+"""finetune.py end to end on the tiny Fashion-MNIST fixture, and the seeded sweep (utils/sweep.py)."""
+import json
+
+import pytest
+import torch
+
+import finetune
+from utils import arch_effnet, sweep
+from utils.errors import UserError
+
+TINY = ["--heldout-per-class", "3", "--finetune-size", "64", "--test-size", "30", "--batch-size", "16",
+        "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def lp_zoo(fmnist_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("zoo")
+    finetune.main(["--data-location", str(fmnist_root), "--out-dir", str(out), "--index", "0",
+                   "--linear-probe", "--epochs", "2", "--lr", "1e-2", *TINY])
+    return out
+
+
+def test_linear_probe_changes_only_the_head(lp_zoo):
+    sd = torch.load(lp_zoo / "model_0.pt", weights_only=True)
+    shipped = torch.load(arch_effnet.weights_path(), weights_only=True)
+    assert all(torch.equal(sd[k], v) for k, v in shipped.items() if k not in arch_effnet.HEAD_KEYS)
+    assert torch.count_nonzero(sd["_fc.weight"]) > 0
+    record = json.loads((lp_zoo / "model_0.json").read_text())
+    assert record["linear_probe"] and record["data"]["heldout_size"] == 30
+    assert 0 <= record["heldout"] <= 100 and 0 <= record["test"] <= 100
+
+
+def test_finetune_end_to_end_keeps_frozen_blocks_and_statistics(lp_zoo, fmnist_root):
+    record = finetune.main(["--data-location", str(fmnist_root), "--out-dir", str(lp_zoo), "--index", "1",
+                            "--epochs", "1", "--max-steps", "3", "--lr", "1e-3", "--mixup", "0.4",
+                            "--randaug-n", "2", "--randaug-m", "9", "--label-smoothing", "0.1", *TINY])
+    start = torch.load(lp_zoo / "model_0.pt", weights_only=True)
+    sd = torch.load(lp_zoo / "model_1.pt", weights_only=True)
+    assert list(sd) == list(start)
+    prefixes = arch_effnet.frozen_prefixes()
+    frozen = [k for k in sd if k.startswith(prefixes)]
+    assert frozen and all(torch.equal(sd[k], start[k]) for k in frozen)
+    # BatchNorm statistics stay the pre-trained ones everywhere, also in the trained blocks
+    assert all(torch.equal(sd[k], start[k]) for k in sd if "running_" in k or "num_batches" in k)
+    assert not torch.equal(sd["_blocks.12._project_conv.weight"], start["_blocks.12._project_conv.weight"])
+    assert not torch.equal(sd["_fc.weight"], start["_fc.weight"])
+    saved = json.loads((lp_zoo / "model_1.json").read_text())
+    assert saved["steps"] == 3 == record["steps"]
+    assert saved["hparams"]["mixup"] == 0.4 and saved["hparams"]["randaug_n"] == 2
+    assert saved["heldout"] == record["heldout"]
+
+
+def test_refuses_existing_output_without_overwrite(lp_zoo, fmnist_root):
+    args = ["--data-location", str(fmnist_root), "--out-dir", str(lp_zoo), "--index", "0",
+            "--linear-probe", "--epochs", "1", *TINY]
+    before = (lp_zoo / "model_0.pt").read_bytes()
+    with pytest.raises(UserError, match="refusing to overwrite"):
+        finetune.main(args)
+    assert (lp_zoo / "model_0.pt").read_bytes() == before
+    finetune.main(args + ["--overwrite", "--lr", "5e-2"])
+    assert (lp_zoo / "model_0.pt").read_bytes() != before
+
+
+def test_finetune_without_linear_probe_is_a_user_error(tmp_path, fmnist_root):
+    with pytest.raises(UserError, match="build the linear probe first"):
+        finetune.main(["--data-location", str(fmnist_root), "--out-dir", str(tmp_path), "--index", "1",
+                       *TINY])
+    with pytest.raises(UserError, match="--lr must be > 0"):
+        finetune.main(["--lr", "0", "--out-dir", str(tmp_path)])
+
+
+def test_sweep_draws_are_seeded_and_in_range():
+    a, b, c = sweep.draw(40, seed=3), sweep.draw(40, seed=3), sweep.draw(40, seed=4)
+    assert a == b and a != c
+    assert a[0]["linear_probe"] and not any(cfg["linear_probe"] for cfg in a[1:])
+    ft = a[1:]
+    assert all(1e-5 <= cfg["lr"] <= 2e-4 and 1e-4 <= cfg["wd"] <= 0.2 and 2 <= cfg["epochs"] <= 4 for cfg in ft)
+    assert all(0 <= cfg["label_smoothing"] <= 0.25 and 0 <= cfg["mixup"] <= 0.9 for cfg in ft)
+    assert all(0 <= cfg["randaug_n"] <= 2 and (cfg["randaug_m"] == 0 or 1 <= cfg["randaug_m"] <= 20)
+               for cfg in ft)
+    # a real spread: some without each regulariser, some with it; learning rates span the range
+    for key in ("label_smoothing", "mixup", "randaug_m"):
+        assert 0 < sum(cfg[key] == 0 for cfg in ft) < len(ft), key
+    lrs = sorted(cfg["lr"] for cfg in ft)
+    assert lrs[0] < 3e-5 and lrs[-1] > 1e-4
+    with pytest.raises(UserError):
+        sweep.draw(3, lr=(1e-3, 1e-4))
+
+
+def test_sweep_builds_and_then_skips_existing(tmp_path, fmnist_root):
+    argv = ["--n", "2", "--out", str(tmp_path), "--data-location", str(fmnist_root), "--max-steps", "2", *TINY]
+    first = sweep.main(argv)
+    assert [r["index"] for r in first] == [0, 1]
+    assert (tmp_path / "model_1.pt").is_file() and (tmp_path / "model_1.json").is_file()
+    mtime = (tmp_path / "model_1.pt").stat().st_mtime_ns
+    again = sweep.main(argv)
+    assert again == first and (tmp_path / "model_1.pt").stat().st_mtime_ns == mtime
+    with pytest.raises(UserError, match="set by the sweep"):
+        sweep.main(argv + ["--index", "3"])

@@ -1,0 +1,125 @@
+"""The seeded hyper-parameter sweep that builds a zoo of ingredients, shaped like the published one.
+
+Ingredient 0 is the linear probe; ingredients 1..n-1 are fine-tuned from it with hyper-parameters drawn
+from `draw(n, seed)`: learning rate and weight decay log-uniform, epochs uniform in a range, label
+smoothing 0 for about half else up to 0.25, mixup 0 for about half else alpha up to 0.9, RandAugment
+off for about half else N in 0-2 and M in 1-20.
+
+    python -m utils.sweep --n 12 --out zoo/fashion_mnist            # the default zoo (CPU, see docs/ZOO.md)
+    python -m utils.sweep --n 72 --out zoo/fmnist72 --finetune-size 0 --epochs-min 4 --epochs-max 10 \\
+        --test-size 0                                                # the published size, full data (GPU)
+
+Any flag not listed by --help is passed to finetune.py (e.g. --data-location, --device, --batch-size).
+Ingredients already in --out are skipped, so an interrupted sweep resumes where it stopped. Every
+ingredient runs in this process (finetune.main), so the data and the frozen activations load once.
+"""
+import argparse
+import json
+import logging
+import math
+import random
+from pathlib import Path
+
+from tqdm import tqdm
+
+from utils.errors import UserError, run_main
+
+log = logging.getLogger("sweep")
+
+# The linear probe (ingredient 0): head only, on cached features, so many cheap epochs.
+LINEAR_PROBE = {"linear_probe": True, "lr": 3e-3, "wd": 0.0, "epochs": 20, "label_smoothing": 0.0,
+                "mixup": 0.0, "randaug_n": 0, "randaug_m": 0, "seed": 0}
+
+
+def draw(n, seed=0, lr=(1e-5, 2e-4), wd=(1e-4, 0.2), epochs=(2, 4)):
+    """The n configurations of a zoo: [linear probe] + n-1 seeded draws (deterministic for a seed)."""
+    if n < 1:
+        raise UserError(f"--n must be >= 1, got {n}")
+    if not (0 < lr[0] <= lr[1] and 0 < wd[0] <= wd[1] and 1 <= epochs[0] <= epochs[1]):
+        raise UserError(f"bad sweep ranges: lr {lr}, wd {wd}, epochs {epochs} (need 0 < min <= max, "
+                        "epochs >= 1)")
+    rng = random.Random(seed)
+
+    def log_uniform(lo, hi):
+        return math.exp(rng.uniform(math.log(lo), math.log(hi)))
+
+    configs = [dict(LINEAR_PROBE)]
+    for i in range(1, n):
+        randaug = rng.random() < 0.5
+        configs.append({
+            "linear_probe": False,
+            "lr": log_uniform(*lr),
+            "wd": log_uniform(*wd),
+            "epochs": rng.randint(*epochs),
+            "label_smoothing": 0.0 if rng.random() < 0.5 else rng.uniform(0.0, 0.25),
+            "mixup": 0.0 if rng.random() < 0.5 else rng.uniform(0.0, 0.9),
+            "randaug_n": rng.randint(0, 2) if randaug else 0,
+            "randaug_m": rng.randint(1, 20) if randaug else 0,
+            "seed": i,
+        })
+    return configs
+
+
+def to_argv(config):
+    """finetune.py flags for one configuration."""
+    argv = ["--linear-probe"] if config["linear_probe"] else []
+    for key in ("lr", "wd", "epochs", "label_smoothing", "mixup", "randaug_n", "randaug_m", "seed"):
+        argv += [f"--{key.replace('_', '-')}", str(config[key])]
+    return argv
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--n", type=int, default=12, help="ingredients in the zoo (model_0 .. model_{n-1})")
+    p.add_argument("--out", default="zoo/fashion_mnist", help="zoo folder")
+    p.add_argument("--sweep-seed", type=int, default=0, help="seed of the hyper-parameter draws")
+    p.add_argument("--lr-min", type=float, default=1e-5, help="smallest learning rate (log-uniform)")
+    p.add_argument("--lr-max", type=float, default=2e-4, help="largest learning rate (log-uniform)")
+    p.add_argument("--wd-min", type=float, default=1e-4, help="smallest weight decay (log-uniform)")
+    p.add_argument("--wd-max", type=float, default=0.2, help="largest weight decay (log-uniform)")
+    p.add_argument("--epochs-min", type=int, default=2, help="fewest epochs per ingredient")
+    p.add_argument("--epochs-max", type=int, default=4, help="most epochs per ingredient")
+    return p.parse_known_args(argv)
+
+
+def main(argv=None):
+    import finetune  # the top-level script; imported here so `--help` stays fast
+    args, passthrough = parse_args(argv)
+    for flag in ("--out-dir", "--index", "--overwrite", "--init", "--linear-probe"):
+        if flag in passthrough:
+            raise UserError(f"{flag} is set by the sweep itself; use --out / delete the ingredient instead")
+    configs = draw(args.n, args.sweep_seed, (args.lr_min, args.lr_max), (args.wd_min, args.wd_max),
+                   (args.epochs_min, args.epochs_max))
+    out = Path(args.out)
+    records = []
+    bar = tqdm(list(enumerate(configs)), desc=f"zoo {out}")
+    for i, config in bar:
+        pt, js = out / f"model_{i}.pt", out / f"model_{i}.json"
+        if pt.exists() and js.exists():
+            records.append(json.loads(js.read_text()))
+            continue
+        record = finetune.main(to_argv(config) + passthrough + ["--out-dir", str(out), "--index", str(i),
+                                                                *(["--overwrite"] if pt.exists() or js.exists()
+                                                                  else [])])
+        records.append(record)
+        bar.set_postfix(last=f"{record['heldout']:.1f}/{record['test']:.1f}")
+    summarise(records)
+    return records
+
+
+def summarise(records):
+    """Log held-out / test accuracy of the linear probe and min / median / max of the rest."""
+    def stats(key, rs):
+        vals = sorted(r[key] for r in rs)
+        return f"min {vals[0]:.2f} median {vals[len(vals) // 2]:.2f} max {vals[-1]:.2f}" if vals else "-"
+    lp = [r for r in records if r.get("linear_probe")]
+    ft = [r for r in records if not r.get("linear_probe")]
+    for key in ("heldout", "test"):
+        log.info("%s: linear probe %s; %d fine-tuned: %s", key,
+                 ", ".join(f"{r[key]:.2f}" for r in lp) or "-", len(ft), stats(key, ft))
+    log.info("seconds in total: %.0f", sum(r["seconds"] for r in records))
+
+
+if __name__ == "__main__":
+    run_main(main)
