@@ -21,9 +21,10 @@ the held-out split (SPEC 3).
     torchrun --nproc_per_node=2 MEHL_soup_layer.py --model-location zoo/fashion_mnist \\
         --arch efficientnet-lite0 --model_batch 4 --epochs 5 --cosine-lr
 
-Expect a soup whose held-out accuracy is above the uniform soup's and usually above the best
-ingredient's, with a test accuracy near or above the greedy soup's; the test accuracy after each inner
-epoch is logged (never used to choose anything). Under torchrun every rank holds only its contiguous
+Expect (as in the paper) a soup whose held-out accuracy is above the uniform soup's and usually above
+the best ingredient's, with a test accuracy near or above the greedy soup's; the test accuracy after
+each inner epoch is logged (never used to choose anything). The results line holds the alpha summary
+(negative coefficients, largest, effective number of ingredients); `<soup>.alpha.json` holds alpha. Under torchrun every rank holds only its contiguous
 share of each group (memory ~ K / world ingredients + one model per process), each global data batch is
 split over the ranks, and the same seed gives the same soup as one process (up to float rounding).
 
@@ -391,6 +392,7 @@ def main(argv=None):
     path = state_file(args, out_path)
     state = load_state(path, args, config)
     setup.model.load_state_dict(layout.base)
+    layout.base = None  # the model holds it now; a second full copy would cost memory all run long
     learned = set(layout.names)
     for n, p in setup.model.named_parameters():
         p.requires_grad_(n in learned)
