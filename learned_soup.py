@@ -210,11 +210,11 @@ def main(argv=None):
     out_path = cli.soup_path(args)
     setup = cli.prepare(args)
     individual.check_exclude_top(args, setup)
+    need, have = check_memory(args, setup, len(setup.paths) - args.exclude_top)
     paths = setup.paths
     if args.exclude_top:
         ranking = individual.heldout_ranking(args, setup)
         paths = individual.exclude_top(paths, ranking, args.exclude_top)
-    need, have = check_memory(args, setup, len(paths))
     torch.manual_seed(args.seed)
     reset_peak(setup.device)
     model = setup.model

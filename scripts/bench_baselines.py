@@ -45,8 +45,31 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="passed to the soup scripts")
     p.add_argument("--out", default="runs/bench_baselines", help="folder for the results files and bench.json")
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per run")
+    p.add_argument("--synthetic-zoo", type=int, default=0,
+                   help="first write this many stand-in ingredients to --model-location (the arch's "
+                   "pre-trained start plus seeded noise on the parameters, BatchNorm statistics kept), for "
+                   "timing before a real zoo exists; refuses a folder that already holds ingredients")
+    p.add_argument("--num-classes", type=int, default=10, help="classes of the synthetic zoo's head")
     p.add_argument("rest", nargs="*", help="extra flags for every soup script (after --)")
     return p.parse_args(argv)
+
+
+def write_synthetic_zoo(folder, n, arch, num_classes, noise=1e-3):
+    """n stand-ins for fine-tuned ingredients: same start, seeded noise on every float parameter."""
+    import torch
+    from utils.archs import get_arch
+    folder = Path(folder)
+    if available(folder):
+        raise UserError(f"--synthetic-zoo: {folder} already holds ingredients")
+    folder.mkdir(parents=True, exist_ok=True)
+    model = get_arch(arch).build(num_classes, pretrained=True)
+    params = {k for k, _ in model.named_parameters()}
+    base = model.state_dict()
+    gen = torch.Generator().manual_seed(0)
+    for i in range(n):
+        sd = {k: (v + noise * torch.randn(v.shape, generator=gen) if k in params and v.is_floating_point()
+                  else v.clone()) for k, v in base.items()}
+        torch.save(sd, folder / f"model_{i}.pt")
 
 
 def counts(spec, total):
@@ -84,6 +107,8 @@ def run_one(args, method, n, out):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.synthetic_zoo:
+        write_synthetic_zoo(args.model_location, args.synthetic_zoo, args.arch, args.num_classes)
     total = len(available(args.model_location))
     if total == 0:
         raise UserError(f"--model-location {args.model_location}: no model_{{i}}.pt found")
