@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -67,12 +67,13 @@ def parse_args(argv=None):
     p.add_argument("--frozen-blocks", type=int, default=None,
                    help=f"first blocks kept frozen (default {arch_effnet.FROZEN_BLOCKS} for "
                         "efficientnet-lite0, 0 for other archs)")
-    p.add_argument("--finetune-size", type=int, default=8000,
+    p.add_argument("--finetune-size", type=int, default=4000,
                    help="fine-tune on a class-balanced subsample of this many images (0 = all)")
     p.add_argument("--heldout-per-class", type=int, default=100, help="held-out images per class")
     p.add_argument("--test-size", type=int, default=2000, help="test images evaluated (0 = all)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the held-out split and subsamples")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit; tests)")
+    p.add_argument("--workers", type=int, default=0, help="data loader processes for RandAugment")
     p.add_argument("--device", default=None, help="cuda or cpu; default cuda when available")
     args = p.parse_args(argv)
     for name in ("lr", "epochs", "batch_size"):
@@ -123,7 +124,10 @@ def load_bundle(args, spec):
 def run_batched(fn, dataset, device, batch_size, desc):
     """fn over a dataset of (x, y) in order; returns (outputs on cpu, labels)."""
     outs, labels = [], []
-    for x, y in tqdm(DataLoader(dataset, batch_size=batch_size), desc=desc, leave=False):
+    # its own generator: iterating a DataLoader draws a seed, which must not move the global RNG that
+    # dropout uses, or a cached and an uncached run of the same seed would differ
+    loader = DataLoader(dataset, batch_size=batch_size, generator=torch.Generator())
+    for x, y in tqdm(loader, desc=desc, leave=False):
         outs.append(fn(x.to(device)).cpu())
         labels.append(y)
     return torch.cat(outs), torch.cat(labels)
@@ -206,25 +210,31 @@ def train_linear_probe(model, args, bundle, key, device):
 
 
 def epoch_batches(args, spec, bundle, key, model, prefixes, frozen_fn, device, gen):
-    """Yield (frozen activations, labels) for one epoch. Without augmentation the activations of the
-    clean images are computed once and reused; with RandAugment or mixup the images change every
-    epoch, so they go through the frozen blocks batch by batch (mixup mixes images, not activations)."""
-    if not args.randaug_n and not args.mixup:
-        clean = Mapped(bundle.finetune, spec.train_preprocess)
-        fingerprint = float(sum(p.double().sum() for n, p in model.named_parameters() if n.startswith(prefixes)))
-        h, y = cached(key + ("frozen", prefixes, fingerprint),
-                      lambda: run_batched(frozen_fn, clean, device, 256, "frozen activations"))
-        for idx in torch.randperm(len(y), generator=gen).split(args.batch_size):
-            yield h[idx].to(device), y[idx].to(device)
-        return
-    transform = spec.train_preprocess
+    """Yield (frozen activations, labels) for one epoch. The clean images are preprocessed once, and
+    without augmentation their frozen activations too. Mixup mixes images (not activations), so mixed
+    batches go through the frozen blocks batch by batch; RandAugment redraws every image every epoch."""
     if args.randaug_n:
         transform = v2.Compose([v2.RandAugment(num_ops=args.randaug_n, magnitude=args.randaug_m),
                                 spec.train_preprocess])
-    loader = DataLoader(Mapped(bundle.finetune, transform), batch_size=args.batch_size, shuffle=True,
-                        generator=gen)
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
+        loader = DataLoader(Mapped(bundle.finetune, transform), batch_size=args.batch_size, shuffle=True,
+                            generator=gen, num_workers=args.workers)
+        batches = ((x.to(device), y.to(device)) for x, y in loader)
+    else:
+        x_all, y_all = cached(key + ("clean", spec.name), lambda: run_batched(
+            lambda x: x, Mapped(bundle.finetune, spec.train_preprocess), torch.device("cpu"), 256,
+            "preprocessing"))
+        if not args.mixup:
+            fingerprint = float(sum(p.double().sum() for n, p in model.named_parameters()
+                                    if n.startswith(prefixes)))
+            h, y = cached(key + ("frozen", prefixes, fingerprint),
+                          lambda: run_batched(frozen_fn, TensorDataset(x_all, y_all), device, 256,
+                                              "frozen activations"))
+            for idx in torch.randperm(len(y), generator=gen).split(args.batch_size):
+                yield h[idx].to(device), y[idx].to(device)
+            return
+        batches = ((x_all[idx].to(device), y_all[idx].to(device))
+                   for idx in torch.randperm(len(y_all), generator=gen).split(args.batch_size))
+    for x, y in batches:
         if args.mixup:
             x, y = mixup(x, y, args.mixup, bundle.num_classes, gen)
         with torch.no_grad():

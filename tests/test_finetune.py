@@ -76,8 +76,8 @@ def test_sweep_draws_are_seeded_and_in_range():
     ft = a[1:]
     assert all(1e-5 <= cfg["lr"] <= 2e-4 and 1e-4 <= cfg["wd"] <= 0.2 and 2 <= cfg["epochs"] <= 4 for cfg in ft)
     assert all(0 <= cfg["label_smoothing"] <= 0.25 and 0 <= cfg["mixup"] <= 0.9 for cfg in ft)
-    assert all(0 <= cfg["randaug_n"] <= 2 and (cfg["randaug_m"] == 0 or 1 <= cfg["randaug_m"] <= 20)
-               for cfg in ft)
+    assert all(cfg["randaug_n"] in (0, 1, 2) for cfg in ft)
+    assert all((cfg["randaug_m"] == 0) == (cfg["randaug_n"] == 0) and cfg["randaug_m"] <= 20 for cfg in ft)
     # a real spread: some without each regulariser, some with it; learning rates span the range
     for key in ("label_smoothing", "mixup", "randaug_m"):
         assert 0 < sum(cfg[key] == 0 for cfg in ft) < len(ft), key
@@ -97,3 +97,15 @@ def test_sweep_builds_and_then_skips_existing(tmp_path, fmnist_root):
     assert again == first and (tmp_path / "model_1.pt").stat().st_mtime_ns == mtime
     with pytest.raises(UserError, match="set by the sweep"):
         sweep.main(argv + ["--index", "3"])
+
+
+def test_plain_finetune_uses_cached_activations_and_matches_a_rerun(lp_zoo, fmnist_root):
+    args = ["--data-location", str(fmnist_root), "--out-dir", str(lp_zoo), "--epochs", "2", "--lr", "1e-3",
+            "--seed", "5", *TINY]
+    finetune.main(args + ["--index", "2"])
+    finetune.main(args + ["--index", "3"])  # second run reads the cached frozen activations
+    a = torch.load(lp_zoo / "model_2.pt", weights_only=True)
+    b = torch.load(lp_zoo / "model_3.pt", weights_only=True)
+    start = torch.load(lp_zoo / "model_0.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, same ingredient
+    assert not torch.equal(a["_blocks.15._project_conv.weight"], start["_blocks.15._project_conv.weight"])

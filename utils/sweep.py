@@ -3,7 +3,7 @@
 Ingredient 0 is the linear probe; ingredients 1..n-1 are fine-tuned from it with hyper-parameters drawn
 from `draw(n, seed)`: learning rate and weight decay log-uniform, epochs uniform in a range, label
 smoothing 0 for about half else up to 0.25, mixup 0 for about half else alpha up to 0.9, RandAugment
-off for about half else N in 0-2 and M in 1-20.
+off for about half else N in 0-2 (0 = off) and M in 1-20.
 
     python -m utils.sweep --n 12 --out zoo/fashion_mnist            # the default zoo (CPU, see docs/ZOO.md)
     python -m utils.sweep --n 72 --out zoo/fmnist72 --finetune-size 0 --epochs-min 4 --epochs-max 10 \\
@@ -45,7 +45,7 @@ def draw(n, seed=0, lr=(1e-5, 2e-4), wd=(1e-4, 0.2), epochs=(2, 4)):
 
     configs = [dict(LINEAR_PROBE)]
     for i in range(1, n):
-        randaug = rng.random() < 0.5
+        randaug_n = rng.randint(0, 2) if rng.random() < 0.5 else 0   # N = 0 is RandAugment off
         configs.append({
             "linear_probe": False,
             "lr": log_uniform(*lr),
@@ -53,8 +53,8 @@ def draw(n, seed=0, lr=(1e-5, 2e-4), wd=(1e-4, 0.2), epochs=(2, 4)):
             "epochs": rng.randint(*epochs),
             "label_smoothing": 0.0 if rng.random() < 0.5 else rng.uniform(0.0, 0.25),
             "mixup": 0.0 if rng.random() < 0.5 else rng.uniform(0.0, 0.9),
-            "randaug_n": rng.randint(0, 2) if randaug else 0,
-            "randaug_m": rng.randint(1, 20) if randaug else 0,
+            "randaug_n": randaug_n,
+            "randaug_m": rng.randint(1, 20) if randaug_n else 0,
             "seed": i,
         })
     return configs
