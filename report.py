@@ -54,7 +54,7 @@ def individuals(lines):
     out = {}
     for r in lines:
         if r.get("method") == "individual":
-            out[r["ingredients"][0]] = r
+            out[r["index"] if "index" in r else r["ingredients"][0]] = r
     return out
 
 
@@ -88,8 +88,8 @@ def main_table(lines):
     rows = []
     ind = individuals(lines)
     if ind:
-        best = max(ind.values(), key=lambda r: (r.get("heldout") or -1, -r["ingredients"][0]))
-        rows.append((f"best individual (#{best['ingredients'][0]})", best))
+        index, best = max(ind.items(), key=lambda kv: (kv[1].get("heldout") or -1, -kv[0]))
+        rows.append((f"best individual (#{index})", best))
     for method, name in METHODS:
         r = latest(lines, method)
         if r is not None:

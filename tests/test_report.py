@@ -16,7 +16,7 @@ def line(method, ingredients, test, heldout, shifts, exclude=0, **extra):
 def test_report_table_ordering_values_and_missing(tmp_path):
     db = tmp_path / "r.jsonl"
     rows = [
-        line("individual", [0], 70.0, 71.0, {"noise": 50.0, "blur": None}),
+        {**line("individual", [0], 70.0, 71.0, {"noise": 50.0, "blur": None}), "index": 0},
         line("individual", [1], 80.0, 82.0, {"noise": 60.0, "blur": None}),
         line("individual", [2], 81.0, 79.0, {"noise": 58.0, "blur": None}),
         line("MEHL-Soup+", [0, 1, 2], 84.5, 85.0, {"noise": 66.0, "blur": None},
