@@ -10,6 +10,10 @@
 # (see docs/ZOO.md for the measured time and accuracies). Expect held-out ~79 % for the linear probe,
 # ~80-83 % for the fine-tuned ingredients, a few clearly worse.
 #
+# Threads: OMP_NUM_THREADS defaults to the number of cores. When other jobs share the CPU, set
+# OMP_NUM_THREADS=1: with 3 other jobs on this 2-core machine one training step took 6.0 s with 2 threads
+# and 1.5 s with 1 (oversubscribed threads wait on each other).
+#
 # Usage:  scripts/build_zoo.sh [OUT] [extra utils.sweep / finetune.py flags]
 #   scripts/build_zoo.sh                                    # zoo/fashion_mnist, CPU default
 #   scripts/build_zoo.sh zoo/fmnist72 --n 72 --finetune-size 0 --test-size 0 \
