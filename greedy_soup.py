@@ -20,6 +20,7 @@ results line per ingredient; later runs on the same results file reuse them.
 import logging
 
 import torch
+from tqdm import tqdm
 
 from utils import cli, distributed, individual, results
 from utils.errors import run_main
@@ -50,7 +51,7 @@ def greedy(ranking, load, heldout_of):
     first_index, first_path, best = ranking[0]
     soup, kept = load(first_path), [first_index]
     steps = [{"ingredient": first_index, "heldout": best, "kept": True}]
-    for index, path, _ in ranking[1:]:
+    for index, path, _ in tqdm(ranking[1:], desc="greedy", disable=not distributed.is_primary()):
         candidate = add_to_soup(soup, load(path), len(kept))
         acc = heldout_of(candidate)
         take = acc > best

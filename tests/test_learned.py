@@ -153,7 +153,12 @@ def test_layerwise_one_row_per_tensor_and_identical_kept(tmp_path, fmnist_root):
     assert alpha.shape == (n_params - 1, 3)
     torch.testing.assert_close(alpha.sum(1), torch.ones(n_params - 1, dtype=alpha.dtype))
     assert all(len(b) == 1 for b in recipe["coefficients"]["blocks"])
-    assert torch.equal(load_state_dict(out)["features.0.bias"], kept)
+    soup, first = load_state_dict(out), torch.load(zoo / "model_0.pt")
+    assert torch.equal(soup["features.0.bias"], kept)
+    # identical BatchNorm statistics: kept exactly, so those layers ran in eval mode while learning
+    assert not record["bn_reestimated"]
+    for k in ("features.1.running_mean", "features.1.running_var", "features.4.running_var"):
+        assert torch.equal(soup[k], first[k]), k
     # --layer-size larger than the model: one block again
     record = learned_soup.main(common(zoo, fmnist_root, tmp_path, "--layer-size", "100000000", "--epochs",
                                       "1", "--save-soup", "none"))

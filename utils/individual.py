@@ -3,6 +3,7 @@
 dataset, architecture, held-out split and test size, is not evaluated again (STYLE 8).
 
 Used by greedy soup (held-out ranking), by --exclude-top in every soup script, and by the report."""
+import json
 import logging
 from pathlib import Path
 
@@ -24,7 +25,7 @@ def fingerprint(path):
 
 def cache_key(args, setup, path):
     """The fields a cached line must match to stand for `path` under this configuration."""
-    return {
+    key = {
         "method": METHOD,
         "index": index_of(path),
         "path": str(Path(path).resolve()),
@@ -34,6 +35,7 @@ def cache_key(args, setup, path):
         "split": setup.bundle.split,
         "test_size": args.test_size,
     }
+    return json.loads(json.dumps(key, default=str))  # compared with lines read back from JSON
 
 
 def _cached(records, key):
