@@ -106,10 +106,10 @@ def check_args(args):
     for flag, value in (("--epochs", args.epochs), ("--models_epochs", args.models_epochs)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
-    if not args.lr > 0:
-        raise UserError(f"--lr must be > 0, got {args.lr}")
-    if args.wd < 0:
-        raise UserError(f"--wd must be >= 0, got {args.wd}")
+    if not 0 < args.lr < math.inf:
+        raise UserError(f"--lr must be a finite number > 0, got {args.lr}")
+    if not 0 <= args.wd < math.inf:
+        raise UserError(f"--wd must be a finite number >= 0, got {args.wd}")
     if not 0 <= args.labelsmooth < 1:
         raise UserError(f"--labelsmooth must be in [0, 1), got {args.labelsmooth}")
     if args.layer_size < 0:
@@ -377,6 +377,12 @@ def learn(ctx, state):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
+    earlier = cli.finished(args, ("MEHL-Soup", "MEHL-Soup+"))
+    if earlier is not None:
+        distributed.teardown()
+        return earlier
+    if args.save_soup is not None:  # an existing output is refused before the long work
+        cli.soup_output(args)
     setup = cli.prepare(args)
     individual.check_exclude_top(args, setup)
     reset_peak(setup.device)
@@ -387,7 +393,7 @@ def main(argv=None):
 
     layout = make_layout(paths, setup, args.layer_size)
     args.method = "MEHL-Soup" if layout.num_blocks == 1 else "MEHL-Soup+"
-    out_path = cli.soup_path(args)
+    out_path, replace = cli.soup_output(args)
     config = config_of(args, paths)
     path = state_file(args, out_path)
     state = load_state(path, args, config)
@@ -438,15 +444,17 @@ def main(argv=None):
                            "identical statistics, eval mode" if has_bn else "none"),
              "state_file": str(path),
              "learning_seconds_all_sessions": round(ctx["seconds"], 2)}
-    record = results.append(args.results_db, cli.result_record(args, setup, paths, scores, **extra))
     soup_sd = {k: v.detach().cpu().clone() for k, v in setup.model.state_dict().items()}
-    save_soup(soup_sd, out_path, args.method, paths, cli.record_args(args), coefficients=coefficients,
-              overwrite=args.overwrite or bool(args.resume))
+    # The results line last: it marks the run as finished; a kill before it leaves the state file,
+    # from which --resume redoes only the final evaluation and writes.
     if out_path is not None and distributed.is_primary():
         alpha_file = out_path.with_name(out_path.stem + ".alpha.json")
         text = json.dumps({"ingredients": [str(p) for p in paths], "blocks": layout.blocks,
                            "alpha": alpha.tolist(), "summary": summary}, indent=1)
         atomic_write(alpha_file, lambda tmp: Path(tmp).write_text(text), overwrite=True)
+    save_soup(soup_sd, out_path, args.method, paths, cli.record_args(args), coefficients=coefficients,
+              overwrite=replace)
+    record = results.append(args.results_db, cli.result_record(args, setup, paths, scores, **extra))
     if distributed.is_primary():
         log.info("%s of %d (K=%d): held-out %.2f, test %.2f, shift mean %s; alpha: %d negative "
                  "(%.1f%%), max %.3f, effective ingredients %.2f", args.method, len(paths),

@@ -68,7 +68,11 @@ def greedy(ranking, load, heldout_of):
 
 def main(argv=None):
     args = parse_args(argv)
-    out_path = cli.soup_path(args)
+    earlier = cli.finished(args, (args.method,))
+    if earlier is not None:
+        distributed.teardown()
+        return earlier
+    out_path, replace = cli.soup_output(args)
     setup = cli.prepare(args)
     individual.check_exclude_top(args, setup)
     reset_peak(setup.device)
@@ -87,6 +91,9 @@ def main(argv=None):
 
     paths = {index_of(p): p for _, p, _ in ranking}
     kept_paths = [paths[i] for i in kept]
+    # The results line last: it marks the run as finished (a rerun after a kill redoes what is missing).
+    save_soup(soup, out_path, args.method, kept_paths, cli.record_args(args),
+              extra={"order": [i for i, _, _ in ranking], "steps": steps}, overwrite=replace)
     record = results.append(args.results_db, cli.result_record(
         args, setup, kept_paths, scores, order=[i for i, _, _ in ranking],
         heldout_steps=[s["heldout"] for s in steps], steps=steps,
@@ -94,8 +101,6 @@ def main(argv=None):
     if distributed.is_primary():
         log.info("greedy soup of %s: held-out %.2f, test %.2f, shift mean %s", kept, scores["heldout"],
                  scores["test"], scores.get("shift_mean"))
-    save_soup(soup, out_path, args.method, kept_paths, cli.record_args(args),
-              extra={"order": [i for i, _, _ in ranking], "steps": steps}, overwrite=args.overwrite)
     distributed.teardown()
     return record
 

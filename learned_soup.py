@@ -21,6 +21,7 @@ above the best ingredient's; the coefficients and temperature are written to <so
 """
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -67,10 +68,12 @@ def parse_args(argv=None):
 
 
 def check_learning_args(args):
-    if not args.lr > 0:
-        raise UserError(f"--lr must be > 0, got {args.lr}")
-    if args.wd < 0:
-        raise UserError(f"--wd must be >= 0, got {args.wd}")
+    if not 0 < args.lr < math.inf:
+        raise UserError(f"--lr must be a finite number > 0, got {args.lr}")
+    if not 0 <= args.wd < math.inf:
+        raise UserError(f"--wd must be a finite number >= 0, got {args.wd}")
+    if args.memory_limit is not None and not 0 < args.memory_limit < math.inf:
+        raise UserError(f"--memory-limit must be a finite number of GiB > 0, got {args.memory_limit}")
     if args.epochs < 0:
         raise UserError(f"--epochs must be >= 0, got {args.epochs}")
     if args.layer_size is not None and args.layer_size < 0:
@@ -207,7 +210,11 @@ def learn(args, setup, stacked, blocks, frozen_stats, wandb):
 def main(argv=None):
     args = parse_args(argv)
     check_learning_args(args)
-    out_path = cli.soup_path(args)
+    earlier = cli.finished(args, (args.method,))
+    if earlier is not None:
+        distributed.teardown()
+        return earlier
+    out_path, replace = cli.soup_output(args)
     setup = cli.prepare(args)
     individual.check_exclude_top(args, setup)
     need, have = check_memory(args, setup, len(setup.paths) - args.exclude_top)
@@ -255,17 +262,18 @@ def main(argv=None):
              "memory_estimate_bytes": need, "memory_available_bytes": have}
     if len(blocks) == 1:
         extra["alpha"] = alpha_list[0]
-    record = results.append(args.results_db, cli.result_record(args, setup, paths, scores, **extra))
-    wandb.log({"heldout": scores["heldout"], "test": scores["test"]})
-    wandb.finish()
     coefficients = {"names": names, "blocks": blocks, "alpha": alpha_list, "averaged_buffers": differ}
     note = ("BatchNorm statistics were re-estimated on the held-out split: rebuild() gives the soup "
             "before re-estimation" if bn_differ else None)
-    save_soup(soup, out_path, args.method, paths, cli.record_args(args), coefficients=coefficients,
-              extra={"temperature": beta.item(), "bn_reestimated": bool(bn_differ), "note": note},
-              overwrite=args.overwrite)
+    # The results line last: it marks the run as finished (a rerun after a kill redoes what is missing).
     if out_path is not None and distributed.is_primary():
         write_coefficients(coeff_path(out_path), paths, blocks, alpha_list, beta.item())
+    save_soup(soup, out_path, args.method, paths, cli.record_args(args), coefficients=coefficients,
+              extra={"temperature": beta.item(), "bn_reestimated": bool(bn_differ), "note": note},
+              overwrite=replace)
+    record = results.append(args.results_db, cli.result_record(args, setup, paths, scores, **extra))
+    wandb.log({"heldout": scores["heldout"], "test": scores["test"]})
+    wandb.finish()
     if distributed.is_primary():
         log.info("%s: held-out %.2f, test %.2f, shift mean %s, temperature %.3f", args.method,
                  scores["heldout"], scores["test"], scores.get("shift_mean"), beta.item())

@@ -34,7 +34,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    out_path = cli.soup_path(args)
+    earlier = cli.finished(args, (args.method,))
+    if earlier is not None:
+        distributed.teardown()
+        return earlier
+    out_path, replace = cli.soup_output(args)
     setup = cli.prepare(args)
     individual.check_exclude_top(args, setup)
     reset_peak(setup.device)
@@ -47,11 +51,12 @@ def main(argv=None):
     setup.model.load_state_dict(soup)
     scores = evaluate_all(setup.model, setup.bundle, setup.device, args.batch_size, args.workers)
 
+    # The results line last: it marks the run as finished (a rerun after a kill redoes what is missing).
+    save_soup(soup, out_path, args.method, paths, cli.record_args(args), overwrite=replace)
     record = results.append(args.results_db, cli.result_record(args, setup, paths, scores))
     if distributed.is_primary():
         log.info("uniform soup of %d: held-out %.2f, test %.2f, shift mean %s", len(paths),
                  scores["heldout"], scores["test"], scores.get("shift_mean"))
-    save_soup(soup, out_path, args.method, paths, cli.record_args(args), overwrite=args.overwrite)
     distributed.teardown()
     return record
 

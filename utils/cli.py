@@ -1,12 +1,17 @@
 """Flags shared by the soup scripts, their checks, and the setup every script does first
 (device, data, architecture, ingredients)."""
 import argparse
+import json
+import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from utils import archs, distributed, ingredients
 from utils.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # Flags of the released launcher that this implementation accepts and ignores (torchrun sets the rank
 # through the environment; DDP is always on under torchrun; the split and finetune switches had no
@@ -77,18 +82,132 @@ def check_args(args):
         raise UserError(f"--params_start {args.params_start} must be < --params_end {args.params_end}")
 
 
+def check_writable(args):
+    """Fail before any work when the results file or the soup cannot be written where asked (a parent
+    that is a file, a read-only or missing mount): create the folder and a probe file in it."""
+    targets = [("--results-db", Path(args.results_db))]
+    if soup_target(args) is not None:
+        targets.append(("--save-soup", soup_target(args)))
+    for flag, path in targets:
+        if path.is_dir():
+            raise UserError(f"{flag} {path} is a folder: give a file name")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".write-probe-"):
+                pass
+        except OSError as err:
+            raise UserError(f"{flag} {path}: cannot write in {path.parent}: "
+                            f"{err.strerror or err}") from err
+
+
+def soup_target(args):
+    """Where the soup goes (a Path), or None for --save-soup none. No checks."""
+    if args.save_soup is not None and args.save_soup.lower() == "none":
+        return None
+    return Path(args.save_soup or f"runs/{args.method}.pt")
+
+
 def soup_path(args):
     """The soup's output path (None when 'none'); an existing file is refused now, before work starts,
     unless --overwrite (or --resume, whose own state decides)."""
-    if args.save_soup is not None and args.save_soup.lower() == "none":
-        return None
-    path = Path(args.save_soup or f"runs/{args.method}.pt")
+    return soup_output(args)[0]
+
+
+def soup_output(args):
+    """(path, replace): the soup's output path (None when 'none') and whether an existing file there
+    may be replaced. An existing file is refused before work starts unless --overwrite, --resume (whose
+    own state decides) or it is the leftover of an interrupted run of this same command: its recipe
+    records the same arguments and no results line does (a finished run was returned by `finished`)."""
+    path = soup_target(args)
+    if path is None:
+        return None, False
     if path.suffix not in (".pt", ".pth", ".safetensors"):
         raise UserError(f"--save-soup {path}: use a .pt or .safetensors file name")
-    if path.exists() and not args.overwrite and not getattr(args, "resume", False):
-        raise UserError(f"--save-soup {path} exists: refusing to overwrite it (pass --overwrite or "
-                        "another path)")
-    return path
+    if path.parent.exists() and not path.parent.is_dir():
+        raise UserError(f"--save-soup {path}: {path.parent} is a file, not a folder")
+    if not path.exists():
+        return path, False
+    if args.overwrite or getattr(args, "resume", False):
+        return path, True
+    if _same_run_recipe(args, path):
+        log.warning("%s was left by an interrupted run of this same command (its recipe records the "
+                    "same arguments, the results file no line): making it again", path)
+        return path, True
+    raise UserError(f"--save-soup {path} exists: refusing to overwrite it (pass --overwrite or "
+                    "another path)")
+
+
+# ------------------------------------------------------------------------- finished and leftovers
+# Arguments that do not change what a run computes: runs that differ only in these are the same run.
+NOT_DEFINING = ("overwrite", "resume", "stop_after_groups", "wandb", "workers", "no_epoch_test", "method",
+                "local_rank", "local-rank", "ddp", "split", "finetune")
+
+
+def run_key(args_dict):
+    """The defining arguments of a run (from `record_args` or a results line's "args"), JSON-normalised."""
+    return json.loads(json.dumps({k: v for k, v in args_dict.items() if k not in NOT_DEFINING},
+                                 default=str))
+
+
+def _same_run_recipe(args, path):
+    from utils.soup_io import recipe_path
+    try:
+        recipe = json.loads(recipe_path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(recipe, dict) and isinstance(recipe.get("args"), dict)
+            and run_key(recipe["args"]) == run_key(record_args(args)))
+
+
+def fingerprints(paths):
+    """Size and modification time of each file: a rewritten ingredient makes a different run."""
+    out = []
+    for p in paths:
+        st = Path(p).stat()
+        out.append(f"{st.st_size}-{st.st_mtime_ns}")
+    return out
+
+
+def finished(args, methods):
+    """The results line of an earlier run of this same command that finished (same method, defining
+    arguments and ingredient files, and its soup file still there), or None. The results line is a
+    run's last write, so a line means the run is complete: a rerun returns it instead of redoing the work
+    and appending a duplicate (STYLE 8). --overwrite always runs again."""
+    record = None
+    if not args.overwrite:
+        distributed.setup(args.device)  # idempotent; prepare() reuses the process group
+        if distributed.is_primary():
+            record = _find_finished(args, methods)
+        record = distributed.broadcast_object(record)
+    if record is not None and distributed.is_primary():
+        log.info("this run already finished (%s, line of %s in %s): nothing to do; pass --overwrite "
+                 "to run it again", record.get("method"), record.get("time"), args.results_db)
+    return record
+
+
+def _find_finished(args, methods):
+    from utils import results
+    try:
+        records = results.read(args.results_db)
+    except (OSError, ValueError):
+        return None  # prepare() reports an unusable results file
+    candidates = [r for r in records
+                  if r.get("method") in methods and isinstance(r.get("args"), dict)
+                  and "range_fingerprints" in r]
+    if not candidates:
+        return None
+    key = run_key(record_args(args))
+    try:
+        prints = fingerprints(ingredients.ingredient_paths(args.model_location, args.params_start,
+                                                           args.params_end))
+    except UserError:
+        return None  # prepare() reports it
+    for r in reversed(candidates):
+        if run_key(r["args"]) == key and r["range_fingerprints"] == prints:
+            soup = r.get("soup_file")
+            if soup is None or Path(soup).is_file():
+                return r
+    return None
 
 
 @dataclass
@@ -107,6 +226,7 @@ def prepare(args, check_ingredients=True):
     from datasets import build_dataset
     started = time.time()
     check_args(args)
+    check_writable(args)
     device = distributed.setup(args.device)
     spec = archs.get_arch(args.arch)
     paths = ingredients.ingredient_paths(args.model_location, args.params_start, args.params_end)
@@ -142,6 +262,8 @@ def result_record(args, setup, paths, scores, **extra):
         "peak_memory_bytes": memory.peak_bytes(setup.device),
         "device": str(setup.device),
         "world_size": distributed.world_size(),
+        "soup_file": str(soup_target(args)) if soup_target(args) is not None else None,
+        "range_fingerprints": fingerprints(setup.paths),
         **extra,
         "args": record_args(args),
     }

@@ -38,10 +38,14 @@ def append(path, record):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps(record, default=_jsonable) + "\n"
-        with open(path, "a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(path, "a") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            from utils.errors import UserError
+            raise UserError(f"could not append to the results file {path}: {err.strerror or err}") from err
     return record
 
 

@@ -1,9 +1,12 @@
 """State dicts: safe loading and atomic saving, validation against an architecture, flattening in
 `named_parameters()` order, the block partition (`--layer-size`), and parameters identical across
 ingredients. Pure functions on tensors apart from the two file helpers."""
+import glob
 import hashlib
+import logging
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -11,6 +14,8 @@ from pathlib import Path
 import torch
 
 from utils.errors import UserError
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
 
@@ -48,22 +53,42 @@ def load_state_dict(path):
 
 def atomic_write(path, write_fn, overwrite=False):
     """Write through a temporary file in the same folder and `os.replace` it into place, so that the
-    final name never holds a half-written file. Refuses an existing `path` unless `overwrite`."""
+    final name never holds a half-written file. Refuses an existing `path` unless `overwrite`.
+
+    Any failure to write (disk full, unwritable folder; torch.save reports a full disk as a
+    RuntimeError, safetensors as its own error) is a UserError naming the file, and the temporary file
+    is removed. Temporary files of this name left by a killed process are removed first."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise UserError(f"{path} exists: refusing to overwrite it (pass --overwrite, or choose another name)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write_fn(tmp)
         os.replace(tmp, path)
-    except OSError as err:
-        raise UserError(f"could not write {path}: {err.strerror or err}") from err
+    except Exception as err:  # noqa: BLE001 - every write failure becomes one line naming the file
+        raise UserError(f"could not write {path}: {_write_reason(err, path.parent)}") from err
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _write_reason(err, folder):
+    if isinstance(err, OSError):
+        reason = err.strerror or str(err)
+    else:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    try:
+        free = shutil.disk_usage(folder).free
+        reason += f" (free space in {folder}: {free / 2**20:.1f} MiB)"
+    except OSError:
+        pass
+    return reason
 
 
 def save_state_dict(sd, path, overwrite=False):
@@ -107,18 +132,28 @@ def check_state_dict(sd, reference, name):
 def check_dtypes(sd, reference, name):
     """Cast floating tensors to the architecture's dtype; refuse integer/float mix-ups.
 
-    Mixed float dtypes (e.g. an fp16 ingredient beside fp32 ones) are cast to the reference dtype:
-    souping happens in float32/float64 anyway, and the cast is exact for fp16/bf16 -> fp32."""
-    out = {}
+    Mixed float dtypes (e.g. an fp16 ingredient beside fp32 ones) are cast to the reference dtype, with
+    one logged warning per file: souping happens in float32/float64 anyway, and the cast is exact for
+    fp16/bf16 -> fp32 (a float64 ingredient is rounded to float32, as loading it into the model would)."""
+    out, casts = {}, set()
     for k, v in sd.items():
         ref = reference[k]
         if v.dtype != ref.dtype:
             if v.is_floating_point() and ref.is_floating_point():
+                casts.add(str(v.dtype).replace("torch.", ""))
                 v = v.to(ref.dtype)
             else:
                 raise UserError(f"{name}: tensor {k} is {v.dtype}, the architecture expects {ref.dtype}")
         out[k] = v
+    if casts and name not in _CAST_WARNED:  # once per file: ingredients are read several times
+        _CAST_WARNED.add(name)
+        log.warning("%s: floating tensors stored as %s were cast to the architecture's %s", name,
+                    "/".join(sorted(casts)), str(next(v.dtype for v in reference.values()
+                                                      if v.is_floating_point())).replace("torch.", ""))
     return out
+
+
+_CAST_WARNED = set()
 
 
 # --------------------------------------------------------------------------- flatten and blocks
