@@ -230,9 +230,16 @@ def prepare(args, check_ingredients=True):
     device = distributed.setup(args.device)
     spec = archs.get_arch(args.arch)
     paths = ingredients.ingredient_paths(args.model_location, args.params_start, args.params_end)
-    bundle = build_dataset(args.datasets, args.data_location, spec.preprocess,
-                           heldout_per_class=args.heldout_per_class, heldout_index=args.heldout_index,
-                           seed=args.split_seed, test_size=args.test_size)
+    try:
+        bundle = build_dataset(args.datasets, args.data_location, spec.preprocess,
+                               heldout_per_class=args.heldout_per_class, heldout_index=args.heldout_index,
+                               seed=args.split_seed, test_size=args.test_size)
+    except (IndexError, KeyError, ValueError, RuntimeError, OSError) as err:
+        # Files that exist but hold something else (swapped or foreign files) fail deep in a builder.
+        log.debug("building %s failed", args.datasets, exc_info=True)
+        raise UserError(f"--datasets {args.datasets} at --data-location {args.data_location or '(default)'}: "
+                        f"the files do not have the expected layout or content ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}); see docs/DATA.md") from err
     if len(bundle.heldout) == 0:
         raise UserError(f"the held-out split of {args.datasets} is empty")
     model = spec.build(bundle.num_classes, pretrained=False)

@@ -1,0 +1,409 @@
+"""Reliability and security of the four soup scripts (issue 8), on CPU with tiny zoos:
+untrusted checkpoints, bad ingredients, bad arguments and data, unwritable outputs and a full disk.
+
+Every refusal must come before any learning or evaluation (no results line, no soup), as one line
+`error: ...` on stderr with exit status 2 and no traceback. Kills are in test_kills.py, failures of one
+rank under torchrun in test_distributed_failures.py."""
+import errno
+import logging
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import greedy_soup
+import learned_soup
+import MEHL_soup_layer
+import uniform_soup
+from tests.conftest import ROOT, make_zoo
+from utils import state_dicts
+from utils.archs import get_arch
+from utils.errors import run_main
+from utils.state_dicts import load_state_dict
+
+SCRIPTS = {"uniform": uniform_soup, "greedy": greedy_soup, "learned": learned_soup,
+           "mehl": MEHL_soup_layer}
+EXTRA = {"uniform": [], "greedy": [], "learned": ["--epochs", "1"],
+         "mehl": ["--epochs", "1", "--model_batch", "2", "--no-epoch-test"]}
+FILE = {"uniform": "uniform_soup.py", "greedy": "greedy_soup.py", "learned": "learned_soup.py",
+        "mehl": "MEHL_soup_layer.py"}
+
+
+def argv(script, zoo, data, tmp_path, *extra):
+    return [str(a) for a in ["--model-location", zoo, "--arch", "tiny-cnn", "--data-location", data,
+                             "--heldout-per-class", "3", "--test-size", "20", "--batch-size", "32",
+                             "--device", "cpu", "--results-db", tmp_path / "results.jsonl",
+                             "--save-soup", tmp_path / "soup.pt", *EXTRA[script], *extra]]
+
+
+def refused(capsys, script, args):
+    """Run the script's command line in-process as a user would (run_main); return the one error line.
+    Asserts exit status 2, exactly one `error:` line, no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(SCRIPTS[script].main, args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
+
+
+def nothing_written(tmp_path):
+    assert not (tmp_path / "results.jsonl").exists(), "a results line was written"
+    assert not list(tmp_path.glob("soup*")), "a soup (or its recipe/state) was written"
+    assert not list(tmp_path.glob(".*.tmp")), "a temporary file was left"
+
+
+def cli(script, args, cwd=ROOT):
+    """The script as a separate process (exit status and stderr as the user sees them)."""
+    return subprocess.run([sys.executable, str(ROOT / FILE[script]), *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+
+
+def last_line(done):
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    return done.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def zoo(tmp_path):
+    return make_zoo(tmp_path / "zoo", 3)
+
+
+@pytest.fixture
+def out(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    return folder
+
+
+# ------------------------------------------------------------------------- 1. untrusted checkpoints
+class Payload:
+    """Unpickling this runs `touch <marker>`: what a malicious checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def evil_zip(path, marker):
+    sd = get_arch("tiny-cnn").build(10).state_dict()
+    torch.save({**sd, "payload": Payload(marker)}, path)  # torch's zip format
+
+
+def evil_legacy(path, marker):
+    with open(path, "wb") as f:  # a bare pickle stream (torch's legacy format)
+        pickle.dump({"payload": Payload(marker)}, f)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("maker", [evil_zip, evil_legacy])
+def test_code_in_a_checkpoint_never_runs(capsys, tmp_path, zoo, out, fmnist_root, script, maker):
+    marker = tmp_path / "pwned"
+    maker(zoo / "model_1.pt", marker)
+    line = refused(capsys, script, argv(script, zoo, fmnist_root, out))
+    assert f"{zoo / 'model_1.pt'}: refused to load" in line and "nothing in it was run" in line
+    assert not marker.exists()
+    nothing_written(out)
+
+
+def test_code_in_a_checkpoint_through_the_command_line(tmp_path, zoo, out, fmnist_root):
+    marker = tmp_path / "pwned"
+    evil_zip(zoo / "model_2.pt", marker)
+    done = cli("mehl", argv("mehl", zoo, fmnist_root, out))
+    assert last_line(done).startswith(f"error: {zoo / 'model_2.pt'}: refused to load: the pickle asks for "
+                                      "objects outside plain tensors (weights_only=True; nothing in it "
+                                      "was run)")
+    assert not marker.exists()
+    nothing_written(out)
+
+
+def test_safetensors_and_wrapped_state_dicts_are_ingredients(tmp_path, zoo, out, fmnist_root):
+    from safetensors.torch import save_file
+    sds = [torch.load(zoo / f"model_{i}.pt", weights_only=True) for i in range(3)]
+    (zoo / "model_1.pt").unlink()
+    save_file(sds[1], str(zoo / "model_1.safetensors"))
+    torch.save({"state_dict": sds[2], "epoch": 3}, zoo / "model_2.pt")  # a training checkpoint
+    record = uniform_soup.main(argv("uniform", zoo, fmnist_root, out))
+    assert record["ingredients"] == [0, 1, 2]
+    soup = load_state_dict(out / "soup.pt")
+    for k, v in sds[0].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(soup[k], torch.stack([sd[k] for sd in sds]).mean(0))
+
+
+# ----------------------------------------------------------------------------- 2. bad ingredients
+def truncated(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return "not a readable checkpoint (truncated or another format)"
+
+
+def text_file(path):
+    path.write_text("this is not a checkpoint\n")
+    return "not a readable checkpoint (truncated or another format)"
+
+
+def empty_file(path):
+    path.write_bytes(b"")
+    return "not a readable checkpoint (truncated or another format)"
+
+
+def a_bare_tensor(path):
+    torch.save(torch.zeros(3), path)
+    return "holds no state dict of tensors (found Tensor)"
+
+
+def _edit(path, fn):
+    sd = torch.load(path, weights_only=True)
+    fn(sd)
+    torch.save(sd, path)
+
+
+def missing_key(path):
+    _edit(path, lambda sd: sd.pop("classifier.bias"))
+    return "does not match the architecture: missing keys: classifier.bias"
+
+
+def unexpected_key(path):
+    _edit(path, lambda sd: sd.update({"extra.weight": torch.zeros(2)}))
+    return "does not match the architecture: unexpected keys: extra.weight"
+
+
+def misshaped_key(path):
+    _edit(path, lambda sd: sd.update({"classifier.bias": torch.zeros(3)}))
+    return "does not match the architecture: mis-shaped: classifier.bias (3,) (expected (10,))"
+
+
+def nan_value(path):
+    _edit(path, lambda sd: sd["features.0.weight"].view(-1).__setitem__(5, float("nan")))
+    return "tensor features.0.weight holds NaN or Inf"
+
+
+def inf_in_a_buffer(path):
+    _edit(path, lambda sd: sd["features.1.running_var"].__setitem__(0, float("inf")))
+    return "tensor features.1.running_var holds NaN or Inf"
+
+
+def integer_weights(path):
+    _edit(path, lambda sd: sd.update({"classifier.bias": torch.zeros(10, dtype=torch.int64)}))
+    return "tensor classifier.bias is torch.int64, the architecture expects torch.float32"
+
+
+BAD = [truncated, text_file, empty_file, a_bare_tensor, missing_key, unexpected_key, misshaped_key,
+       nan_value, inf_in_a_buffer, integer_weights]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("spoil", BAD, ids=[f.__name__ for f in BAD])
+def test_bad_ingredient_is_refused_before_work(capsys, zoo, out, fmnist_root, script, spoil):
+    bad = zoo / "model_2.pt"
+    expected = spoil(bad)
+    line = refused(capsys, script, argv(script, zoo, fmnist_root, out))
+    assert line.startswith(f"error: {bad}") and expected in line, line
+    nothing_written(out)
+
+
+def test_mixed_dtypes_are_cast_with_a_warning_naming_the_file(caplog, zoo, out, fmnist_root):
+    """Decision: a float16 / bfloat16 / float64 ingredient beside float32 ones is cast to the
+    architecture's dtype (exact for the half types), with one warning per file; not refused."""
+    sds = [torch.load(zoo / f"model_{i}.pt", weights_only=True) for i in range(3)]
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in sds[1].items()}, zoo / "model_1.pt")
+    torch.save({k: v.double() if v.is_floating_point() else v for k, v in sds[2].items()}, zoo / "model_2.pt")
+    state_dicts._CAST_WARNED.clear()
+    with caplog.at_level(logging.WARNING):
+        greedy_soup.main(argv("greedy", zoo, fmnist_root, out))
+    warnings = [r.getMessage() for r in caplog.records if "were cast" in r.getMessage()]
+    assert warnings == [f"{zoo / 'model_1.pt'}: floating tensors stored as float16 were cast to the "
+                        "architecture's float32",
+                        f"{zoo / 'model_2.pt'}: floating tensors stored as float64 were cast to the "
+                        "architecture's float32"]  # once per file, though greedy reads them twice
+    soup = load_state_dict(out / "soup.pt")
+    assert all(v.dtype == sds[0][k].dtype for k, v in soup.items())
+
+
+# ----------------------------------------------------------------------- 3. bad arguments and data
+BAD_ARGS = [
+    ("uniform", ["--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
+    ("uniform", ["--workers", "-1"], "error: --workers must be >= 0, got -1"),
+    ("greedy", ["--test-size", "0"], "error: --test-size must be >= 1, got 0"),
+    ("greedy", ["--heldout-per-class", "0"], "error: --heldout-per-class must be >= 1, got 0"),
+    ("uniform", ["--exclude-top", "-1"], "error: --exclude-top must be >= 0, got -1"),
+    ("greedy", ["--exclude-top", "3"], "error: --exclude-top 3 leaves no ingredient: the range holds 3"),
+    ("uniform", ["--params_start", "2", "--params_end", "1"], "error: --params_start 2 must be < "
+     "--params_end 1"),
+    ("uniform", ["--params_start", "2", "--params_end", "2"], "error: --params_start 2 must be < "
+     "--params_end 2"),
+    ("mehl", ["--params_start", "-1"], "error: --params_start must be >= 0, got -1"),
+    ("uniform", ["--params_end", "5"], "ingredient(s) missing in"),
+    ("uniform", ["--datasets", "MNIST"], "error: unknown --datasets 'MNIST'; known: FashionMNIST, ImageNet, "
+     "CIFAR10, CIFAR100"),
+    ("greedy", ["--arch", "resnet50"], "error: unknown --arch 'resnet50'; known: "),
+    ("learned", ["--lr", "0"], "error: --lr must be a finite number > 0, got 0.0"),
+    ("learned", ["--lr", "-0.1"], "error: --lr must be a finite number > 0, got -0.1"),
+    ("learned", ["--lr", "inf"], "error: --lr must be a finite number > 0, got inf"),
+    ("learned", ["--lr", "nan"], "error: --lr must be a finite number > 0, got nan"),
+    ("learned", ["--wd", "nan"], "error: --wd must be a finite number >= 0, got nan"),
+    ("learned", ["--epochs", "-1"], "error: --epochs must be >= 0, got -1"),
+    ("learned", ["--layer-size", "-1"], "error: --layer-size must be >= 0, got -1"),
+    ("learned", ["--memory-limit", "0"], "error: --memory-limit must be a finite number of GiB > 0, got 0.0"),
+    ("mehl", ["--model_batch", "0"], "error: --model_batch must be >= 1, got 0"),
+    ("mehl", ["--models_epochs", "0"], "error: --models_epochs must be >= 1, got 0"),
+    ("mehl", ["--epochs", "0"], "error: --epochs must be >= 1, got 0"),
+    ("mehl", ["--layer-size", "-5"], "error: --layer-size must be >= 0, got -5"),
+    ("mehl", ["--labelsmooth", "1"], "error: --labelsmooth must be in [0, 1), got 1.0"),
+    ("mehl", ["--labelsmooth", "-0.1"], "error: --labelsmooth must be in [0, 1), got -0.1"),
+    ("mehl", ["--lr", "inf"], "error: --lr must be a finite number > 0, got inf"),
+    ("mehl", ["--wd", "-1"], "error: --wd must be a finite number >= 0, got -1.0"),
+    ("mehl", ["--stop-after-groups", "0"], "error: --stop-after-groups must be >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("script, extra, message", BAD_ARGS, ids=[" ".join(a[1]) for a in BAD_ARGS])
+def test_bad_argument_is_one_line_exit_2(capsys, zoo, out, fmnist_root, script, extra, message):
+    line = refused(capsys, script, argv(script, zoo, fmnist_root, out, *extra))
+    assert line.startswith(message) if message.startswith("error:") else message in line, line
+    nothing_written(out)
+
+
+@pytest.mark.parametrize("script, extra, message", [
+    ("uniform", ["--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
+    ("learned", ["--lr", "nan"], "error: --lr must be a finite number > 0, got nan"),
+    ("mehl", ["--labelsmooth", "1.5"], "error: --labelsmooth must be in [0, 1), got 1.5"),
+])
+def test_bad_argument_through_the_command_line(zoo, out, fmnist_root, script, extra, message):
+    assert last_line(cli(script, argv(script, zoo, fmnist_root, out, *extra))) == message
+    nothing_written(out)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--optimizer", "adam"], "error: argument --optimizer: invalid choice: 'adam' (choose from 'adamw', "
+     "'sgd')"),
+    (["--batch-size", "many"], "error: argument --batch-size/--batch_size: invalid int value: 'many'"),
+    (["--device", "tpu"], "error: argument --device: invalid choice: 'tpu' (choose from 'auto', 'cpu', "
+     "'cuda')"),
+])
+def test_malformed_flag_values_are_argparse_errors(capsys, zoo, out, fmnist_root, extra, message):
+    """Values argparse itself rejects: its usage line, then one `prog: error: ...` line, exit 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(MEHL_soup_layer.main, argv("mehl", zoo, fmnist_root, out, *extra))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith(message), err
+    nothing_written(out)
+
+
+def test_data_folder_with_the_wrong_layout(capsys, tmp_path, zoo, out, fmnist_root):
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    swap = {"train-images-idx3-ubyte.gz": "train-labels-idx1-ubyte.gz",
+            "train-labels-idx1-ubyte.gz": "train-images-idx3-ubyte.gz"}
+    for name in os.listdir(fmnist_root):  # train images and labels exchanged
+        (swapped / swap.get(name, name)).write_bytes((fmnist_root / name).read_bytes())
+    line = refused(capsys, "uniform", argv("uniform", zoo, swapped, out))
+    assert line.startswith(f"error: --datasets FashionMNIST at --data-location {swapped}: the files do not "
+                           "have the expected layout or content"), line
+    nothing_written(out)
+    (swapped / "train-images-idx3-ubyte.gz").write_text("not gzip")
+    line = refused(capsys, "greedy", argv("greedy", zoo, swapped, out))
+    assert line.startswith(f"error: {swapped / 'train-images-idx3-ubyte.gz'}: not a readable IDX file"), line
+    nothing_written(out)
+
+
+def test_empty_heldout_split(capsys, tmp_path, zoo, out, fmnist_root):
+    index = tmp_path / "none.npy"
+    np.save(index, np.zeros(600, dtype=np.uint8))  # the fixture's train set has 600 images
+    args = [a for a in argv("mehl", zoo, fmnist_root, out, "--heldout-index", index)]
+    line = refused(capsys, "mehl", args)
+    assert line == "error: the held-out split of FashionMNIST is empty"
+    nothing_written(out)
+    np.save(index, np.zeros(7, dtype=np.uint8))
+    line = refused(capsys, "learned", argv("learned", zoo, fmnist_root, out, "--heldout-index", index))
+    assert line == f"error: --heldout-index {index}: expected a 0/1 array of length 600, got shape (7,)"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_existing_output_is_refused_unless_overwrite(capsys, zoo, out, fmnist_root, script):
+    (out / "soup.pt").write_bytes(b"precious")
+    line = refused(capsys, script, argv(script, zoo, fmnist_root, out))
+    assert line == (f"error: --save-soup {out / 'soup.pt'} exists: refusing to overwrite it (pass "
+                    "--overwrite or another path)")
+    assert (out / "soup.pt").read_bytes() == b"precious"
+    assert not (out / "results.jsonl").exists()
+    SCRIPTS[script].main(argv(script, zoo, fmnist_root, out, "--overwrite"))
+    assert load_state_dict(out / "soup.pt")  # replaced by a real soup
+
+
+# ------------------------------------------------------------------- 6. unwritable output, full disk
+@pytest.mark.parametrize("script", ["uniform", "mehl"])
+def test_output_under_a_file_is_refused_before_work(capsys, tmp_path, zoo, fmnist_root, script):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    args = argv(script, zoo, fmnist_root, tmp_path)
+    args[args.index("--save-soup") + 1] = str(blocker / "soup.pt")
+    line = refused(capsys, script, args)
+    assert line == f"error: --save-soup {blocker / 'soup.pt'}: {blocker} is a file, not a folder"
+    args = argv(script, zoo, fmnist_root, tmp_path)
+    args[args.index("--results-db") + 1] = str(blocker / "deeper" / "results.jsonl")
+    line = refused(capsys, script, args)
+    assert line.startswith(f"error: --results-db {blocker / 'deeper' / 'results.jsonl'}: cannot write in "
+                           f"{blocker / 'deeper'}: "), line
+    assert not (tmp_path / "soup.pt").exists()
+
+
+def full_disk(monkeypatch, target_suffix):
+    """Make writes of temporary files for `target_suffix` fail half-way with ENOSPC, as a full disk does
+    (the bytes written so far stay in the temporary file, which must then be removed)."""
+    real_save = torch.save
+
+    def save(obj, f, *a, **k):
+        if isinstance(f, (str, os.PathLike)) and f"{target_suffix}." in os.path.basename(str(f)):
+            with open(f, "wb") as handle:
+                handle.write(b"half a soup")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_disk_full_while_writing_the_soup(capsys, monkeypatch, zoo, out, fmnist_root, script):
+    full_disk(monkeypatch, "soup.pt")
+    line = refused(capsys, script, argv(script, zoo, fmnist_root, out))
+    assert line.startswith(f"error: could not write {out / 'soup.pt'}: No space left on device"), line
+    assert not (out / "soup.pt").exists()
+    assert not list(out.glob(".*.tmp")) and not list(out.glob("*.tmp"))
+    # the results line marks a finished run: none was written, so a rerun makes the soup
+    assert not [r for r in _records(out) if r["method"] != "individual"]
+    monkeypatch.undo()
+    SCRIPTS[script].main(argv(script, zoo, fmnist_root, out, *(["--resume"] if script == "mehl" else [])))
+    assert load_state_dict(out / "soup.pt")
+    assert len([r for r in _records(out) if r["method"] != "individual"]) == 1
+
+
+def test_torch_save_on_a_really_full_disk_is_one_line(tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError ("unexpected pos"), safetensors as its own
+    error: both become a UserError naming the file, with the free space, and no temporary file."""
+    from utils.errors import UserError
+
+    def broken(obj, f, *a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(UserError, match=r"could not write .*m\.pt: \[enforce fail.*\(free space in "):
+        state_dicts.save_state_dict({"w": torch.zeros(3)}, tmp_path / "m.pt")
+    assert os.listdir(tmp_path) == []
+
+
+def _records(folder):
+    from utils import results
+    return results.read(folder / "results.jsonl")
