@@ -96,7 +96,11 @@ def load_arrays(root=None):
     folder = locate(root)
     arrays = {k: read_idx(_find(folder, stem)) for k, stem in FILES.items()}
     for split in ("train", "test"):
-        if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.ndim != 3 or labels.ndim != 1:
+            raise UserError(f"{folder}: {split} images must be N x H x W and labels N long (got shapes "
+                            f"{images.shape} and {labels.shape}): are the files swapped?")
+        if len(images) != len(labels):
             raise UserError(f"{folder}: {split} images and labels differ in length")
     return folder, arrays
 
