@@ -9,7 +9,7 @@ ingredients share the same BatchNorm buffers; see docs/ZOO.md for why.
     # ingredient 0 (linear probe), then one fine-tuned ingredient, on CPU in about a minute:
     python finetune.py --linear-probe --index 0 --lr 3e-3 --epochs 20 --out-dir zoo/fashion_mnist
     python finetune.py --index 1 --lr 1e-4 --epochs 3 --out-dir zoo/fashion_mnist
-    # -> zoo/fashion_mnist/model_1.pt and model_1.json (held-out ~80 %, test ~78 % with the defaults)
+    # -> model_1.pt and model_1.json: held-out ~79 %, test ~78 % (the probe: 76 / 76 %), ~40 s on CPU
 
 A whole zoo from a seeded sweep: `python -m utils.sweep` (scripts/build_zoo.sh).
 Single process only: ingredients are independent, run several at once on different devices instead.

@@ -6,9 +6,9 @@
 # in-process. Ingredients already in the folder are skipped, so rerunning resumes an interrupted build.
 #
 # Hardware: the default (12 ingredients, 4000 fine-tune images, 32 px, 2-4 epochs, first 10 blocks
-# frozen) is sized for a 2-core CPU: about 6 minutes there with nothing else running, more under load
-# (see docs/ZOO.md for the measured time and accuracies). Expect held-out ~79 % for the linear probe,
-# ~80-83 % for the fine-tuned ingredients, a few clearly worse.
+# frozen) is sized for a 2-core CPU: measured about 8 minutes there with 1-3 other jobs running (see
+# docs/ZOO.md). Expect held-out 76 % for the linear probe (model_0), 72-79.5 % (median 77) for the
+# fine-tuned ingredients (the low-lr, strong-mixup ones below the probe), 75.5 % for their uniform soup.
 #
 # Threads: OMP_NUM_THREADS defaults to the number of cores. When other jobs share the CPU, set
 # OMP_NUM_THREADS=1: with 3 other jobs on this 2-core machine one training step took 6.0 s with 2 threads
