@@ -97,6 +97,8 @@ def test_sweep_builds_and_then_skips_existing(tmp_path, fmnist_root):
     assert again == first and (tmp_path / "model_1.pt").stat().st_mtime_ns == mtime
     with pytest.raises(UserError, match="set by the sweep"):
         sweep.main(argv + ["--index", "3"])
+    with pytest.raises(UserError, match="--lr is set by the sweep"):
+        sweep.main(argv + ["--lr=1e-3"])
 
 
 def test_plain_finetune_uses_cached_activations_and_matches_a_rerun(lp_zoo, fmnist_root):

@@ -69,7 +69,7 @@ def to_argv(config):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--n", type=int, default=12, help="ingredients in the zoo (model_0 .. model_{n-1})")
     p.add_argument("--out", default="zoo/fashion_mnist", help="zoo folder")
@@ -86,9 +86,10 @@ def parse_args(argv=None):
 def main(argv=None):
     import finetune  # the top-level script; imported here so `--help` stays fast
     args, passthrough = parse_args(argv)
-    for flag in ("--out-dir", "--index", "--overwrite", "--init", "--linear-probe"):
-        if flag in passthrough:
-            raise UserError(f"{flag} is set by the sweep itself; use --out / delete the ingredient instead")
+    for flag in ("--out-dir", "--index", "--overwrite", "--init", "--linear-probe", "--lr", "--wd", "--epochs",
+                 "--label-smoothing", "--mixup", "--randaug-n", "--randaug-m", "--seed"):
+        if any(a == flag or a.startswith(flag + "=") for a in passthrough):
+            raise UserError(f"{flag} is set by the sweep itself; the sweep's own flags are in --help")
     configs = draw(args.n, args.sweep_seed, (args.lr_min, args.lr_max), (args.wd_min, args.wd_max),
                    (args.epochs_min, args.epochs_max))
     out = Path(args.out)
