@@ -431,7 +431,8 @@ def main(argv=None):
     reestimated = bool(layout.differing_buffers) and has_bn
     if reestimated:
         reestimate(setup.model, setup.bundle.heldout, setup.device, args.batch_size, args.workers)
-    scores = evaluate_all(setup.model, setup.bundle, setup.device, args.batch_size, args.workers)
+    scores = evaluate_all(setup.model, setup.bundle, setup.device, args.batch_size, args.workers,
+                          shifts=not args.no_shifts)
     summary = hyperplane.summary(alpha)
     coefficients = {"names": layout.names, "blocks": layout.blocks, "alpha": alpha.tolist(),
                     "frozen": layout.frozen,

@@ -87,7 +87,8 @@ def main(argv=None):
 
     soup, kept, steps = greedy(ranking, lambda p: load_checked(p, setup.reference), heldout_of)
     setup.model.load_state_dict(soup)
-    scores = evaluate_all(setup.model, setup.bundle, setup.device, args.batch_size, args.workers)
+    scores = evaluate_all(setup.model, setup.bundle, setup.device, args.batch_size, args.workers,
+                          shifts=not args.no_shifts)
 
     paths = {index_of(p): p for _, p, _ in ranking}
     kept_paths = [paths[i] for i in kept]

@@ -254,7 +254,8 @@ def main(argv=None):
     if bn_differ:
         batchnorm.reestimate(model, setup.bundle.heldout, setup.device, args.batch_size, args.workers)
     soup = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    scores = evaluate_all(model, setup.bundle, setup.device, args.batch_size, args.workers)
+    scores = evaluate_all(model, setup.bundle, setup.device, args.batch_size, args.workers,
+                          shifts=not args.no_shifts)
 
     alpha_list = alpha.cpu().double().tolist()
     extra = {"temperature": beta.item(), "heldout_loss_per_epoch": losses, "blocks": len(blocks),

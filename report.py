@@ -64,18 +64,22 @@ def method_key(name):
     return key[:-5] if key.endswith(" soup") else key
 
 
+def range_size(r):
+    """How many ingredients the run was given (its range, before --exclude-top); greedy's
+    "ingredients" are only the kept ones."""
+    return len(r.get("range_fingerprints") or r.get("ingredients") or [])
+
+
 def latest(lines, method, n=None, exclude=0):
-    """The latest line of `method` with `exclude` top ingredients removed and, when n is given, souping
-    exactly the first n ingredients of the range (else the line with the most ingredients)."""
+    """The latest line of `method` with `exclude` top ingredients removed, over a range of exactly n
+    ingredients when n is given, else over the largest range run."""
     want = method_key(method)
     hits = [r for r in lines if method_key(r.get("method")) == want and excluded(r) == exclude]
-    if n is not None:
-        hits = [r for r in hits if len(r.get("ingredients", [])) == n and not (r.get("args") or {}).get(
-            "exclude_top")]
     if not hits:
         return None
-    most = max(len(r.get("ingredients", [])) for r in hits)
-    return [r for r in hits if len(r.get("ingredients", [])) == most][-1]
+    n = max(range_size(r) for r in hits) if n is None else n
+    hits = [r for r in hits if range_size(r) == n]
+    return hits[-1] if hits else None
 
 
 # ------------------------------------------------------------------------------------- tables
@@ -151,7 +155,7 @@ def figure_ingredients(lines, path):
         pts = {}
         for r in lines:
             if method_key(r.get("method")) == method_key(method) and not excluded(r):
-                pts[len(r["ingredients"])] = r.get("test")
+                pts[range_size(r)] = r.get("test")
         pts = sorted((n, v) for n, v in pts.items() if v is not None)
         if pts:
             ax.plot(*zip(*pts), style, label=method)

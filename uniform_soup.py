@@ -49,7 +49,8 @@ def main(argv=None):
 
     soup = average((sd for _, _, sd in stream(paths, setup.reference, desc="averaging")), setup.reference)
     setup.model.load_state_dict(soup)
-    scores = evaluate_all(setup.model, setup.bundle, setup.device, args.batch_size, args.workers)
+    scores = evaluate_all(setup.model, setup.bundle, setup.device, args.batch_size, args.workers,
+                          shifts=not args.no_shifts)
 
     # The results line last: it marks the run as finished (a rerun after a kill redoes what is missing).
     save_soup(soup, out_path, args.method, paths, cli.record_args(args), overwrite=replace)

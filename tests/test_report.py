@@ -22,8 +22,9 @@ def test_report_table_ordering_values_and_missing(tmp_path):
         line("MEHL-Soup+", [0, 1, 2], 84.5, 85.0, {"noise": 66.0, "blur": None},
              alpha=[[0.5, 0.7, -0.2], [0.2, 0.3, 0.5]]),
         line("uniform", [0, 1, 2], 78.0, 77.0, {"noise": 61.0, "blur": None}),
-        line("greedy", [0, 1, 2], 83.0, 84.0, {"noise": 62.0, "blur": None}),
-        line("greedy", [0, 1], 82.0, 83.5, {"noise": 62.0, "blur": None}),
+        # greedy's "ingredients" are the kept ones: rows are told apart by the range they were given
+        line("greedy", [1, 2], 83.0, 84.0, {"noise": 62.0, "blur": None}, range_fingerprints=["a", "b", "c"]),
+        line("greedy", [0, 1], 82.0, 83.5, {"noise": 62.0, "blur": None}, range_fingerprints=["a", "b"]),
         line("greedy", [0, 1, 2], 79.5, 80.0, {"noise": 55.0, "blur": None}, exclude=1),
     ]
     db.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -42,6 +42,9 @@ def soup_parser(description, method):
     g.add_argument("--split-seed", type=int, default=0, help="seed of the drawn held-out split")
     g.add_argument("--test-size", type=int, default=None,
                    help="evaluate on this many test (and per-shift) images only (CPU runs); default: all")
+    g.add_argument("--no-shifts", action="store_true",
+                   help="evaluate the soup on held-out and test only, not on the shift sets (quicker "
+                   "sweeps; individual ingredients are always evaluated on every set)")
     g.add_argument("--exclude-top", type=int, default=0,
                    help="drop the k ingredients with the best held-out accuracy before souping")
     g = p.add_argument_group("running")

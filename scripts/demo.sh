@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The whole study on the embedded default, on a CPU, with no downloads: set up, build the default zoo
+# (if absent), evaluate every ingredient, run uniform, greedy, Learned-Soup(+) and MEHL-Soup(+), the
+# extra runs the figures need (souping the first n ingredients; removing the top-k), then the report.
+#
+# Hardware: a 2-core CPU, no GPU. Time: about 20 minutes from nothing (the zoo takes most of it),
+# under 8 minutes once the zoo exists. Reruns skip every soup already written (DEMO_FORCE=1 redoes them).
+# Expect: MEHL-Soup+ and greedy soup at or above the best ingredient on test, uniform soup a little
+# below it; the table is printed last and written with the figures to $DEMO_OUT/report/.
+#
+#   bash scripts/demo.sh
+#
+# Environment (all optional): DEMO_OUT (runs/demo), DEMO_ZOO (zoo/fashion_mnist), DEMO_N (12),
+# DEMO_ARCH (efficientnet-lite0), DEMO_DATA (data root; default the dataset's standard place),
+# DEMO_TEST_SIZE (1000: test images, and images per shift set), DEMO_K (4: MEHL's model batch), DEMO_FIRST_N ("4 8": the figure's extra runs),
+# DEMO_EXCLUDE ("2 4 7": the elimination table's top-k), DEMO_ZOO_FLAGS (extra flags of the zoo build),
+# DEMO_SOUP_FLAGS (extra flags of every soup script), DEMO_SKIP_SETUP=1 (use the current .venv as is).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${DEMO_OUT:-runs/demo}
+ZOO=${DEMO_ZOO:-zoo/fashion_mnist}
+N=${DEMO_N:-12}
+ARCH=${DEMO_ARCH:-efficientnet-lite0}
+TEST_SIZE=${DEMO_TEST_SIZE:-1000}
+K=${DEMO_K:-4}
+FIRST_N=${DEMO_FIRST_N:-4 8}
+EXCLUDE=${DEMO_EXCLUDE:-2 4 7}
+PY=${PYTHON:-.venv/bin/python}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
+start=$(date +%s)
+
+[ "${DEMO_SKIP_SETUP:-0}" = 1 ] || bash scripts/setup.sh
+data_flag=()
+[ -n "${DEMO_DATA:-}" ] && data_flag=(--data-location "$DEMO_DATA")
+
+echo "== 1/4 the zoo: $N ingredients in $ZOO"
+# shellcheck disable=SC2086
+PYTHON=$PY bash scripts/build_zoo.sh "$ZOO" --n "$N" --arch "$ARCH" "${data_flag[@]}" ${DEMO_ZOO_FLAGS:-}
+
+mkdir -p "$OUT"
+DB=$OUT/results.jsonl
+common=(--model-location "$ZOO" --params_start 0 --params_end "$N" --arch "$ARCH" --datasets FashionMNIST
+        "${data_flag[@]}" --test-size "$TEST_SIZE" --results-db "$DB")
+
+soup() {  # soup NAME SCRIPT FLAGS... : run one soup unless its file exists (DEMO_FORCE=1 redoes it)
+  local name=$1 script=$2
+  shift 2
+  if [ -f "$OUT/$name.pt" ] && [ "${DEMO_FORCE:-0}" != 1 ]; then
+    echo "-- $name: $OUT/$name.pt exists, skipped"
+    return
+  fi
+  echo "-- $name: $script $*"
+  # shellcheck disable=SC2086
+  "$PY" "$script" "${common[@]}" --save-soup "$OUT/$name.pt" --overwrite "$@" ${DEMO_SOUP_FLAGS:-}
+}
+
+echo "== 2/4 the soups (every ingredient is evaluated once, by the greedy soup, and cached in $DB)"
+soup greedy greedy_soup.py
+soup uniform uniform_soup.py
+soup learned learned_soup.py
+soup learned_plus learned_soup.py --layerwise
+soup mehl MEHL_soup_layer.py --model_batch "$K" --layer-size 1000000000 --cosine-lr --no-epoch-test
+soup mehl_plus MEHL_soup_layer.py --model_batch "$K" --layer-size 0 --cosine-lr
+
+echo "== 3/4 extra runs for the figure (first n ingredients) and the elimination table (top-k removed)"
+# These report test accuracy only: --no-shifts skips the shift sets, --no-epoch-test MEHL's per-epoch log.
+for n in $FIRST_N; do
+  soup "greedy_first$n" greedy_soup.py --params_end "$n" --no-shifts
+  soup "mehl_plus_first$n" MEHL_soup_layer.py --params_end "$n" --model_batch "$K" --layer-size 0 --cosine-lr \
+    --no-epoch-test --no-shifts
+done
+for k in $EXCLUDE; do
+  soup "greedy_top$k" greedy_soup.py --exclude-top "$k" --no-shifts
+  soup "mehl_plus_top$k" MEHL_soup_layer.py --exclude-top "$k" --model_batch "$K" --layer-size 0 --cosine-lr \
+    --no-epoch-test --no-shifts
+done
+
+echo "== 4/4 the report"
+"$PY" report.py --results-db "$DB" --out "$OUT/report"
+echo "demo done in $(( $(date +%s) - start )) s; report: $OUT/report/report.md"
