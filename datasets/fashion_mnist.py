@@ -28,15 +28,24 @@ CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "contrast", "rotation", "jpeg"
 
 
 class ImageTensors(Dataset):
-    """uint8 images (N, 1, H, W) and labels, with a per-sample transform."""
+    """uint8 images (N, 1, H, W) and labels, with a per-sample transform.
 
-    def __init__(self, images, labels, transform=None):
+    `cache=True` (deterministic eval transforms only) keeps the transformed images after the first
+    access: the held-out, test and shift sets are evaluated many times in one run (greedy soup tries
+    every candidate on held-out; MEHL logs test accuracy every epoch)."""
+
+    def __init__(self, images, labels, transform=None, cache=False):
         self.images, self.labels, self.transform = images, labels, transform
+        self.cached = None if cache and transform is not None else False
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, i):
+        if self.cached is None:
+            self.cached = torch.stack([self.transform(img) for img in self.images])
+        if self.cached is not False:
+            return self.cached[i], int(self.labels[i])
         img = self.images[i]
         return (self.transform(img) if self.transform else img), int(self.labels[i])
 
@@ -162,13 +171,14 @@ def build_fashion_mnist(root, preprocess, heldout_per_class=None, heldout_index=
     test_x, test_y = test_x[keep], test_y[keep]
     split.update(heldout_size=len(held), finetune_size=len(rest), test_size=len(keep), folder=str(folder))
 
-    shifts = [EvalSet(name, ImageTensors(corrupt(test_x, name, corruption_seed + k), test_y, preprocess))
+    shifts = [EvalSet(name, ImageTensors(corrupt(test_x, name, corruption_seed + k), test_y, preprocess,
+                                         cache=True))
               for k, name in enumerate(CORRUPTIONS)]
     return DataBundle(
         name="FashionMNIST", num_classes=10,
         finetune=ImageTensors(train_x[rest], train_y[rest], train_preprocess or preprocess),
-        heldout=ImageTensors(train_x[held], train_y[held], preprocess),
-        test=EvalSet("test", ImageTensors(test_x, test_y, preprocess)),
+        heldout=ImageTensors(train_x[held], train_y[held], preprocess, cache=True),
+        test=EvalSet("test", ImageTensors(test_x, test_y, preprocess, cache=True)),
         shifts=shifts, split=split)
 
 

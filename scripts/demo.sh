@@ -49,9 +49,11 @@ soup() {  # soup NAME SCRIPT FLAGS... : run one soup unless its file exists (DEM
     echo "-- $name: $OUT/$name.pt exists, skipped"
     return
   fi
+  local again=()
+  [ "${DEMO_FORCE:-0}" = 1 ] && again=(--overwrite)
   echo "-- $name: $script $*"
   # shellcheck disable=SC2086
-  "$PY" "$script" "${common[@]}" --save-soup "$OUT/$name.pt" --overwrite "$@" ${DEMO_SOUP_FLAGS:-}
+  "$PY" "$script" "${common[@]}" --save-soup "$OUT/$name.pt" "${again[@]}" "$@" ${DEMO_SOUP_FLAGS:-}
 }
 
 echo "== 2/4 the soups (every ingredient is evaluated once, by the greedy soup, and cached in $DB)"
@@ -59,20 +61,22 @@ soup greedy greedy_soup.py
 soup uniform uniform_soup.py
 soup learned learned_soup.py
 soup learned_plus learned_soup.py --layerwise
-soup mehl MEHL_soup_layer.py --model_batch "$K" --layer-size 1000000000 --cosine-lr --no-epoch-test
-soup mehl_plus MEHL_soup_layer.py --model_batch "$K" --layer-size 0 --cosine-lr
+# MEHL's per-epoch test log (never used to choose anything) is left out to keep the demo short;
+# --resume continues a run that was interrupted (and starts afresh when there is no state yet).
+soup mehl MEHL_soup_layer.py --model_batch "$K" --layer-size 1000000000 --cosine-lr --no-epoch-test --resume
+soup mehl_plus MEHL_soup_layer.py --model_batch "$K" --layer-size 0 --cosine-lr --no-epoch-test --resume
 
 echo "== 3/4 extra runs for the figure (first n ingredients) and the elimination table (top-k removed)"
 # These report test accuracy only: --no-shifts skips the shift sets, --no-epoch-test MEHL's per-epoch log.
 for n in $FIRST_N; do
   soup "greedy_first$n" greedy_soup.py --params_end "$n" --no-shifts
   soup "mehl_plus_first$n" MEHL_soup_layer.py --params_end "$n" --model_batch "$K" --layer-size 0 --cosine-lr \
-    --no-epoch-test --no-shifts
+    --no-epoch-test --no-shifts --resume
 done
 for k in $EXCLUDE; do
   soup "greedy_top$k" greedy_soup.py --exclude-top "$k" --no-shifts
   soup "mehl_plus_top$k" MEHL_soup_layer.py --exclude-top "$k" --model_batch "$K" --layer-size 0 --cosine-lr \
-    --no-epoch-test --no-shifts
+    --no-epoch-test --no-shifts --resume
 done
 
 echo "== 4/4 the report"

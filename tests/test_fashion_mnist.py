@@ -68,3 +68,13 @@ def test_missing_files_and_unknown_name(tmp_path):
         build(tmp_path)
     with pytest.raises(UserError, match="known: FashionMNIST"):
         build_dataset("FashionMNSIT", None, None)
+
+
+def test_eval_cache_gives_the_same_items(fmnist_root):
+    b = build(fmnist_root, heldout_per_class=5, test_size=30)
+    tf = b.test.dataset.transform
+    for i in (0, 7, 29):
+        x, y = b.test.dataset[i]
+        torch.testing.assert_close(x, tf(b.test.dataset.images[i]), rtol=0, atol=0)
+        assert y == int(b.test.dataset.labels[i])
+    assert b.finetune.cached is False  # training transforms may be random: never cached

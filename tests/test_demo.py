@@ -1,0 +1,46 @@
+"""The demo script end to end in its reduced size mode (3 tiny ingredients, tiny data), and a rerun
+that skips every finished step."""
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def run_demo(out, zoo, data):
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "DEMO_SKIP_SETUP": "1",
+           "DEMO_OUT": str(out), "DEMO_ZOO": str(zoo), "DEMO_DATA": str(data), "DEMO_N": "3",
+           "DEMO_ARCH": "tiny-cnn", "DEMO_TEST_SIZE": "100", "DEMO_K": "2", "DEMO_FIRST_N": "2",
+           "DEMO_EXCLUDE": "1",
+           "DEMO_ZOO_FLAGS": "--heldout-per-class 10 --finetune-size 200 --test-size 100 "
+                             "--epochs-min 1 --epochs-max 1",
+           "DEMO_SOUP_FLAGS": "--heldout-per-class 10 --batch-size 50"}
+    return subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_demo_reduced_size_end_to_end(tmp_path, fmnist_root):
+    out, zoo = tmp_path / "demo", tmp_path / "zoo"
+    proc = run_demo(out, zoo, fmnist_root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in zoo.glob("model_*.pt")) == ["model_0.pt", "model_1.pt", "model_2.pt"]
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    methods = [r["method"] for r in lines]
+    assert methods.count("individual") == 3  # every ingredient evaluated once, then cached
+    for m in ("greedy", "uniform", "Learned-Soup", "Learned-Soup+", "MEHL-Soup", "MEHL-Soup+"):
+        assert m in methods, m
+    report = (out / "report" / "report.md").read_text()
+    for row in ("best individual", "uniform soup", "greedy soup", "Learned-Soup+", "MEHL-Soup+",
+                "Removing the top-k"):
+        assert row in report, row
+    for png in ("ingredients.png", "scatter.png", "coefficients.png"):
+        assert (out / "report" / png).stat().st_size > 1000
+    # the table is printed last
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("demo done")
+    assert "| MEHL-Soup+ |" in proc.stdout
+
+    again = run_demo(out, zoo, fmnist_root)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "exists, skipped" in again.stdout
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(lines)
