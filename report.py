@@ -204,10 +204,11 @@ def coefficients_of(r):
         return None
     if r.get("alpha") is not None:
         return r["alpha"]
-    f = r.get("coefficients_file")
-    if f and Path(f).exists():
-        data = json.loads(Path(f).read_text())
-        return data.get("alpha")
+    soup = Path(r.get("soup_file") or "")
+    for f in (r.get("coefficients_file"), soup.with_name(soup.stem + ".alpha.json"),
+              soup.with_name(soup.stem + ".coefficients.json")):
+        if f and Path(f).is_file():
+            return json.loads(Path(f).read_text()).get("alpha")
     return None
 
 
@@ -220,12 +221,15 @@ def figure_coefficients(lines, path):
     alpha = np.asarray(alpha, dtype=float)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    lim = float(np.abs(alpha).max()) or 1.0
+    # A few blocks where the ingredients hardly differ get very large coefficients (unit directions
+    # over tiny differences): the colour scale stops at the 95th percentile so the rest stays visible.
+    lim = float(np.percentile(np.abs(alpha), 95)) or 1.0
     im = ax.imshow(alpha, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
     ax.set_xlabel("ingredient")
     ax.set_ylabel("block (parameter tensor)")
     ax.set_xticks(range(alpha.shape[1]), r.get("ingredients", list(range(alpha.shape[1]))), fontsize=6)
-    ax.set_title(f"MEHL-Soup+ coefficients ({(alpha < 0).mean() * 100:.0f}% negative)")
+    ax.set_title(f"MEHL-Soup+ coefficients ({(alpha < 0).mean() * 100:.0f}% negative; "
+                 f"colours clipped at ±{lim:.2g}, range {alpha.min():.3g}..{alpha.max():.3g})", fontsize=8)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
