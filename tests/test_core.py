@@ -125,3 +125,14 @@ def test_distributed_accuracy_is_exact_on_odd_sizes():
     mp.spawn(_eval_worker, args=(2, free_port(), out), nprocs=2, join=True)
     assert single == pytest.approx(100 * 4 / 7)
     assert out[0] == out[1] == pytest.approx(single)
+
+
+def test_learning_mode_turns_dropout_off_and_bn_by_rule():
+    from utils.batchnorm import set_mode
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
+    x = torch.randn(8, 4)
+    set_mode(model, frozen_stats=True)
+    assert not model[1].training and not model[2].training
+    torch.testing.assert_close(model(x), model(x))  # deterministic: no dropout masks
+    set_mode(model, frozen_stats=False)
+    assert model[1].training and not model[2].training

@@ -23,12 +23,16 @@ def buffer_keys(model):
 
 
 def set_mode(model, frozen_stats):
-    """Train mode for learning; BatchNorm layers in eval mode when their statistics are frozen."""
-    model.train()
-    if frozen_stats:
+    """The mode for learning soup coefficients: BatchNorm layers use batch statistics only when their
+    statistics differ across ingredients (frozen_stats=False); everything else is in eval mode, so
+    dropout and drop-connect are off. That keeps learning deterministic for a seed, equal on 1 and N
+    processes and across --resume (random masks would differ per rank and per restart); the paper's
+    CLIP towers have no dropout, so their learning is unchanged by it."""
+    model.eval()
+    if not frozen_stats:
         for m in model.modules():
             if isinstance(m, BN_TYPES):
-                m.eval()
+                m.train()
     return model
 
 
