@@ -377,19 +377,13 @@ def learn(ctx, state):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
-    earlier = cli.finished(args, ("MEHL-Soup", "MEHL-Soup+"))
+    # The method (hence the default soup path) is known once the blocks are counted: an explicit
+    # --save-soup is checked now, before the long work, the default one below.
+    earlier, setup = cli.begin(args, ("MEHL-Soup", "MEHL-Soup+"), check_output=args.save_soup is not None)
     if earlier is not None:
-        distributed.teardown()
         return earlier
-    if args.save_soup is not None:  # an existing output is refused before the long work
-        cli.soup_output(args)
-    setup = cli.prepare(args)
-    individual.check_exclude_top(args, setup)
+    paths = individual.souped_paths(args, setup)
     reset_peak(setup.device)
-    paths = setup.paths
-    if args.exclude_top:
-        ranking = individual.heldout_ranking(args, setup)
-        paths = individual.exclude_top(paths, ranking, args.exclude_top)
 
     layout = make_layout(paths, setup, args.layer_size)
     args.method = "MEHL-Soup" if layout.num_blocks == 1 else "MEHL-Soup+"

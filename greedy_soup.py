@@ -26,7 +26,6 @@ from utils import cli, distributed, individual, results
 from utils.errors import run_main
 from utils.evaluation import accuracy, evaluate_all
 from utils.ingredients import index_of, load_checked
-from utils.memory import reset_peak
 from utils.soup_io import save_soup
 
 log = logging.getLogger("greedy_soup")
@@ -68,14 +67,9 @@ def greedy(ranking, load, heldout_of):
 
 def main(argv=None):
     args = parse_args(argv)
-    earlier = cli.finished(args, (args.method,))
+    earlier, setup = cli.begin(args)
     if earlier is not None:
-        distributed.teardown()
         return earlier
-    out_path, replace = cli.soup_output(args)
-    setup = cli.prepare(args)
-    individual.check_exclude_top(args, setup)
-    reset_peak(setup.device)
 
     ranking = individual.heldout_ranking(args, setup)
     ranking = ranking[args.exclude_top:]
@@ -93,8 +87,8 @@ def main(argv=None):
     paths = {index_of(p): p for _, p, _ in ranking}
     kept_paths = [paths[i] for i in kept]
     # The results line last: it marks the run as finished (a rerun after a kill redoes what is missing).
-    save_soup(soup, out_path, args.method, kept_paths, cli.record_args(args),
-              extra={"order": [i for i, _, _ in ranking], "steps": steps}, overwrite=replace)
+    save_soup(soup, setup.out_path, args.method, kept_paths, cli.record_args(args),
+              extra={"order": [i for i, _, _ in ranking], "steps": steps}, overwrite=setup.replace)
     record = results.append(args.results_db, cli.result_record(
         args, setup, kept_paths, scores, order=[i for i, _, _ in ranking],
         heldout_steps=[s["heldout"] for s in steps], steps=steps,

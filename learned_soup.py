@@ -210,20 +210,13 @@ def learn(args, setup, stacked, blocks, frozen_stats, wandb):
 def main(argv=None):
     args = parse_args(argv)
     check_learning_args(args)
-    earlier = cli.finished(args, (args.method,))
+    earlier, setup = cli.begin(args)
     if earlier is not None:
-        distributed.teardown()
         return earlier
-    out_path, replace = cli.soup_output(args)
-    setup = cli.prepare(args)
-    individual.check_exclude_top(args, setup)
     need, have = check_memory(args, setup, len(setup.paths) - args.exclude_top)
-    paths = setup.paths
-    if args.exclude_top:
-        ranking = individual.heldout_ranking(args, setup)
-        paths = individual.exclude_top(paths, ranking, args.exclude_top)
+    paths = individual.souped_paths(args, setup)
     torch.manual_seed(args.seed)
-    reset_peak(setup.device)
+    reset_peak(setup.device)  # again: leave the individual evaluations of --exclude-top out of the peak
     model = setup.model
     for p in model.parameters():
         p.requires_grad_(False)
@@ -267,11 +260,11 @@ def main(argv=None):
     note = ("BatchNorm statistics were re-estimated on the held-out split: rebuild() gives the soup "
             "before re-estimation" if bn_differ else None)
     # The results line last: it marks the run as finished (a rerun after a kill redoes what is missing).
-    if out_path is not None and distributed.is_primary():
-        write_coefficients(coeff_path(out_path), paths, blocks, alpha_list, beta.item())
-    save_soup(soup, out_path, args.method, paths, cli.record_args(args), coefficients=coefficients,
+    if setup.out_path is not None and distributed.is_primary():
+        write_coefficients(coeff_path(setup.out_path), paths, blocks, alpha_list, beta.item())
+    save_soup(soup, setup.out_path, args.method, paths, cli.record_args(args), coefficients=coefficients,
               extra={"temperature": beta.item(), "bn_reestimated": bool(bn_differ), "note": note},
-              overwrite=replace)
+              overwrite=setup.replace)
     record = results.append(args.results_db, cli.result_record(args, setup, paths, scores, **extra))
     wandb.log({"heldout": scores["heldout"], "test": scores["test"]})
     wandb.finish()

@@ -21,7 +21,6 @@ from utils import cli, distributed, individual, results
 from utils.errors import run_main
 from utils.evaluation import evaluate_all
 from utils.ingredients import average, stream
-from utils.memory import reset_peak
 from utils.soup_io import save_soup
 
 log = logging.getLogger("uniform_soup")
@@ -34,18 +33,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    earlier = cli.finished(args, (args.method,))
+    earlier, setup = cli.begin(args)
     if earlier is not None:
-        distributed.teardown()
         return earlier
-    out_path, replace = cli.soup_output(args)
-    setup = cli.prepare(args)
-    individual.check_exclude_top(args, setup)
-    reset_peak(setup.device)
-    paths = setup.paths
-    if args.exclude_top:
-        ranking = individual.heldout_ranking(args, setup)
-        paths = individual.exclude_top(paths, ranking, args.exclude_top)
+    paths = individual.souped_paths(args, setup)
 
     soup = average((sd for _, _, sd in stream(paths, setup.reference, desc="averaging")), setup.reference)
     setup.model.load_state_dict(soup)
@@ -53,7 +44,7 @@ def main(argv=None):
                           shifts=not args.no_shifts)
 
     # The results line last: it marks the run as finished (a rerun after a kill redoes what is missing).
-    save_soup(soup, out_path, args.method, paths, cli.record_args(args), overwrite=replace)
+    save_soup(soup, setup.out_path, args.method, paths, cli.record_args(args), overwrite=setup.replace)
     record = results.append(args.results_db, cli.result_record(args, setup, paths, scores))
     if distributed.is_primary():
         log.info("uniform soup of %d: held-out %.2f, test %.2f, shift mean %s", len(paths),

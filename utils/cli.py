@@ -222,6 +222,8 @@ class Setup:
     reference: dict           # the architecture's state dict (names, shapes, dtypes)
     paths: list               # ingredient paths of the range
     started: float
+    out_path: object = None   # where the soup goes (None: not saved)
+    replace: bool = False     # whether an existing file there may be replaced
 
 
 def prepare(args, check_ingredients=True):
@@ -277,3 +279,21 @@ def result_record(args, setup, paths, scores, **extra):
         **extra,
         "args": record_args(args),
     }
+
+
+def begin(args, methods=None, check_output=True):
+    """The start every soup script shares. Returns (earlier, setup): `earlier` is the results line of
+    this same command when it already finished (nothing else is done then), else None and `setup`
+    after every check that can fail: the soup's output (when `check_output`), data, model, the
+    ingredients, --exclude-top."""
+    from utils import individual, memory
+    earlier = finished(args, methods or (args.method,))
+    if earlier is not None:
+        distributed.teardown()
+        return earlier, None
+    out_path, replace = soup_output(args) if check_output else (None, False)
+    setup = prepare(args)
+    setup.out_path, setup.replace = out_path, replace
+    individual.check_exclude_top(args, setup)
+    memory.reset_peak(setup.device)
+    return None, setup

@@ -98,3 +98,10 @@ def check_exclude_top(args, setup):
     if args.exclude_top >= len(setup.paths):
         raise UserError(f"--exclude-top {args.exclude_top} leaves no ingredient: the range holds "
                         f"{len(setup.paths)}")
+
+
+def souped_paths(args, setup):
+    """The ingredients a soup is made of: the range less the --exclude-top best by held-out."""
+    if not args.exclude_top:
+        return list(setup.paths)
+    return exclude_top(setup.paths, heldout_ranking(args, setup), args.exclude_top)
