@@ -1,9 +1,14 @@
 """What every dataset builder returns, and the held-out split helpers shared by the families."""
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 from torch.utils.data import Dataset
+
+from utils.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,4 +43,24 @@ def per_class_split(labels, per_class, seed):
         idx = np.flatnonzero(labels == c)
         take = min(per_class, len(idx))
         mask[rng.choice(idx, size=take, replace=False)] = True
+    return mask
+
+
+def read_heldout_index(path, n, order=None):
+    """The user's 0/1 index file as a boolean mask of length n (1 = held-out). `order` says which
+    order of the train set the file indexes (for the message)."""
+    try:
+        mask = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--heldout-index {path}: not a readable numpy file ({err})") from err
+    if mask.ndim != 1 or len(mask) != n:
+        over = f" ({order})" if order else ""
+        raise UserError(f"--heldout-index {path}: expected a 0/1 array of length {n}{over}, got shape "
+                        f"{mask.shape}")
+    if not np.isin(mask, (0, 1)).all():
+        raise UserError(f"--heldout-index {path}: expected only 0 and 1 (1 = held-out)")
+    mask = mask.astype(bool)
+    if mask.mean() > 0.5:
+        log.warning("--heldout-index %s marks %.0f%% of train as held-out: 1 must mean held-out "
+                    "(is this the fine-tune index?)", path, 100 * mask.mean())
     return mask

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from datasets.base import DataBundle, EvalSet, per_class_split
+from datasets.base import DataBundle, EvalSet, per_class_split, read_heldout_index
 from utils.errors import UserError
 
 LAYOUT = {
@@ -96,9 +96,8 @@ def _build(name, root, preprocess, heldout_per_class, heldout_index, seed, test_
     if heldout_index is not None and heldout_per_class is not None:
         raise UserError("give either --heldout-index or a held-out count per class, not both")
     if heldout_index is not None:
-        from datasets.imagenet import read_heldout_index
         from utils.state_dicts import sha256
-        mask = read_heldout_index(heldout_index, len(train_y), folder)
+        mask = read_heldout_index(heldout_index, len(train_y), f"the train batches of {folder}")
         split = {"heldout": "index file", "path": str(heldout_index), "sha256": sha256(heldout_index)}
     else:
         per_class = heldout_per_class or max(1, round(HELDOUT_FRACTION * len(train_y) / num_classes))

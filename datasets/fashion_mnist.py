@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
-from datasets.base import DataBundle, EvalSet, per_class_split
+from datasets.base import DataBundle, EvalSet, per_class_split, read_heldout_index
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def build_fashion_mnist(root, preprocess, heldout_per_class=None, heldout_index=
     test_y = arr["test_labels"].astype(np.int64)
 
     if heldout_index is not None:
-        mask = _read_index(heldout_index, len(train_y))
+        mask = read_heldout_index(heldout_index, len(train_y))
         split = {"heldout": "index file", "path": str(heldout_index)}
     else:
         per_class = heldout_per_class or DEFAULT_HELDOUT_PER_CLASS
@@ -180,14 +180,3 @@ def build_fashion_mnist(root, preprocess, heldout_per_class=None, heldout_index=
         heldout=ImageTensors(train_x[held], train_y[held], preprocess, cache=True),
         test=EvalSet("test", ImageTensors(test_x, test_y, preprocess, cache=True)),
         shifts=shifts, split=split)
-
-
-def _read_index(path, n):
-    try:
-        mask = np.load(path)
-    except (OSError, ValueError) as err:
-        raise UserError(f"--heldout-index {path}: not a readable numpy file ({err})") from err
-    if mask.shape != (n,):
-        raise UserError(f"--heldout-index {path}: expected a 0/1 array of length {n}, got shape "
-                        f"{mask.shape}")
-    return mask.astype(bool)

@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from datasets.base import DataBundle, EvalSet, per_class_split
+from datasets.base import DataBundle, EvalSet, per_class_split, read_heldout_index
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -123,24 +123,6 @@ def _subsample(n, size, seed):
 
 def _subset(paths, labels, keep):
     return [paths[i] for i in keep], labels[keep]
-
-
-def read_heldout_index(path, n, train_dir):
-    """The user's 0/1 index file as a boolean mask of length n (1 = held-out)."""
-    try:
-        mask = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise UserError(f"--heldout-index {path}: not a readable numpy file ({err})") from err
-    if mask.ndim != 1 or len(mask) != n:
-        raise UserError(f"--heldout-index {path}: expected a 0/1 array of length {n} (the sorted "
-                        f"ImageFolder of {train_dir}), got shape {mask.shape}")
-    if not np.isin(mask, (0, 1)).all():
-        raise UserError(f"--heldout-index {path}: expected only 0 and 1 (1 = held-out)")
-    mask = mask.astype(bool)
-    if mask.mean() > 0.5:
-        log.warning("--heldout-index %s marks %.0f%% of train as held-out: 1 must mean held-out "
-                    "(is this the fine-tune index?)", path, 100 * mask.mean())
-    return mask
 
 
 def _missing(name, reason):
@@ -285,7 +267,8 @@ def build_imagenet(root, preprocess, heldout_per_class=None, heldout_index=None,
 
     if heldout_index is not None:
         from utils.state_dicts import sha256
-        mask = read_heldout_index(heldout_index, len(train_paths), base / "train")
+        mask = read_heldout_index(heldout_index, len(train_paths),
+                                  f"the sorted ImageFolder of {base / 'train'}")
         split = {"heldout": "index file", "path": str(heldout_index), "sha256": sha256(heldout_index)}
     else:
         per_class = heldout_per_class or DEFAULT_HELDOUT_PER_CLASS
