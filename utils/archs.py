@@ -32,7 +32,8 @@ def to_rgb(img):
 
 def image_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation=v2.InterpolationMode.BILINEAR,
                     crop=True):
-    steps = [v2.ToImage(), v2.Lambda(to_rgb), v2.RGB(), v2.Resize(size, interpolation=interpolation, antialias=True)]
+    steps = [v2.ToImage(), v2.Lambda(to_rgb), v2.RGB(),
+             v2.Resize(size, interpolation=interpolation, antialias=True)]
     if crop:
         steps.append(v2.CenterCrop(size))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
