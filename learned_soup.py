@@ -112,41 +112,38 @@ def check_memory(args, setup, n):
 
 # ------------------------------------------------------------------------------------- ingredients
 def load_resident(paths, setup):
-    """Stack every parameter over the ingredients: {name: (N, *shape)} on the device. The model gets
-    the first ingredient (integer tensors and kept parameters come from it); float buffers that differ
-    between ingredients are set to their mean. Returns (stacked, differing buffer names)."""
+    """Stack the parameters that differ across the ingredients: {name: (N, *shape)} on the device,
+    in `named_parameters()` order. A parameter is stacked only once an ingredient differs from the
+    first, so parameters identical in all (CLIP's text leftovers) never take N copies. The model gets
+    the first ingredient (integer tensors and identical parameters come from it); float buffers that
+    differ between ingredients are set to their mean. Returns (stacked, identical parameter names,
+    differing buffer names)."""
     model, device = setup.model, setup.device
     names = param_names(model)
     buffers = [k for k, v in setup.reference.items() if v.is_floating_point() and k not in names]
-    stacked = {k: torch.empty((len(paths), *setup.reference[k].shape), dtype=setup.reference[k].dtype,
-                              device=device) for k in names}
-    first, buf_sum, differ = None, {}, set()
+    state = model.state_dict()
+    stacked, buf_sum, differ = {}, {}, set()
     for i, _, sd in stream(paths, setup.reference, desc="loading ingredients"):
-        for k in names:
-            stacked[k][i].copy_(sd[k])
-        if first is None:
-            first = sd
+        if i == 0:
             model.load_state_dict(sd)
             buf_sum = {k: sd[k].to(torch.float64) for k in buffers}
             continue
+        for k in names:
+            if k in stacked:
+                stacked[k][i].copy_(sd[k])
+            elif not torch.equal(sd[k].to(device), state[k]):
+                stacked[k] = torch.empty((len(paths), *state[k].shape), dtype=state[k].dtype, device=device)
+                stacked[k][:i] = state[k]
+                stacked[k][i].copy_(sd[k])
         for k in buffers:
             buf_sum[k] += sd[k].to(torch.float64)
-            if not torch.equal(sd[k], first[k]):
+            if not torch.equal(sd[k].to(device), state[k]):
                 differ.add(k)
         del sd
-    differ = [k for k in buffers if k in differ]
-    state = model.state_dict()
     for k in differ:
         state[k].copy_((buf_sum[k] / len(paths)).to(state[k].dtype))
-    return stacked, differ
-
-
-def drop_identical(stacked):
-    """Remove (in place) the parameters equal in every ingredient: they stay as the model holds them."""
-    same = [k for k, t in stacked.items() if all(torch.equal(t[i], t[0]) for i in range(1, len(t)))]
-    for k in same:
-        del stacked[k]
-    return same
+    identical = [k for k in names if k not in stacked]
+    return {k: stacked[k] for k in names if k in stacked}, identical, [k for k in buffers if k in differ]
 
 
 def bn_buffers(model, names):
@@ -221,8 +218,7 @@ def main(argv=None):
     for p in model.parameters():
         p.requires_grad_(False)
 
-    stacked, differ = load_resident(paths, setup)
-    kept = drop_identical(stacked)
+    stacked, kept, differ = load_resident(paths, setup)
     if not stacked:
         raise UserError("every parameter is identical in all ingredients: there is nothing to learn")
     names = list(stacked)
