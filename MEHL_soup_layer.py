@@ -1,20 +1,26 @@
-"""MEHL-Soup and MEHL-Soup+ (SPEC 7): soup coefficients learned on the held-out split, on the
-hyperplane (affine hull) of the ingredients, K ingredients at a time.
+"""MEHL-Soup and MEHL-Soup+: soup coefficients learned on the held-out split, on the hyperplane (affine
+hull) of the ingredients, K ingredients at a time.
 
 For each models-epoch the ingredients are shuffled (seed --randomseed) and cut into groups of at most
 K = --model_batch. The first group's center is its mean; every later group starts from the current
 soup. Per block b (--layer-size) each ingredient i of the group gives a unit direction
 P[i, b] = (theta_i,b - center_b) / ||theta_i,b - center_b||, and coefficients X (zeros, fresh per group)
 are learned with soup_b = center_b + sum_i X[i, b] P[i, b]: one model is in the autograd graph, its
-gradient g is projected, dX[i, b] = <P[i, b], g_b>. The implied coefficients over all ingredients
-(alpha, blocks x ingredients, rows summing to 1, negative values allowed) are tracked exactly and saved.
---layer-size 0 (default) gives one block per parameter tensor: MEHL-Soup+; a layer size at least the
-model's size gives one block: MEHL-Soup. The method name in the results follows the block count.
+gradient g is projected, dX[i, b] = <P[i, b], g_b> (the step: `utils/mehl.py`; the math:
+`utils/hyperplane.py`). The implied coefficients over all ingredients (alpha, blocks x ingredients, rows
+summing to 1, negative values allowed) are tracked exactly and saved. --layer-size 0 (default) gives one
+block per parameter tensor: MEHL-Soup+; a layer size at least the model's size gives one block:
+MEHL-Soup. The method name in the results follows the block count.
 
-Parameters identical in every ingredient are kept as they are and left out of the problem. BatchNorm
-statistics identical in every ingredient are kept and those layers run in eval mode while learning;
-when they differ, learning uses batch statistics and the final soup's statistics are re-estimated on
-the held-out split (SPEC 3).
+Parameters identical in every ingredient (CLIP's text leftovers) are kept as they are and left out of
+the problem. BatchNorm statistics identical in every ingredient are kept and those layers run in eval
+mode while learning; when they differ, learning uses batch statistics and the final soup's statistics
+are re-estimated on the held-out split (README, "Rules that decide what a soup is").
+
+Memory: the model's parameters are the soup and their gradients one flat vector, so a step holds K + 1
+ingredients' learned parameters more than a plain forward/backward (the K rows and the group's center),
+plus the checkpoint being read while a row loads (`utils/mehl.py` lists every tensor).
+--directions-dtype bfloat16 stores the rows in half the memory.
 
     python MEHL_soup_layer.py --model-location zoo/fashion_mnist --arch efficientnet-lite0 \\
         --model_batch 4 --epochs 5 --cosine-lr
@@ -25,8 +31,6 @@ Expect (as in the paper) a soup whose held-out accuracy is above the uniform sou
 the best ingredient's, with a test accuracy near or above the greedy soup's; the test accuracy after
 each inner epoch is logged (never used to choose anything). The results line holds the alpha summary
 (negative coefficients, largest, effective number of ingredients); `<soup>.alpha.json` holds alpha.
-On the default zoo (README, "Results on the embedded default") MEHL-Soup+ with K=4 reaches the best
-ingredient's held-out accuracy and is about level with greedy soup on test over three seeds.
 Under torchrun every rank holds only its contiguous share of each group (memory ~ K / world
 ingredients + one model per process), each global data batch is split over the ranks, and the same
 seed gives the same soup as one process (up to float rounding).
@@ -48,14 +52,14 @@ import torch
 from tqdm import tqdm
 
 from utils import cli, distributed, hyperplane, individual, mehl, results, sampling
-from utils.batchnorm import has_batchnorm, reestimate, set_mode
+from utils.batchnorm import batchnorm_statistics, has_batchnorm, reestimate, set_mode
 from utils.errors import UserError, run_main
 from utils.evaluation import accuracy, evaluate_all
 from utils.ingredients import index_of
-from utils.layout import Layout, make_layout
+from utils.layout import Layout, make_layout, state_buffers
 from utils.memory import reset_peak
 from utils.schedules import constant, cosine_with_warmup
-from utils.soup_io import save_soup
+from utils.soup_io import buffer_coefficients, save_soup
 from utils.state_dicts import atomic_write
 
 log = logging.getLogger("MEHL_soup")
@@ -310,7 +314,7 @@ def finish(run, progress, out_path, replace):
     soup with its recipe, and the results line (last: it marks the run as finished; a kill before it
     leaves the state file, from which --resume redoes only this)."""
     args, setup, layout = run.args, run.setup, run.layout
-    reestimated = bool(layout.differing_buffers) and has_batchnorm(setup.model)
+    reestimated = not layout.frozen_stats
     if reestimated:
         reestimate(setup.model, setup.bundle.heldout, setup.device, args.batch_size, args.workers)
     scores = evaluate_all(setup.model, setup.bundle, setup.device, args.batch_size, args.workers,
@@ -320,8 +324,10 @@ def finish(run, progress, out_path, replace):
     frozen_numbers = sum(setup.reference[n].numel() for n in layout.frozen)
     rows_per_rank = sampling.shard_range(min(args.model_batch, len(run.paths)), index=0)[1]
     itemsize = run.soup.theta.element_size()
+    soup_sd = {k: v.detach().cpu().clone() for k, v in setup.model.state_dict().items()}
+    statistics = batchnorm_statistics(setup.model, state_buffers(setup.model, floating=False)) if reestimated else []
     coefficients = {"names": layout.names, "blocks": layout.blocks, "alpha": alpha, "frozen": layout.frozen,
-                    ("reestimated_buffers" if reestimated else "averaged_buffers"): layout.differing_buffers}
+                    **buffer_coefficients(soup_sd, layout.differing_buffers, statistics)}
     extra = {"blocks": layout.num_blocks, "model_batch": args.model_batch, "groups": progress.groups,
              "alpha_summary": summary, "frozen_parameters": layout.frozen,
              "frozen_numbers": frozen_numbers,
@@ -330,7 +336,6 @@ def finish(run, progress, out_path, replace):
                            "identical statistics, eval mode" if has_batchnorm(setup.model) else "none"),
              "state_file": str(run.state_path),
              "learning_seconds_all_sessions": round(progress.seconds, 2)}
-    soup_sd = {k: v.detach().cpu().clone() for k, v in setup.model.state_dict().items()}
     if out_path is not None and distributed.is_primary():
         text = json.dumps({"ingredients": [str(p) for p in run.paths], "blocks": layout.blocks,
                            "alpha": alpha, "summary": summary}, indent=1)
@@ -385,10 +390,11 @@ def main(argv=None):
 
     layout, base = make_layout(paths, setup.model, setup.reference, args.layer_size)
     args.method = "MEHL-Soup" if layout.num_blocks == 1 else "MEHL-Soup+"
-    out_path, replace = cli.soup_output(args)
     config = config_of(args, paths)
-    state_path = state_file(args, out_path)
+    state_path = state_file(args, cli.soup_target(args))
     state = load_state(state_path, args, config)
+    # --resume replaces an existing soup only when its own state is continued.
+    out_path, replace = cli.soup_output(args, resumed=state is not None)
     soup = start_model(setup.model, layout, base)
     del base  # the model holds it now: a second full copy would cost memory all run long
     if state is not None:

@@ -4,8 +4,7 @@ import torch
 from torch.testing import assert_close
 
 from utils import hyperplane, sampling
-from utils.layout import block_bounds
-from utils.state_dicts import block_ids, make_blocks
+from utils.layout import block_bounds, block_ids, make_blocks
 
 
 

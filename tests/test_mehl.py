@@ -13,8 +13,8 @@ from utils import hyperplane, mehl as mehl_step, sampling, soup_io
 from utils.archs import get_arch
 from utils.batchnorm import reestimate, set_mode
 from utils.errors import UserError
-from utils.layout import block_bounds
-from utils.state_dicts import block_ids, flatten, make_blocks, param_names
+from utils.layout import block_bounds, block_ids, make_blocks
+from utils.state_dicts import flatten, param_names
 
 N_TENSORS = 10   # tiny-cnn: 2 conv + 2 BatchNorm + 1 linear, weight and bias each
 

@@ -116,11 +116,12 @@ def soup_path(args):
     return soup_output(args)[0]
 
 
-def soup_output(args):
+def soup_output(args, resumed=None):
     """(path, replace): the soup's output path (None when 'none') and whether an existing file there
-    may be replaced. An existing file is refused before work starts unless --overwrite, --resume (whose
-    own state decides) or it is the leftover of an interrupted run of this same command: its recipe
-    records the same arguments and no results line does (a finished run was returned by `finished`)."""
+    may be replaced. An existing file is refused before work starts unless --overwrite, a resumed run
+    (`resumed`: its own state produced the soup; None: not known yet, --resume may still find a state)
+    or it is the leftover of an interrupted run of this same command: its recipe records the same
+    arguments and no results line does (a finished run was returned by `finished`)."""
     path = soup_target(args)
     if path is None:
         return None, False
@@ -130,7 +131,7 @@ def soup_output(args):
         raise UserError(f"--save-soup {path}: {path.parent} is a file, not a folder")
     if not path.exists():
         return path, False
-    if args.overwrite or getattr(args, "resume", False):
+    if args.overwrite or (getattr(args, "resume", False) if resumed is None else resumed):
         return path, True
     if _same_run_recipe(args, path):
         log.warning("%s was left by an interrupted run of this same command (its recipe records the "

@@ -37,9 +37,17 @@ def save_soup(sd, path, method, paths, args, coefficients=None, extra=None, over
     return path
 
 
+def buffer_coefficients(soup, averaged, reestimated):
+    """How a recipe restores the float buffers of a learned soup: `averaged` (names) are the mean over
+    the ingredients; `reestimated` (names) were recomputed on data, so their values are recorded."""
+    return {"averaged_buffers": [k for k in averaged if k not in reestimated],
+            "reestimated_buffers": {k: soup[k].tolist() for k in reestimated}}
+
+
 def rebuild(recipe_file, check_hashes=True):
     """Rebuild a soup from its recipe: uniform / greedy means, or sum_i alpha[b, i] theta_i per block.
-    Parameters outside the blocks and integer tensors come from the soup's first ingredient."""
+    Parameters outside the blocks and integer tensors come from the soup's first ingredient; float
+    buffers are averaged or set to their recorded re-estimated values, as the recipe says."""
     recipe = json.loads(Path(recipe_file).read_text())
     items = recipe["ingredients"]
     sds = []
@@ -63,4 +71,10 @@ def rebuild(recipe_file, check_hashes=True):
             out[name] = mix.to(first[name].dtype)
     for name in coeff.get("averaged_buffers", []):
         out[name] = torch.stack([sd[name].to(torch.float64) for sd in sds]).mean(0).to(first[name].dtype)
+    reestimated = coeff.get("reestimated_buffers", {})
+    if not isinstance(reestimated, dict):
+        raise ValueError(f"{recipe_file}: the re-estimated BatchNorm statistics of this soup were not "
+                         "recorded (an older recipe): its buffers cannot be rebuilt; take them from the soup")
+    for name, values in reestimated.items():
+        out[name] = torch.tensor(values, dtype=first[name].dtype).reshape(first[name].shape)
     return out
