@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils import cli, distributed, hyperplane, individual, results, sampling
+from utils import cli, distributed, hyperplane, individual, mehl_state, results, sampling
 from utils.batchnorm import buffer_keys, has_batchnorm, reestimate, set_mode
 from utils.errors import UserError, run_main
 from utils.evaluation import accuracy, evaluate_all
@@ -209,13 +209,9 @@ def load_state(path, args, config):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UserError(f"--resume {path}: not a readable MEHL state file: {err}") from err
-    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        raise UserError(f"--resume {path}: not a MEHL state file of this version")
-    diffs = [f"{flag_of(k)} {state['config'].get(k)!r} in the state, {v!r} now"
-             for k, v in config.items() if state["config"].get(k) != v]
-    if diffs:
-        raise UserError(f"--resume {path} was made with another configuration: " + "; ".join(diffs))
+        raise UserError(f"--resume {path}: not a readable MEHL state file: "
+                        f"{str(err).strip().splitlines()[0] if str(err).strip() else err!r}") from err
+    mehl_state.check_header(state, path, config, flag_of)
     return state
 
 
@@ -303,6 +299,7 @@ def learn_group(ctx, group, soup, alpha):
             set_lr(optimizer, schedule(step))
             optimizer.step()
             soup = center + distributed.all_reduce_sum(hyperplane.combine(X.detach(), P, layout.ids))
+            mehl_state.check_finite(soup, ctx["groups_done"] + 1, step + 1, args.lr)
             epoch_loss += loss * n_global
             step += 1
             bar.update()
@@ -392,8 +389,15 @@ def main(argv=None):
     args.method = "MEHL-Soup" if layout.num_blocks == 1 else "MEHL-Soup+"
     out_path, replace = cli.soup_output(args)
     config = config_of(args, paths)
+    config[mehl_state.FILES_KEY] = mehl_state.fingerprints(paths)
     path = state_file(args, out_path)
+    cli.lock_output(out_path, path)
     state = load_state(path, args, config)
+    if state is not None:
+        mehl_state.check_contents(state, path, n=len(paths), numel=layout.ids.numel(),
+                                  blocks=layout.num_blocks, model_batch=args.model_batch,
+                                  models_epochs=args.models_epochs,
+                                  dtype=setup.reference[layout.names[0]].dtype)
     setup.model.load_state_dict(layout.base)
     layout.base = None  # the model holds it now; a second full copy would cost memory all run long
     learned = set(layout.names)
