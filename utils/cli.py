@@ -321,13 +321,12 @@ def begin(args, methods=None, check_output=True):
     after every check that can fail: the soup's output (when `check_output`: also locked for the
     run), data, model, the ingredients, --exclude-top."""
     from utils import individual, memory
-    if check_output:
-        lock_output(soup_target(args))
     earlier = finished(args, methods or (args.method,))
     if earlier is not None:
         distributed.teardown()
         return earlier, None
     out_path, replace = soup_output(args) if check_output else (None, False)
+    lock_output(out_path)  # before any write; a run holding it is refused here
     setup = prepare(args)
     setup.out_path, setup.replace = out_path, replace
     individual.check_exclude_top(args, setup)

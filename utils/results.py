@@ -25,8 +25,8 @@ def check_regular(path, flag="--results-db"):
     path = Path(path)
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return
+    except (FileNotFoundError, NotADirectoryError):
+        return  # nothing there yet: whether it can be written is checked where it is written
     except OSError as err:
         raise UserError(f"{flag} {path}: cannot be read ({err.strerror or err})") from err
     if not stat.S_ISREG(mode):
