@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from utils import cli, distributed, hyperplane, individual, mehl, results, sampling
+from utils import cli, distributed, hyperplane, individual, mehl, mehl_state, results, sampling
 from utils.batchnorm import batchnorm_statistics, has_batchnorm, reestimate, set_mode
 from utils.errors import UserError, run_main
 from utils.evaluation import accuracy, evaluate_all
@@ -165,13 +165,9 @@ def load_state(path, args, config):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UserError(f"--resume {path}: not a readable MEHL state file: {err}") from err
-    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        raise UserError(f"--resume {path}: not a MEHL state file of this version")
-    diffs = [f"{flag_of(k)} {state['config'].get(k)!r} in the state, {v!r} now"
-             for k, v in config.items() if state["config"].get(k) != v]
-    if diffs:
-        raise UserError(f"--resume {path} was made with another configuration: " + "; ".join(diffs))
+        raise UserError(f"--resume {path}: not a readable MEHL state file: "
+                        f"{str(err).strip().splitlines()[0] if str(err).strip() else err!r}") from err
+    mehl_state.check_header(state, path, config, flag_of)
     return state
 
 
@@ -258,6 +254,7 @@ def learn_group(run, group, progress):
                                                      progress.data_rng, args.workers):
             loss = mehl.step(setup.model, run.soup, state, layout.bounds, batch, n_global,
                              args.labelsmooth, clip=setup.spec.is_vit)
+            mehl_state.check_finite(run.soup.theta, label, state.step, args.lr)
             epoch_loss += loss * n_global
             bar.update()
             bar.set_postfix(loss=f"{loss:.4f}")
@@ -391,8 +388,15 @@ def main(argv=None):
     layout, base = make_layout(paths, setup.model, setup.reference, args.layer_size)
     args.method = "MEHL-Soup" if layout.num_blocks == 1 else "MEHL-Soup+"
     config = config_of(args, paths)
+    config[mehl_state.FILES_KEY] = mehl_state.fingerprints(paths)
     state_path = state_file(args, cli.soup_target(args))
+    cli.lock_output(cli.soup_target(args), state_path)
     state = load_state(state_path, args, config)
+    if state is not None:
+        mehl_state.check_contents(state, state_path, n=len(paths), numel=layout.numel,
+                                  blocks=layout.num_blocks, model_batch=args.model_batch,
+                                  models_epochs=args.models_epochs,
+                                  dtype=setup.reference[layout.names[0]].dtype)
     # --resume replaces an existing soup only when its own state is continued.
     out_path, replace = cli.soup_output(args, resumed=state is not None)
     soup = start_model(setup.model, layout, base)

@@ -139,7 +139,7 @@ def load_resident(paths, setup):
 # ---------------------------------------------------------------------------------------- learning
 def global_batches(n, batch_size, seed, epoch):
     """The shuffled global batches of one epoch, the same on every rank, and this rank's slice of each."""
-    gen = torch.Generator().manual_seed(seed * 100003 + epoch)
+    gen = torch.Generator().manual_seed((seed * 100003 + epoch) % 2**64)  # any seed in [0, 2**64)
     order = torch.randperm(n, generator=gen).tolist()
     for s in range(0, n, batch_size):
         batch = order[s:s + batch_size]
@@ -177,6 +177,9 @@ def learn(args, setup, stacked, blocks, frozen_stats, wandb):
             loss.backward()
             sum_grads([raw, beta])
             opt.step()
+            if not (torch.isfinite(raw).all() and torch.isfinite(beta)):
+                raise UserError(f"the coefficients became non-finite (NaN or Inf) in epoch {epoch + 1}, "
+                                f"step {step + 1}: try a smaller --lr (now {args.lr:g}); nothing was written")
             total += torch.tensor([loss.item() * size, len(local)], dtype=torch.float64, device=device)
             step += 1
         distributed.all_reduce_sum(total)
