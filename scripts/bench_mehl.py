@@ -17,8 +17,9 @@ shares (model, data, the ingredient checks), from which the peak above plain is 
         --ks 1,8 --batch-size 8 --steps 3 --threads 2
 
 Prints one line per K: peak memory, peak above the plain run (GiB and in ingredients, one ingredient
-being the learned parameters in float32), the median seconds of a MEHL step and of a plain step, and
-their ratio; writes the numbers as JSON to --out.
+being the learned parameters in float32), the median seconds of a MEHL step and of a plain step, their
+ratio, and the same ratio in CPU seconds of the process (steadier on a shared machine); writes the
+numbers as JSON to --out.
 """
 import argparse
 import json
@@ -107,19 +108,21 @@ def worker(args):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def timed(*fns):
-        """Median seconds of each function over --steps rounds, the functions alternating within a round
-        (after one warm-up round), so that a busy machine slows them alike."""
+        """Median wall-clock and CPU seconds (this process, all its threads) of each function over
+        --steps rounds, the functions alternating within a round (after one warm-up round), so that a
+        busy machine slows them alike; CPU seconds do not count time spent waiting for a core."""
         for fn in fns:
             fn()
-        times = [[] for _ in fns]
+        wall, cpu = [[] for _ in fns], [[] for _ in fns]
         for _ in range(args.steps):
-            for fn, out in zip(fns, times):
+            for j, fn in enumerate(fns):
                 sync()
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 fn()
                 sync()
-                out.append(time.perf_counter() - start)
-        return [statistics.median(t) for t in times]
+                wall[j].append(time.perf_counter() - start)
+                cpu[j].append(time.process_time() - start_cpu)
+        return [(statistics.median(w), statistics.median(c)) for w, c in zip(wall, cpu)]
 
     if k == 0:
         model.load_state_dict(base)
@@ -132,8 +135,8 @@ def worker(args):
         def plain():
             model.zero_grad(set_to_none=True)
             torch.nn.functional.cross_entropy(model(batch[0].to(device)), batch[1].to(device)).backward()
-        seconds, = timed(plain)
-        plain_here = seconds
+        (seconds, cpu), = timed(plain)
+        plain_here, plain_cpu = seconds, cpu
     else:
         soup = recipe.start_model(model, layout, base)
         del base
@@ -144,10 +147,11 @@ def worker(args):
         X = torch.zeros(k, layout.num_blocks, device=device, requires_grad=True)
         group = mehl.Group(center, P, inv_norms, X, torch.optim.AdamW([X], lr=0.01, weight_decay=0.0),
                            constant(0.01))
-        plain_here, seconds = timed(lambda: mehl.gradient(model, soup, batch, n, 0.0),
-                                    lambda: mehl.step(model, soup, group, layout.bounds, batch, n,
-                                                      clip=setup.spec.is_vit))
+        (plain_here, plain_cpu), (seconds, cpu) = timed(lambda: mehl.gradient(model, soup, batch, n, 0.0),
+                                                        lambda: mehl.step(model, soup, group, layout.bounds,
+                                                                          batch, n, clip=setup.spec.is_vit))
     print(json.dumps({"k": k, "seconds_per_step": seconds, "plain_seconds_same_process": plain_here,
+                      "cpu_seconds_per_step": cpu, "plain_cpu_seconds_same_process": plain_cpu,
                       "peak_bytes": memory.peak_bytes(device),
                       "learned_numbers": layout.numel, "blocks": layout.num_blocks,
                       "device": str(device), "threads": torch.get_num_threads()}))
@@ -180,14 +184,16 @@ def report(args, plain, rows):
     print(f"plain forward/backward: {plain['seconds_per_step']:.4f} s/step, peak "
           f"{plain['peak_bytes'] / gib:.3f} GiB")
     print(f"{'K':>4} {'peak GiB':>9} {'above plain':>11} {'ingredients':>11} {'s/step':>8} {'plain s':>8} "
-          f"{'x plain':>8}")
+          f"{'x plain':>8} {'x plain (CPU s)':>15}")
     for r in rows:
         above = r["peak_bytes"] - plain["peak_bytes"]
         print(f"{r['k']:>4} {r['peak_bytes'] / gib:>9.3f} {above / gib:>11.3f} {above / ingredient:>11.2f} "
               f"{r['seconds_per_step']:>8.4f} {r['plain_seconds_same_process']:>8.4f} "
-              f"{r['seconds_per_step'] / r['plain_seconds_same_process']:>8.2f}", flush=True)
+              f"{r['seconds_per_step'] / r['plain_seconds_same_process']:>8.2f} "
+              f"{r['cpu_seconds_per_step'] / r['plain_cpu_seconds_same_process']:>15.2f}", flush=True)
         r["above_plain_ingredients"] = above / ingredient
         r["x_plain"] = r["seconds_per_step"] / r["plain_seconds_same_process"]
+        r["x_plain_cpu"] = r["cpu_seconds_per_step"] / r["plain_cpu_seconds_same_process"]
 
 
 def bench(args):
