@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from utils.checkpoint_formats import unwrap
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,8 @@ def load_state_dict(path):
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, Exception) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path}: not a readable checkpoint (truncated or another format): {first}") from err
-    if isinstance(sd, dict):
-        for key in ("state_dict", "model_state_dict"):
-            if key in sd and isinstance(sd[key], dict):
-                sd = sd[key]
-                break
+    if isinstance(sd, dict):  # a training checkpoint, keys saved from DDP (utils/checkpoint_formats.py)
+        sd = unwrap(sd, str(path))
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"{path}: holds no state dict of tensors (found {type(sd).__name__})")
     return sd
