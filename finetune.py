@@ -297,6 +297,8 @@ def train_end_to_end(model, args, spec, bundle, key, device):
         for h, y in epoch_batches(args, spec, bundle, key, model, prefixes, frozen_fn, device, gen):
             if step >= total:
                 break
+            if len(y) == 1 and not frozen_stats:
+                continue  # a last batch of one image: BatchNorm has no batch statistics of it to take
             set_lr(opt, schedule(step))
             loss = F.cross_entropy(trainable_fn(h), y, label_smoothing=args.label_smoothing)
             opt.zero_grad(set_to_none=True)
