@@ -45,8 +45,9 @@ def class_folders(folder, what):
 def check_classes(folder, names, train, allow_missing=False):
     """A folder's classes must be train's (a shift's may be fewer): one line naming the missing and the
     extra ones."""
-    extra = [n for n in names if n not in set(train)]
-    missing = [n for n in train if n not in set(names)]
+    known, present = set(train), set(names)
+    extra = [n for n in names if n not in known]
+    missing = [n for n in train if n not in present]
     if extra or (missing and not allow_missing):
         parts = ([f"missing {len(missing)}: {_show(missing)}"] if missing and not allow_missing else []) + \
                 ([f"extra {len(extra)}: {_show(extra)}"] if extra else [])
