@@ -65,8 +65,8 @@ def parse_args(argv=None):
                    help="state dict to start from; default: the pre-trained weights for --linear-probe, "
                         "<out-dir>/model_0.pt (the linear probe) otherwise")
     p.add_argument("--pretrained", default=None,
-                   help="pre-trained weights for --linear-probe: a checkpoint of --arch whose head may differ "
-                        "or be absent (the probe's head starts at zero); default: the arch's own "
+                   help="pre-trained weights for --linear-probe: a checkpoint of --arch whose head may "
+                        "differ or be absent (the probe's head starts at zero); default: the arch's own "
                         "(efficientnet-lite0: its package; timm: downloaded by timm). Ignored without "
                         "--linear-probe, so a sweep may pass it to every ingredient")
     p.add_argument("--batchnorm", default="auto", choices=["auto", "frozen", "train"],
@@ -139,7 +139,8 @@ def load_bundle(args, spec):
     if key not in _CACHE:
         _CACHE[key] = datasets.build_dataset(
             args.datasets, args.data_location, spec.preprocess, heldout_per_class=args.heldout_per_class,
-            heldout_index=args.heldout_index, finetune_size=args.finetune_size or None, test_size=args.test_size or None,
+            heldout_index=args.heldout_index, finetune_size=args.finetune_size or None,
+            test_size=args.test_size or None,
             seed=args.data_seed, train_preprocess=_raw)
     return key, _CACHE[key]
 

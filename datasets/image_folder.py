@@ -102,7 +102,8 @@ def build_image_folder(root, preprocess, heldout_per_class=None, heldout_index=N
 
     if heldout_index is not None:
         from utils.state_dicts import sha256
-        mask = read_heldout_index(heldout_index, len(train_paths), f"the sorted ImageFolder of {root / 'train'}")
+        mask = read_heldout_index(heldout_index, len(train_paths),
+                                  f"the sorted ImageFolder of {root / 'train'}")
         split = {"heldout": "index file", "path": str(heldout_index), "sha256": sha256(heldout_index)}
     else:
         smallest = int(np.bincount(train_labels).min())
