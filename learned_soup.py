@@ -34,7 +34,8 @@ from utils.errors import UserError, run_main
 from utils.evaluation import evaluate_all
 from utils.ingredients import index_of, stream
 from utils.memory import gib, reset_peak
-from utils.soup_io import save_soup
+from utils.soup_io import buffer_coefficients, save_soup
+from utils.layout import Differences, coefficient_blocks, state_buffers
 from utils.state_dicts import atomic_write, param_names
 
 log = logging.getLogger("learned_soup")
@@ -112,52 +113,33 @@ def check_memory(args, setup, n):
 
 # ------------------------------------------------------------------------------------- ingredients
 def load_resident(paths, setup):
-    """Stack every parameter over the ingredients: {name: (N, *shape)} on the device. The model gets
-    the first ingredient (integer tensors and kept parameters come from it); float buffers that differ
-    between ingredients are set to their mean. Returns (stacked, differing buffer names)."""
+    """Stack the parameters that differ across the ingredients: {name: (N, *shape)} on the device, in
+    `named_parameters()` order. A parameter is stacked only once an ingredient differs from the first,
+    so parameters identical in all (CLIP's text leftovers) never take N copies. The model gets the first
+    ingredient (integer tensors and identical parameters come from it), with the float buffers that
+    differ set to their mean. Returns (stacked, identical parameter names, differing buffer names)."""
     model, device = setup.model, setup.device
-    names = param_names(model)
-    buffers = [k for k, v in setup.reference.items() if v.is_floating_point() and k not in names]
-    stacked = {k: torch.empty((len(paths), *setup.reference[k].shape), dtype=setup.reference[k].dtype,
-                              device=device) for k in names}
-    first, buf_sum, differ = None, {}, set()
+    stacked, diff = {}, None
     for i, _, sd in stream(paths, setup.reference, desc="loading ingredients"):
-        for k in names:
-            stacked[k][i].copy_(sd[k])
-        if first is None:
-            first = sd
-            model.load_state_dict(sd)
-            buf_sum = {k: sd[k].to(torch.float64) for k in buffers}
+        if diff is None:
+            diff = Differences(sd, param_names(model), state_buffers(model))
             continue
-        for k in buffers:
-            buf_sum[k] += sd[k].to(torch.float64)
-            if not torch.equal(sd[k], first[k]):
-                differ.add(k)
+        for k in diff.add(sd):
+            if k in diff.params:
+                stacked[k] = torch.empty((len(paths), *sd[k].shape), dtype=sd[k].dtype, device=device)
+                stacked[k][:i] = diff.first[k]
+        for k in stacked:
+            stacked[k][i].copy_(sd[k])
         del sd
-    differ = [k for k in buffers if k in differ]
-    state = model.state_dict()
-    for k in differ:
-        state[k].copy_((buf_sum[k] / len(paths)).to(state[k].dtype))
-    return stacked, differ
-
-
-def drop_identical(stacked):
-    """Remove (in place) the parameters equal in every ingredient: they stay as the model holds them."""
-    same = [k for k, t in stacked.items() if all(torch.equal(t[i], t[0]) for i in range(1, len(t)))]
-    for k in same:
-        del stacked[k]
-    return same
-
-
-def bn_buffers(model, names):
-    bn_prefixes = [n + "." for n, m in model.named_modules() if isinstance(m, batchnorm.BN_TYPES)]
-    return [k for k in names if any(k.startswith(p) for p in bn_prefixes)]
+    model.load_state_dict({**diff.first, **diff.buffer_means()})
+    stacked = {k: stacked[k] for k in diff.params if k in stacked}
+    return stacked, diff.identical_params(), diff.differing_buffers()
 
 
 # ---------------------------------------------------------------------------------------- learning
 def global_batches(n, batch_size, seed, epoch):
     """The shuffled global batches of one epoch, the same on every rank, and this rank's slice of each."""
-    gen = torch.Generator().manual_seed(seed * 100003 + epoch)
+    gen = torch.Generator().manual_seed((seed * 100003 + epoch) % 2**64)  # any seed in [0, 2**64)
     order = torch.randperm(n, generator=gen).tolist()
     for s in range(0, n, batch_size):
         batch = order[s:s + batch_size]
@@ -195,6 +177,9 @@ def learn(args, setup, stacked, blocks, frozen_stats, wandb):
             loss.backward()
             sum_grads([raw, beta])
             opt.step()
+            if not (torch.isfinite(raw).all() and torch.isfinite(beta)):
+                raise UserError(f"the coefficients became non-finite (NaN or Inf) in epoch {epoch + 1}, "
+                                f"step {step + 1}: try a smaller --lr (now {args.lr:g}); nothing was written")
             total += torch.tensor([loss.item() * size, len(local)], dtype=torch.float64, device=device)
             step += 1
         distributed.all_reduce_sum(total)
@@ -221,15 +206,13 @@ def main(argv=None):
     for p in model.parameters():
         p.requires_grad_(False)
 
-    stacked, differ = load_resident(paths, setup)
-    kept = drop_identical(stacked)
+    stacked, kept, differ = load_resident(paths, setup)
     if not stacked:
         raise UserError("every parameter is identical in all ingredients: there is nothing to learn")
     names = list(stacked)
-    bn_differ = bn_buffers(model, differ)
+    bn_differ = batchnorm.batchnorm_statistics(model, differ)
     frozen_stats = not bn_differ
-    blocks = learned.coefficient_blocks(names, [stacked[k][0].numel() for k in names],
-                                        args.layer_size)
+    blocks = coefficient_blocks(names, [stacked[k][0].numel() for k in names], args.layer_size)
     if distributed.is_primary():
         log.info("%s: %d ingredients, %d learned tensors in %d block(s), %d kept; BatchNorm statistics %s",
                  args.method, len(paths), len(names), len(blocks), len(kept),
@@ -256,14 +239,14 @@ def main(argv=None):
              "memory_estimate_bytes": need, "memory_available_bytes": have}
     if len(blocks) == 1:
         extra["alpha"] = alpha_list[0]
-    coefficients = {"names": names, "blocks": blocks, "alpha": alpha_list, "averaged_buffers": differ}
-    note = ("BatchNorm statistics were re-estimated on the held-out split: rebuild() gives the soup "
-            "before re-estimation" if bn_differ else None)
+    reestimated = batchnorm.batchnorm_statistics(model, state_buffers(model, floating=False)) if bn_differ else []
+    coefficients = {"names": names, "blocks": blocks, "alpha": alpha_list,
+                    **buffer_coefficients(soup, differ, reestimated)}
     # The results line last: it marks the run as finished (a rerun after a kill redoes what is missing).
     if setup.out_path is not None and distributed.is_primary():
         write_coefficients(coeff_path(setup.out_path), paths, blocks, alpha_list, beta.item())
     save_soup(soup, setup.out_path, args.method, paths, cli.record_args(args), coefficients=coefficients,
-              extra={"temperature": beta.item(), "bn_reestimated": bool(bn_differ), "note": note},
+              extra={"temperature": beta.item(), "bn_reestimated": bool(bn_differ)},
               overwrite=setup.replace)
     record = results.append(args.results_db, cli.result_record(args, setup, paths, scores, **extra))
     wandb.log({"heldout": scores["heldout"], "test": scores["test"]})

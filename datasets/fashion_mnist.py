@@ -4,8 +4,14 @@ Looked for at --data-location, else at /usr/share/datasets/fashion-mnist (Debian
 dataset-fashion-mnist: the original gzip files), else downloaded by torchvision when online.
 Shift sets are synthetic corruptions of real images: the test set under fixed, seeded corruptions
 (noise, blur, contrast, rotation, JPEG, pixelate), reported each and as their mean."""
+import contextlib
 import gzip
+import io
 import logging
+import os
+import shutil
+import socket
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -65,25 +71,61 @@ def _find(folder, stem):
     return None
 
 
+MIRROR = ("ossci-datasets.s3.amazonaws.com", 443)  # where torchvision downloads Fashion-MNIST from
+
+
+def online(address=MIRROR, timeout=3.0):
+    """Whether torchvision's mirror can be reached (a download is tried only then)."""
+    try:
+        socket.create_connection(address, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def locate(root=None, download=True):
-    """The folder holding the four files. Tries torchvision's download only when nothing is found."""
+    """The folder holding the four files. Tries torchvision's download only when nothing is found and
+    the mirror can be reached; the download goes to a temporary folder that is moved into place
+    whole, so a failed one leaves nothing behind. Offline, a missing data set is one UserError."""
     looked = _candidates(root)
     for folder in looked:
         if all(_find(folder, stem) for stem in FILES.values()):
             return folder
-    if download:
+    why = "offline, so no download was tried"
+    if download and online():
         target = Path(root) if root is not None else Path("data")
         try:
-            from torchvision.datasets import FashionMNIST
-            FashionMNIST(str(target), train=True, download=True)
-            FashionMNIST(str(target), train=False, download=True)
-            return target / "FashionMNIST" / "raw"
-        except Exception as err:  # offline: fall through to the message below
-            log.info("torchvision download failed: %s", err)
+            return _download(target)
+        except Exception as err:  # noqa: BLE001 - any failure of the download is the message below
+            why = f"the download failed: {str(err).strip().splitlines()[0] if str(err).strip() else err!r}"
     raise UserError("Fashion-MNIST not found; looked in " + ", ".join(str(p) for p in looked)
-                    + ". Install it (apt-get install dataset-fashion-mnist) or put the four files "
+                    + f" ({why}). Install it (apt-get install dataset-fashion-mnist) or put the four files "
                     + ", ".join(s + ".gz" for s in FILES.values()) + " in the folder given by "
                     "--data-location")
+
+
+def _download(target):
+    """torchvision's download into a temporary folder inside `target`, then moved to
+    `target/FashionMNIST/raw`; its progress output goes to the log, not to the terminal."""
+    from torchvision.datasets import FashionMNIST
+    made = not target.exists()
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target, prefix=".fashion-mnist-download-"))
+    try:
+        chatter = io.StringIO()
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            FashionMNIST(str(tmp), train=True, download=True)
+            FashionMNIST(str(tmp), train=False, download=True)
+        log.info("downloaded Fashion-MNIST: %s", chatter.getvalue().strip().replace("\n", "; "))
+        raw = target / "FashionMNIST" / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        for f in (tmp / "FashionMNIST" / "raw").iterdir():
+            os.replace(f, raw / f.name)
+        return raw
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if made and not any(target.iterdir()):
+            target.rmdir()
 
 
 def read_idx(path):

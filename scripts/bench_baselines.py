@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 from utils import results  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.ingredients import available  # noqa: E402
+from utils.synthetic import write_synthetic_zoo  # noqa: E402
 
 METHODS = {
     "uniform": ("uniform_soup.py", []),
@@ -47,29 +48,12 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per run")
     p.add_argument("--synthetic-zoo", type=int, default=0,
                    help="first write this many stand-in ingredients to --model-location (the arch's "
-                   "pre-trained start plus seeded noise on the parameters, BatchNorm statistics kept), for "
-                   "timing before a real zoo exists; refuses a folder that already holds ingredients")
+                   "start plus seeded perturbations of the parameters that fine-tuning moves, BatchNorm "
+                   "statistics kept), for timing before a real zoo exists; refuses a folder that already "
+                   "holds ingredients")
     p.add_argument("--num-classes", type=int, default=10, help="classes of the synthetic zoo's head")
     p.add_argument("rest", nargs="*", help="extra flags for every soup script (after --)")
     return p.parse_args(argv)
-
-
-def write_synthetic_zoo(folder, n, arch, num_classes, noise=1e-3):
-    """n stand-ins for fine-tuned ingredients: same start, seeded noise on every float parameter."""
-    import torch
-    from utils.archs import get_arch
-    folder = Path(folder)
-    if available(folder):
-        raise UserError(f"--synthetic-zoo: {folder} already holds ingredients")
-    folder.mkdir(parents=True, exist_ok=True)
-    model = get_arch(arch).build(num_classes, pretrained=True)
-    params = {k for k, _ in model.named_parameters()}
-    base = model.state_dict()
-    gen = torch.Generator().manual_seed(0)
-    for i in range(n):
-        sd = {k: (v + noise * torch.randn(v.shape, generator=gen) if k in params and v.is_floating_point()
-                  else v.clone()) for k, v in base.items()}
-        torch.save(sd, folder / f"model_{i}.pt")
 
 
 def counts(spec, total):

@@ -47,13 +47,16 @@ def fmnist_root(tmp_path_factory):
 
 
 def make_zoo(folder, n, num_classes=10, arch="tiny-cnn", noise=0.05, differ_buffers=False, seed=0):
-    """n ingredients: the arch's start plus seeded noise on every float parameter; BatchNorm statistics
-    identical in all (frozen-statistics fine-tuning) unless `differ_buffers`."""
+    """n ingredients: the arch's start plus seeded noise on every float parameter that fine-tuning moves
+    (a parameter built frozen, such as CLIP's text leftovers, stays identical, as in the published
+    checkpoints); BatchNorm statistics identical in all (frozen-statistics fine-tuning) unless
+    `differ_buffers`. Saved as the arch's state dict: for CLIP archs, the published key layout."""
     from utils.archs import get_arch
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    base = get_arch(arch).build(num_classes, pretrained=False).state_dict()
-    param_names = {k for k, _ in get_arch(arch).build(num_classes, pretrained=False).named_parameters()}
+    model = get_arch(arch).build(num_classes, pretrained=False)
+    base = model.state_dict()
+    param_names = {k for k, p in model.named_parameters() if p.requires_grad}
     gen = torch.Generator().manual_seed(seed)
     for i in range(n):
         sd = {}
@@ -69,9 +72,21 @@ def make_zoo(folder, n, num_classes=10, arch="tiny-cnn", noise=0.05, differ_buff
     return folder
 
 
-@pytest.fixture
-def tiny_zoo(tmp_path):
-    return make_zoo(tmp_path / "zoo", 4)
+def write_imagenet_tree(root, num_classes=5, train_per_class=6, val_per_class=2, size=8):
+    """A tiny tree laid out like ImageNet's (`imagenet/train/<wnid>`, `imagenet/val/<wnid>`): solid
+    images whose colour depends on the class, with a little seeded noise."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in range(num_classes):
+        wnid = f"n{1000 + 7 * c:08d}"
+        for split, count in (("train", train_per_class), ("val", val_per_class)):
+            folder = Path(root) / "imagenet" / split / wnid
+            folder.mkdir(parents=True, exist_ok=True)
+            for k in range(count):
+                colour = np.array([40 * c % 256, 255 - 40 * c % 256, 90 + 30 * c % 166])
+                pixels = np.clip(colour + rng.normal(0, 20, size=(size, size, 3)), 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"img_{k:03d}.JPEG")
+    return Path(root)
 
 
 def free_port():

@@ -11,8 +11,8 @@ from torch.utils.data import TensorDataset
 from utils import distributed, results
 from utils.errors import UserError
 from utils.evaluation import accuracy
-from utils.state_dicts import (block_ids, flatten, identical_keys, load_state_dict, make_blocks,
-                               save_state_dict, unflatten)
+from utils.layout import Differences, block_ids, make_blocks
+from utils.state_dicts import flatten, load_state_dict, save_state_dict, unflatten
 
 
 def test_blocks_zero_one_per_tensor_and_huge_one_block():
@@ -41,11 +41,15 @@ def test_flatten_unflatten_round_trip():
         unflatten(vec[:-1], names, sd)
 
 
-def test_identical_keys_streams_and_detects():
-    base = {"a": torch.ones(3), "b": torch.zeros(2), "c": torch.arange(3.0)}
-    others = [dict(base, a=torch.ones(3) * 2), dict(base)]
-    assert identical_keys(base, iter(others), ["a", "b", "c"]) == ["b", "c"]
-    assert identical_keys(base, iter([]), ["a", "b"]) == ["a", "b"]
+def test_differences_stream_and_detect():
+    base = {"a": torch.ones(3), "b": torch.zeros(2), "c": torch.arange(3.0), "m": torch.ones(2)}
+    diff = Differences(base, ["a", "b", "c"], ["m"])
+    assert diff.add(dict(base, a=torch.ones(3) * 2, m=torch.ones(2) * 3)) == ["a", "m"]
+    assert diff.add(dict(base, a=torch.ones(3) * 5)) == []          # found once, reported once
+    assert diff.identical_params() == ["b", "c"] and diff.differing_buffers() == ["m"]
+    torch.testing.assert_close(diff.buffer_means()["m"], torch.ones(2) * 5 / 3)
+    alone = Differences(base, ["a", "b"], [])
+    assert alone.identical_params() == ["a", "b"] and alone.buffer_means() == {}
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])

@@ -4,7 +4,7 @@ import torch
 from torch.testing import assert_close
 
 from utils import hyperplane, sampling
-from utils.state_dicts import block_ids, make_blocks
+from utils.layout import block_bounds, block_ids, make_blocks
 
 
 
@@ -21,15 +21,16 @@ def setup_problem(n=5, sizes=(6, 3, 4, 2), layer_size=0, seed=0):
     gen = torch.Generator().manual_seed(seed)
     rows = torch.randn(n, sum(sizes), generator=gen, dtype=torch.float64)
     blocks = make_blocks(list(sizes), layer_size)
-    ids = block_ids(list(sizes), blocks)
-    return rows, ids, len(blocks), gen
+    ids = block_ids(list(sizes), blocks)          # for masks in the assertions
+    return rows, ids, block_bounds(list(sizes), blocks), gen
 
 
 def test_directions_have_unit_norm_per_block_and_zero_blocks_give_zero():
-    rows, ids, B, _ = setup_problem()
+    rows, ids, bounds, _ = setup_problem()
+    B = len(bounds)
     center = rows.mean(0)
     rows[2, ids == 1] = center[ids == 1]          # ingredient 2 equals the center in block 1
-    P, inv = hyperplane.directions(rows, center, ids, B)
+    P, inv = hyperplane.directions(rows, center, bounds)
     norms = torch.zeros(rows.shape[0], B).index_add_(1, ids, P ** 2).sqrt()
     expected = torch.ones_like(norms)
     expected[2, 1] = 0
@@ -42,21 +43,23 @@ def test_directions_have_unit_norm_per_block_and_zero_blocks_give_zero():
 
 
 def test_projection_equals_autograd_gradient_wrt_X():
-    rows, ids, B, gen = setup_problem()
+    rows, ids, bounds, gen = setup_problem()
+    B = len(bounds)
     center = rows.mean(0)
-    P, _ = hyperplane.directions(rows, center, ids, B)
+    P, _ = hyperplane.directions(rows, center, bounds)
     target = torch.randn(rows.shape[1], generator=gen)
     X = torch.randn(rows.shape[0], B, generator=gen).requires_grad_()
     soup = center + (X[:, ids] * P).sum(0)
     loss = ((soup - target) ** 3).sum()           # any non-linear loss of the soup
     loss.backward()
-    theta = hyperplane.soup(center, X.detach(), P, ids).requires_grad_()
+    theta = hyperplane.soup(center, X.detach(), P, bounds).requires_grad_()
     ((theta - target) ** 3).sum().backward()
-    assert_close(hyperplane.project(P, theta.grad, ids, B), X.grad)
+    assert_close(hyperplane.project(P, theta.grad, bounds), X.grad)
 
 
 def test_alpha_tracks_the_soup_and_rows_sum_to_one_over_groups():
-    rows, ids, B, gen = setup_problem(n=7, sizes=(5, 4, 3, 6, 2), layer_size=4)
+    rows, ids, bounds, gen = setup_problem(n=7, sizes=(5, 4, 3, 6, 2), layer_size=4)
+    B = len(bounds)
     N = rows.shape[0]
     groups = sampling.groups(sampling.shuffled(list(range(N)), gen), 3)
     soup, alpha = None, None
@@ -65,40 +68,42 @@ def test_alpha_tracks_the_soup_and_rows_sum_to_one_over_groups():
             center, alpha_center = rows[group].mean(0), hyperplane.mean_alpha(group, N, B)
         else:
             center, alpha_center = soup, alpha
-        P, inv = hyperplane.directions(rows[group], center, ids, B)
+        P, inv = hyperplane.directions(rows[group], center, bounds)
         X = torch.randn(len(group), B, generator=gen)
-        soup = hyperplane.soup(center, X, P, ids)
+        soup = hyperplane.soup(center, X, P, bounds)
         alpha = alpha_center + hyperplane.alpha_delta(alpha_center, X, inv, group)
         assert_close(alpha.sum(1), torch.ones(B))
-        assert_close(hyperplane.rebuild(alpha, rows, ids), soup)
+        assert_close(hyperplane.rebuild(alpha, rows, bounds), soup)
     assert (alpha < 0).any()                         # random X extrapolates: negative coefficients
 
 
 def test_alpha_delta_of_split_rows_sums_to_the_whole():
-    rows, ids, B, gen = setup_problem(n=5)
+    rows, ids, bounds, gen = setup_problem(n=5)
+    B = len(bounds)
     group = [4, 0, 2, 1, 3]
     alpha_center = hyperplane.mean_alpha(group, 5, B)
-    P, inv = hyperplane.directions(rows[group], rows[group].mean(0), ids, B)
+    P, inv = hyperplane.directions(rows[group], rows[group].mean(0), bounds)
     X = torch.randn(5, B, generator=gen)
     whole = hyperplane.alpha_delta(alpha_center, X, inv, group)
     parts = sum(hyperplane.alpha_delta(alpha_center, X[a:b], inv[a:b], group[a:b])
                 for a, b in (sampling.shard_range(5, 2, r) for r in range(2)))
     assert_close(parts, whole)
-    combined = sum(hyperplane.combine(X[a:b], P[a:b], ids)
+    combined = sum(hyperplane.combine(X[a:b], P[a:b], bounds)
                    for a, b in (sampling.shard_range(5, 2, r) for r in range(2)))
-    assert_close(combined, hyperplane.combine(X, P, ids))
+    assert_close(combined, hyperplane.combine(X, P, bounds))
 
 
 def test_identical_block_in_all_ingredients_stays_put():
-    rows, ids, B, gen = setup_problem(n=4)
+    rows, ids, bounds, gen = setup_problem(n=4)
+    B = len(bounds)
     rows[:, ids == 2] = rows[0, ids == 2]
     center = rows.mean(0)
-    P, inv = hyperplane.directions(rows, center, ids, B)
+    P, inv = hyperplane.directions(rows, center, bounds)
     X = torch.randn(4, B, generator=gen)
-    soup = hyperplane.soup(center, X, P, ids)
+    soup = hyperplane.soup(center, X, P, bounds)
     assert torch.isfinite(soup).all()
     assert_close(soup[ids == 2], center[ids == 2])
-    assert (hyperplane.project(P, torch.randn(rows.shape[1], generator=gen), ids, B)[:, 2] == 0).all()
+    assert (hyperplane.project(P, torch.randn(rows.shape[1], generator=gen), bounds)[:, 2] == 0).all()
 
 
 def test_summary_numbers():

@@ -12,6 +12,7 @@ from tests.conftest import make_zoo, torchrun
 from utils import learned, results
 from utils.archs import get_arch
 from utils.errors import UserError
+from utils.layout import coefficient_blocks
 from utils.soup_io import rebuild
 from utils.state_dicts import load_state_dict
 
@@ -41,18 +42,18 @@ def test_initial_soup_is_uniform_mean():
     model, stacked, _, _ = tiny_problem()
     names = list(stacked)
     for layer_size in (None, 0):
-        blocks = learned.coefficient_blocks(names, [stacked[k][0].numel() for k in names], layer_size)
+        blocks = coefficient_blocks(names, [stacked[k][0].numel() for k in names], layer_size)
         raw = learned.init_raw(len(blocks), 3)
         mixed = learned.mix(stacked, torch.softmax(raw, 1), learned.owners(blocks))
         for k in names:
             torch.testing.assert_close(mixed[k], stacked[k].mean(0))
-    assert len(learned.coefficient_blocks(names, [1] * 4, 0)) == 4
+    assert len(coefficient_blocks(names, [1] * 4, 0)) == 4
 
 
 def test_gradient_matches_finite_differences():
     model, stacked, x, y = tiny_problem()
     names = list(stacked)
-    blocks = learned.coefficient_blocks(names, [stacked[k][0].numel() for k in names], 0)
+    blocks = coefficient_blocks(names, [stacked[k][0].numel() for k in names], 0)
     owner = learned.owners(blocks)
     raw = torch.randn(len(blocks), 3, dtype=torch.float64, requires_grad=True)
     beta = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
@@ -175,7 +176,7 @@ def test_differing_batchnorm_statistics_are_reestimated(tmp_path, fmnist_root):
     mean_var = (sds[0]["features.1.running_var"] + sds[1]["features.1.running_var"]) / 2
     assert not torch.allclose(soup["features.1.running_var"], mean_var)
     recipe = json.loads((tmp_path / "bn.recipe.json").read_text())
-    assert recipe["bn_reestimated"] and "features.1.running_var" in recipe["coefficients"]["averaged_buffers"]
+    assert recipe["bn_reestimated"] and "features.1.running_var" in recipe["coefficients"]["reestimated_buffers"]
 
 
 def test_memory_refusal(tmp_path, fmnist_root):

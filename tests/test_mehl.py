@@ -9,11 +9,12 @@ from torch.testing import assert_close
 import MEHL_soup_layer as mehl
 from conftest import make_zoo, torchrun
 from datasets import build_dataset
-from utils import hyperplane, sampling, soup_io
+from utils import hyperplane, mehl as mehl_step, sampling, soup_io
 from utils.archs import get_arch
 from utils.batchnorm import reestimate, set_mode
 from utils.errors import UserError
-from utils.state_dicts import block_ids, flatten, make_blocks, param_names
+from utils.layout import block_bounds, block_ids, make_blocks
+from utils.state_dicts import flatten, param_names
 
 N_TENSORS = 10   # tiny-cnn: 2 conv + 2 BatchNorm + 1 linear, weight and bias each
 
@@ -75,16 +76,18 @@ def test_projection_equals_autograd_through_functional_call(zoo4, fmnist_root):
     names = param_names(model)
     sizes = [sds[0][n].numel() for n in names]
     ids = block_ids(sizes, make_blocks(sizes, 0))
+    bounds = block_bounds(sizes, make_blocks(sizes, 0))
     B = int(ids.max()) + 1
     rows = torch.stack([flatten(sd, names) for sd in sds])
-    P, _ = hyperplane.directions(rows, rows.mean(0), ids, B)
+    P, _ = hyperplane.directions(rows, rows.mean(0), bounds)
     X0 = 0.1 * torch.randn(4, B, generator=torch.Generator().manual_seed(0))
     data = build_dataset("FashionMNIST", str(fmnist_root), spec.preprocess, heldout_per_class=2)
     x, y = next(iter(torch.utils.data.DataLoader(data.heldout, batch_size=12)))
 
-    mehl.set_params(model, names, hyperplane.soup(rows.mean(0), X0, P, ids))
-    g, _ = mehl.flat_gradient(model, names, (x, y), len(y), 0.1, torch.device("cpu"))
-    projected = hyperplane.project(P, g, ids, B)
+    flat = mehl_step.FlatSoup(model, names)
+    flat.theta.copy_(hyperplane.soup(rows.mean(0), X0, P, bounds))
+    mehl_step.gradient(model, flat, (x, y), len(y), 0.1)
+    projected = hyperplane.project(P, flat.grad, bounds)
 
     X = X0.clone().requires_grad_()
     theta = rows.mean(0) + (X[:, ids] * P).sum(0)
@@ -115,7 +118,7 @@ def test_one_group_equals_optimising_X_with_autograd(tmp_path, zoo4, fmnist_root
     order = sampling.shuffled(list(range(4)), sampling.models_generator(3))
     rows = torch.stack([flatten(sds[i], names) for i in order])
     center = rows.mean(0)
-    P, _ = hyperplane.directions(rows, center, ids, B)
+    P, _ = hyperplane.directions(rows, center, block_bounds(sizes, make_blocks(sizes, 0)))
     X = torch.zeros(4, B, requires_grad=True)
     opt = torch.optim.AdamW([X], lr=0.05, weight_decay=0.0)
     data = build_dataset("FashionMNIST", str(fmnist_root), spec.preprocess, heldout_per_class=4,

@@ -1,4 +1,4 @@
-"""BatchNorm handling of SPEC 3.
+"""BatchNorm handling: one rule for every learned soup (`batchnorm_statistics` states it).
 
 If the running statistics are identical in every ingredient (fine-tuned with frozen statistics), every
 soup keeps them and runs those layers in eval mode, also while learning coefficients. If they differ,
@@ -17,9 +17,15 @@ def has_batchnorm(model):
     return any(isinstance(m, BN_TYPES) for m in model.modules())
 
 
-def buffer_keys(model):
-    """Names of the floating-point buffers (running means / variances) of the model."""
-    return [n for n, b in model.named_buffers() if b.is_floating_point()]
+def batchnorm_statistics(model, names):
+    """The names among `names` (state-dict keys) that belong to a BatchNorm layer of `model`.
+
+    The rule of every learned soup: when none of the BatchNorm statistics differ across the
+    ingredients, they are kept and those layers run in eval mode while learning (`set_mode`); when some
+    differ, learning uses batch statistics and the final soup's statistics are re-estimated on the
+    held-out split (`reestimate`). Other float buffers that differ are averaged and never decide it."""
+    layers = {n for n, m in model.named_modules() if isinstance(m, BN_TYPES)}
+    return [k for k in names if k.rpartition(".")[0] in layers]
 
 
 def set_mode(model, frozen_stats):

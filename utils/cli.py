@@ -84,17 +84,42 @@ def check_args(args):
         raise UserError(f"--heldout-per-class must be >= 1, got {args.heldout_per_class}")
     if args.params_end is not None and args.params_end <= args.params_start:
         raise UserError(f"--params_start {args.params_start} must be < --params_end {args.params_end}")
+    lr, wd = getattr(args, "lr", None), getattr(args, "wd", None)
+    if lr is not None and lr > LR_MAX:  # float32 coefficients: Adam's first step is lr / 0.1
+        raise UserError(f"--lr must be at most {LR_MAX:.6g} (a tenth of the largest float32), got {lr:g}")
+    if lr is not None and wd is not None and lr * wd > LR_MAX:
+        raise UserError(f"--lr times --wd must be at most {LR_MAX:.6g}, got {lr:g} x {wd:g}")
+    for attr, flag in SEED_FLAGS:
+        if getattr(args, attr, None) is not None:
+            check_seed(flag, getattr(args, attr))
+
+
+# Every seed a script takes ends in a torch.Generator (or numpy's, which takes any integer >= 0).
+SEED_FLAGS = (("split_seed", "--split-seed"), ("randomseed", "--randomseed"), ("seed", "--seed"))
+SEED_MAX = 2**64 - 1
+LR_MAX = 3.4028234663852886e37  # torch.finfo(torch.float32).max / 10
+
+
+def check_seed(flag, value):
+    """A seed must be what torch.Generator.manual_seed takes and numpy accepts: 0 ... 2**64 - 1."""
+    if not 0 <= value <= SEED_MAX:
+        raise UserError(f"{flag} must be an integer in [0, 2**64 - 1] (what torch.Generator takes), "
+                        f"got {value}")
 
 
 def check_writable(args):
     """Fail before any work when the results file or the soup cannot be written where asked (a parent
     that is a file, a read-only or missing mount): create the folder and a probe file in it."""
+    from utils.results import check_regular
     targets = [("--results-db", Path(args.results_db))]
     if soup_target(args) is not None:
         targets.append(("--save-soup", soup_target(args)))
+    if isinstance(getattr(args, "resume", None), str):
+        targets.append(("--resume", Path(args.resume)))
     for flag, path in targets:
         if path.is_dir():
             raise UserError(f"{flag} {path} is a folder: give a file name")
+        check_regular(path, flag)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".write-probe-"):
@@ -117,11 +142,12 @@ def soup_path(args):
     return soup_output(args)[0]
 
 
-def soup_output(args):
+def soup_output(args, resumed=None):
     """(path, replace): the soup's output path (None when 'none') and whether an existing file there
-    may be replaced. An existing file is refused before work starts unless --overwrite, --resume (whose
-    own state decides) or it is the leftover of an interrupted run of this same command: its recipe
-    records the same arguments and no results line does (a finished run was returned by `finished`)."""
+    may be replaced. An existing file is refused before work starts unless --overwrite, a resumed run
+    (`resumed`: its own state produced the soup; None: not known yet, --resume may still find a state)
+    or it is the leftover of an interrupted run of this same command: its recipe records the same
+    arguments and no results line does (a finished run was returned by `finished`)."""
     path = soup_target(args)
     if path is None:
         return None, False
@@ -131,7 +157,7 @@ def soup_output(args):
         raise UserError(f"--save-soup {path}: {path.parent} is a file, not a folder")
     if not path.exists():
         return path, False
-    if args.overwrite or getattr(args, "resume", False):
+    if args.overwrite or (getattr(args, "resume", False) if resumed is None else resumed):
         return path, True
     if _same_run_recipe(args, path):
         log.warning("%s was left by an interrupted run of this same command (its recipe records the "
@@ -282,17 +308,27 @@ def result_record(args, setup, paths, scores, **extra):
     }
 
 
+def lock_output(*paths):
+    """Hold an exclusive lock on each output path (not None) for the rest of the run: a second run
+    writing the same soup (or MEHL state) is refused, naming the process that holds it."""
+    from utils import lock
+    for path in paths:
+        if path is not None:
+            lock.acquire(path)
+
+
 def begin(args, methods=None, check_output=True):
     """The start every soup script shares. Returns (earlier, setup): `earlier` is the results line of
     this same command when it already finished (nothing else is done then), else None and `setup`
-    after every check that can fail: the soup's output (when `check_output`), data, model, the
-    ingredients, --exclude-top."""
+    after every check that can fail: the soup's output (when `check_output`: also locked for the
+    run), data, model, the ingredients, --exclude-top."""
     from utils import individual, memory
     earlier = finished(args, methods or (args.method,))
     if earlier is not None:
         distributed.teardown()
         return earlier, None
     out_path, replace = soup_output(args) if check_output else (None, False)
+    lock_output(out_path)  # before any write; a run holding it is refused here
     setup = prepare(args)
     setup.out_path, setup.replace = out_path, replace
     individual.check_exclude_top(args, setup)

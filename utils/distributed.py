@@ -54,6 +54,9 @@ def setup(device_arg="auto"):
 
 
 def teardown():
+    """The end of a run: leave the process group and release the output locks (utils.lock)."""
+    from utils import lock  # late import: lock imports this module
+    lock.release_all()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

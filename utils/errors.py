@@ -14,7 +14,23 @@ def run_main(main, argv=None):
     try:
         return main(argv)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        if _close_progress_bars():
+            print(file=sys.stderr)  # the bars may leave the cursor mid-line
+        # One line, whatever the message holds (a library's multi-line error quoted in it).
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"error: {message}", file=sys.stderr, flush=True)
         from utils import distributed  # late import: keep this module free of torch at import time
         distributed.teardown()
         sys.exit(2)
+
+
+def _close_progress_bars():
+    """Close the progress bars an error left open; True when there were any."""
+    try:
+        from tqdm import tqdm
+        bars = list(getattr(tqdm, "_instances", ()))
+        for bar in bars:
+            bar.close()
+        return bool(bars)
+    except Exception:  # noqa: BLE001 - cosmetic: never hide the error itself
+        return False

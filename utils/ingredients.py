@@ -8,22 +8,29 @@ from tqdm import tqdm
 
 from utils import distributed
 from utils.errors import UserError
-from utils.state_dicts import CHECKPOINT_SUFFIXES, check_dtypes, check_state_dict, load_state_dict
+from utils.state_dicts import (CHECKPOINT_SUFFIXES, check_dtypes, check_state_dict, checkpoint_limit,
+                               load_state_dict)
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^model_(\d+)$")
 
 
 def available(model_location):
-    """index -> path of every `model_{i}.(pt|pth|safetensors)` in the folder."""
+    """index -> path of every `model_{i}.(pt|pth|safetensors)` in the folder (where several files
+    stand for one index, the first by name; `ingredient_paths` refuses that)."""
+    return {i: ps[0] for i, ps in _candidates(model_location).items()}
+
+
+def _candidates(model_location):
+    """index -> every file in the folder that is named as ingredient i, sorted by name."""
     folder = Path(model_location)
     found = {}
     if folder.is_dir():
         for p in folder.iterdir():
             m = _NAME.match(p.stem)
             if m and p.suffix in CHECKPOINT_SUFFIXES:
-                found.setdefault(int(m.group(1)), p)
-    return found
+                found.setdefault(int(m.group(1)), []).append(p)
+    return {i: sorted(ps) for i, ps in found.items()}
 
 
 def ingredient_paths(model_location, params_start=0, params_end=None):
@@ -32,7 +39,8 @@ def ingredient_paths(model_location, params_start=0, params_end=None):
     folder = Path(model_location)
     if not folder.is_dir():
         raise UserError(f"--model-location {folder}: no such folder")
-    found = available(folder)
+    candidates = _candidates(folder)
+    found = {i: ps[0] for i, ps in candidates.items()}
     if params_start < 0:
         raise UserError(f"--params_start must be >= 0, got {params_start}")
     if params_end is None:
@@ -45,12 +53,18 @@ def ingredient_paths(model_location, params_start=0, params_end=None):
         show = ", ".join(f"model_{i}.pt" for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise UserError(f"{len(missing)} ingredient(s) missing in {folder} for range "
                         f"[{params_start}, {params_end}): {show}")
+    twice = [candidates[i] for i in range(params_start, params_end) if len(candidates[i]) > 1]
+    if twice:
+        raise UserError(f"ingredient {index_of(twice[0][0])} is ambiguous: "
+                        + " and ".join(str(p) for p in twice[0])
+                        + " both stand for it (remove or rename all but one)"
+                        + (f"; {len(twice) - 1} more index(es) like it" if len(twice) > 1 else ""))
     return [found[i] for i in range(params_start, params_end)]
 
 
 def load_checked(path, reference):
     """Load one ingredient and check it against the architecture's state dict `reference`."""
-    sd = load_state_dict(path)
+    sd = load_state_dict(path, max_bytes=checkpoint_limit(reference))
     check_state_dict(sd, reference, str(path))
     return check_dtypes(sd, reference, str(path))
 

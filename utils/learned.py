@@ -5,15 +5,6 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from utils.state_dicts import make_blocks
-
-
-def coefficient_blocks(names, sizes, layer_size=None):
-    """Blocks (lists of parameter names) of the coefficient problem. layer_size=None: one block
-    (model-wise); otherwise the `--layer-size` partition (0: one block per tensor)."""
-    if layer_size is None:
-        return [list(names)]
-    return [[names[t] for t in block] for block in make_blocks(sizes, layer_size)]
 
 
 def owners(blocks):

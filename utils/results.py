@@ -1,50 +1,88 @@
 """Results: one JSON line per evaluated model or soup, appended, never truncated (SPEC 10).
 
 Lines are written with a single `write` on a file opened in append mode and flushed + fsynced, so a
-kill leaves whole lines only; a torn last line (power loss) is skipped with a warning when reading."""
+kill leaves whole lines only. The file is not trusted when read: a line that is torn (a power loss, a
+full disk, another tool), not a JSON object, or not UTF-8 is skipped, counted, and reported in one
+warning per file; an append after a torn last line starts on a fresh line, so it is not glued on. A
+results path that is not a regular file (a device, a FIFO, a folder) is refused up front."""
 import json
 import logging
 import os
+import stat
 import time
 from pathlib import Path
 
 from utils import distributed
+from utils.errors import UserError
 
 log = logging.getLogger(__name__)
+_WARNED = set()  # (path, skipped count) already reported in this process
+
+
+def check_regular(path, flag="--results-db"):
+    """Refuse a results path that exists but is not a regular file (a symlink to /dev/zero reads
+    forever, a FIFO blocks): a UserError saying what it is."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return  # nothing there yet: whether it can be written is checked where it is written
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot be read ({err.strerror or err})") from err
+    if not stat.S_ISREG(mode):
+        from utils.state_dicts import describe_missing
+        what = describe_missing(path).replace(", not a checkpoint file", "")
+        raise UserError(f"{flag} {path} {what}, not a regular file: give a file name")
 
 
 def read(path):
-    """All records of a results file (a missing file has none)."""
+    """All usable records of a results file (a missing file has none): the lines that are whole
+    JSON objects. Other lines are skipped and counted; one warning per file says how many."""
     path = Path(path)
     if not path.exists():
         return []
-    records = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
+    check_regular(path)
+    records, skipped, first_bad = [], 0, None
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("%s:%d: skipping a line that is not whole JSON", path, lineno)
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                skipped += 1
+                first_bad = first_bad or lineno
+    if skipped and (str(path), skipped) not in _WARNED:
+        _WARNED.add((str(path), skipped))
+        log.warning("%s: skipped %d line(s) that are not whole JSON objects in UTF-8 (a torn write, "
+                    "another tool's line), the first at line %d; the other %d lines are used",
+                    path, skipped, first_bad, len(records))
     return records
 
 
 def append(path, record):
-    """Append one record (primary rank only). Adds a timestamp. Returns the record."""
+    """Append one record (primary rank only). Adds a timestamp. Returns the record. When the file
+    does not end with a newline (a torn last line), the record starts on a fresh line."""
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}
     if distributed.is_primary():
         path = Path(path)
+        check_regular(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps(record, default=_jsonable) + "\n"
         try:
-            with open(path, "a") as f:
-                f.write(line)
+            with open(path, "ab+") as f:
+                if f.seek(0, os.SEEK_END) > 0:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        line = "\n" + line
+                f.write(line.encode("utf-8"))
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as err:
-            from utils.errors import UserError
             raise UserError(f"could not append to the results file {path}: {err.strerror or err}") from err
     return record
 

@@ -16,7 +16,7 @@ def models_generator(seed):
 
 def data_generator(seed):
     # A different stream from the models' generator of the same seed.
-    return torch.Generator().manual_seed(seed + 1_000_003)
+    return torch.Generator().manual_seed((seed + 1_000_003) % 2**64)  # any seed in [0, 2**64)
 
 
 def shuffled(order, generator):

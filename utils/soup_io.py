@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from utils import distributed
-from utils.state_dicts import atomic_write, load_state_dict, save_state_dict, sha256
+from utils.errors import UserError
+from utils.state_dicts import atomic_write, describe_missing, load_state_dict, save_state_dict, sha256
 
 
 def recipe_path(soup_path):
@@ -22,6 +23,9 @@ def save_soup(sd, path, method, paths, args, coefficients=None, extra=None, over
     if path is None or not distributed.is_primary():
         return None
     path = Path(path)
+    for k, v in sd.items():  # never write a soup that holds a non-finite number
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise UserError(f"refusing to write {path}: tensor {k} of the soup holds NaN or Inf")
     recipe = {
         "method": method,
         "soup": path.name,
@@ -37,15 +41,30 @@ def save_soup(sd, path, method, paths, args, coefficients=None, extra=None, over
     return path
 
 
+def buffer_coefficients(soup, averaged, reestimated):
+    """How a recipe restores the float buffers of a learned soup: `averaged` (names) are the mean over
+    the ingredients; `reestimated` (names) were recomputed on data, so their values are recorded."""
+    return {"averaged_buffers": [k for k in averaged if k not in reestimated],
+            "reestimated_buffers": {k: soup[k].tolist() for k in reestimated}}
+
+
 def rebuild(recipe_file, check_hashes=True):
     """Rebuild a soup from its recipe: uniform / greedy means, or sum_i alpha[b, i] theta_i per block.
-    Parameters outside the blocks and integer tensors come from the soup's first ingredient."""
-    recipe = json.loads(Path(recipe_file).read_text())
-    items = recipe["ingredients"]
+    Parameters outside the blocks and integer tensors come from the soup's first ingredient; float
+    buffers are averaged or set to their recorded re-estimated values, as the recipe says."""
+    try:
+        recipe = json.loads(Path(recipe_file).read_text())
+        items = recipe["ingredients"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{recipe_file}: not a readable soup recipe ({type(err).__name__}: {err})") from err
     sds = []
     for item in items:
+        if not Path(item["path"]).is_file():
+            raise UserError(f"{recipe_file}: ingredient {item['path']} is missing "
+                            f"({describe_missing(item['path'])}); the soup cannot be rebuilt without it")
         if check_hashes and sha256(item["path"]) != item["sha256"]:
-            raise ValueError(f"{item['path']} changed since the soup was made (sha256 differs)")
+            raise UserError(f"{recipe_file}: ingredient {item['path']} changed since the soup was made "
+                            "(sha256 differs)")
         sds.append(load_state_dict(item["path"]))
     coeff = recipe.get("coefficients")
     first = sds[0]
@@ -63,4 +82,10 @@ def rebuild(recipe_file, check_hashes=True):
             out[name] = mix.to(first[name].dtype)
     for name in coeff.get("averaged_buffers", []):
         out[name] = torch.stack([sd[name].to(torch.float64) for sd in sds]).mean(0).to(first[name].dtype)
+    reestimated = coeff.get("reestimated_buffers", {})
+    if not isinstance(reestimated, dict):
+        raise UserError(f"{recipe_file}: the re-estimated BatchNorm statistics of this soup were not "
+                         "recorded (an older recipe): its buffers cannot be rebuilt; take them from the soup")
+    for name, values in reestimated.items():
+        out[name] = torch.tensor(values, dtype=first[name].dtype).reshape(first[name].shape)
     return out

@@ -3,10 +3,13 @@
 ingredients. Pure functions on tensors apart from the two file helpers."""
 import glob
 import hashlib
+import io
 import logging
+import mmap
 import os
 import pickle
 import shutil
+import stat
 import tempfile
 import zipfile
 from pathlib import Path
@@ -22,13 +25,19 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
 
 
 # ----------------------------------------------------------------------------------------- files
-def load_state_dict(path):
+def load_state_dict(path, max_bytes=None):
     """Load a checkpoint without running code from it: `.safetensors`, or `.pt` through
     `torch.load(weights_only=True)`. Accepts a plain state dict or a dict holding one under
-    "state_dict" / "model_state_dict". Any failure is a UserError naming the file."""
+    "state_dict" / "model_state_dict". Any failure is a UserError naming the file.
+
+    `max_bytes` (the most a checkpoint of the architecture may hold, see `checkpoint_limit`) bounds
+    what the file may unpack to, checked before any tensor data is read: the file's size, the sizes
+    its zip entries declare and the storage sizes its pickle declares (a zip bomb is refused unread)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such checkpoint file")
+        raise UserError(f"{path}: {describe_missing(path)}")
+    if max_bytes is not None:
+        check_unpacked_size(path, max_bytes)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -36,17 +45,210 @@ def load_state_dict(path):
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path}: refused to load: the pickle asks for objects outside plain tensors "
-                        f"(weights_only=True; nothing in it was run): {first}") from err
+                        f"(weights_only=True; nothing in it was run): {first_line(err)}") from err
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, Exception) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: not a readable checkpoint (truncated or another format): {first}") from err
+        raise UserError(f"{path}: not a readable checkpoint (truncated or another format): "
+                        f"{first_line(err)}") from err
     if isinstance(sd, dict):  # a training checkpoint, keys saved from DDP (utils/checkpoint_formats.py)
         sd = unwrap(sd, str(path))
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"{path}: holds no state dict of tensors (found {type(sd).__name__})")
+    screen_tensors(sd, str(path))
     return sd
+
+
+def first_line(err):
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def describe_missing(path):
+    """Why `path` is not a checkpoint file: missing, or what it is instead (a device, a FIFO, ...)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return ("no such checkpoint file (a symbolic link to a missing file)" if os.path.islink(path)
+                else "no such checkpoint file")
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    what = ("a folder" if stat.S_ISDIR(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+    link = f" (a symbolic link to {os.path.realpath(path)})" if os.path.islink(path) else ""
+    return f"is {what}{link}, not a checkpoint file"
+
+
+# Dtypes a state dict may hold: the floating types souping works in, and integer / bool buffers.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+OTHER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)
+
+
+def screen_tensors(sd, name):
+    """Refuse what the checks and the soup math cannot handle, in one line: keys that are not strings,
+    sparse or other non-dense layouts, meta tensors (no data), and dtypes other than FLOAT_DTYPES /
+    OTHER_DTYPES (float8, complex, quantized)."""
+    for k, v in sd.items():
+        if not isinstance(k, str):
+            raise UserError(f"{name}: holds a key that is not a string ({_short(k)}, "
+                            f"{type(k).__name__}): not a state dict")
+        if v.layout != torch.strided:
+            raise UserError(f"{name}: tensor {_short(k)} has layout {str(v.layout).replace('torch.', '')}: "
+                            "only dense tensors are accepted")
+        if v.device.type == "meta":
+            raise UserError(f"{name}: tensor {_short(k)} is a meta tensor (a shape without data)")
+        if v.dtype not in FLOAT_DTYPES + OTHER_DTYPES:
+            raise UserError(f"{name}: tensor {_short(k)} has dtype {str(v.dtype).replace('torch.', '')}: "
+                            "only float16/bfloat16/float32/float64 and integer/bool tensors are accepted")
+
+
+def _short(key, limit=80):
+    text = repr(key) if not isinstance(key, str) else key
+    text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# ------------------------------------------------------------------------- bounds before reading
+def checkpoint_limit(reference):
+    """The most bytes a checkpoint of this architecture may unpack to: three times its numbers at
+    float64 (a float64 export, or weights with two optimizer moments in a training checkpoint) plus
+    64 MiB for metadata."""
+    numbers = sum(v.numel() for v in reference.values())
+    return 3 * 8 * numbers + 64 * 2**20
+
+
+def check_unpacked_size(path, limit):
+    """Refuse (UserError) a checkpoint that declares more data than `limit` bytes, reading only sizes:
+    the file's size; for torch's zip format the uncompressed size every zip entry declares and the
+    storage sizes its pickle declares; for torch's legacy format the declared storage sizes. torch
+    allocates a storage from the size the pickle declares before reading its bytes, and inflates a
+    compressed zip entry fully, so both are checked before torch.load sees the file."""
+    mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
+    size = path.stat().st_size
+    if size > limit:
+        raise UserError(f"{path}: the file is {mib(size)}, more than a checkpoint of this architecture "
+                        f"may hold ({mib(limit)}): refused unread")
+    unreadable = f"{path}: not a readable checkpoint (truncated or another format)"
+    if path.suffix == ".safetensors":
+        return  # tensors are views of the file: its size bounds them
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                infos = zf.infolist()
+                declared = sum(i.file_size for i in infos)
+                if declared > limit:
+                    packed = [i for i in infos if i.compress_type != zipfile.ZIP_STORED]
+                    note = (f" ({len(packed)} compressed entr{'y' if len(packed) == 1 else 'ies'}; "
+                            "torch never compresses them)" if packed else "")
+                    raise UserError(f"{path}: its zip entries unpack to {mib(declared)}, more than a "
+                                    f"checkpoint of this architecture may hold ({mib(limit)}){note}: "
+                                    "refused unread")
+                pkl = [i for i in infos if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
+                if not pkl:
+                    return  # not torch's layout: torch.load refuses it
+                with zf.open(pkl[0]) as f:
+                    data = f.read(limit + 1)
+        except (zipfile.BadZipFile, OSError, RuntimeError, ValueError, EOFError) as err:
+            raise UserError(f"{unreadable}: {first_line(err)}") from err
+        storages = declared_storage_bytes(io.BytesIO(data), unreadable, pickles=1)
+    else:
+        if tarfile_format(path):
+            raise UserError(f"{path}: a torch checkpoint in the pre-1.0 tar format is not accepted "
+                            "(load and save it again with a current torch)")
+        if size == 0:
+            raise UserError(f"{unreadable}: the file is empty")
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            storages = declared_storage_bytes(mm, unreadable, pickles=4)
+    if storages > limit:
+        raise UserError(f"{path}: its pickle declares storages of {mib(storages)}, more than a "
+                        f"checkpoint of this architecture may hold ({mib(limit)}): refused unread")
+
+
+def tarfile_format(path):
+    import tarfile
+    try:
+        return tarfile.is_tarfile(path)
+    except OSError:
+        return False
+
+
+_MAGIC = 0x1950A86A20F9469CFC6C  # torch's legacy format starts with this number, pickled
+_ITEMSIZE = {"DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2,
+             "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1,
+             "BoolStorage": 1, "UntypedStorage": 1}
+
+
+class _StorageType:
+    def __init__(self, itemsize):
+        self.itemsize = itemsize
+
+
+class _Stub:
+    """Stands for every object a scanned pickle names: nothing is imported, nothing runs."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return _Stub()
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, item):
+        pass
+
+    def extend(self, items):
+        pass
+
+
+class _SizeScanner(pickle.Unpickler):
+    """Walks torch's pickle with stubs in place of every global, adding up the bytes of the storages
+    it declares (persistent ids ('storage', type, key, location, numel, ...), each key once)."""
+
+    def __init__(self, f):
+        super().__init__(f)
+        self.total, self.keys = 0, set()
+
+    def find_class(self, module, name):
+        if name.endswith("Storage"):
+            return _StorageType(_ITEMSIZE.get(name, 16))  # unknown storage types: the widest
+        return _Stub
+
+    def persistent_load(self, pid):
+        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage":
+            kind, key, numel = pid[1], pid[2], pid[4]
+            itemsize = kind.itemsize if isinstance(kind, _StorageType) else 16
+            if not isinstance(numel, int) or numel < 0:
+                raise pickle.UnpicklingError(f"storage {key!r} declares a size of {numel!r}")
+            try:
+                hash(key)
+            except TypeError:
+                key = id(key)
+            if key not in self.keys:
+                self.keys.add(key)
+                self.total += numel * itemsize
+        return _Stub()
+
+
+def declared_storage_bytes(f, unreadable, pickles):
+    """Bytes of the storages declared by the pickle(s) at the start of `f` (legacy format: a magic
+    number, the protocol, system info, then the object: up to `pickles` pickles in a row)."""
+    scanner = _SizeScanner(f)
+    try:
+        first = scanner.load()
+        if pickles > 1 and isinstance(first, int) and first == _MAGIC:
+            for _ in range(3):
+                scanner.load()
+    except Exception as err:  # noqa: BLE001 - a pickle this walk cannot read, torch.load could not either
+        raise UserError(f"{unreadable}: {first_line(err)}") from err
+    return scanner.total
 
 
 def atomic_write(path, write_fn, overwrite=False):
@@ -176,44 +378,3 @@ def unflatten(vec, names, like):
         out[n] = vec[offset:offset + numel].view(like[n].shape).to(like[n].dtype)
         offset += numel
     return out
-
-
-def make_blocks(sizes, layer_size):
-    """Partition tensors (given by their sizes, in order) into blocks, as the released MEHL code does:
-    start a new block when the current one already holds more than `layer_size` numbers, otherwise add
-    the tensor to it. layer_size=0: one block per tensor; layer_size >= total: one block.
-    Returns a list of lists of tensor indices."""
-    if layer_size < 0:
-        raise UserError(f"--layer-size must be >= 0, got {layer_size}")
-    blocks, current, count = [], [], 0
-    for i, size in enumerate(sizes):
-        if current and count > layer_size:
-            blocks.append(current)
-            current, count = [], 0
-        current.append(i)
-        count += size
-    if current:
-        blocks.append(current)
-    return blocks
-
-
-def block_ids(sizes, blocks):
-    """For each number of the flat vector, the index of its block (a LongTensor of length sum(sizes))."""
-    ids = torch.empty(sum(sizes), dtype=torch.long)
-    offset = 0
-    tensor_block = {t: b for b, ts in enumerate(blocks) for t in ts}
-    for t, size in enumerate(sizes):
-        ids[offset:offset + size] = tensor_block[t]
-        offset += size
-    return ids
-
-
-def identical_keys(first, others_iter, keys):
-    """The subset of `keys` whose tensors are bit-identical in `first` and in every state dict of
-    `others_iter` (an iterable, consumed once, so ingredients can be streamed)."""
-    same = set(keys)
-    for sd in others_iter:
-        same = {k for k in same if torch.equal(first[k], sd[k])}
-        if not same:
-            break
-    return [k for k in keys if k in same]

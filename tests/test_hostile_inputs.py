@@ -1,0 +1,579 @@
+"""Reliability, second pass (issue 14): what an adversarial user still broke after issue 8, through the
+soup scripts' command lines on CPU with tiny zoos.
+
+Classes: (1) memory bounded before a checkpoint is unpacked (zip bombs), (2) validator crashes on odd
+keys, layouts and dtypes, (3) two files for one ingredient, (4) an untrusted results file, (5) two runs
+on one soup, (6) an untrusted MEHL --resume state, (7) numbers that overflow (learning rate, seeds),
+(8) a missing Fashion-MNIST offline, (9) smaller ones. Every refusal is one `error:` line, exit 2,
+no traceback, and nothing is written that a later run could trust."""
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+import pytest
+import torch
+
+import MEHL_soup_layer
+import uniform_soup
+from tests.conftest import ROOT, make_zoo
+from tests.test_reliability import SCRIPTS, argv, cli, last_line, nothing_written, refused
+from utils import results
+from utils.archs import get_arch
+from utils.errors import UserError, run_main
+from utils.state_dicts import load_state_dict
+
+
+@pytest.fixture
+def zoo(tmp_path):
+    return make_zoo(tmp_path / "zoo", 3)
+
+
+@pytest.fixture
+def out(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    return folder
+
+
+def tiny_state_dict():
+    return get_arch("tiny-cnn").build(10).state_dict()
+
+
+def soup_lines(folder):
+    return [r for r in results.read(folder / "results.jsonl") if r["method"] != "individual"]
+
+
+# --------------------------------------------------------------- 1. memory bounded before unpacking
+def zip_bomb(path):
+    """torch's zip format whose entries are deflated: 128 MiB of zeros in one storage (the state dict
+    is valid: the 10-number bias is a view of it), about 130 KB on disk."""
+    sd = tiny_state_dict()
+    sd["classifier.bias"] = torch.zeros(2**25)[:10]  # torch.save writes the whole storage
+    plain = path.with_name("plain.tmp")
+    torch.save(sd, plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename), compress_type=zipfile.ZIP_DEFLATED,
+                         compresslevel=1)
+    plain.unlink()
+    assert path.stat().st_size < 2**20
+    return "its zip entries unpack to 128.0 MiB, more than a checkpoint of this architecture may hold"
+
+
+def legacy_declares_more_than_it_holds(path):
+    """torch's legacy (non-zip) format: the pickle declares a 128 MiB storage, the file is cut after
+    200 KB (torch allocates the declared size before reading the bytes)."""
+    sd = tiny_state_dict()
+    sd["classifier.bias"] = torch.zeros(2**25)[:10]
+    torch.save(sd, path, _use_new_zipfile_serialization=False)
+    with open(path, "r+b") as f:
+        f.truncate(200_000)
+    return "its pickle declares storages of 128.0 MiB"
+
+
+def oversized_file(path):
+    sd = tiny_state_dict()
+    sd["classifier.bias"] = torch.zeros(2**25)[:10]
+    torch.save(sd, path)  # stored, not compressed: 128 MiB on disk
+    return "the file is 128.0 MiB, more than a checkpoint of this architecture may hold"
+
+
+def old_tar_format(path):
+    with tarfile.open(path, "w") as tar:
+        member = tmp = path.with_name("pickle")
+        tmp.write_bytes(b"\x80\x02}q\x00.")
+        tar.add(member, arcname="pickle")
+        tmp.unlink()
+    return "a torch checkpoint in the pre-1.0 tar format is not accepted"
+
+
+BOMBS = [(zip_bomb, s) for s in SCRIPTS] + [(legacy_declares_more_than_it_holds, "mehl"),
+                                            (oversized_file, "greedy"), (old_tar_format, "uniform")]
+
+
+@pytest.mark.parametrize("make, script", BOMBS, ids=[f"{m.__name__}-{s}" for m, s in BOMBS])
+def test_checkpoint_unpacking_is_bounded_before_reading(capsys, zoo, out, fmnist_root, make, script):
+    bad = zoo / "model_1.pt"
+    expected = make(bad)
+    line = refused(capsys, script, argv(script, zoo, fmnist_root, out))
+    assert line.startswith(f"error: {bad}: ") and expected in line, line
+    nothing_written(out)
+
+
+def test_a_zip_bomb_does_not_raise_peak_memory(tmp_path, zoo, out, fmnist_root):
+    """As a process: the refused bomb costs no more peak memory than a refusal of a small bad file."""
+    def peak(spoil):
+        shutil.copy(zoo / "model_0.pt", zoo / "model_1.pt")
+        spoil(zoo / "model_1.pt")
+        code = ("import resource, sys, uniform_soup; from utils.errors import run_main\n"
+                "try:\n    run_main(uniform_soup.main, sys.argv[1:])\n"
+                "finally:\n    print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+                "file=sys.stderr)\n")
+        done = subprocess.run([sys.executable, "-c", code, *argv("uniform", zoo, fmnist_root, out)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+        assert "error: " in done.stderr, done.stderr[-2000:]
+        return int(done.stderr.split("PEAK ")[-1].split()[0]) * 1024
+
+    peak(lambda p: p.write_bytes(b"not a checkpoint"))  # warm: the first run fills the data cache
+    small = peak(lambda p: p.write_bytes(b"not a checkpoint"))
+    bomb = peak(zip_bomb)
+    assert bomb < small + 64 * 2**20, (small, bomb)  # the bomb would add 128 MiB (twice: inflate, copy)
+
+
+# ------------------------------------------------------------------------------ 2. validator crashes
+def non_string_key(sd):
+    sd[3] = torch.zeros(2)
+    return "holds a key that is not a string (3, int): not a state dict"
+
+
+def tuple_key(sd):
+    sd[("features", 0)] = torch.zeros(2)
+    return "holds a key that is not a string (('features', 0), tuple)"
+
+
+def sparse_tensor(sd):
+    sd["classifier.bias"] = sd["classifier.bias"].to_sparse()
+    return "tensor classifier.bias has layout sparse_coo: only dense tensors are accepted"
+
+
+def meta_tensor(sd):
+    sd["classifier.bias"] = torch.empty(10, device="meta")
+    return "tensor classifier.bias is a meta tensor (a shape without data)"
+
+
+def float8_tensor(sd):
+    sd["classifier.weight"] = sd["classifier.weight"].to(torch.float8_e4m3fn)
+    return "tensor classifier.weight has dtype float8_e4m3fn: only float16/bfloat16/float32/float64"
+
+
+def complex_tensor(sd):
+    sd["classifier.bias"] = sd["classifier.bias"].to(torch.complex64)
+    return "tensor classifier.bias has dtype complex64"
+
+
+def complex_integer_slot(sd):
+    sd["features.1.num_batches_tracked"] = torch.zeros((), dtype=torch.complex128)
+    return "tensor features.1.num_batches_tracked has dtype complex128"
+
+
+ODD = [non_string_key, tuple_key, sparse_tensor, meta_tensor, float8_tensor, complex_tensor,
+       complex_integer_slot]
+ODD_CASES = [(f, s) for f in ODD for s in ("uniform", "mehl")]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("spoil, script", ODD_CASES, ids=[f"{f.__name__}-{s}" for f, s in ODD_CASES])
+def test_odd_keys_layouts_and_dtypes_are_one_line(capsys, zoo, out, fmnist_root, spoil, script):
+    bad = zoo / "model_2.pt"
+    sd = torch.load(bad, weights_only=True)
+    expected = spoil(sd)
+    torch.save(sd, bad)
+    line = refused(capsys, script, argv(script, zoo, fmnist_root, out))
+    assert line.startswith(f"error: {bad}: ") and expected in line, line
+    nothing_written(out)
+
+
+def test_odd_safetensors_dtype_is_one_line(capsys, zoo, out, fmnist_root):
+    from safetensors.torch import save_file
+    sd = torch.load(zoo / "model_1.pt", weights_only=True)
+    sd["classifier.weight"] = sd["classifier.weight"].to(torch.float8_e5m2)
+    (zoo / "model_1.pt").unlink()
+    save_file(sd, str(zoo / "model_1.safetensors"))
+    line = refused(capsys, "greedy", argv("greedy", zoo, fmnist_root, out))
+    assert line.startswith(f"error: {zoo / 'model_1.safetensors'}: tensor classifier.weight has dtype "
+                           "float8_e5m2"), line
+    nothing_written(out)
+
+
+# ------------------------------------------------------------------------- 3. ambiguous ingredients
+@pytest.mark.parametrize("script, other", [("greedy", "model_1.safetensors"), ("learned", "model_01.pt"),
+                                           ("uniform", "model_1.pth")])
+def test_two_files_for_one_ingredient_are_refused_naming_both(capsys, zoo, out, fmnist_root, script,
+                                                              other):
+    from safetensors.torch import save_file
+    sd = make_zoo(zoo.parent / "other", 2, seed=7) / "model_1.pt"
+    if other.endswith(".safetensors"):
+        save_file(torch.load(sd, weights_only=True), str(zoo / other))
+    else:
+        shutil.copy(sd, zoo / other)
+    line = refused(capsys, script, argv(script, zoo, fmnist_root, out))
+    names = sorted([str(zoo / "model_1.pt"), str(zoo / other)])
+    assert line == (f"error: ingredient 1 is ambiguous: {names[0]} and {names[1]} both stand for it "
+                    "(remove or rename all but one)"), line
+    nothing_written(out)
+
+
+# ------------------------------------------------------------------------------- 4. the results file
+def test_torn_last_line_is_not_glued_to_the_next(caplog, zoo, out, fmnist_root):
+    db = out / "results.jsonl"
+    db.write_text('{"method": "individual", "index": 0}\n{"method": "uniform", "heldo')  # torn
+    with caplog.at_level(logging.WARNING):
+        record = uniform_soup.main(argv("uniform", zoo, fmnist_root, out))
+    lines = db.read_text().split("\n")
+    assert lines[1] == '{"method": "uniform", "heldo' and json.loads(lines[2]) == json.loads(
+        json.dumps(record, default=str))
+    assert len(soup_lines(out)) == 1
+    warnings = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(warnings) == 1 and "skipped 1 line(s)" in warnings[0] and "line 2" in warnings[0], warnings
+    # the rerun finds its line (it was not lost by gluing) and appends nothing
+    assert uniform_soup.main(argv("uniform", zoo, fmnist_root, out))["time"] == record["time"]
+    assert len(soup_lines(out)) == 1
+
+
+@pytest.mark.parametrize("junk", [b"[1, 2, 3]\n", b'"a string"\n', b"42\n", b"null\n",
+                                  b'{"method": "uniform", "args": \xff\xfe}\n', b"\xc3\x28\n",
+                                  b"[" * 100000 + b"\n"],
+                         ids=["list", "string", "number", "null", "bad-utf8-object", "bad-utf8",
+                              "deep-nesting"])
+def test_unusable_results_lines_are_skipped_and_counted(caplog, zoo, out, fmnist_root, junk):
+    db = out / "results.jsonl"
+    db.write_bytes(junk)
+    with caplog.at_level(logging.WARNING):
+        first = uniform_soup.main(argv("uniform", zoo, fmnist_root, out))
+        again = uniform_soup.main(argv("uniform", zoo, fmnist_root, out))
+    assert again["time"] == first["time"]  # the rerun found the finished run: not appended twice
+    assert len(soup_lines(out)) == 1
+    assert db.read_bytes().startswith(junk)  # earlier lines are never deleted
+    warnings = [r.getMessage() for r in caplog.records if "skipped 1 line(s)" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # once, though the file is read several times
+
+
+def test_invalid_utf8_line_does_not_hide_a_finished_run(zoo, out, fmnist_root):
+    uniform_soup.main(argv("uniform", zoo, fmnist_root, out))
+    with open(out / "results.jsonl", "ab") as f:
+        f.write(b"\xff\xfe not text\n")
+    uniform_soup.main(argv("uniform", zoo, fmnist_root, out))
+    assert len(soup_lines(out)) == 1
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "folder-link"])
+def test_results_path_that_is_not_a_regular_file(tmp_path, zoo, out, fmnist_root, kind):
+    """As a process with a timeout: reading /dev/zero or a FIFO would never end."""
+    db = out / "results.jsonl"
+    if kind == "device":
+        os.symlink("/dev/zero", db)
+        what = "is a character device (a symbolic link to /dev/zero), not a regular file"
+    elif kind == "fifo":
+        os.mkfifo(db)
+        what = "is a FIFO (named pipe), not a regular file"
+    else:
+        os.symlink(tmp_path, db)
+        what = "is a folder"
+    done = subprocess.run([sys.executable, str(ROOT / "greedy_soup.py"),
+                           *argv("greedy", zoo, fmnist_root, out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    line = last_line(done)
+    assert line.startswith(f"error: --results-db {db} ") and what in line, line
+    assert not (out / "soup.pt").exists()
+
+
+# ------------------------------------------------------------------------ 5. two runs, one soup path
+HOLDER = ("import sys, time; from utils import lock; lock.acquire(sys.argv[1]); "
+          "print('held', flush=True); time.sleep(120)")
+
+
+@pytest.mark.parametrize("script", ["uniform", "mehl"])
+def test_a_second_run_on_the_same_soup_is_refused_naming_the_holder(capsys, zoo, out, fmnist_root, script):
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out / "soup.pt")], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = refused(capsys, script, argv(script, zoo, fmnist_root, out))
+        assert line == (f"error: output {out / 'soup.pt'} is in use by another run (pid {holder.pid}, "
+                        f"lock {out / '.soup.pt.lock'}): wait for it to finish or choose another path"), line
+        assert not (out / "results.jsonl").exists() and not (out / "soup.pt").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    # the kernel dropped the killed holder's lock: the run goes ahead
+    SCRIPTS[script].main(argv(script, zoo, fmnist_root, out))
+    assert load_state_dict(out / "soup.pt")
+
+
+def test_two_runs_started_together_one_is_refused(zoo, out, fmnist_root):
+    """Two processes, same --save-soup, different ranges: never a soup of one beside the other's
+    recipe. One finishes, the other is refused (the lock) or, if the first had already finished,
+    refuses the existing soup."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "uniform_soup.py"),
+                               *argv("uniform", zoo, fmnist_root, out, "--params_end", end)],
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env) for end in (2, 3)]
+    codes = [p.wait(timeout=120) for p in procs]
+    errs = [p.stderr.read() for p in procs]
+    assert sorted(codes) == [0, 2], errs
+    loser = errs[codes.index(2)].strip().splitlines()[-1]
+    assert "is in use by another run (pid " in loser or "exists: refusing to overwrite" in loser, loser
+    recipe = json.loads((out / "soup.recipe.json").read_text())
+    [line] = soup_lines(out)
+    assert len(recipe["ingredients"]) == len(line["ingredients"])  # soup, recipe and line of one run
+
+
+# ------------------------------------------------------------------------------- 6. the MEHL state
+MEHL_ARGS = ["--model_batch", "1", "--stop-after-groups", "1"]
+
+
+@pytest.fixture(scope="module")
+def mehl_state(tmp_path_factory, fmnist_root):
+    """A real state after one group of three (K=1), with its zoo."""
+    base = tmp_path_factory.mktemp("mehlstate")
+    zoo = make_zoo(base / "zoo", 3)
+    out = base / "out"
+    out.mkdir()
+    assert MEHL_soup_layer.main(argv("mehl", zoo, fmnist_root, out, *MEHL_ARGS)) is None
+    return zoo, out / "soup.state.pt"
+
+
+def _tampered(mehl_state, tmp_path, edit):
+    """A copy of the zoo and the state (the fingerprints record the zoo's files) with `edit` applied."""
+    zoo, state_file = mehl_state
+    copy = tmp_path / "zoo"
+    shutil.copytree(zoo, copy, copy_function=shutil.copy2)  # same size, mtime and contents
+    out = tmp_path / "out"
+    out.mkdir()
+    state = torch.load(state_file, weights_only=True)
+    state["config"]["model_location"] = str(copy.resolve())
+    for item in state["config"]["ingredient_files"]:
+        item["path"] = str(copy / os.path.basename(item["path"]))
+    edit(state, copy)
+    torch.save(state, out / "soup.state.pt")
+    return copy, out
+
+
+STATE_EDITS = {
+    "missing-soup": (lambda s, z: s.pop("soup"), "the state file lacks the field(s) soup"),
+    "missing-rng": (lambda s, z: s.pop("data_rng"), "lacks the field(s) data_rng"),
+    "config-not-dict": (lambda s, z: s.update(config=[1, 2]), "its config is a list, not a dict"),
+    "no-fingerprints": (lambda s, z: s["config"].pop("ingredient_files"),
+                        "records no ingredient fingerprints"),
+    "soup-too-short": (lambda s, z: s.update(soup=s["soup"][:-1]), "soup has shape"),
+    "soup-nan": (lambda s, z: s["soup"].__setitem__(0, float("nan")), "soup holds NaN or Inf"),
+    "soup-float64": (lambda s, z: s.update(soup=s["soup"].double()), "soup is torch.float64"),
+    "soup-sparse": (lambda s, z: s.update(soup=s["soup"].to_sparse()), "soup is not a dense tensor"),
+    "alpha-wrong-shape": (lambda s, z: s.update(alpha=s["alpha"][:, :2]), "alpha has shape"),
+    "alpha-inf": (lambda s, z: s["alpha"].__setitem__((0, 0), float("inf")), "alpha holds NaN or Inf"),
+    "order-repeats": (lambda s, z: s.update(order=[0, 0, 1]), "order is not a permutation of the 3"),
+    "order-short": (lambda s, z: s.update(order=[0, 1]), "order is not a permutation of the 3"),
+    "order-not-ints": (lambda s, z: s.update(order=[0.0, 1.0, 2.0]), "order is not a permutation"),
+    "group-out-of-range": (lambda s, z: s.update(next_group=7), "next_group 7 is not in [0, 3]"),
+    "group-negative": (lambda s, z: s.update(next_group=-1), "next_group -1 is not in [0, 3]"),
+    "group-skipped": (lambda s, z: s.update(next_group=2), "the log of finished groups has 1 entries"),
+    "models-epoch-out-of-range": (lambda s, z: s.update(models_epoch=1), "models_epoch 1 is not in [0, 1)"),
+    "rng-garbage": (lambda s, z: s.update(models_rng=torch.zeros(3, dtype=torch.uint8)),
+                    "models_rng is not a generator state"),
+    "seconds-nan": (lambda s, z: s.update(seconds=float("nan")), "seconds nan is not a finite number"),
+    "ingredient-replaced": (lambda s, z: torch.save(torch.load(z / "model_0.pt", weights_only=True)
+                                                    | {"classifier.bias": torch.ones(10)}, z / "model_0.pt"),
+                            "ingredient {zoo}/model_0.pt ("),
+    "ingredient-touched": (lambda s, z: os.utime(z / "model_2.pt", ns=(1, 1)),
+                           "ingredient {zoo}/model_2.pt (modification time) changed since the state"),
+    "ingredient-same-size-and-time": (lambda s, z: _same_size_and_time(z / "model_1.pt"),
+                                      "ingredient {zoo}/model_1.pt (contents) changed"),
+}
+
+
+def _same_size_and_time(path):
+    st = path.stat()
+    sd = torch.load(path, weights_only=True)
+    sd["classifier.bias"] = sd["classifier.bias"] + 1
+    torch.save(sd, path)
+    assert path.stat().st_size == st.st_size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("case", STATE_EDITS)
+def test_resume_state_is_validated_field_by_field(capsys, tmp_path, mehl_state, fmnist_root, case):
+    edit, expected = STATE_EDITS[case]
+    zoo, out = _tampered(mehl_state, tmp_path, edit)
+    line = refused(capsys, "mehl", argv("mehl", zoo, fmnist_root, out, "--model_batch", "1", "--resume"))
+    expected = expected.format(zoo=zoo)
+    assert line.startswith(f"error: --resume {out / 'soup.state.pt'}") and expected in line, line
+    assert not (out / "soup.pt").exists() and not (out / "results.jsonl").exists()
+
+
+def test_untampered_copy_resumes(tmp_path, mehl_state, fmnist_root):
+    """The control for the cases above: the same copying, no edit, resumes and finishes."""
+    zoo, out = _tampered(mehl_state, tmp_path, lambda s, z: None)
+    record = MEHL_soup_layer.main(argv("mehl", zoo, fmnist_root, out, "--model_batch", "1", "--resume"))
+    assert len(record["groups"]) == 3 and (out / "soup.pt").exists()
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("content", ["hostile", "text", "empty"])
+def test_hostile_or_unreadable_state_file_is_one_line(tmp_path, zoo, out, fmnist_root, content):
+    state = out / "soup.state.pt"
+    marker = tmp_path / "pwned"
+    if content == "hostile":
+        torch.save({"version": 1, "payload": _Payload(marker)}, state)
+    else:
+        state.write_text("" if content == "empty" else "not a state\n")
+    done = cli("mehl", argv("mehl", zoo, fmnist_root, out, "--resume"))
+    line = last_line(done)
+    assert line.startswith(f"error: --resume {state}: not a readable MEHL state file: "), line
+    assert len([x for x in done.stderr.splitlines() if x.startswith("error")]) == 1
+    assert not done.stderr.strip().splitlines()[-1].startswith(" ") and not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------- 7. numbers
+@pytest.mark.parametrize("script, extra, expected", [
+    ("mehl", ["--lr", "1e30"], "try a smaller --lr (now 1e+30)"),
+    ("mehl", ["--lr", "1e30", "--optimizer", "sgd"], "try a smaller --lr (now 1e+30)"),
+])
+def test_diverging_learning_never_writes_a_soup(capsys, zoo, out, fmnist_root, script, extra, expected):
+    line = refused(capsys, script, argv(script, zoo, fmnist_root, out, *extra))
+    assert "became non-finite (NaN or Inf)" in line and expected in line, line
+    if script == "mehl":
+        assert " in group " in line and ", step " in line, line
+    assert not (out / "soup.pt").exists() and not soup_lines(out)
+    assert not (out / "soup.state.pt").exists() or torch.isfinite(
+        torch.load(out / "soup.state.pt", weights_only=True)["soup"]).all()
+
+
+@pytest.mark.parametrize("script, extra, message", [
+    ("mehl", ["--lr", "1e300"], "--lr must be at most 3.40282e+37 (a tenth of the largest float32), got "
+     "1e+300"),
+    ("learned", ["--lr", "1e38"], "--lr must be at most 3.40282e+37 (a tenth of the largest float32), got "
+     "1e+38"),
+    ("mehl", ["--lr", "1e30", "--wd", "1e10"],
+     "--lr times --wd must be at most 3.40282e+37, got 1e+30 x 1e+10"),
+])
+def test_a_learning_rate_beyond_float32_is_refused(capsys, zoo, out, fmnist_root, script, extra, message):
+    line = refused(capsys, script, argv(script, zoo, fmnist_root, out, *extra))
+    assert line == f"error: {message}", line
+    nothing_written(out)
+
+
+@pytest.mark.parametrize("script, flag, value", [
+    ("mehl", "--randomseed", str(2**70)),
+    ("mehl", "--randomseed", "-1"),
+    ("mehl", "--randomseed", str(2**64)),
+    ("learned", "--seed", str(2**64)),
+    ("greedy", "--split-seed", "-1"),
+    ("uniform", "--split-seed", str(2**80)),
+])
+def test_seeds_are_range_checked(capsys, zoo, out, fmnist_root, script, flag, value):
+    line = refused(capsys, script, argv(script, zoo, fmnist_root, out, flag, value))
+    assert line == (f"error: {flag} must be an integer in [0, 2**64 - 1] (what torch.Generator takes), "
+                    f"got {value}"), line
+    nothing_written(out)
+
+
+@pytest.mark.parametrize("script, flag", [("mehl", "--randomseed"), ("learned", "--seed")])
+def test_the_largest_seed_works(zoo, out, fmnist_root, script, flag):
+    record = SCRIPTS[script].main(argv(script, zoo, fmnist_root, out, flag, str(2**64 - 1)))
+    assert record["args"][flag.lstrip("-")] == 2**64 - 1
+
+
+def test_a_soup_with_a_non_finite_number_is_never_written(tmp_path):
+    from utils.soup_io import save_soup
+    sd = {"w": torch.tensor([1.0, float("inf")])}
+    with pytest.raises(UserError, match=r"refusing to write .*soup\.pt: tensor w of the soup holds NaN"):
+        save_soup(sd, tmp_path / "soup.pt", "uniform", [], {})
+    assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------ 8. data location
+def test_missing_fashion_mnist_offline_is_one_line_and_leaves_nothing(capsys, monkeypatch, tmp_path, zoo,
+                                                                      out):
+    from datasets import fashion_mnist
+    monkeypatch.setattr(fashion_mnist, "online", lambda *a, **k: False, raising=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = refused(capsys, "uniform", argv("uniform", zoo, empty, out))
+    assert line.startswith("error: Fashion-MNIST not found; looked in ") and "(offline, so no download " \
+        "was tried)" in line, line
+    assert os.listdir(empty) == []
+    nothing_written(out)
+
+
+def test_a_failed_download_leaves_nothing(capsys, monkeypatch, tmp_path, zoo, out):
+    import torchvision.datasets
+    from datasets import fashion_mnist
+
+    class Broken:
+        def __init__(self, root, train=True, download=False):
+            raw = os.path.join(root, "FashionMNIST", "raw")
+            os.makedirs(raw, exist_ok=True)
+            open(os.path.join(raw, "train-images-idx3-ubyte.gz"), "wb").write(b"half")
+            print("Downloading http://example/train-images-idx3-ubyte.gz")
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(fashion_mnist, "online", lambda *a, **k: True, raising=False)
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", Broken)
+    target = tmp_path / "new-folder"
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_main(uniform_soup.main, argv("uniform", zoo, target, out))
+    captured = capsys.readouterr()
+    assert "Downloading" not in captured.out + captured.err
+    line = [x for x in captured.err.splitlines() if x.startswith("error: ")]
+    assert len(line) == 1 and "(the download failed: " in line[0] and "Error downloading" in line[0], line
+    assert not target.exists()
+
+
+# ------------------------------------------------------------------------------------- 9. smaller
+def test_ingredient_that_is_a_device_says_what_it_is(capsys, zoo, out, fmnist_root):
+    (zoo / "model_1.pt").unlink()
+    os.symlink("/dev/zero", zoo / "model_1.pt")
+    line = refused(capsys, "learned", argv("learned", zoo, fmnist_root, out))
+    assert line == (f"error: {zoo / 'model_1.pt'}: is a character device (a symbolic link to /dev/zero), "
+                    "not a checkpoint file"), line
+    nothing_written(out)
+
+
+def test_ingredient_that_is_a_fifo_or_a_folder(capsys, zoo, out, fmnist_root):
+    (zoo / "model_1.pt").unlink()
+    os.mkfifo(zoo / "model_1.pt")
+    line = refused(capsys, "uniform", argv("uniform", zoo, fmnist_root, out))
+    assert line == f"error: {zoo / 'model_1.pt'}: is a FIFO (named pipe), not a checkpoint file", line
+    (zoo / "model_1.pt").unlink()
+    (zoo / "model_1.pt").mkdir()
+    line = refused(capsys, "uniform", argv("uniform", zoo, fmnist_root, out))
+    assert line == f"error: {zoo / 'model_1.pt'}: is a folder, not a checkpoint file", line
+    nothing_written(out)
+
+
+def test_resume_path_that_is_a_folder_is_refused_before_work(capsys, tmp_path, zoo, out, fmnist_root):
+    folder = tmp_path / "statedir"
+    folder.mkdir()
+    line = refused(capsys, "mehl", argv("mehl", zoo, fmnist_root, out, "--resume", folder))
+    assert line == f"error: --resume {folder} is a folder: give a file name", line
+    nothing_written(out)
+    assert os.listdir(folder) == []
+
+
+def test_rebuild_names_a_missing_ingredient(zoo, out, fmnist_root):
+    from utils.soup_io import rebuild
+    uniform_soup.main(argv("uniform", zoo, fmnist_root, out))
+    (zoo / "model_2.pt").unlink()
+    with pytest.raises(UserError) as info:
+        rebuild(out / "soup.recipe.json")
+    assert str(info.value) == (f"{out / 'soup.recipe.json'}: ingredient {(zoo / 'model_2.pt').resolve()} "
+                               "is missing (no such checkpoint file); the soup cannot be rebuilt without it")
+    recipe = out / "soup.recipe.json"
+    recipe.write_text("{not json")
+    with pytest.raises(UserError, match="not a readable soup recipe"):
+        rebuild(recipe)
+
+
+def test_many_line_messages_become_one_line(capsys):
+    def main(argv):
+        raise UserError("first\n  second\n\nthird")
+    with pytest.raises(SystemExit):
+        run_main(main, [])
+    assert capsys.readouterr().err == "error: first second third\n"

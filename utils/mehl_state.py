@@ -1,0 +1,140 @@
+"""The MEHL --resume state file is untrusted input: every field is checked before it is used, and the
+ingredients it was made from are fingerprinted, so that a resume continues exactly the run that was
+interrupted or is refused in one line.
+
+A state holds: version, config (the defining arguments, and `ingredient_files`: each ingredient's
+path, size, modification time and sha256), models_epoch, next_group, order, soup, alpha, the two
+generator states, groups (the log of finished groups) and seconds. Also here: the check that stops a
+run whose soup went non-finite (a too large --lr) before anything is written."""
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from utils import distributed
+from utils.errors import UserError
+from utils.state_dicts import sha256
+
+FIELDS = ("version", "config", "models_epoch", "next_group", "order", "soup", "alpha", "models_rng",
+          "data_rng", "groups", "seconds")
+FILES_KEY = "ingredient_files"
+
+
+def fingerprints(paths):
+    """[{path, size, mtime_ns, sha256}] of the ingredients (read by the primary rank, sent to all)."""
+    out = None
+    if distributed.is_primary():
+        out = []
+        for p in paths:
+            st = Path(p).stat()
+            out.append({"path": str(Path(p).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                        "sha256": sha256(p)})
+    return distributed.broadcast_object(out)
+
+
+def _refuse(path, why):
+    return UserError(f"--resume {path}: {why}; start again with --overwrite (or another --resume file)")
+
+
+def check_header(state, path, config, flag_of):
+    """The fields, the configuration (`flag_of(key)` names a differing argument) and the ingredient
+    fingerprints against this run's. Raises a one-line UserError."""
+    if not isinstance(state, dict) or state.get("version") != 1:
+        raise UserError(f"--resume {path}: not a MEHL state file of this version")
+    missing = [k for k in FIELDS if k not in state]
+    if missing:
+        raise _refuse(path, f"the state file lacks the field(s) {', '.join(missing)}")
+    saved = state["config"]
+    if not isinstance(saved, dict):
+        raise _refuse(path, f"its config is a {type(saved).__name__}, not a dict")
+    if FILES_KEY not in saved:
+        raise _refuse(path, "it records no ingredient fingerprints (made by an older version)")
+    diffs = [f"{flag_of(k)} {saved.get(k)!r} in the state, {v!r} now"
+             for k, v in config.items() if k != FILES_KEY and saved.get(k) != v]
+    if diffs:
+        raise UserError(f"--resume {path} was made with another configuration: " + "; ".join(diffs))
+    changed = _changed_files(saved[FILES_KEY], config[FILES_KEY])
+    if changed:
+        raise _refuse(path, f"ingredient {changed} changed since the state was saved, so the soup "
+                      "would match neither the old files nor the new")
+
+
+def _changed_files(old, new):
+    if not isinstance(old, list) or len(old) != len(new):
+        return "list"
+    for o, n in zip(old, new):
+        if not isinstance(o, dict):
+            return n["path"]
+        what = [label for key, label in (("path", "path"), ("size", "size"),
+                                         ("mtime_ns", "modification time"), ("sha256", "contents"))
+                if o.get(key) != n[key]]
+        if what:
+            return f"{n['path']} ({', '.join(what)})"
+    return None
+
+
+def check_contents(state, path, *, n, numel, blocks, model_batch, models_epochs, dtype):
+    """Every field's type, range and shape against this run: position in the order, the order a
+    permutation of the n ingredients, the log as long as the groups done, soup (numel,) and alpha
+    (blocks, n) finite tensors of the run's dtype, generator states that torch.Generator takes."""
+    per_epoch = math.ceil(n / model_batch)
+    me, gi = state["models_epoch"], state["next_group"]
+    if not _is_int(me) or not 0 <= me < models_epochs:
+        raise _refuse(path, f"models_epoch {_show(me)} is not in [0, {models_epochs})")
+    if not _is_int(gi) or not 0 <= gi <= per_epoch:
+        raise _refuse(path, f"next_group {_show(gi)} is not in [0, {per_epoch}] ({n} ingredients in "
+                      f"groups of {model_batch})")
+    order = state["order"]
+    if not isinstance(order, list) or not all(_is_int(i) for i in order) or sorted(order) != list(range(n)):
+        raise _refuse(path, f"order is not a permutation of the {n} ingredients")
+    logs = state["groups"]
+    if not isinstance(logs, list) or len(logs) != me * per_epoch + gi:
+        raise _refuse(path, f"the log of finished groups has {len(logs) if isinstance(logs, list) else '?'} "
+                      f"entries, the position (models-epoch {_show(me)}, group {_show(gi)}) means "
+                      f"{me * per_epoch + gi}")
+    try:
+        json.dumps(logs)
+    except (TypeError, ValueError) as err:
+        raise _refuse(path, f"the log of finished groups is not plain data ({err})") from err
+    _tensor(state["soup"], "soup", (numel,), dtype, path)
+    _tensor(state["alpha"], "alpha", (blocks, n), torch.float64, path, any_float=True)
+    size = torch.Generator().get_state().numel()
+    for key in ("models_rng", "data_rng"):
+        g = state[key]
+        if not isinstance(g, torch.Tensor) or g.dtype != torch.uint8 or g.layout != torch.strided \
+                or g.device.type != "cpu" or g.shape != (size,):
+            raise _refuse(path, f"{key} is not a generator state")
+    seconds = state["seconds"]
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 <= seconds < math.inf:
+        raise _refuse(path, f"seconds {_show(seconds)} is not a finite number >= 0")
+
+
+def _tensor(t, name, shape, dtype, path, any_float=False):
+    if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.device.type != "cpu":
+        raise _refuse(path, f"{name} is not a dense tensor")
+    if tuple(t.shape) != tuple(shape):
+        raise _refuse(path, f"{name} has shape {tuple(t.shape)}, this run's is {tuple(shape)}")
+    if (any_float and not t.dtype.is_floating_point) or (not any_float and t.dtype != dtype):
+        raise _refuse(path, f"{name} is {t.dtype}, this run's is {dtype}")
+    if not torch.isfinite(t).all():
+        raise _refuse(path, f"{name} holds NaN or Inf")
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _show(x):
+    text = repr(x)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
+def check_finite(soup, group, step, lr):
+    """Stop (one line) as soon as the learned soup holds a NaN or Inf: it would be saved otherwise.
+    Checked a slice at a time, so the check allocates nothing of the soup's size."""
+    flat, chunk = soup.reshape(-1), 1 << 20
+    if not all(bool(torch.isfinite(flat[s:s + chunk]).all()) for s in range(0, flat.numel(), chunk)):
+        raise UserError(f"the soup became non-finite (NaN or Inf) in group {group}, step {step}: the "
+                        f"coefficients diverged; try a smaller --lr (now {lr:g}); nothing was written "
+                        "for this group")
