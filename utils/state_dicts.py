@@ -27,8 +27,8 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
 # ----------------------------------------------------------------------------------------- files
 def load_state_dict(path, max_bytes=None):
     """Load a checkpoint without running code from it: `.safetensors`, or `.pt` through
-    `torch.load(weights_only=True)`. Accepts a plain state dict or a dict holding one under
-    "state_dict" / "model_state_dict". Any failure is a UserError naming the file.
+    `torch.load(weights_only=True)`. Accepts a plain state dict or a training checkpoint holding one
+    (utils.checkpoint_formats.unwrap). Any failure is a UserError naming the file.
 
     `max_bytes` (the most a checkpoint of the architecture may hold, see `checkpoint_limit`) bounds
     what the file may unpack to, checked before any tensor data is read: the file's size, the sizes
