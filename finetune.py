@@ -4,7 +4,8 @@ Ingredient 0 is the linear probe: only the new head is trained, on features of t
 network. Every other ingredient starts from ingredient 0 (`--init`, default `<out-dir>/model_0.pt`)
 and is fine-tuned end to end with its own hyper-parameters, except the frozen first blocks. BatchNorm
 runs in eval mode with the pre-trained statistics throughout (its affine weights still train), so all
-ingredients share the same BatchNorm buffers; see docs/ZOO.md for why.
+ingredients share the same BatchNorm buffers; see docs/ZOO.md for why (`--batchnorm`: the default for
+the registered archs).
 
     # ingredient 0 (linear probe), then one fine-tuned ingredient, on CPU in about a minute:
     python finetune.py --linear-probe --index 0 --lr 3e-3 --epochs 20 --out-dir zoo/fashion_mnist
@@ -13,6 +14,12 @@ ingredients share the same BatchNorm buffers; see docs/ZOO.md for why.
 
 A whole zoo from a seeded sweep: `python -m utils.sweep` (scripts/build_zoo.sh).
 Single process only: ingredients are independent, run several at once on different devices instead.
+
+Any arch and any folder of images (README, "Your own zoo"): `--arch timm:<name>` or
+`--arch package.module:factory`, `--datasets ImageFolder --data-location ROOT`, and the pre-trained
+weights for the linear probe with `--pretrained CHECKPOINT` when timm cannot download them. Their
+BatchNorm layers train with batch statistics by default (`--batchnorm auto`), so the ingredients'
+statistics differ and the learned soups re-estimate them (SPEC 3).
 """
 import argparse
 import json
@@ -34,7 +41,7 @@ from utils.batchnorm import set_mode
 from utils.errors import UserError, run_main
 from utils.evaluation import accuracy
 from utils.schedules import cosine_with_warmup, set_lr
-from utils.state_dicts import atomic_write, load_state_dict, save_state_dict
+from utils.state_dicts import atomic_write, check_dtypes, check_state_dict, load_state_dict, save_state_dict
 
 log = logging.getLogger("finetune")
 _CACHE = {}   # data and frozen features shared by in-process calls (the sweep): loaded once
@@ -43,7 +50,9 @@ _CACHE = {}   # data and frozen features shared by in-process calls (the sweep):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--arch", default="efficientnet-lite0", help="architecture (utils/archs.py registry)")
+    p.add_argument("--arch", default="efficientnet-lite0",
+                   help="architecture: a name of the utils/archs.py registry, timm:<name>[@<size>] or "
+                        "package.module:factory (README, 'Your own zoo')")
     p.add_argument("--datasets", default="FashionMNIST", help="dataset to fine-tune on (datasets registry)")
     p.add_argument("--data-location", default=None,
                    help="data root; default: the dataset's standard places (see datasets/)")
@@ -55,6 +64,15 @@ def parse_args(argv=None):
     p.add_argument("--init", default=None,
                    help="state dict to start from; default: the pre-trained weights for --linear-probe, "
                         "<out-dir>/model_0.pt (the linear probe) otherwise")
+    p.add_argument("--pretrained", default=None,
+                   help="pre-trained weights for --linear-probe: a checkpoint of --arch whose head may "
+                        "differ or be absent (the probe's head starts at zero); default: the arch's own "
+                        "(efficientnet-lite0: its package; timm: downloaded by timm). Ignored without "
+                        "--linear-probe, so a sweep may pass it to every ingredient")
+    p.add_argument("--batchnorm", default="auto", choices=["auto", "frozen", "train"],
+                   help="BatchNorm statistics while fine-tuning end to end: frozen (eval mode, every "
+                        "ingredient keeps the pre-trained ones) or train (batch statistics, updated); auto: "
+                        "frozen for the registered archs (docs/ZOO.md), train for timm: and factory archs")
     p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (cosine, 10%% warm-up)")
     p.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay")
     p.add_argument("--epochs", type=int, default=3, help="epochs over the fine-tune split")
@@ -69,7 +87,11 @@ def parse_args(argv=None):
                         "efficientnet-lite0, 0 for other archs)")
     p.add_argument("--finetune-size", type=int, default=4000,
                    help="fine-tune on a class-balanced subsample of this many images (0 = all)")
-    p.add_argument("--heldout-per-class", type=int, default=100, help="held-out images per class")
+    p.add_argument("--heldout-per-class", type=int, default=None,
+                   help="held-out images per class (default: the dataset's, as the soup scripts use)")
+    p.add_argument("--heldout-index", default=None,
+                   help="0/1 numpy index file over the sorted train set selecting the held-out split (give "
+                        "the soup scripts the same one)")
     p.add_argument("--test-size", type=int, default=2000, help="test images evaluated (0 = all)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the held-out split and subsamples")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit; tests)")
@@ -79,6 +101,8 @@ def parse_args(argv=None):
     for name in ("lr", "epochs", "batch_size"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.heldout_per_class is not None and args.heldout_per_class < 1:
+        raise UserError(f"--heldout-per-class must be >= 1, got {args.heldout_per_class}")
     for name in ("wd", "mixup", "label_smoothing", "randaug_n", "randaug_m", "index"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -110,12 +134,13 @@ def _raw(x):
 
 def load_bundle(args, spec):
     """The DataBundle; its fine-tune split yields raw images (augmentation is per ingredient)."""
-    key = ("bundle", args.datasets, args.data_location, args.heldout_per_class, args.finetune_size,
-           args.test_size, args.data_seed, spec.name)
+    key = ("bundle", args.datasets, args.data_location, args.heldout_per_class, args.heldout_index,
+           args.finetune_size, args.test_size, args.data_seed, spec.name)
     if key not in _CACHE:
         _CACHE[key] = datasets.build_dataset(
             args.datasets, args.data_location, spec.preprocess, heldout_per_class=args.heldout_per_class,
-            finetune_size=args.finetune_size or None, test_size=args.test_size or None,
+            heldout_index=args.heldout_index, finetune_size=args.finetune_size or None,
+            test_size=args.test_size or None,
             seed=args.data_seed, train_preprocess=_raw)
     return key, _CACHE[key]
 
@@ -159,10 +184,20 @@ def split_model(model, spec, frozen_blocks):
     return (lambda x: x), model, ()
 
 
-def set_train_mode(model, frozen_prefixes):
-    """Train mode (dropout, drop-connect) except BatchNorm, which keeps its pre-trained statistics,
-    and the frozen modules, which run exactly as when their activations were cached."""
-    set_mode(model, frozen_stats=True)
+def batchnorm_frozen(args, spec):
+    """Whether BatchNorm keeps its statistics while fine-tuning (--batchnorm; auto: frozen for the
+    registered archs, as docs/ZOO.md measured for the default, updated for timm: and factory archs, as
+    their own training scripts do)."""
+    if args.batchnorm == "auto":
+        return not (spec.name.startswith("timm:") or ":" in spec.name)
+    return args.batchnorm == "frozen"
+
+
+def set_train_mode(model, frozen_prefixes, frozen_stats=True):
+    """The mode utils.batchnorm.set_mode gives (BatchNorm in train mode only when its statistics are
+    updated, every other layer in eval mode: dropout and drop-connect are off), and the frozen modules
+    in eval mode, so that they run exactly as when their activations were cached."""
+    set_mode(model, frozen_stats=frozen_stats)
     for name, module in model.named_modules():
         if name and (name + ".").startswith(frozen_prefixes):
             module.eval()
@@ -189,7 +224,7 @@ def train_linear_probe(model, args, bundle, key, device):
 
     model.eval()
     clean = Mapped(bundle.finetune, get_arch(args.arch).preprocess)
-    x, y = cached(key + ("lp-features", args.init),
+    x, y = cached(key + ("lp-features", args.init, args.pretrained),
                   lambda: run_batched(features, clean, device, 256, "probe features"))
     hook.remove()
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.wd)
@@ -244,6 +279,7 @@ def epoch_batches(args, spec, bundle, key, model, prefixes, frozen_fn, device, g
 
 def train_end_to_end(model, args, spec, bundle, key, device):
     frozen_fn, trainable_fn, prefixes = split_model(model, spec, args.frozen_blocks)
+    frozen_stats = batchnorm_frozen(args, spec)
     params = [p for n, p in model.named_parameters() if not n.startswith(prefixes)] if prefixes \
         else list(model.parameters())
     for n, p in model.named_parameters():
@@ -258,10 +294,12 @@ def train_end_to_end(model, args, spec, bundle, key, device):
     step = 0
     bar = tqdm(total=total, desc=f"fine-tuning model_{args.index}", leave=False)
     for _ in range(args.epochs):
-        set_train_mode(model, prefixes)
+        set_train_mode(model, prefixes, frozen_stats)
         for h, y in epoch_batches(args, spec, bundle, key, model, prefixes, frozen_fn, device, gen):
             if step >= total:
                 break
+            if len(y) == 1 and not frozen_stats:
+                continue  # a last batch of one image: BatchNorm has no batch statistics of it to take
             set_lr(opt, schedule(step))
             loss = F.cross_entropy(trainable_fn(h), y, label_smoothing=args.label_smoothing)
             opt.zero_grad(set_to_none=True)
@@ -280,17 +318,33 @@ def train_end_to_end(model, args, spec, bundle, key, device):
 def initial_state(args, spec, num_classes):
     """The model to start from: pre-trained weights (linear probe) or the linear-probe ingredient."""
     if args.linear_probe and args.init is None:
-        return spec.build(num_classes, pretrained=True)
+        if args.pretrained is None:
+            return spec.build(num_classes, pretrained=True)
+        return load_pretrained(spec.build(num_classes, pretrained=False), Path(args.pretrained), args.arch)
     init = Path(args.init) if args.init else Path(args.out_dir) / "model_0.pt"
     if not init.is_file():
         raise UserError(f"{init}: no start model; build the linear probe first "
                         f"(finetune.py --linear-probe --index 0 --out-dir {args.out_dir}) or pass --init")
     model = spec.build(num_classes, pretrained=False)
+    reference = model.state_dict()
     sd = load_state_dict(init)
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as err:
-        raise UserError(f"{init} does not match --arch {args.arch}: {str(err).splitlines()[0]}") from err
+    check_state_dict(sd, reference, f"{init} (--arch {args.arch})")  # names the keys that differ
+    model.load_state_dict(check_dtypes(sd, reference, str(init)), strict=True)
+    return model
+
+
+def load_pretrained(model, path, arch):
+    """Load pre-trained weights strictly except the head: the probe trains a new one, from zero. The
+    checkpoint's own head (another label set) may have another shape or be absent."""
+    head = head_of(model)
+    head_name = next(n for n, m in model.named_modules() if m is head)
+    head_keys = {f"{head_name}.{k}" for k in head.state_dict()}
+    reference = model.state_dict()
+    sd = {k: v for k, v in load_state_dict(path).items() if k not in head_keys}
+    check_state_dict(sd, {k: v for k, v in reference.items() if k not in head_keys},
+                     f"--pretrained {path} (--arch {arch}, head {head_name} excepted)")
+    model.load_state_dict({**check_dtypes(sd, reference, str(path)),
+                           **{k: torch.zeros_like(reference[k]) for k in head_keys}}, strict=True)
     return model
 
 
@@ -318,8 +372,9 @@ def main(argv=None):
               "linear_probe": args.linear_probe, "init": args.init, "steps": steps,
               "hparams": {k: getattr(args, k) for k in ("lr", "wd", "epochs", "batch_size", "label_smoothing",
                                                         "mixup", "randaug_n", "randaug_m", "seed",
-                                                        "frozen_blocks")},
+                                                        "frozen_blocks", "batchnorm", "pretrained")},
               "data": bundle.split, "heldout": heldout, "test": test, "seconds": round(seconds, 2)}
+    record["hparams"]["batchnorm"] = "frozen" if batchnorm_frozen(args, spec) else "train"
     atomic_write(js, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"),
                  overwrite=args.overwrite)
     log.info("model_%d: held-out %.2f %%, test %.2f %% (%.0f s) -> %s", args.index, heldout, test, seconds, pt)

@@ -15,6 +15,7 @@ REGISTRY = {
     "ImageNet": ("datasets.imagenet", "build_imagenet"),
     "CIFAR10": ("datasets.cifar", "build_cifar10"),
     "CIFAR100": ("datasets.cifar", "build_cifar100"),
+    "ImageFolder": ("datasets.image_folder", "build_image_folder"),   # the user's own images
 }
 
 

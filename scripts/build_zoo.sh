@@ -18,6 +18,8 @@
 #   scripts/build_zoo.sh                                    # zoo/fashion_mnist, CPU default
 #   scripts/build_zoo.sh zoo/fmnist72 --n 72 --finetune-size 0 --test-size 0 \
 #       --epochs-min 4 --epochs-max 10 --device cuda         # the published zoo size, full data, one GPU
+#   scripts/build_zoo.sh zoo/mine --n 8 --arch timm:resnet18 --datasets ImageFolder \
+#       --data-location ROOT --finetune-size 0 --test-size 0     # your own zoo (README, "Your own zoo")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-zoo/fashion_mnist}

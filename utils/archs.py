@@ -1,7 +1,10 @@
 """Architecture registry: `--arch NAME` -> ArchSpec (how to build the model, how to preprocess).
 
 Every builder takes (num_classes, pretrained). Soup scripts build with pretrained=False: the
-ingredients supply every weight."""
+ingredients supply every weight.
+
+Besides the registered names, `--arch` takes any timm model as `timm:<name>[@<size>]`
+(utils/arch_timm.py) and the user's own model as `package.module:factory` (utils/arch_factory.py)."""
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,6 +31,20 @@ def to_rgb(img):
     if isinstance(img, torch.Tensor) and img.ndim == 3 and img.shape[0] == 1:
         return img.expand(3, -1, -1)
     return img
+
+
+def pil_rgb(img):
+    """A PIL RGB image from a PIL image or an image tensor (grey or RGB, uint8 or float in [0, 1])."""
+    from PIL import Image
+    if isinstance(img, Image.Image):
+        return img.convert("RGB")
+    return v2.functional.to_pil_image(to_rgb(img))
+
+
+def pil_rgb_then(transform):
+    """`transform` (written for PIL RGB images, as timm's and most users' are) on any image the
+    datasets give: PIL images, or uint8 tensors such as Fashion-MNIST's grey ones."""
+    return v2.Compose([v2.Lambda(pil_rgb), transform])
 
 
 def image_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation=v2.InterpolationMode.BILINEAR,
@@ -73,11 +90,24 @@ def register(spec, *aliases):
         ALIASES[a] = spec.name
 
 
+_DYNAMIC = {}  # timm:<name> and package.module:factory specs, made once per process
+
+
 def get_arch(name):
+    if name.lower().startswith("timm:") or ":" in name:
+        if name not in _DYNAMIC:
+            if name.lower().startswith("timm:"):
+                from utils import arch_timm
+                _DYNAMIC[name] = arch_timm.spec("timm:" + name[len("timm:"):])
+            else:
+                from utils import arch_factory
+                _DYNAMIC[name] = arch_factory.spec(name)
+        return _DYNAMIC[name]
     key = ALIASES.get(name.lower(), name.lower())
     if key not in ARCHS:
         known = sorted(ARCHS) + sorted(ALIASES)
-        raise UserError(f"unknown --arch {name!r}; known: {', '.join(known)}")
+        raise UserError(f"unknown --arch {name!r}; known: {', '.join(known)}, timm:<name>, "
+                        "package.module:factory")
     return ARCHS[key]
 
 

@@ -31,7 +31,8 @@ def soup_parser(description, method):
     g.add_argument("--params_end", "--params-end", type=int, default=None,
                    help="last ingredient index (exclusive); default: up to the last one present")
     g.add_argument("--arch", default="efficientnet-lite0", help="architecture of the ingredients "
-                   f"(one of: {', '.join(sorted(archs.ARCHS) + sorted(archs.ALIASES))})")
+                   f"(one of: {', '.join(sorted(archs.ARCHS) + sorted(archs.ALIASES))}; or "
+                   "timm:<name>[@<size>], or package.module:factory: README, 'Your own zoo')")
     g.add_argument("--datasets", default="FashionMNIST", help="dataset name from the datasets registry")
     g.add_argument("--data-location", "--data_location", default=None,
                    help="root folder of the data; default: the dataset's standard place")

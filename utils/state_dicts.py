@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from utils.checkpoint_formats import unwrap
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,8 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
 # ----------------------------------------------------------------------------------------- files
 def load_state_dict(path, max_bytes=None):
     """Load a checkpoint without running code from it: `.safetensors`, or `.pt` through
-    `torch.load(weights_only=True)`. Accepts a plain state dict or a dict holding one under
-    "state_dict" / "model_state_dict". Any failure is a UserError naming the file.
+    `torch.load(weights_only=True)`. Accepts a plain state dict or a training checkpoint holding one
+    (utils.checkpoint_formats.unwrap). Any failure is a UserError naming the file.
 
     `max_bytes` (the most a checkpoint of the architecture may hold, see `checkpoint_limit`) bounds
     what the file may unpack to, checked before any tensor data is read: the file's size, the sizes
@@ -49,11 +50,8 @@ def load_state_dict(path, max_bytes=None):
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, Exception) as err:
         raise UserError(f"{path}: not a readable checkpoint (truncated or another format): "
                         f"{first_line(err)}") from err
-    if isinstance(sd, dict):
-        for key in ("state_dict", "model_state_dict"):
-            if key in sd and isinstance(sd[key], dict):
-                sd = sd[key]
-                break
+    if isinstance(sd, dict):  # a training checkpoint, keys saved from DDP (utils/checkpoint_formats.py)
+        sd = unwrap(sd, str(path))
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"{path}: holds no state dict of tensors (found {type(sd).__name__})")
     screen_tensors(sd, str(path))
