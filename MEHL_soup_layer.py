@@ -386,6 +386,8 @@ def main(argv=None):
     reset_peak(setup.device)
 
     layout, base = make_layout(paths, setup.model, setup.reference, args.layer_size)
+    if not layout.frozen_stats:
+        sampling.check_batch_statistics(len(setup.bundle.heldout), args.batch_size, distributed.world_size())
     args.method = "MEHL-Soup" if layout.num_blocks == 1 else "MEHL-Soup+"
     config = config_of(args, paths)
     config[mehl_state.FILES_KEY] = mehl_state.fingerprints(paths)

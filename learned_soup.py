@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils import batchnorm, cli, distributed, individual, learned, results
+from utils import batchnorm, cli, distributed, individual, learned, results, sampling
 from utils.errors import UserError, run_main
 from utils.evaluation import evaluate_all
 from utils.ingredients import index_of, stream
@@ -212,6 +212,8 @@ def main(argv=None):
     names = list(stacked)
     bn_differ = batchnorm.batchnorm_statistics(model, differ)
     frozen_stats = not bn_differ
+    if bn_differ:
+        sampling.check_batch_statistics(len(setup.bundle.heldout), args.batch_size, distributed.world_size())
     blocks = coefficient_blocks(names, [stacked[k][0].numel() for k in names], args.layer_size)
     if distributed.is_primary():
         log.info("%s: %d ingredients, %d learned tensors in %d block(s), %d kept; BatchNorm statistics %s",

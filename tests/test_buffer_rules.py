@@ -98,3 +98,15 @@ def test_resume_never_replaces_a_soup_its_state_did_not_make(tmp_path, fmnist_ro
         mehl.main(argv(zoo, fmnist_root, tmp_path, "--model_batch", 3, "--resume", name="keep"))
     assert (tmp_path / "keep.pt").read_bytes() == before
     assert not (tmp_path / "keep.state.pt").exists()
+
+
+@pytest.mark.parametrize("script", ["learned", "mehl"])
+def test_batch_statistics_of_one_image_refused_before_learning(tmp_path, fmnist_root, script):
+    """40 held-out images in batches of 13 leave a last batch of 1: no batch statistics."""
+    zoo = make_zoo(tmp_path / "zoo", 2, differ_buffers=True)
+    flags = argv(zoo, fmnist_root, tmp_path, "--epochs", 1)
+    flags[flags.index("--batch-size") + 1] = "13"
+    main = learned_soup.main if script == "learned" else mehl.main
+    with pytest.raises(UserError, match="share of 1 image"):
+        main(flags + (["--layerwise"] if script == "learned" else ["--model_batch", "2"]))
+    assert not (tmp_path / "soup.pt").exists() and not (tmp_path / "results.jsonl").exists()

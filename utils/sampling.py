@@ -38,6 +38,26 @@ def my_share(group, world=None, rank=None):
     return group[start:stop]
 
 
+def smallest_share(n, batch_size, world=1):
+    """The fewest examples a rank gets of any global batch of an epoch over n examples (ranks whose
+    share of a small last batch is empty sit that step out and do not count)."""
+    sizes = {min(batch_size, n)} | ({n % batch_size} if n % batch_size else set())
+    shares = [stop - start for size in sizes for start, stop in
+              (shard_range(size, world, r) for r in range(world))]
+    return min(x for x in shares if x > 0)
+
+
+def check_batch_statistics(n, batch_size, world=1):
+    """Learning with batch statistics (BatchNorm in train mode) needs two or more images in every
+    rank's share of every batch: refuse a split that would give a share of one image, before work."""
+    if smallest_share(n, batch_size, world) < 2:
+        from utils.errors import UserError
+        raise UserError(f"BatchNorm statistics differ across the ingredients, so learning uses batch "
+                        f"statistics, which one image does not have: {n} held-out images in batches of "
+                        f"{batch_size} over {world} process(es) leave a share of 1 image; choose another "
+                        "--batch-size (or --heldout-per-class)")
+
+
 def global_batches(n, batch_size, generator):
     """One epoch of the held-out split: a seeded permutation of range(n) cut into global batches."""
     perm = torch.randperm(n, generator=generator).tolist()
