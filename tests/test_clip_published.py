@@ -54,7 +54,7 @@ def test_uniform_greedy_learned_on_published_layout(zoo, data, tmp_path):
     assert g["method"] == "greedy" and 1 <= len(g["ingredients"]) <= N
     assert lp["method"] == "Learned-Soup+"
     # the text leftovers are identical in every ingredient: kept, never stacked N times
-    assert set(lp["kept_parameters"]) == TEXT_LEFTOVERS
+    assert set(lp["identical_parameters"]) == TEXT_LEFTOVERS
     uniform = torch.load(tmp_path / "uniform.pt", weights_only=True)
     first = torch.load(zoo / "model_0.pt", weights_only=True)
     assert set(uniform) == set(first)
@@ -78,7 +78,7 @@ def test_mehl_on_published_layout_one_and_two_processes(zoo, data, tmp_path):
     flags = ["--model_batch", 3, "--epochs", 1, "--no-epoch-test", "--randomseed", 2]
     one = mehl.main([str(a) for a in argv(zoo, data, tmp_path, *flags, name="one")])
     assert one["method"] == "MEHL-Soup+"
-    assert set(one["frozen_parameters"]) == TEXT_LEFTOVERS
+    assert set(one["identical_parameters"]) == TEXT_LEFTOVERS
     assert [len(g["ingredients"]) for g in one["groups"]] == [3, 1]
     done = torchrun("MEHL_soup_layer.py", argv(zoo, data, tmp_path, *flags, name="two"), nproc=2)
     assert done.returncode == 0, done.stderr[-2000:]

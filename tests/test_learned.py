@@ -126,7 +126,7 @@ def test_coefficients_move_to_good_ingredient(tmp_path, fmnist_root):
     assert record["alpha"][1] > 0.8, record["alpha"]
     losses = record["heldout_loss_per_epoch"]
     assert losses[-1] < 0.5 * losses[0], losses
-    assert not record["bn_reestimated"]
+    assert record["batchnorm"] != "re-estimated on held-out"
     coeff = json.loads((tmp_path / "soup.coefficients.json").read_text())
     assert coeff["blocks"][0]["alpha"]["1"] == pytest.approx(record["alpha"][1])
     assert coeff["temperature"] == record["temperature"]
@@ -134,6 +134,18 @@ def test_coefficients_move_to_good_ingredient(tmp_path, fmnist_root):
     rebuilt, soup = rebuild(tmp_path / "soup.recipe.json"), load_state_dict(out)
     for k in soup:
         torch.testing.assert_close(rebuilt[k], soup[k])
+
+
+def test_report_reads_the_coefficients_sidecar_learned_soup_writes(tmp_path):
+    """report.py falls back to `<soup>.coefficients.json` when a line holds no alpha: it must read the
+    file as learned soup writes it (one entry per block, alpha by ingredient index)."""
+    from report import coefficients_of
+    from utils.soup_io import sidecar, write_json
+    paths = [tmp_path / "model_3.pt", tmp_path / "model_5.pt"]
+    alpha = [[0.25, 0.75], [0.6, 0.4]]
+    write_json(sidecar(tmp_path / "soup.pt", "coefficients"),
+               learned_soup.coefficients_doc(paths, [["a.weight"], ["b.weight"]], alpha, 1.5))
+    assert coefficients_of({"method": "Learned-Soup+", "soup_file": str(tmp_path / "soup.pt")}) == alpha
 
 
 def test_layerwise_one_row_per_tensor_and_identical_kept(tmp_path, fmnist_root):
@@ -148,7 +160,7 @@ def test_layerwise_one_row_per_tensor_and_identical_kept(tmp_path, fmnist_root):
                                       "--save-soup", out))
     n_params = len(list(get_arch("tiny-cnn").build(10).parameters()))
     assert record["method"] == "Learned-Soup+" and record["blocks"] == n_params - 1
-    assert record["kept_parameters"] == ["features.0.bias"]
+    assert record["identical_parameters"] == ["features.0.bias"]
     recipe = json.loads((tmp_path / "plus.recipe.json").read_text())
     alpha = torch.tensor(recipe["coefficients"]["alpha"])
     assert alpha.shape == (n_params - 1, 3)
@@ -157,7 +169,7 @@ def test_layerwise_one_row_per_tensor_and_identical_kept(tmp_path, fmnist_root):
     soup, first = load_state_dict(out), torch.load(zoo / "model_0.pt")
     assert torch.equal(soup["features.0.bias"], kept)
     # identical BatchNorm statistics: kept exactly, so those layers ran in eval mode while learning
-    assert not record["bn_reestimated"]
+    assert record["batchnorm"] != "re-estimated on held-out"
     for k in ("features.1.running_mean", "features.1.running_var", "features.4.running_var"):
         assert torch.equal(soup[k], first[k]), k
     # --layer-size larger than the model: one block again
@@ -170,13 +182,14 @@ def test_differing_batchnorm_statistics_are_reestimated(tmp_path, fmnist_root):
     zoo = make_zoo(tmp_path / "zoo", 2, differ_buffers=True)
     out = tmp_path / "bn.pt"
     record = learned_soup.main(common(zoo, fmnist_root, tmp_path, "--epochs", "1", "--save-soup", out))
-    assert record["bn_reestimated"]
+    assert record["batchnorm"] == "re-estimated on held-out"
     soup = load_state_dict(out)
     sds = [torch.load(zoo / f"model_{i}.pt") for i in range(2)]
     mean_var = (sds[0]["features.1.running_var"] + sds[1]["features.1.running_var"]) / 2
     assert not torch.allclose(soup["features.1.running_var"], mean_var)
     recipe = json.loads((tmp_path / "bn.recipe.json").read_text())
-    assert recipe["bn_reestimated"] and "features.1.running_var" in recipe["coefficients"]["reestimated_buffers"]
+    assert recipe["batchnorm"] == "re-estimated on held-out"
+    assert "features.1.running_var" in recipe["coefficients"]["reestimated_buffers"]
 
 
 def test_memory_refusal(tmp_path, fmnist_root):

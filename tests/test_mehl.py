@@ -190,7 +190,7 @@ def test_parameter_identical_in_all_ingredients_is_kept(tmp_path, fmnist_root):
         sd["classifier.bias"] = fixed.clone()
         torch.save(sd, zoo / f"model_{i}.pt")
     record = mehl.main(run(tmp_path, zoo, fmnist_root, "--model_batch", 2, "--layer-size", 10**9))
-    assert record["frozen_parameters"] == ["classifier.bias"] and record["frozen_numbers"] == 10
+    assert record["identical_parameters"] == ["classifier.bias"] and record["identical_numbers"] == 10
     soup = soup_of(tmp_path)
     assert torch.isfinite(soup["classifier.weight"]).all()
     assert torch.equal(soup["classifier.bias"], fixed)
