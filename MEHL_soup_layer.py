@@ -41,7 +41,6 @@ define the result) is written atomically to --resume's file (default: `<soup>.st
 state file is kept after success (it also records the finished run); a new run over it needs
 --resume or --overwrite.
 """
-import json
 import logging
 import math
 import time
@@ -52,23 +51,19 @@ import torch
 from tqdm import tqdm
 
 from utils import cli, distributed, hyperplane, individual, mehl, mehl_state, results, sampling
-from utils.batchnorm import batchnorm_statistics, has_batchnorm, reestimate, set_mode
+from utils.batchnorm import batchnorm_statistics, reestimate, rule, set_mode
 from utils.errors import UserError, run_main
 from utils.evaluation import accuracy, evaluate_all
 from utils.ingredients import index_of
 from utils.layout import Layout, make_layout, state_buffers
 from utils.memory import reset_peak
 from utils.schedules import constant, cosine_with_warmup
-from utils.soup_io import buffer_coefficients, save_soup
+from utils.soup_io import buffer_coefficients, sidecar
 from utils.state_dicts import atomic_write
 
 log = logging.getLogger("MEHL_soup")
 STATE_VERSION = 1
-# The arguments that define the result: a --resume state made with other values is refused.
-DEFINING = ("model_location", "params_start", "params_end", "arch", "datasets", "data_location",
-            "heldout_per_class", "heldout_index", "split_seed", "exclude_top", "batch_size", "lr", "wd",
-            "epochs", "cosine_lr", "optimizer", "randomseed", "model_batch", "models_epochs",
-            "layer_size", "labelsmooth", "directions_dtype")
+METHODS = ("MEHL-Soup", "MEHL-Soup+")
 UNDERSCORE_FLAGS = ("params_start", "params_end", "model_batch", "models_epochs")
 
 
@@ -130,8 +125,15 @@ def check_args(args):
 
 
 # ------------------------------------------------------------------------------------- state
+def method_of(layout):
+    """MEHL-Soup with one block (model-wise), MEHL-Soup+ with more."""
+    return METHODS[0] if layout.num_blocks == 1 else METHODS[1]
+
+
 def config_of(args, paths):
-    cfg = {k: getattr(args, k) for k in DEFINING}
+    """The arguments that define the run (`cli.run_key`, as for reruns) and its ingredients: a --resume
+    state made with other values is refused."""
+    cfg = cli.run_key(vars(args))
     cfg["model_location"] = str(Path(args.model_location).resolve())
     cfg["ingredients"] = [index_of(p) for p in paths]
     return cfg
@@ -141,11 +143,11 @@ def flag_of(key):
     return "--" + (key if key in UNDERSCORE_FLAGS else key.replace("_", "-"))
 
 
-def state_file(args, out_path):
+def state_file(args, method):
+    """--resume's file when it names one, else `<soup>.state.pt` (runs/<method>.state.pt without a soup)."""
     if isinstance(args.resume, str):
         return Path(args.resume)
-    base = out_path if out_path is not None else Path(f"runs/{args.method}.pt")
-    return base.with_name(base.stem + ".state.pt")
+    return sidecar(cli.soup_target(args, method) or Path(f"runs/{method}.pt"), "state")
 
 
 def load_state(path, args, config):
@@ -182,7 +184,9 @@ def save_state(path, state):
 class Run:
     """What every group of one run uses, fixed at its start."""
     args: object
+    method: str               # MEHL-Soup or MEHL-Soup+ (`method_of` the layout)
     setup: cli.Setup
+    output: cli.Output        # where the soup goes
     layout: Layout
     paths: list
     soup: mehl.FlatSoup       # the model's learned parameters, as one flat vector
@@ -232,13 +236,13 @@ def learn_group(run, group, progress):
     args, setup, layout = run.args, run.setup, run.layout
     B, N = layout.num_blocks, len(run.paths)
     first = progress.alpha is None
-    mine = sampling.my_share(group)
-    center, P, inv_norms = mehl.directions(run.paths, mine, len(group), layout, setup.reference, run.soup,
+    my_rows = sampling.my_share(group)  # this rank's ingredients of the group (all of them on one process)
+    center, P, inv_norms = mehl.directions(run.paths, my_rows, len(group), layout, setup.reference, run.soup,
                                            mehl.DTYPES[args.directions_dtype], first)
     alpha_center = hyperplane.mean_alpha(group, N, B) if first else progress.alpha
     with torch.no_grad():
         run.soup.theta.copy_(center)  # the soup starts at the center
-    X = torch.zeros(len(mine), B, dtype=run.soup.theta.dtype, device=setup.device, requires_grad=True)
+    X = torch.zeros(len(my_rows), B, dtype=run.soup.theta.dtype, device=setup.device, requires_grad=True)
     per_epoch = math.ceil(len(setup.bundle.heldout) / args.batch_size)
     schedule = (cosine_with_warmup(args.lr, args.epochs * per_epoch) if args.cosine_lr
                 else constant(args.lr))
@@ -268,7 +272,7 @@ def learn_group(run, group, progress):
             log.info("group %d epoch %d: held-out loss %.4f%s", label, epoch + 1, state.losses[-1],
                      f", test {tests[-1]:.2f} (logged only)" if tests else "")
     bar.close()
-    delta = hyperplane.alpha_delta(alpha_center, X, inv_norms, mine)
+    delta = hyperplane.alpha_delta(alpha_center, X, inv_norms, my_rows)
     alpha = alpha_center + distributed.all_reduce_sum(delta.to(setup.device)).cpu()
     return alpha, {"ingredients": [index_of(run.paths[i]) for i in group],
                    "heldout_loss": state.losses, "test_logged_only": tests}
@@ -306,9 +310,9 @@ def learn(run, progress):
 
 
 # ---------------------------------------------------------------------------------- outputs
-def finish(run, progress, out_path, replace):
+def finish(run, progress):
     """Re-estimate BatchNorm statistics when they differ, evaluate, and write the alpha sidecar, the
-    soup with its recipe, and the results line (last: it marks the run as finished; a kill before it
+    soup with its recipe, and the results line (`results.write_outputs`; a kill before the line
     leaves the state file, from which --resume redoes only this)."""
     args, setup, layout = run.args, run.setup, run.layout
     reestimated = not layout.frozen_stats
@@ -318,32 +322,28 @@ def finish(run, progress, out_path, replace):
                           shifts=not args.no_shifts)
     summary = hyperplane.summary(progress.alpha)
     alpha = progress.alpha.tolist()
-    frozen_numbers = sum(setup.reference[n].numel() for n in layout.frozen)
+    identical_numbers = sum(setup.reference[n].numel() for n in layout.identical)
     rows_per_rank = sampling.shard_range(min(args.model_batch, len(run.paths)), index=0)[1]
     itemsize = run.soup.theta.element_size()
     soup_sd = {k: v.detach().cpu().clone() for k, v in setup.model.state_dict().items()}
     statistics = batchnorm_statistics(setup.model, state_buffers(setup.model, floating=False)) if reestimated else []
-    coefficients = {"names": layout.names, "blocks": layout.blocks, "alpha": alpha, "frozen": layout.frozen,
+    coefficients = {"names": layout.names, "blocks": layout.blocks, "alpha": alpha,
+                    "identical_parameters": layout.identical,
                     **buffer_coefficients(soup_sd, layout.differing_buffers, statistics)}
-    extra = {"blocks": layout.num_blocks, "model_batch": args.model_batch, "groups": progress.groups,
-             "alpha_summary": summary, "frozen_parameters": layout.frozen,
-             "frozen_numbers": frozen_numbers,
-             "frozen_bytes_not_held_per_rank": frozen_numbers * itemsize * (rows_per_rank + 1),
-             "batchnorm": ("re-estimated on held-out" if reestimated else
-                           "identical statistics, eval mode" if has_batchnorm(setup.model) else "none"),
-             "state_file": str(run.state_path),
-             "learning_seconds_all_sessions": round(progress.seconds, 2)}
-    if out_path is not None and distributed.is_primary():
-        text = json.dumps({"ingredients": [str(p) for p in run.paths], "blocks": layout.blocks,
-                           "alpha": alpha, "summary": summary}, indent=1)
-        atomic_write(out_path.with_name(out_path.stem + ".alpha.json"), lambda tmp: Path(tmp).write_text(text),
-                     overwrite=True)
-    save_soup(soup_sd, out_path, args.method, run.paths, cli.record_args(args), coefficients=coefficients,
-              overwrite=replace)
-    record = results.append(args.results_db, cli.result_record(args, setup, run.paths, scores, **extra))
+    batchnorm = rule(setup.model, reestimated)
+    alpha_doc = {"ingredients": [str(p) for p in run.paths], "blocks": layout.blocks, "alpha": alpha,
+                 "summary": summary}
+    record = results.write_outputs(
+        args, setup, run.output, run.method, run.paths, scores, soup_sd, sidecars={"alpha": alpha_doc},
+        coefficients=coefficients, recipe={"batchnorm": batchnorm},
+        blocks=layout.num_blocks, model_batch=args.model_batch, groups=progress.groups,
+        alpha_summary=summary, identical_parameters=layout.identical, identical_numbers=identical_numbers,
+        identical_bytes_not_held_per_rank=identical_numbers * itemsize * (rows_per_rank + 1),
+        batchnorm=batchnorm, state_file=str(run.state_path),
+        learning_seconds_all_sessions=round(progress.seconds, 2))
     if distributed.is_primary():
         log.info("%s of %d (K=%d): held-out %.2f, test %.2f, shift mean %s; alpha: %d negative "
-                 "(%.1f%%), max %.3f, effective ingredients %.2f", args.method, len(run.paths),
+                 "(%.1f%%), max %.3f, effective ingredients %.2f", run.method, len(run.paths),
                  args.model_batch, scores["heldout"], scores["test"], scores.get("shift_mean"),
                  summary["negative"], 100 * summary["negative_fraction"], summary["max"],
                  summary["effective_ingredients"])
@@ -361,14 +361,14 @@ def start_model(model, layout, base):
     return mehl.FlatSoup(model, layout.names)
 
 
-def log_start(args, setup, layout, n):
+def log_start(args, method, setup, layout, n):
     if not distributed.is_primary():
         return
-    frozen_numbers = sum(setup.reference[k].numel() for k in layout.frozen)
+    identical_numbers = sum(setup.reference[k].numel() for k in layout.identical)
     log.info("%s: %d ingredients, K=%d, %d block(s) over %d learned parameter tensors (%d numbers, "
              "directions in %s); %d parameter tensor(s) identical in all ingredients kept as they are "
-             "(%d numbers); BatchNorm: %s", args.method, n, args.model_batch, layout.num_blocks,
-             len(layout.names), layout.numel, args.directions_dtype, len(layout.frozen), frozen_numbers,
+             "(%d numbers); BatchNorm: %s", method, n, args.model_batch, layout.num_blocks,
+             len(layout.names), layout.numel, args.directions_dtype, len(layout.identical), identical_numbers,
              "statistics identical, eval mode" if layout.frozen_stats else "statistics differ, "
              "train mode, re-estimated at the end")
 
@@ -379,20 +379,20 @@ def main(argv=None):
     check_args(args)
     # The method (hence the default soup path) is known once the blocks are counted: an explicit
     # --save-soup is checked now, before the long work, the default one below.
-    earlier, setup = cli.begin(args, ("MEHL-Soup", "MEHL-Soup+"), check_output=args.save_soup is not None)
-    if earlier is not None:
-        return earlier
+    finished_line, setup, _ = cli.begin(args, None, METHODS)
+    if finished_line is not None:
+        return finished_line
     paths = individual.souped_paths(args, setup)
     reset_peak(setup.device)
 
     layout, base = make_layout(paths, setup.model, setup.reference, args.layer_size)
     if not layout.frozen_stats:
         sampling.check_batch_statistics(len(setup.bundle.heldout), args.batch_size, distributed.world_size())
-    args.method = "MEHL-Soup" if layout.num_blocks == 1 else "MEHL-Soup+"
+    method = method_of(layout)
     config = config_of(args, paths)
     config[mehl_state.FILES_KEY] = mehl_state.fingerprints(paths)
-    state_path = state_file(args, cli.soup_target(args))
-    cli.lock_output(cli.soup_target(args), state_path)
+    state_path = state_file(args, method)
+    cli.lock_output(cli.soup_target(args, method), state_path)
     state = load_state(state_path, args, config)
     if state is not None:
         mehl_state.check_contents(state, state_path, n=len(paths), numel=layout.numel,
@@ -400,20 +400,20 @@ def main(argv=None):
                                   models_epochs=args.models_epochs,
                                   dtype=setup.reference[layout.names[0]].dtype)
     # --resume replaces an existing soup only when its own state is continued.
-    out_path, replace = cli.soup_output(args, resumed=state is not None)
+    output = cli.soup_output(args, method, resumed=state is not None)
     soup = start_model(setup.model, layout, base)
     del base  # the model holds it now: a second full copy would cost memory all run long
     if state is not None:
         soup.theta.copy_(state["soup"].to(soup.theta.device))
-    log_start(args, setup, layout, len(paths))
-    wandb = results.Wandb(args.wandb, "model-soups", cli.record_args(args),
-                          out_path.parent if out_path else Path("runs"))
-    run = Run(args, setup, layout, paths, soup, state_path, config, wandb)
+    log_start(args, method, setup, layout, len(paths))
+    wandb = results.Wandb(args.wandb, "model-soups", results.record_args(args),
+                          output.path.parent if output.path else Path("runs"))
+    run = Run(args, method, setup, output, layout, paths, soup, state_path, config, wandb)
     progress = Progress.start(args.randomseed, state)
 
     record = None
     if learn(run, progress):
-        record = finish(run, progress, out_path, replace)
+        record = finish(run, progress)
     else:
         log.info("stopped after %d group(s) (--stop-after-groups); continue with --resume %s",
                  len(progress.groups), state_path)

@@ -1,5 +1,5 @@
-"""Greedy soup (SPEC 5): add ingredients in order of held-out accuracy, keep one only if the soup's
-held-out accuracy rises strictly.
+"""Greedy soup: try every ingredient in order of held-out accuracy and keep each one that raises the
+soup's held-out accuracy strictly (a dropped ingredient does not stop the search).
 
 1. Held-out accuracy of every ingredient (lines already in the results file are reused).
 2. Sort descending, ties: lower index first. soup = best ingredient.
@@ -26,13 +26,14 @@ from utils import cli, distributed, individual, results
 from utils.errors import run_main
 from utils.evaluation import accuracy, evaluate_all
 from utils.ingredients import index_of, load_checked
-from utils.soup_io import save_soup
 
 log = logging.getLogger("greedy_soup")
+METHOD = "greedy"
 
 
 def parse_args(argv=None):
-    p = cli.soup_parser("Greedy soup: add ingredients by held-out accuracy while it rises.", "greedy")
+    p = cli.soup_parser("Greedy soup: try every ingredient in order of held-out accuracy and keep each "
+                        "that raises the soup's held-out accuracy.", METHOD)
     return p.parse_args(argv)
 
 
@@ -67,9 +68,9 @@ def greedy(ranking, load, heldout_of):
 
 def main(argv=None):
     args = parse_args(argv)
-    earlier, setup = cli.begin(args)
-    if earlier is not None:
-        return earlier
+    finished_line, setup, output = cli.begin(args, METHOD)
+    if finished_line is not None:
+        return finished_line
 
     ranking = individual.heldout_ranking(args, setup)
     ranking = ranking[args.exclude_top:]
@@ -84,15 +85,13 @@ def main(argv=None):
     scores = evaluate_all(setup.model, setup.bundle, setup.device, args.batch_size, args.workers,
                           shifts=not args.no_shifts)
 
-    paths = {index_of(p): p for _, p, _ in ranking}
-    kept_paths = [paths[i] for i in kept]
-    # The results line last: it marks the run as finished (a rerun after a kill redoes what is missing).
-    save_soup(soup, setup.out_path, args.method, kept_paths, cli.record_args(args),
-              extra={"order": [i for i, _, _ in ranking], "steps": steps}, overwrite=setup.replace)
-    record = results.append(args.results_db, cli.result_record(
-        args, setup, kept_paths, scores, order=[i for i, _, _ in ranking],
+    path_of = {index_of(p): p for _, p, _ in ranking}
+    order = [i for i, _, _ in ranking]
+    record = results.write_outputs(
+        args, setup, output, METHOD, [path_of[i] for i in kept], scores, soup,
+        recipe={"order": order, "steps": steps}, order=order,
         heldout_steps=[s["heldout"] for s in steps], steps=steps,
-        excluded=sorted(set(index_of(p) for p in setup.paths) - set(paths))))
+        excluded=sorted(set(index_of(p) for p in setup.paths) - set(path_of)))
     if distributed.is_primary():
         log.info("greedy soup of %s: held-out %.2f, test %.2f, shift mean %s", kept, scores["heldout"],
                  scores["test"], scores.get("shift_mean"))

@@ -1,4 +1,4 @@
-"""Learned-Soup and Learned-Soup+ (SPEC 6): mixing coefficients learned by gradient descent on the
+"""Learned-Soup and Learned-Soup+: mixing coefficients learned by gradient descent on the
 held-out split, with all N ingredients resident.
 
 Raw coefficients R (B, N) start equal (the first soup is the uniform soup); alpha = softmax(R, dim=1);
@@ -6,9 +6,9 @@ theta_b = sum_i alpha[b, i] theta_{i,b}; a temperature beta (starting at 1) mult
 loss = CE(beta * f(x; theta(alpha)), y). Only R and beta are learned (AdamW, lr 0.05, wd 0, 5 epochs,
 batch 256, constant lr). B = 1 (Learned-Soup) or, with --layerwise, one row per parameter tensor
 (Learned-Soup+; --layer-size S for coarser blocks). Parameters identical in every ingredient are kept as
-they are. BatchNorm (SPEC 3): statistics identical in every ingredient are kept and those layers run in
-eval mode while learning; statistics that differ are learned through in train mode and the final soup's
-statistics are re-estimated on the held-out split.
+they are. BatchNorm (README, "Rules that decide what a soup is"): statistics identical in every
+ingredient are kept and those layers run in eval mode while learning; statistics that differ are learned
+through in train mode and the final soup's statistics are re-estimated on the held-out split.
 
     python learned_soup.py --model-location zoo/fashion_mnist --arch efficientnet-lite0 --layerwise
     torchrun --nproc_per_node=2 learned_soup.py --model-location zoo/fashion_mnist --layerwise
@@ -19,7 +19,6 @@ Memory is about N times the model's parameters: the script estimates it first an
 not fit (--memory-check off to skip). Expect held-out accuracy above the uniform soup's and usually
 above the best ingredient's; the coefficients and temperature are written to <soup>.coefficients.json.
 """
-import json
 import logging
 import math
 import os
@@ -33,10 +32,10 @@ from utils import batchnorm, cli, distributed, individual, learned, results, sam
 from utils.errors import UserError, run_main
 from utils.evaluation import evaluate_all
 from utils.ingredients import index_of, stream
-from utils.memory import gib, reset_peak
-from utils.soup_io import buffer_coefficients, save_soup
 from utils.layout import Differences, coefficient_blocks, state_buffers
-from utils.state_dicts import atomic_write, param_names
+from utils.memory import gib, reset_peak
+from utils.soup_io import buffer_coefficients
+from utils.state_dicts import param_names
 
 log = logging.getLogger("learned_soup")
 MARGIN_BYTES = 512 * 2**20  # activations of one batch, the optimizer, the runtime
@@ -61,11 +60,20 @@ def parse_args(argv=None):
                    help="treat at most this many GiB as available (a shared machine); default: what "
                    "the device reports")
     p.set_defaults(batch_size=256)
-    args = p.parse_args(argv)
-    if args.layerwise or args.layer_size is not None:
-        args.method = "Learned-Soup+"
-        args.layer_size = 0 if args.layer_size is None else args.layer_size
-    return args
+    return p.parse_args(argv)
+
+
+def method_of(args):
+    """Learned-Soup+ (one row of coefficients per block) with --layerwise or --layer-size, else
+    Learned-Soup (one row)."""
+    return "Learned-Soup+" if args.layerwise or args.layer_size is not None else "Learned-Soup"
+
+
+def block_size(args):
+    """The --layer-size of the blocks: None gives one block (Learned-Soup); --layerwise alone is 0."""
+    if args.layer_size is not None:
+        return args.layer_size
+    return 0 if args.layerwise else None
 
 
 def check_learning_args(args):
@@ -195,9 +203,10 @@ def learn(args, setup, stacked, blocks, frozen_stats, wandb):
 def main(argv=None):
     args = parse_args(argv)
     check_learning_args(args)
-    earlier, setup = cli.begin(args)
-    if earlier is not None:
-        return earlier
+    method = method_of(args)
+    finished_line, setup, output = cli.begin(args, method)
+    if finished_line is not None:
+        return finished_line
     need, have = check_memory(args, setup, len(setup.paths) - args.exclude_top)
     paths = individual.souped_paths(args, setup)
     torch.manual_seed(args.seed)
@@ -206,7 +215,7 @@ def main(argv=None):
     for p in model.parameters():
         p.requires_grad_(False)
 
-    stacked, kept, differ = load_resident(paths, setup)
+    stacked, identical, differ = load_resident(paths, setup)
     if not stacked:
         raise UserError("every parameter is identical in all ingredients: there is nothing to learn")
     names = list(stacked)
@@ -214,13 +223,13 @@ def main(argv=None):
     frozen_stats = not bn_differ
     if bn_differ:
         sampling.check_batch_statistics(len(setup.bundle.heldout), args.batch_size, distributed.world_size())
-    blocks = coefficient_blocks(names, [stacked[k][0].numel() for k in names], args.layer_size)
+    blocks = coefficient_blocks(names, [stacked[k][0].numel() for k in names], block_size(args))
     if distributed.is_primary():
-        log.info("%s: %d ingredients, %d learned tensors in %d block(s), %d kept; BatchNorm statistics %s",
-                 args.method, len(paths), len(names), len(blocks), len(kept),
+        log.info("%s: %d ingredients, %d learned tensors in %d block(s), %d identical in all kept as they "
+                 "are; BatchNorm statistics %s", method, len(paths), len(names), len(blocks), len(identical),
                  "frozen (eval mode)" if frozen_stats else "differ (train mode, re-estimated at the end)")
 
-    wandb = results.Wandb(args.wandb, "model-soups", cli.record_args(args), Path(args.results_db).parent)
+    wandb = results.Wandb(args.wandb, "model-soups", results.record_args(args), Path(args.results_db).parent)
     raw, beta, losses = learn(args, setup, stacked, blocks, frozen_stats, wandb)
 
     alpha = torch.softmax(raw, dim=1)
@@ -236,42 +245,35 @@ def main(argv=None):
                           shifts=not args.no_shifts)
 
     alpha_list = alpha.cpu().double().tolist()
-    extra = {"temperature": beta.item(), "heldout_loss_per_epoch": losses, "blocks": len(blocks),
-             "kept_parameters": kept, "bn_reestimated": bool(bn_differ),
-             "memory_estimate_bytes": need, "memory_available_bytes": have}
+    rule = batchnorm.rule(model, reestimated=bool(bn_differ))
+    fields = {"temperature": beta.item(), "heldout_loss_per_epoch": losses, "blocks": len(blocks),
+              "identical_parameters": identical,
+              "identical_numbers": sum(setup.reference[k].numel() for k in identical), "batchnorm": rule,
+              "memory_estimate_bytes": need, "memory_available_bytes": have}
     if len(blocks) == 1:
-        extra["alpha"] = alpha_list[0]
+        fields["alpha"] = alpha_list[0]
     reestimated = batchnorm.batchnorm_statistics(model, state_buffers(model, floating=False)) if bn_differ else []
-    coefficients = {"names": names, "blocks": blocks, "alpha": alpha_list,
+    coefficients = {"names": names, "blocks": blocks, "alpha": alpha_list, "identical_parameters": identical,
                     **buffer_coefficients(soup, differ, reestimated)}
-    # The results line last: it marks the run as finished (a rerun after a kill redoes what is missing).
-    if setup.out_path is not None and distributed.is_primary():
-        write_coefficients(coeff_path(setup.out_path), paths, blocks, alpha_list, beta.item())
-    save_soup(soup, setup.out_path, args.method, paths, cli.record_args(args), coefficients=coefficients,
-              extra={"temperature": beta.item(), "bn_reestimated": bool(bn_differ)},
-              overwrite=setup.replace)
-    record = results.append(args.results_db, cli.result_record(args, setup, paths, scores, **extra))
+    record = results.write_outputs(
+        args, setup, output, method, paths, scores, soup,
+        sidecars={"coefficients": coefficients_doc(paths, blocks, alpha_list, beta.item())},
+        coefficients=coefficients, recipe={"temperature": beta.item(), "batchnorm": rule}, **fields)
     wandb.log({"heldout": scores["heldout"], "test": scores["test"]})
     wandb.finish()
     if distributed.is_primary():
-        log.info("%s: held-out %.2f, test %.2f, shift mean %s, temperature %.3f", args.method,
+        log.info("%s: held-out %.2f, test %.2f, shift mean %s, temperature %.3f", method,
                  scores["heldout"], scores["test"], scores.get("shift_mean"), beta.item())
     distributed.teardown()
     return record
 
 
-def coeff_path(soup_path):
-    soup_path = Path(soup_path)
-    return soup_path.with_name(soup_path.stem + ".coefficients.json")
-
-
-def write_coefficients(path, paths, blocks, alpha, temperature):
-    """alpha per block and ingredient, readable: one entry per block with its tensors."""
-    doc = {"ingredients": [index_of(p) for p in paths], "temperature": temperature,
-           "blocks": [{"tensors": names, "alpha": dict(zip(map(str, (index_of(p) for p in paths)), row))}
-                      for names, row in zip(blocks, alpha)]}
-    text = json.dumps(doc, indent=1)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text), overwrite=True)
+def coefficients_doc(paths, blocks, alpha, temperature):
+    """The `<soup>.coefficients.json` sidecar: alpha per block and ingredient, readable, one entry per
+    block with its tensors."""
+    return {"ingredients": [index_of(p) for p in paths], "temperature": temperature,
+            "blocks": [{"tensors": names, "alpha": dict(zip(map(str, (index_of(p) for p in paths)), row))}
+                       for names, row in zip(blocks, alpha)]}
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from utils import results
 from utils.errors import UserError, run_main
+from utils.soup_io import sidecar
 
 log = logging.getLogger("report")
 
@@ -199,16 +200,21 @@ def figure_scatter(lines, rows, path):
 
 
 def coefficients_of(r):
-    """alpha (blocks x ingredients) of a learned soup's line: inline, or in the file it names."""
+    """alpha (blocks x ingredients) of a learned soup's line: inline, or in the sidecar beside its soup
+    (MEHL's `.alpha.json` holds the matrix; Learned-Soup's `.coefficients.json` one entry per block
+    with alpha by ingredient index)."""
     if r is None:
         return None
     if r.get("alpha") is not None:
         return r["alpha"]
-    soup = Path(r.get("soup_file") or "")
-    for f in (r.get("coefficients_file"), soup.with_name(soup.stem + ".alpha.json"),
-              soup.with_name(soup.stem + ".coefficients.json")):
-        if f and Path(f).is_file():
-            return json.loads(Path(f).read_text()).get("alpha")
+    soup = r.get("soup_file")
+    for kind in ("alpha", "coefficients"):
+        f = sidecar(soup, kind) if soup else None
+        if f and f.is_file():
+            doc = json.loads(f.read_text())
+            if "alpha" in doc:
+                return doc["alpha"]
+            return [[b["alpha"][str(i)] for i in doc["ingredients"]] for b in doc.get("blocks", [])] or None
     return None
 
 

@@ -1,10 +1,10 @@
-"""Uniform soup (SPEC 4): the mean of all ingredients, streamed.
+"""Uniform soup: the mean of all ingredients, streamed.
 
 One ingredient is in memory at a time beside a float64 accumulator; the mean is cast back to the
 ingredients' dtype. Integer tensors (BatchNorm's num_batches_tracked) come from the first ingredient;
-BatchNorm running statistics are averaged like parameters (SPEC 3). The soup is evaluated on the
-held-out split, the test set and every shift; one results line is appended and the soup saved with its
-recipe.
+BatchNorm running statistics are averaged like parameters (README, "Rules that decide what a soup is").
+The soup is evaluated on the held-out split, the test set and every shift; the soup is saved with its
+recipe and one results line is appended (`utils.results.write_outputs`).
 
     python uniform_soup.py --model-location zoo/fashion_mnist --arch efficientnet-lite0
     torchrun --nproc_per_node=2 uniform_soup.py --model-location zoo/fashion_mnist
@@ -21,21 +21,21 @@ from utils import cli, distributed, individual, results
 from utils.errors import run_main
 from utils.evaluation import evaluate_all
 from utils.ingredients import average, stream
-from utils.soup_io import save_soup
 
 log = logging.getLogger("uniform_soup")
+METHOD = "uniform"
 
 
 def parse_args(argv=None):
-    p = cli.soup_parser("Uniform soup: the average of all ingredients (streamed).", "uniform")
+    p = cli.soup_parser("Uniform soup: the average of all ingredients (streamed).", METHOD)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    earlier, setup = cli.begin(args)
-    if earlier is not None:
-        return earlier
+    finished_line, setup, output = cli.begin(args, METHOD)
+    if finished_line is not None:
+        return finished_line
     paths = individual.souped_paths(args, setup)
 
     soup = average((sd for _, _, sd in stream(paths, setup.reference, desc="averaging")), setup.reference)
@@ -43,9 +43,7 @@ def main(argv=None):
     scores = evaluate_all(setup.model, setup.bundle, setup.device, args.batch_size, args.workers,
                           shifts=not args.no_shifts)
 
-    # The results line last: it marks the run as finished (a rerun after a kill redoes what is missing).
-    save_soup(soup, setup.out_path, args.method, paths, cli.record_args(args), overwrite=setup.replace)
-    record = results.append(args.results_db, cli.result_record(args, setup, paths, scores))
+    record = results.write_outputs(args, setup, output, METHOD, paths, scores, soup)
     if distributed.is_primary():
         log.info("uniform soup of %d: held-out %.2f, test %.2f, shift mean %s", len(paths),
                  scores["heldout"], scores["test"], scores.get("shift_mean"))

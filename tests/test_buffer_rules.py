@@ -2,15 +2,17 @@
 ingredients switch learning to batch statistics and re-estimation; another float buffer that differs is
 averaged and decides nothing. Recipes restore whatever buffers the soup has (averaged or re-estimated),
 and `--resume` never replaces a soup that its own state did not make."""
+from functools import partial
+
 import pytest
 import torch
-from torch import nn
 from torch.testing import assert_close
 
 import learned_soup
 import MEHL_soup_layer as mehl
 import uniform_soup
-from conftest import make_zoo
+from tests import helpers
+from tests.conftest import make_zoo
 from utils import soup_io
 from utils.archs import ARCHS, ArchSpec, TinyCNN, image_transform, register
 from utils.errors import UserError
@@ -39,11 +41,7 @@ def scaled_arch():
     del ARCHS["scaled-cnn"]
 
 
-def argv(zoo, data, out, *extra, arch="tiny-cnn", name="soup"):
-    return [str(a) for a in ("--model-location", zoo, "--arch", arch, "--data-location", data,
-                             "--heldout-per-class", "4", "--test-size", "20", "--batch-size", "15",
-                             "--device", "cpu", "--results-db", out / "results.jsonl",
-                             "--save-soup", out / f"{name}.pt", *extra)]
+argv = partial(helpers.argv, heldout=4, batch_size=15)
 
 
 def scaled_zoo(folder, n=3):
@@ -60,7 +58,7 @@ def test_a_differing_non_batchnorm_buffer_is_averaged_and_decides_nothing(tmp_pa
     zoo = scaled_zoo(tmp_path / "zoo")
     if script == "learned":
         record = learned_soup.main(argv(zoo, fmnist_root, tmp_path, "--layerwise", "--epochs", 1, arch="scaled-cnn"))
-        assert not record["bn_reestimated"]
+        assert record["batchnorm"] != "re-estimated on held-out"
     else:
         record = mehl.main(argv(zoo, fmnist_root, tmp_path, "--model_batch", 3, "--epochs", 1,
                                 "--no-epoch-test", arch="scaled-cnn"))

@@ -3,6 +3,7 @@ has its non-persistent `attn_mask` buffer, which no checkpoint holds), saved in 
 model-soups key layout, souped by all four scripts and both benchmarks on a tree laid out like
 ImageNet's. MEHL-Soup+'s first step is compared with an independent float64 computation."""
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ import greedy_soup
 import learned_soup
 import MEHL_soup_layer as mehl
 import uniform_soup
-from conftest import ROOT, make_zoo, torchrun, write_imagenet_tree
+from tests import helpers
+from tests.conftest import ROOT, make_zoo, torchrun, write_imagenet_tree
 from datasets import build_dataset
 from utils.archs import get_arch
 
@@ -32,10 +34,7 @@ def zoo(tmp_path_factory):
     return make_zoo(tmp_path_factory.mktemp("clipzoo"), N, num_classes=CLASSES, arch="tiny-clip", noise=0.02)
 
 
-def argv(zoo, data, out, *extra, name="soup"):
-    return ["--model-location", zoo, "--arch", "tiny-clip", "--datasets", "ImageNet", "--data-location",
-            data, "--heldout-per-class", "2", "--batch-size", "8", "--device", "cpu",
-            "--results-db", out / "results.jsonl", "--save-soup", out / f"{name}.pt", *map(str, extra)]
+argv = partial(helpers.argv, arch="tiny-clip", datasets="ImageNet", heldout=2, test_size=None, batch_size=8)
 
 
 def test_zoo_is_in_the_published_layout(zoo):
@@ -54,7 +53,7 @@ def test_uniform_greedy_learned_on_published_layout(zoo, data, tmp_path):
     assert g["method"] == "greedy" and 1 <= len(g["ingredients"]) <= N
     assert lp["method"] == "Learned-Soup+"
     # the text leftovers are identical in every ingredient: kept, never stacked N times
-    assert set(lp["kept_parameters"]) == TEXT_LEFTOVERS
+    assert set(lp["identical_parameters"]) == TEXT_LEFTOVERS
     uniform = torch.load(tmp_path / "uniform.pt", weights_only=True)
     first = torch.load(zoo / "model_0.pt", weights_only=True)
     assert set(uniform) == set(first)
@@ -78,7 +77,7 @@ def test_mehl_on_published_layout_one_and_two_processes(zoo, data, tmp_path):
     flags = ["--model_batch", 3, "--epochs", 1, "--no-epoch-test", "--randomseed", 2]
     one = mehl.main([str(a) for a in argv(zoo, data, tmp_path, *flags, name="one")])
     assert one["method"] == "MEHL-Soup+"
-    assert set(one["frozen_parameters"]) == TEXT_LEFTOVERS
+    assert set(one["identical_parameters"]) == TEXT_LEFTOVERS
     assert [len(g["ingredients"]) for g in one["groups"]] == [3, 1]
     done = torchrun("MEHL_soup_layer.py", argv(zoo, data, tmp_path, *flags, name="two"), nproc=2)
     assert done.returncode == 0, done.stderr[-2000:]

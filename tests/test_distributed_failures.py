@@ -1,4 +1,4 @@
-"""Distributed failures (issue 8): under torchrun with two gloo processes, one rank failing (a bad
+"""Distributed failures (docs/GUARANTEES.md): under torchrun with two gloo processes, one rank failing (a bad
 ingredient only it loads, a crash, a hang) ends both processes with a non-zero exit and the error in a
 bounded time; nothing waits forever in a collective. A rendezvous that cannot complete ends with one
 clear line.
@@ -15,6 +15,7 @@ import time
 import pytest
 
 from tests.conftest import ROOT, free_port, make_zoo, torchrun
+from tests.helpers import argv
 
 HOOK = textwrap.dedent('''
     import os, sys, time
@@ -51,10 +52,8 @@ def hook(tmp_path_factory):
 
 
 def mehl_args(zoo, data, out):
-    return ["--model-location", zoo, "--arch", "tiny-cnn", "--data-location", data,
-            "--heldout-per-class", "4", "--test-size", "20", "--batch-size", "16", "--epochs", "1",
-            "--model_batch", "4", "--no-epoch-test", "--device", "cpu",
-            "--results-db", out / "results.jsonl", "--save-soup", out / "soup.pt"]
+    return argv(zoo, data, out, "--epochs", 1, "--model_batch", 4, "--no-epoch-test", heldout=4,
+                batch_size=16)
 
 
 @pytest.mark.parametrize("fault, expected", [

@@ -1,5 +1,5 @@
-"""Reliability, second pass (issue 14): what an adversarial user still broke after issue 8, through the
-soup scripts' command lines on CPU with tiny zoos.
+"""Reliability, second pass (docs/GUARANTEES.md): what an adversarial user could still break after the
+first pass (tests/test_reliability.py), through the soup scripts' command lines on CPU with tiny zoos.
 
 Classes: (1) memory bounded before a checkpoint is unpacked (zip bombs), (2) validator crashes on odd
 keys, layouts and dtypes, (3) two files for one ingredient, (4) an untrusted results file, (5) two runs
@@ -22,7 +22,7 @@ import torch
 import MEHL_soup_layer
 import uniform_soup
 from tests.conftest import ROOT, make_zoo
-from tests.test_reliability import SCRIPTS, argv, cli, last_line, nothing_written, refused
+from tests.helpers import QUICK, SCRIPTS, argv, cli, last_line, nothing_written, refused
 from utils import results
 from utils.archs import get_arch
 from utils.errors import UserError, run_main
@@ -101,7 +101,7 @@ BOMBS = [(zip_bomb, s) for s in SCRIPTS] + [(legacy_declares_more_than_it_holds,
 def test_checkpoint_unpacking_is_bounded_before_reading(capsys, zoo, out, fmnist_root, make, script):
     bad = zoo / "model_1.pt"
     expected = make(bad)
-    line = refused(capsys, script, argv(script, zoo, fmnist_root, out))
+    line = refused(capsys, script, argv(zoo, fmnist_root, out, first=QUICK[script]))
     assert line.startswith(f"error: {bad}: ") and expected in line, line
     nothing_written(out)
 
@@ -115,7 +115,7 @@ def test_a_zip_bomb_does_not_raise_peak_memory(tmp_path, zoo, out, fmnist_root):
                 "try:\n    run_main(uniform_soup.main, sys.argv[1:])\n"
                 "finally:\n    print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
                 "file=sys.stderr)\n")
-        done = subprocess.run([sys.executable, "-c", code, *argv("uniform", zoo, fmnist_root, out)],
+        done = subprocess.run([sys.executable, "-c", code, *argv(zoo, fmnist_root, out)],
                               capture_output=True, text=True, cwd=ROOT, timeout=120,
                               env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
         assert "error: " in done.stderr, done.stderr[-2000:]
@@ -175,7 +175,7 @@ def test_odd_keys_layouts_and_dtypes_are_one_line(capsys, zoo, out, fmnist_root,
     sd = torch.load(bad, weights_only=True)
     expected = spoil(sd)
     torch.save(sd, bad)
-    line = refused(capsys, script, argv(script, zoo, fmnist_root, out))
+    line = refused(capsys, script, argv(zoo, fmnist_root, out, first=QUICK[script]))
     assert line.startswith(f"error: {bad}: ") and expected in line, line
     nothing_written(out)
 
@@ -186,7 +186,7 @@ def test_odd_safetensors_dtype_is_one_line(capsys, zoo, out, fmnist_root):
     sd["classifier.weight"] = sd["classifier.weight"].to(torch.float8_e5m2)
     (zoo / "model_1.pt").unlink()
     save_file(sd, str(zoo / "model_1.safetensors"))
-    line = refused(capsys, "greedy", argv("greedy", zoo, fmnist_root, out))
+    line = refused(capsys, "greedy", argv(zoo, fmnist_root, out))
     assert line.startswith(f"error: {zoo / 'model_1.safetensors'}: tensor classifier.weight has dtype "
                            "float8_e5m2"), line
     nothing_written(out)
@@ -203,7 +203,7 @@ def test_two_files_for_one_ingredient_are_refused_naming_both(capsys, zoo, out, 
         save_file(torch.load(sd, weights_only=True), str(zoo / other))
     else:
         shutil.copy(sd, zoo / other)
-    line = refused(capsys, script, argv(script, zoo, fmnist_root, out))
+    line = refused(capsys, script, argv(zoo, fmnist_root, out, first=QUICK[script]))
     names = sorted([str(zoo / "model_1.pt"), str(zoo / other)])
     assert line == (f"error: ingredient 1 is ambiguous: {names[0]} and {names[1]} both stand for it "
                     "(remove or rename all but one)"), line
@@ -215,7 +215,7 @@ def test_torn_last_line_is_not_glued_to_the_next(caplog, zoo, out, fmnist_root):
     db = out / "results.jsonl"
     db.write_text('{"method": "individual", "index": 0}\n{"method": "uniform", "heldo')  # torn
     with caplog.at_level(logging.WARNING):
-        record = uniform_soup.main(argv("uniform", zoo, fmnist_root, out))
+        record = uniform_soup.main(argv(zoo, fmnist_root, out))
     lines = db.read_text().split("\n")
     assert lines[1] == '{"method": "uniform", "heldo' and json.loads(lines[2]) == json.loads(
         json.dumps(record, default=str))
@@ -223,7 +223,7 @@ def test_torn_last_line_is_not_glued_to_the_next(caplog, zoo, out, fmnist_root):
     warnings = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert len(warnings) == 1 and "skipped 1 line(s)" in warnings[0] and "line 2" in warnings[0], warnings
     # the rerun finds its line (it was not lost by gluing) and appends nothing
-    assert uniform_soup.main(argv("uniform", zoo, fmnist_root, out))["time"] == record["time"]
+    assert uniform_soup.main(argv(zoo, fmnist_root, out))["time"] == record["time"]
     assert len(soup_lines(out)) == 1
 
 
@@ -236,8 +236,8 @@ def test_unusable_results_lines_are_skipped_and_counted(caplog, zoo, out, fmnist
     db = out / "results.jsonl"
     db.write_bytes(junk)
     with caplog.at_level(logging.WARNING):
-        first = uniform_soup.main(argv("uniform", zoo, fmnist_root, out))
-        again = uniform_soup.main(argv("uniform", zoo, fmnist_root, out))
+        first = uniform_soup.main(argv(zoo, fmnist_root, out))
+        again = uniform_soup.main(argv(zoo, fmnist_root, out))
     assert again["time"] == first["time"]  # the rerun found the finished run: not appended twice
     assert len(soup_lines(out)) == 1
     assert db.read_bytes().startswith(junk)  # earlier lines are never deleted
@@ -246,10 +246,10 @@ def test_unusable_results_lines_are_skipped_and_counted(caplog, zoo, out, fmnist
 
 
 def test_invalid_utf8_line_does_not_hide_a_finished_run(zoo, out, fmnist_root):
-    uniform_soup.main(argv("uniform", zoo, fmnist_root, out))
+    uniform_soup.main(argv(zoo, fmnist_root, out))
     with open(out / "results.jsonl", "ab") as f:
         f.write(b"\xff\xfe not text\n")
-    uniform_soup.main(argv("uniform", zoo, fmnist_root, out))
+    uniform_soup.main(argv(zoo, fmnist_root, out))
     assert len(soup_lines(out)) == 1
 
 
@@ -267,7 +267,7 @@ def test_results_path_that_is_not_a_regular_file(tmp_path, zoo, out, fmnist_root
         os.symlink(tmp_path, db)
         what = "is a folder"
     done = subprocess.run([sys.executable, str(ROOT / "greedy_soup.py"),
-                           *argv("greedy", zoo, fmnist_root, out)],
+                           *argv(zoo, fmnist_root, out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     line = last_line(done)
@@ -287,7 +287,7 @@ def test_a_second_run_on_the_same_soup_is_refused_naming_the_holder(capsys, zoo,
                               env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     try:
         assert holder.stdout.readline().strip() == "held"
-        line = refused(capsys, script, argv(script, zoo, fmnist_root, out))
+        line = refused(capsys, script, argv(zoo, fmnist_root, out, first=QUICK[script]))
         assert line == (f"error: output {out / 'soup.pt'} is in use by another run (pid {holder.pid}, "
                         f"lock {out / '.soup.pt.lock'}): wait for it to finish or choose another path"), line
         assert not (out / "results.jsonl").exists() and not (out / "soup.pt").exists()
@@ -295,7 +295,7 @@ def test_a_second_run_on_the_same_soup_is_refused_naming_the_holder(capsys, zoo,
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
     # the kernel dropped the killed holder's lock: the run goes ahead
-    SCRIPTS[script].main(argv(script, zoo, fmnist_root, out))
+    SCRIPTS[script].main(argv(zoo, fmnist_root, out, first=QUICK[script]))
     assert load_state_dict(out / "soup.pt")
 
 
@@ -305,7 +305,7 @@ def test_two_runs_started_together_one_is_refused(zoo, out, fmnist_root):
     refuses the existing soup."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, str(ROOT / "uniform_soup.py"),
-                               *argv("uniform", zoo, fmnist_root, out, "--params_end", end)],
+                               *argv(zoo, fmnist_root, out, "--params_end", end)],
                               stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env) for end in (2, 3)]
     codes = [p.wait(timeout=120) for p in procs]
     errs = [p.stderr.read() for p in procs]
@@ -328,7 +328,7 @@ def mehl_state(tmp_path_factory, fmnist_root):
     zoo = make_zoo(base / "zoo", 3)
     out = base / "out"
     out.mkdir()
-    assert MEHL_soup_layer.main(argv("mehl", zoo, fmnist_root, out, *MEHL_ARGS)) is None
+    assert MEHL_soup_layer.main(argv(zoo, fmnist_root, out, *MEHL_ARGS, first=QUICK["mehl"])) is None
     return zoo, out / "soup.state.pt"
 
 
@@ -393,7 +393,7 @@ def _same_size_and_time(path):
 def test_resume_state_is_validated_field_by_field(capsys, tmp_path, mehl_state, fmnist_root, case):
     edit, expected = STATE_EDITS[case]
     zoo, out = _tampered(mehl_state, tmp_path, edit)
-    line = refused(capsys, "mehl", argv("mehl", zoo, fmnist_root, out, "--model_batch", "1", "--resume"))
+    line = refused(capsys, "mehl", argv(zoo, fmnist_root, out, "--model_batch", "1", "--resume", first=QUICK["mehl"]))
     expected = expected.format(zoo=zoo)
     assert line.startswith(f"error: --resume {out / 'soup.state.pt'}") and expected in line, line
     assert not (out / "soup.pt").exists() and not (out / "results.jsonl").exists()
@@ -402,7 +402,7 @@ def test_resume_state_is_validated_field_by_field(capsys, tmp_path, mehl_state, 
 def test_untampered_copy_resumes(tmp_path, mehl_state, fmnist_root):
     """The control for the cases above: the same copying, no edit, resumes and finishes."""
     zoo, out = _tampered(mehl_state, tmp_path, lambda s, z: None)
-    record = MEHL_soup_layer.main(argv("mehl", zoo, fmnist_root, out, "--model_batch", "1", "--resume"))
+    record = MEHL_soup_layer.main(argv(zoo, fmnist_root, out, "--model_batch", "1", "--resume", first=QUICK["mehl"]))
     assert len(record["groups"]) == 3 and (out / "soup.pt").exists()
 
 
@@ -422,7 +422,7 @@ def test_hostile_or_unreadable_state_file_is_one_line(tmp_path, zoo, out, fmnist
         torch.save({"version": 1, "payload": _Payload(marker)}, state)
     else:
         state.write_text("" if content == "empty" else "not a state\n")
-    done = cli("mehl", argv("mehl", zoo, fmnist_root, out, "--resume"))
+    done = cli("mehl", argv(zoo, fmnist_root, out, "--resume", first=QUICK["mehl"]))
     line = last_line(done)
     assert line.startswith(f"error: --resume {state}: not a readable MEHL state file: "), line
     assert len([x for x in done.stderr.splitlines() if x.startswith("error")]) == 1
@@ -435,7 +435,7 @@ def test_hostile_or_unreadable_state_file_is_one_line(tmp_path, zoo, out, fmnist
     ("mehl", ["--lr", "1e30", "--optimizer", "sgd"], "try a smaller --lr (now 1e+30)"),
 ])
 def test_diverging_learning_never_writes_a_soup(capsys, zoo, out, fmnist_root, script, extra, expected):
-    line = refused(capsys, script, argv(script, zoo, fmnist_root, out, *extra))
+    line = refused(capsys, script, argv(zoo, fmnist_root, out, *extra, first=QUICK[script]))
     assert "became non-finite (NaN or Inf)" in line and expected in line, line
     if script == "mehl":
         assert " in group " in line and ", step " in line, line
@@ -453,7 +453,7 @@ def test_diverging_learning_never_writes_a_soup(capsys, zoo, out, fmnist_root, s
      "--lr times --wd must be at most 3.40282e+37, got 1e+30 x 1e+10"),
 ])
 def test_a_learning_rate_beyond_float32_is_refused(capsys, zoo, out, fmnist_root, script, extra, message):
-    line = refused(capsys, script, argv(script, zoo, fmnist_root, out, *extra))
+    line = refused(capsys, script, argv(zoo, fmnist_root, out, *extra, first=QUICK[script]))
     assert line == f"error: {message}", line
     nothing_written(out)
 
@@ -467,7 +467,7 @@ def test_a_learning_rate_beyond_float32_is_refused(capsys, zoo, out, fmnist_root
     ("uniform", "--split-seed", str(2**80)),
 ])
 def test_seeds_are_range_checked(capsys, zoo, out, fmnist_root, script, flag, value):
-    line = refused(capsys, script, argv(script, zoo, fmnist_root, out, flag, value))
+    line = refused(capsys, script, argv(zoo, fmnist_root, out, flag, value, first=QUICK[script]))
     assert line == (f"error: {flag} must be an integer in [0, 2**64 - 1] (what torch.Generator takes), "
                     f"got {value}"), line
     nothing_written(out)
@@ -475,7 +475,7 @@ def test_seeds_are_range_checked(capsys, zoo, out, fmnist_root, script, flag, va
 
 @pytest.mark.parametrize("script, flag", [("mehl", "--randomseed"), ("learned", "--seed")])
 def test_the_largest_seed_works(zoo, out, fmnist_root, script, flag):
-    record = SCRIPTS[script].main(argv(script, zoo, fmnist_root, out, flag, str(2**64 - 1)))
+    record = SCRIPTS[script].main(argv(zoo, fmnist_root, out, flag, str(2**64 - 1), first=QUICK[script]))
     assert record["args"][flag.lstrip("-")] == 2**64 - 1
 
 
@@ -494,7 +494,7 @@ def test_missing_fashion_mnist_offline_is_one_line_and_leaves_nothing(capsys, mo
     monkeypatch.setattr(fashion_mnist, "online", lambda *a, **k: False, raising=False)
     empty = tmp_path / "empty"
     empty.mkdir()
-    line = refused(capsys, "uniform", argv("uniform", zoo, empty, out))
+    line = refused(capsys, "uniform", argv(zoo, empty, out))
     assert line.startswith("error: Fashion-MNIST not found; looked in ") and "(offline, so no download " \
         "was tried)" in line, line
     assert os.listdir(empty) == []
@@ -518,7 +518,7 @@ def test_a_failed_download_leaves_nothing(capsys, monkeypatch, tmp_path, zoo, ou
     target = tmp_path / "new-folder"
     capsys.readouterr()
     with pytest.raises(SystemExit):
-        run_main(uniform_soup.main, argv("uniform", zoo, target, out))
+        run_main(uniform_soup.main, argv(zoo, target, out))
     captured = capsys.readouterr()
     assert "Downloading" not in captured.out + captured.err
     line = [x for x in captured.err.splitlines() if x.startswith("error: ")]
@@ -530,7 +530,7 @@ def test_a_failed_download_leaves_nothing(capsys, monkeypatch, tmp_path, zoo, ou
 def test_ingredient_that_is_a_device_says_what_it_is(capsys, zoo, out, fmnist_root):
     (zoo / "model_1.pt").unlink()
     os.symlink("/dev/zero", zoo / "model_1.pt")
-    line = refused(capsys, "learned", argv("learned", zoo, fmnist_root, out))
+    line = refused(capsys, "learned", argv(zoo, fmnist_root, out, first=QUICK["learned"]))
     assert line == (f"error: {zoo / 'model_1.pt'}: is a character device (a symbolic link to /dev/zero), "
                     "not a checkpoint file"), line
     nothing_written(out)
@@ -539,11 +539,11 @@ def test_ingredient_that_is_a_device_says_what_it_is(capsys, zoo, out, fmnist_ro
 def test_ingredient_that_is_a_fifo_or_a_folder(capsys, zoo, out, fmnist_root):
     (zoo / "model_1.pt").unlink()
     os.mkfifo(zoo / "model_1.pt")
-    line = refused(capsys, "uniform", argv("uniform", zoo, fmnist_root, out))
+    line = refused(capsys, "uniform", argv(zoo, fmnist_root, out))
     assert line == f"error: {zoo / 'model_1.pt'}: is a FIFO (named pipe), not a checkpoint file", line
     (zoo / "model_1.pt").unlink()
     (zoo / "model_1.pt").mkdir()
-    line = refused(capsys, "uniform", argv("uniform", zoo, fmnist_root, out))
+    line = refused(capsys, "uniform", argv(zoo, fmnist_root, out))
     assert line == f"error: {zoo / 'model_1.pt'}: is a folder, not a checkpoint file", line
     nothing_written(out)
 
@@ -551,7 +551,7 @@ def test_ingredient_that_is_a_fifo_or_a_folder(capsys, zoo, out, fmnist_root):
 def test_resume_path_that_is_a_folder_is_refused_before_work(capsys, tmp_path, zoo, out, fmnist_root):
     folder = tmp_path / "statedir"
     folder.mkdir()
-    line = refused(capsys, "mehl", argv("mehl", zoo, fmnist_root, out, "--resume", folder))
+    line = refused(capsys, "mehl", argv(zoo, fmnist_root, out, "--resume", folder, first=QUICK["mehl"]))
     assert line == f"error: --resume {folder} is a folder: give a file name", line
     nothing_written(out)
     assert os.listdir(folder) == []
@@ -559,7 +559,7 @@ def test_resume_path_that_is_a_folder_is_refused_before_work(capsys, tmp_path, z
 
 def test_rebuild_names_a_missing_ingredient(zoo, out, fmnist_root):
     from utils.soup_io import rebuild
-    uniform_soup.main(argv("uniform", zoo, fmnist_root, out))
+    uniform_soup.main(argv(zoo, fmnist_root, out))
     (zoo / "model_2.pt").unlink()
     with pytest.raises(UserError) as info:
         rebuild(out / "soup.recipe.json")

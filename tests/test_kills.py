@@ -1,7 +1,7 @@
-"""Kills (issue 8): a soup run killed at any point, then run again with the same command (MEHL: with
---resume), ends with the same soup and results as an uninterrupted run; the results file holds whole
-lines only, one per individual ingredient and one per soup, none lost, none twice; no temporary file
-is left and no --overwrite or manual cleanup is needed.
+"""Kills (docs/GUARANTEES.md): a soup run killed at any point, then run again with the same command
+(MEHL: with --resume), ends with the same soup and results as an uninterrupted run; the results file
+holds whole lines only, one per individual ingredient and one per soup, none lost, none twice; no
+temporary file is left and no --overwrite or manual cleanup is needed.
 
 Two levels: (1) in-process, the run dies right after each of its durable writes in turn (every
 os.replace of an atomic write and every results line), so every gap between two writes is tried;
@@ -13,38 +13,27 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 
 import pytest
 import torch
 
-import greedy_soup
-import learned_soup
-import MEHL_soup_layer
-import uniform_soup
+from tests import helpers
 from tests.conftest import ROOT, make_zoo
+from tests.helpers import FILES, SCRIPTS
 from utils import results
 
-SCRIPTS = {"uniform": uniform_soup, "greedy": greedy_soup, "learned": learned_soup,
-           "mehl": MEHL_soup_layer}
-FILE = {"uniform": "uniform_soup.py", "greedy": "greedy_soup.py", "learned": "learned_soup.py",
-        "mehl": "MEHL_soup_layer.py"}
 EXTRA = {"uniform": [], "greedy": [], "learned": ["--epochs", "6", "--layerwise"],
          "mehl": ["--epochs", "2", "--model_batch", "1", "--no-epoch-test"]}
 RERUN = {"mehl": ["--resume"]}
 # Fields of a results line that differ between two runs of the same work.
 VOLATILE = {"time", "seconds", "peak_memory_bytes", "args", "soup_file", "learning_seconds_all_sessions",
             "memory_available_bytes", "state_file"}
+argv = partial(helpers.argv, heldout=4, batch_size=16)
 
 
 class Killed(BaseException):
     """Stands for SIGKILL in-process: not an Exception, so no handler in the code turns it into an error."""
-
-
-def argv(script, zoo, data, out, *extra):
-    return [str(a) for a in ["--model-location", zoo, "--arch", "tiny-cnn", "--data-location", data,
-                             "--heldout-per-class", "4", "--test-size", "20", "--batch-size", "16",
-                             "--device", "cpu", "--results-db", out / "results.jsonl",
-                             "--save-soup", out / "soup.pt", *EXTRA[script], *extra]]
 
 
 def outcome(out):
@@ -80,7 +69,7 @@ def references(tmp_path_factory, zoo, fmnist_root):
     for script, module in SCRIPTS.items():
         out = tmp_path_factory.mktemp(f"ref-{script}")
         with counting() as events:
-            module.main(argv(script, zoo, fmnist_root, out))
+            module.main(argv(zoo, fmnist_root, out, first=EXTRA[script]))
         refs[script] = (outcome(out), len(events))
     return refs
 
@@ -124,11 +113,11 @@ def test_dying_after_each_write_then_rerunning(tmp_path, zoo, fmnist_root, refer
         out = tmp_path / f"kill{k}"
         out.mkdir()
         with pytest.raises(Killed), counting(kill_at=k):
-            SCRIPTS[script].main(argv(script, zoo, fmnist_root, out))
-        SCRIPTS[script].main(argv(script, zoo, fmnist_root, out, *RERUN.get(script, [])))
+            SCRIPTS[script].main(argv(zoo, fmnist_root, out, first=EXTRA[script]))
+        SCRIPTS[script].main(argv(zoo, fmnist_root, out, *RERUN.get(script, []), first=EXTRA[script]))
         assert_same(out, reference)
         # and a third run of the same command changes nothing (the results line marks it finished)
-        SCRIPTS[script].main(argv(script, zoo, fmnist_root, out, *RERUN.get(script, [])))
+        SCRIPTS[script].main(argv(zoo, fmnist_root, out, *RERUN.get(script, []), first=EXTRA[script]))
         assert_same(out, reference)
 
 
@@ -158,12 +147,12 @@ def test_sigkill_at_random_points_then_rerunning(tmp_path, zoo, fmnist_root, ref
     for k in range(3):
         out = tmp_path / f"kill{k}"
         out.mkdir()
-        alive = sigkill_run([str(ROOT / FILE[script]), *argv(script, zoo, fmnist_root, out)],
+        alive = sigkill_run([str(ROOT / FILES[script]), *argv(zoo, fmnist_root, out, first=EXTRA[script])],
                             tmp_path / f"log{k}", rng.uniform(0.0, 0.8))
         killed += alive
         if (out / "results.jsonl").exists():
             for line in (out / "results.jsonl").read_text().splitlines():
                 json.loads(line)  # what the killed process left is whole lines only
-        SCRIPTS[script].main(argv(script, zoo, fmnist_root, out, *RERUN.get(script, [])))
+        SCRIPTS[script].main(argv(zoo, fmnist_root, out, *RERUN.get(script, []), first=EXTRA[script]))
         assert_same(out, reference)
     assert killed >= 1, "no kill landed while the script was working: the delays are too long"

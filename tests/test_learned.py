@@ -1,6 +1,7 @@
 """Learned-Soup(+): soup math, gradients, learning on a toy problem, BatchNorm rules, memory refusal,
 and 1 vs 2 gloo processes."""
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from torch import nn
 
 import learned_soup
 import uniform_soup
+from tests import helpers
 from tests.conftest import make_zoo, torchrun
 from utils import learned, results
 from utils.archs import get_arch
@@ -17,14 +19,7 @@ from utils.soup_io import rebuild
 from utils.state_dicts import load_state_dict
 
 
-def argv(*items):
-    return [str(x) for x in items]
-
-
-def common(zoo, data, tmp_path, *extra):
-    return argv("--model-location", zoo, "--arch", "tiny-cnn", "--data-location", data,
-                "--heldout-per-class", "5", "--test-size", "40", "--results-db", tmp_path / "results.jsonl",
-                "--device", "cpu", *extra)
+argv = partial(helpers.argv, heldout=5, test_size=40, batch_size=None, name=None)
 
 
 # ----------------------------------------------------------------------------------------- math
@@ -79,8 +74,8 @@ def test_gradient_matches_finite_differences():
 # ---------------------------------------------------------------------------------------- script
 def test_epochs_zero_is_uniform_soup(tmp_path, fmnist_root):
     zoo = make_zoo(tmp_path / "zoo", 3)
-    learned_soup.main(common(zoo, fmnist_root, tmp_path, "--epochs", "0", "--save-soup", tmp_path / "l.pt"))
-    uniform_soup.main(common(zoo, fmnist_root, tmp_path, "--save-soup", tmp_path / "u.pt"))
+    learned_soup.main(argv(zoo, fmnist_root, tmp_path, "--epochs", "0", "--save-soup", tmp_path / "l.pt"))
+    uniform_soup.main(argv(zoo, fmnist_root, tmp_path, "--save-soup", tmp_path / "u.pt"))
     a, b = load_state_dict(tmp_path / "l.pt"), load_state_dict(tmp_path / "u.pt")
     for k in b:
         torch.testing.assert_close(a[k], b[k])
@@ -121,12 +116,12 @@ def test_coefficients_move_to_good_ingredient(tmp_path, fmnist_root):
     torch.save(bad, zoo / "model_0.pt")
     torch.save(good, zoo / "model_1.pt")
     out = tmp_path / "soup.pt"
-    record = learned_soup.main(common(zoo, fmnist_root, tmp_path, "--epochs", "8", "--batch-size", "10",
+    record = learned_soup.main(argv(zoo, fmnist_root, tmp_path, "--epochs", "8", "--batch-size", "10",
                                       "--save-soup", out))
     assert record["alpha"][1] > 0.8, record["alpha"]
     losses = record["heldout_loss_per_epoch"]
     assert losses[-1] < 0.5 * losses[0], losses
-    assert not record["bn_reestimated"]
+    assert record["batchnorm"] != "re-estimated on held-out"
     coeff = json.loads((tmp_path / "soup.coefficients.json").read_text())
     assert coeff["blocks"][0]["alpha"]["1"] == pytest.approx(record["alpha"][1])
     assert coeff["temperature"] == record["temperature"]
@@ -134,6 +129,18 @@ def test_coefficients_move_to_good_ingredient(tmp_path, fmnist_root):
     rebuilt, soup = rebuild(tmp_path / "soup.recipe.json"), load_state_dict(out)
     for k in soup:
         torch.testing.assert_close(rebuilt[k], soup[k])
+
+
+def test_report_reads_the_coefficients_sidecar_learned_soup_writes(tmp_path):
+    """report.py falls back to `<soup>.coefficients.json` when a line holds no alpha: it must read the
+    file as learned soup writes it (one entry per block, alpha by ingredient index)."""
+    from report import coefficients_of
+    from utils.soup_io import sidecar, write_json
+    paths = [tmp_path / "model_3.pt", tmp_path / "model_5.pt"]
+    alpha = [[0.25, 0.75], [0.6, 0.4]]
+    write_json(sidecar(tmp_path / "soup.pt", "coefficients"),
+               learned_soup.coefficients_doc(paths, [["a.weight"], ["b.weight"]], alpha, 1.5))
+    assert coefficients_of({"method": "Learned-Soup+", "soup_file": str(tmp_path / "soup.pt")}) == alpha
 
 
 def test_layerwise_one_row_per_tensor_and_identical_kept(tmp_path, fmnist_root):
@@ -144,11 +151,11 @@ def test_layerwise_one_row_per_tensor_and_identical_kept(tmp_path, fmnist_root):
         sd["features.0.bias"] = kept.clone()
         torch.save(sd, zoo / f"model_{i}.pt")
     out = tmp_path / "plus.pt"
-    record = learned_soup.main(common(zoo, fmnist_root, tmp_path, "--layerwise", "--epochs", "1",
+    record = learned_soup.main(argv(zoo, fmnist_root, tmp_path, "--layerwise", "--epochs", "1",
                                       "--save-soup", out))
     n_params = len(list(get_arch("tiny-cnn").build(10).parameters()))
     assert record["method"] == "Learned-Soup+" and record["blocks"] == n_params - 1
-    assert record["kept_parameters"] == ["features.0.bias"]
+    assert record["identical_parameters"] == ["features.0.bias"]
     recipe = json.loads((tmp_path / "plus.recipe.json").read_text())
     alpha = torch.tensor(recipe["coefficients"]["alpha"])
     assert alpha.shape == (n_params - 1, 3)
@@ -157,11 +164,11 @@ def test_layerwise_one_row_per_tensor_and_identical_kept(tmp_path, fmnist_root):
     soup, first = load_state_dict(out), torch.load(zoo / "model_0.pt")
     assert torch.equal(soup["features.0.bias"], kept)
     # identical BatchNorm statistics: kept exactly, so those layers ran in eval mode while learning
-    assert not record["bn_reestimated"]
+    assert record["batchnorm"] != "re-estimated on held-out"
     for k in ("features.1.running_mean", "features.1.running_var", "features.4.running_var"):
         assert torch.equal(soup[k], first[k]), k
     # --layer-size larger than the model: one block again
-    record = learned_soup.main(common(zoo, fmnist_root, tmp_path, "--layer-size", "100000000", "--epochs",
+    record = learned_soup.main(argv(zoo, fmnist_root, tmp_path, "--layer-size", "100000000", "--epochs",
                                       "1", "--save-soup", "none"))
     assert record["method"] == "Learned-Soup+" and record["blocks"] == 1
 
@@ -169,22 +176,23 @@ def test_layerwise_one_row_per_tensor_and_identical_kept(tmp_path, fmnist_root):
 def test_differing_batchnorm_statistics_are_reestimated(tmp_path, fmnist_root):
     zoo = make_zoo(tmp_path / "zoo", 2, differ_buffers=True)
     out = tmp_path / "bn.pt"
-    record = learned_soup.main(common(zoo, fmnist_root, tmp_path, "--epochs", "1", "--save-soup", out))
-    assert record["bn_reestimated"]
+    record = learned_soup.main(argv(zoo, fmnist_root, tmp_path, "--epochs", "1", "--save-soup", out))
+    assert record["batchnorm"] == "re-estimated on held-out"
     soup = load_state_dict(out)
     sds = [torch.load(zoo / f"model_{i}.pt") for i in range(2)]
     mean_var = (sds[0]["features.1.running_var"] + sds[1]["features.1.running_var"]) / 2
     assert not torch.allclose(soup["features.1.running_var"], mean_var)
     recipe = json.loads((tmp_path / "bn.recipe.json").read_text())
-    assert recipe["bn_reestimated"] and "features.1.running_var" in recipe["coefficients"]["reestimated_buffers"]
+    assert recipe["batchnorm"] == "re-estimated on held-out"
+    assert "features.1.running_var" in recipe["coefficients"]["reestimated_buffers"]
 
 
 def test_memory_refusal(tmp_path, fmnist_root):
     zoo = make_zoo(tmp_path / "zoo", 3)
     with pytest.raises(UserError, match=r"3 resident ingredients need about .* GiB"):
-        learned_soup.main(common(zoo, fmnist_root, tmp_path, "--memory-limit", "0.0001", "--save-soup", "none"))
+        learned_soup.main(argv(zoo, fmnist_root, tmp_path, "--memory-limit", "0.0001", "--save-soup", "none"))
     assert not (tmp_path / "results.jsonl").exists()
-    record = learned_soup.main(common(zoo, fmnist_root, tmp_path, "--memory-limit", "0.0001",
+    record = learned_soup.main(argv(zoo, fmnist_root, tmp_path, "--memory-limit", "0.0001",
                                       "--memory-check", "off", "--epochs", "0", "--save-soup", "none"))
     assert record["memory_estimate_bytes"] > record["memory_available_bytes"]
 
@@ -192,19 +200,19 @@ def test_memory_refusal(tmp_path, fmnist_root):
 def test_bad_flags(tmp_path, fmnist_root):
     zoo = make_zoo(tmp_path / "zoo", 2)
     with pytest.raises(UserError, match="--lr"):
-        learned_soup.main(common(zoo, fmnist_root, tmp_path, "--lr", "0"))
+        learned_soup.main(argv(zoo, fmnist_root, tmp_path, "--lr", "0"))
     with pytest.raises(UserError, match="--layer-size"):
-        learned_soup.main(common(zoo, fmnist_root, tmp_path, "--layer-size", "-1"))
+        learned_soup.main(argv(zoo, fmnist_root, tmp_path, "--layer-size", "-1"))
 
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, fmnist_root):
     zoo = make_zoo(tmp_path / "zoo", 3, noise=0.2)
     flags = ["--layerwise", "--epochs", "2", "--batch-size", "16", "--seed", "3"]
-    r1 = torchrun("learned_soup.py", common(zoo, fmnist_root, tmp_path / "one", *flags, "--save-soup",
+    r1 = torchrun("learned_soup.py", argv(zoo, fmnist_root, tmp_path / "one", *flags, "--save-soup",
                                             tmp_path / "one.pt"), nproc=1)
     assert r1.returncode == 0, r1.stderr[-2000:]
-    r2 = torchrun("learned_soup.py", common(zoo, fmnist_root, tmp_path / "two", *flags, "--save-soup",
+    r2 = torchrun("learned_soup.py", argv(zoo, fmnist_root, tmp_path / "two", *flags, "--save-soup",
                                             tmp_path / "two.pt"), nproc=2)
     assert r2.returncode == 0, r2.stderr[-2000:]
     a = results.read(tmp_path / "one" / "results.jsonl")[-1]

@@ -1,5 +1,6 @@
 """MEHL-Soup / MEHL-Soup+ end to end on tiny zoos (MEHL_soup_layer.py, in-process and under torchrun)."""
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -7,7 +8,8 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import MEHL_soup_layer as mehl
-from conftest import make_zoo, torchrun
+from tests import helpers
+from tests.conftest import make_zoo, torchrun
 from datasets import build_dataset
 from utils import hyperplane, mehl as mehl_step, sampling, soup_io
 from utils.archs import get_arch
@@ -19,12 +21,8 @@ from utils.state_dicts import flatten, param_names
 N_TENSORS = 10   # tiny-cnn: 2 conv + 2 BatchNorm + 1 linear, weight and bias each
 
 
-def run(tmp_path, zoo, fmnist_root, *extra, name="soup"):
-    argv = ["--model-location", str(zoo), "--arch", "tiny-cnn", "--data-location", str(fmnist_root),
-            "--heldout-per-class", "4", "--test-size", "20", "--batch-size", "15", "--epochs", "2",
-            "--results-db", str(tmp_path / "results.jsonl"), "--save-soup", str(tmp_path / f"{name}.pt"),
-            "--no-epoch-test", *map(str, extra)]
-    return argv
+argv = partial(helpers.argv, heldout=4, batch_size=15, device=None,
+               first=("--epochs", 2, "--no-epoch-test"))
 
 
 def soup_of(tmp_path, name="soup"):
@@ -41,7 +39,7 @@ def zoo4(tmp_path):
 
 
 def test_soup_stays_on_the_hyperplane_and_rebuilds_from_alpha(tmp_path, zoo4, fmnist_root):
-    record = mehl.main(run(tmp_path, zoo4, fmnist_root, "--model_batch", 3, "--cosine-lr"))
+    record = mehl.main(argv(zoo4, fmnist_root, tmp_path, "--model_batch", 3, "--cosine-lr"))
     assert record["method"] == "MEHL-Soup+" and record["blocks"] == N_TENSORS
     assert [len(g["ingredients"]) for g in record["groups"]] == [3, 1]
     alpha = torch.tensor(json.loads((tmp_path / "soup.alpha.json").read_text())["alpha"],
@@ -60,7 +58,7 @@ def test_soup_stays_on_the_hyperplane_and_rebuilds_from_alpha(tmp_path, zoo4, fm
 
 
 def test_layer_size_picks_the_blocks(tmp_path, zoo4, fmnist_root):
-    huge = mehl.main(run(tmp_path, zoo4, fmnist_root, "--model_batch", 2, "--layer-size", 10**9,
+    huge = mehl.main(argv(zoo4, fmnist_root, tmp_path, "--model_batch", 2, "--layer-size", 10**9,
                          name="model_wise"))
     assert huge["method"] == "MEHL-Soup" and huge["blocks"] == 1
     alpha = json.loads((tmp_path / "model_wise.alpha.json").read_text())["alpha"]
@@ -104,7 +102,7 @@ def test_projection_equals_autograd_through_functional_call(zoo4, fmnist_root):
 def test_one_group_equals_optimising_X_with_autograd(tmp_path, zoo4, fmnist_root):
     """K >= N: one group; the script's projected updates equal plain autograd on X (same AdamW, same
     constant lr, same data order)."""
-    record = mehl.main(run(tmp_path, zoo4, fmnist_root, "--model_batch", 10, "--lr", 0.05,
+    record = mehl.main(argv(zoo4, fmnist_root, tmp_path, "--model_batch", 10, "--lr", 0.05,
                            "--randomseed", 3))
     assert len(record["groups"]) == 1
     spec = get_arch("tiny-cnn")
@@ -146,10 +144,10 @@ def test_one_group_equals_optimising_X_with_autograd(tmp_path, zoo4, fmnist_root
 def test_two_processes_give_the_same_soup_as_one(tmp_path, zoo4, fmnist_root):
     """K = 3 over 2 ranks (2 + 1 rows, then 1 + 0 rows); batch 15 split 8 + 7. Float32 tolerance 1e-5:
     only the order of sums differs."""
-    single = mehl.main(run(tmp_path, zoo4, fmnist_root, "--model_batch", 3, "--cosine-lr",
+    single = mehl.main(argv(zoo4, fmnist_root, tmp_path, "--model_batch", 3, "--cosine-lr",
                            name="one"))
-    argv = run(tmp_path, zoo4, fmnist_root, "--model_batch", 3, "--cosine-lr", name="two")
-    done = torchrun("MEHL_soup_layer.py", argv, nproc=2)
+    args = argv(zoo4, fmnist_root, tmp_path, "--model_batch", 3, "--cosine-lr", name="two")
+    done = torchrun("MEHL_soup_layer.py", args, nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = soup_of(tmp_path, "one"), soup_of(tmp_path, "two")
     for k in one:
@@ -161,20 +159,20 @@ def test_two_processes_give_the_same_soup_as_one(tmp_path, zoo4, fmnist_root):
 
 
 def test_resume_after_the_first_group_ends_with_the_same_soup(tmp_path, zoo4, fmnist_root):
-    mehl.main(run(tmp_path, zoo4, fmnist_root, "--model_batch", 1, "--models_epochs", 2,
+    mehl.main(argv(zoo4, fmnist_root, tmp_path, "--model_batch", 1, "--models_epochs", 2,
                   name="straight"))
-    assert mehl.main(run(tmp_path, zoo4, fmnist_root, "--model_batch", 1, "--models_epochs", 2,
+    assert mehl.main(argv(zoo4, fmnist_root, tmp_path, "--model_batch", 1, "--models_epochs", 2,
                          "--stop-after-groups", 5, name="cut")) is None
     assert (tmp_path / "cut.state.pt").exists() and not (tmp_path / "cut.pt").exists()
     # a state made with another configuration is refused, naming the argument
     with pytest.raises(UserError, match="--lr"):
-        mehl.main(run(tmp_path, zoo4, fmnist_root, "--model_batch", 1, "--models_epochs", 2,
+        mehl.main(argv(zoo4, fmnist_root, tmp_path, "--model_batch", 1, "--models_epochs", 2,
                       "--resume", "--lr", 0.02, name="cut"))
     # a state file is not silently overwritten by a new run
     with pytest.raises(UserError, match="--resume"):
-        mehl.main(run(tmp_path, zoo4, fmnist_root, "--model_batch", 1, "--models_epochs", 2,
+        mehl.main(argv(zoo4, fmnist_root, tmp_path, "--model_batch", 1, "--models_epochs", 2,
                       name="cut"))
-    record = mehl.main(run(tmp_path, zoo4, fmnist_root, "--model_batch", 1, "--models_epochs", 2,
+    record = mehl.main(argv(zoo4, fmnist_root, tmp_path, "--model_batch", 1, "--models_epochs", 2,
                            "--resume", name="cut"))
     assert len(record["groups"]) == 8
     straight, cut = soup_of(tmp_path, "straight"), soup_of(tmp_path, "cut")
@@ -189,8 +187,8 @@ def test_parameter_identical_in_all_ingredients_is_kept(tmp_path, fmnist_root):
         sd = torch.load(zoo / f"model_{i}.pt", weights_only=True)
         sd["classifier.bias"] = fixed.clone()
         torch.save(sd, zoo / f"model_{i}.pt")
-    record = mehl.main(run(tmp_path, zoo, fmnist_root, "--model_batch", 2, "--layer-size", 10**9))
-    assert record["frozen_parameters"] == ["classifier.bias"] and record["frozen_numbers"] == 10
+    record = mehl.main(argv(zoo, fmnist_root, tmp_path, "--model_batch", 2, "--layer-size", 10**9))
+    assert record["identical_parameters"] == ["classifier.bias"] and record["identical_numbers"] == 10
     soup = soup_of(tmp_path)
     assert torch.isfinite(soup["classifier.weight"]).all()
     assert torch.equal(soup["classifier.bias"], fixed)
@@ -198,7 +196,7 @@ def test_parameter_identical_in_all_ingredients_is_kept(tmp_path, fmnist_root):
 
 def test_differing_batchnorm_statistics_are_reestimated(tmp_path, fmnist_root):
     zoo = make_zoo(tmp_path / "zoo", 3, differ_buffers=True)
-    record = mehl.main(run(tmp_path, zoo, fmnist_root, "--model_batch", 2))
+    record = mehl.main(argv(zoo, fmnist_root, tmp_path, "--model_batch", 2))
     assert record["batchnorm"] == "re-estimated on held-out"
     soup = soup_of(tmp_path)
     spec = get_arch("tiny-cnn")
@@ -213,7 +211,7 @@ def test_differing_batchnorm_statistics_are_reestimated(tmp_path, fmnist_root):
 
 
 def test_identical_statistics_are_kept(tmp_path, zoo4, fmnist_root):
-    record = mehl.main(run(tmp_path, zoo4, fmnist_root, "--model_batch", 4))
+    record = mehl.main(argv(zoo4, fmnist_root, tmp_path, "--model_batch", 4))
     assert record["batchnorm"] == "identical statistics, eval mode"
     first = torch.load(zoo4 / "model_0.pt", weights_only=True)
     assert torch.equal(soup_of(tmp_path)["features.1.running_mean"], first["features.1.running_mean"])
@@ -227,15 +225,15 @@ def test_identical_statistics_are_kept(tmp_path, zoo4, fmnist_root):
 ])
 def test_bad_input_is_a_user_error(tmp_path, zoo4, fmnist_root, extra, message):
     with pytest.raises(UserError, match=message):
-        mehl.main(run(tmp_path, zoo4, fmnist_root, *extra))
+        mehl.main(argv(zoo4, fmnist_root, tmp_path, *extra))
 
 
 def test_command_line_error_is_one_line(tmp_path, zoo4, fmnist_root):
     import subprocess
     import sys
-    from conftest import ROOT
-    argv = run(tmp_path, zoo4, fmnist_root, "--model_batch", 0)
-    done = subprocess.run([sys.executable, str(ROOT / "MEHL_soup_layer.py"), *argv], capture_output=True,
+    from tests.conftest import ROOT
+    args = argv(zoo4, fmnist_root, tmp_path, "--model_batch", 0)
+    done = subprocess.run([sys.executable, str(ROOT / "MEHL_soup_layer.py"), *args], capture_output=True,
                           text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == "error: --model_batch must be >= 1, got 0"

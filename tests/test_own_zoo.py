@@ -226,14 +226,14 @@ def test_timm_soups_follow_the_batchnorm_rule(timm_zoo, folder, tmp_path):
                                           "--save-soup", tmp_path / "l.pt"))
     m = mehl.main(soup_args(zoo, TIMM, folder, tmp_path, "--model_batch", 2, "--epochs", 1,
                             "--no-epoch-test", "--save-soup", tmp_path / "m.pt"))
-    assert learned["method"] == "Learned-Soup+" and learned["bn_reestimated"]
+    assert learned["method"] == "Learned-Soup+" and learned["batchnorm"] == "re-estimated on held-out"
     assert m["method"] == "MEHL-Soup+" and m["batchnorm"] == "re-estimated on held-out"
     # one block per parameter that differs across ingredients (timm's zero-initialised last BatchNorm of
     # a block leaves the biases before it at zero after one step: identical, kept, not learned)
     names = [n for n, _ in spec.build(3).named_parameters()]
     same = [n for n in names if all(torch.equal(sds[0][n], sd[n]) for sd in sds[1:])]
     assert learned["blocks"] == len(names) - len(same) == m["blocks"]
-    assert learned["kept_parameters"] == same == m["frozen_parameters"]
+    assert learned["identical_parameters"] == same == m["identical_parameters"]
     for name in ("l.pt", "m.pt"):
         # the soup's statistics are its own, re-estimated on held-out: doing it again changes nothing
         soup = load(tmp_path / name)
@@ -264,7 +264,7 @@ def test_factory_zoo_soups_and_two_processes(factory_zoo, factory_path, folder, 
     assert g["ingredients"]
     learned = learned_soup.main(soup_args(zoo, FACTORY, folder, tmp_path, "--layerwise", "--epochs", 1,
                                           "--save-soup", tmp_path / "l.pt"))
-    assert learned["method"] == "Learned-Soup+" and not learned["bn_reestimated"]
+    assert learned["method"] == "Learned-Soup+" and learned["batchnorm"] != "re-estimated on held-out"
     argv = soup_args(zoo, FACTORY, folder, tmp_path, "--model_batch", 3, "--epochs", 1, "--no-epoch-test",
                      "--save-soup", tmp_path / "one.pt")
     one = mehl.main(argv)

@@ -1,4 +1,4 @@
-"""Reliability and security of the four soup scripts (issue 8), on CPU with tiny zoos:
+"""Reliability and security of the four soup scripts (docs/GUARANTEES.md), on CPU with tiny zoos:
 untrusted checkpoints, bad ingredients, bad arguments and data, unwritable outputs and a full disk.
 
 Every refusal must come before any learning or evaluation (no results line, no soup), as one line
@@ -8,69 +8,20 @@ import errno
 import logging
 import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 import greedy_soup
-import learned_soup
 import MEHL_soup_layer
 import uniform_soup
-from tests.conftest import ROOT, make_zoo
+from tests.conftest import make_zoo
+from tests.helpers import QUICK, SCRIPTS, argv, cli, last_line, nothing_written, refused
 from utils import state_dicts
 from utils.archs import get_arch
 from utils.errors import run_main
 from utils.state_dicts import load_state_dict
-
-SCRIPTS = {"uniform": uniform_soup, "greedy": greedy_soup, "learned": learned_soup,
-           "mehl": MEHL_soup_layer}
-EXTRA = {"uniform": [], "greedy": [], "learned": ["--epochs", "1"],
-         "mehl": ["--epochs", "1", "--model_batch", "2", "--no-epoch-test"]}
-FILE = {"uniform": "uniform_soup.py", "greedy": "greedy_soup.py", "learned": "learned_soup.py",
-        "mehl": "MEHL_soup_layer.py"}
-
-
-def argv(script, zoo, data, tmp_path, *extra):
-    return [str(a) for a in ["--model-location", zoo, "--arch", "tiny-cnn", "--data-location", data,
-                             "--heldout-per-class", "3", "--test-size", "20", "--batch-size", "32",
-                             "--device", "cpu", "--results-db", tmp_path / "results.jsonl",
-                             "--save-soup", tmp_path / "soup.pt", *EXTRA[script], *extra]]
-
-
-def refused(capsys, script, args):
-    """Run the script's command line in-process as a user would (run_main); return the one error line.
-    Asserts exit status 2, exactly one `error:` line, no traceback."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(SCRIPTS[script].main, args)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err[-2000:]
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
-    return lines[0]
-
-
-def nothing_written(tmp_path):
-    assert not (tmp_path / "results.jsonl").exists(), "a results line was written"
-    assert not list(tmp_path.glob("soup*")), "a soup (or its recipe/state) was written"
-    assert not list(tmp_path.glob(".*.tmp")), "a temporary file was left"
-
-
-def cli(script, args, cwd=ROOT):
-    """The script as a separate process (exit status and stderr as the user sees them)."""
-    return subprocess.run([sys.executable, str(ROOT / FILE[script]), *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-
-
-def last_line(done):
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    return done.stderr.strip().splitlines()[-1]
-
 
 @pytest.fixture
 def zoo(tmp_path):
@@ -110,7 +61,7 @@ def evil_legacy(path, marker):
 def test_code_in_a_checkpoint_never_runs(capsys, tmp_path, zoo, out, fmnist_root, script, maker):
     marker = tmp_path / "pwned"
     maker(zoo / "model_1.pt", marker)
-    line = refused(capsys, script, argv(script, zoo, fmnist_root, out))
+    line = refused(capsys, script, argv(zoo, fmnist_root, out, first=QUICK[script]))
     assert f"{zoo / 'model_1.pt'}: refused to load" in line and "nothing in it was run" in line
     assert not marker.exists()
     nothing_written(out)
@@ -119,7 +70,7 @@ def test_code_in_a_checkpoint_never_runs(capsys, tmp_path, zoo, out, fmnist_root
 def test_code_in_a_checkpoint_through_the_command_line(tmp_path, zoo, out, fmnist_root):
     marker = tmp_path / "pwned"
     evil_zip(zoo / "model_2.pt", marker)
-    done = cli("mehl", argv("mehl", zoo, fmnist_root, out))
+    done = cli("mehl", argv(zoo, fmnist_root, out, first=QUICK["mehl"]))
     assert last_line(done).startswith(f"error: {zoo / 'model_2.pt'}: refused to load: the pickle asks for "
                                       "objects outside plain tensors (weights_only=True; nothing in it "
                                       "was run)")
@@ -133,7 +84,7 @@ def test_safetensors_and_wrapped_state_dicts_are_ingredients(tmp_path, zoo, out,
     (zoo / "model_1.pt").unlink()
     save_file(sds[1], str(zoo / "model_1.safetensors"))
     torch.save({"state_dict": sds[2], "epoch": 3}, zoo / "model_2.pt")  # a training checkpoint
-    record = uniform_soup.main(argv("uniform", zoo, fmnist_root, out))
+    record = uniform_soup.main(argv(zoo, fmnist_root, out))
     assert record["ingredients"] == [0, 1, 2]
     soup = load_state_dict(out / "soup.pt")
     for k, v in sds[0].items():
@@ -208,7 +159,7 @@ BAD = [truncated, text_file, empty_file, a_bare_tensor, missing_key, unexpected_
 def test_bad_ingredient_is_refused_before_work(capsys, zoo, out, fmnist_root, script, spoil):
     bad = zoo / "model_2.pt"
     expected = spoil(bad)
-    line = refused(capsys, script, argv(script, zoo, fmnist_root, out))
+    line = refused(capsys, script, argv(zoo, fmnist_root, out, first=QUICK[script]))
     assert line.startswith(f"error: {bad}") and expected in line, line
     nothing_written(out)
 
@@ -221,7 +172,7 @@ def test_mixed_dtypes_are_cast_with_a_warning_naming_the_file(caplog, zoo, out, 
     torch.save({k: v.double() if v.is_floating_point() else v for k, v in sds[2].items()}, zoo / "model_2.pt")
     state_dicts._CAST_WARNED.clear()
     with caplog.at_level(logging.WARNING):
-        greedy_soup.main(argv("greedy", zoo, fmnist_root, out))
+        greedy_soup.main(argv(zoo, fmnist_root, out))
     warnings = [r.getMessage() for r in caplog.records if "were cast" in r.getMessage()]
     assert warnings == [f"{zoo / 'model_1.pt'}: floating tensors stored as float16 were cast to the "
                         "architecture's float32",
@@ -270,7 +221,7 @@ BAD_ARGS = [
 
 @pytest.mark.parametrize("script, extra, message", BAD_ARGS, ids=[" ".join(a[1]) for a in BAD_ARGS])
 def test_bad_argument_is_one_line_exit_2(capsys, zoo, out, fmnist_root, script, extra, message):
-    line = refused(capsys, script, argv(script, zoo, fmnist_root, out, *extra))
+    line = refused(capsys, script, argv(zoo, fmnist_root, out, *extra, first=QUICK[script]))
     assert line.startswith(message) if message.startswith("error:") else message in line, line
     nothing_written(out)
 
@@ -281,7 +232,7 @@ def test_bad_argument_is_one_line_exit_2(capsys, zoo, out, fmnist_root, script, 
     ("mehl", ["--labelsmooth", "1.5"], "error: --labelsmooth must be in [0, 1), got 1.5"),
 ])
 def test_bad_argument_through_the_command_line(zoo, out, fmnist_root, script, extra, message):
-    assert last_line(cli(script, argv(script, zoo, fmnist_root, out, *extra))) == message
+    assert last_line(cli(script, argv(zoo, fmnist_root, out, *extra, first=QUICK[script]))) == message
     nothing_written(out)
 
 
@@ -295,7 +246,7 @@ def test_bad_argument_through_the_command_line(zoo, out, fmnist_root, script, ex
 def test_malformed_flag_values_are_argparse_errors(capsys, zoo, out, fmnist_root, extra, message):
     """Values argparse itself rejects: its usage line, then one `prog: error: ...` line, exit 2."""
     with pytest.raises(SystemExit) as exit_info:
-        run_main(MEHL_soup_layer.main, argv("mehl", zoo, fmnist_root, out, *extra))
+        run_main(MEHL_soup_layer.main, argv(zoo, fmnist_root, out, *extra, first=QUICK["mehl"]))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1].endswith(message), err
@@ -309,12 +260,12 @@ def test_data_folder_with_the_wrong_layout(capsys, tmp_path, zoo, out, fmnist_ro
             "train-labels-idx1-ubyte.gz": "train-images-idx3-ubyte.gz"}
     for name in os.listdir(fmnist_root):  # train images and labels exchanged
         (swapped / swap.get(name, name)).write_bytes((fmnist_root / name).read_bytes())
-    line = refused(capsys, "uniform", argv("uniform", zoo, swapped, out))
+    line = refused(capsys, "uniform", argv(zoo, swapped, out))
     assert line == (f"error: {swapped}: train images must be N x H x W and labels N long (got shapes "
                     "(600,) and (600, 28, 28)): are the files swapped?"), line
     nothing_written(out)
     (swapped / "train-images-idx3-ubyte.gz").write_text("not gzip")
-    line = refused(capsys, "greedy", argv("greedy", zoo, swapped, out))
+    line = refused(capsys, "greedy", argv(zoo, swapped, out))
     assert line.startswith(f"error: {swapped / 'train-images-idx3-ubyte.gz'}: not a readable IDX file"), line
     nothing_written(out)
 
@@ -322,24 +273,24 @@ def test_data_folder_with_the_wrong_layout(capsys, tmp_path, zoo, out, fmnist_ro
 def test_empty_heldout_split(capsys, tmp_path, zoo, out, fmnist_root):
     index = tmp_path / "none.npy"
     np.save(index, np.zeros(600, dtype=np.uint8))  # the fixture's train set has 600 images
-    args = [a for a in argv("mehl", zoo, fmnist_root, out, "--heldout-index", index)]
+    args = [a for a in argv(zoo, fmnist_root, out, "--heldout-index", index, first=QUICK["mehl"])]
     line = refused(capsys, "mehl", args)
     assert line == "error: the held-out split of FashionMNIST is empty"
     nothing_written(out)
     np.save(index, np.zeros(7, dtype=np.uint8))
-    line = refused(capsys, "learned", argv("learned", zoo, fmnist_root, out, "--heldout-index", index))
+    line = refused(capsys, "learned", argv(zoo, fmnist_root, out, "--heldout-index", index, first=QUICK["learned"]))
     assert line == f"error: --heldout-index {index}: expected a 0/1 array of length 600, got shape (7,)"
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_existing_output_is_refused_unless_overwrite(capsys, zoo, out, fmnist_root, script):
     (out / "soup.pt").write_bytes(b"precious")
-    line = refused(capsys, script, argv(script, zoo, fmnist_root, out))
+    line = refused(capsys, script, argv(zoo, fmnist_root, out, first=QUICK[script]))
     assert line == (f"error: --save-soup {out / 'soup.pt'} exists: refusing to overwrite it (pass "
                     "--overwrite or another path)")
     assert (out / "soup.pt").read_bytes() == b"precious"
     assert not (out / "results.jsonl").exists()
-    SCRIPTS[script].main(argv(script, zoo, fmnist_root, out, "--overwrite"))
+    SCRIPTS[script].main(argv(zoo, fmnist_root, out, "--overwrite", first=QUICK[script]))
     assert load_state_dict(out / "soup.pt")  # replaced by a real soup
 
 
@@ -348,11 +299,11 @@ def test_existing_output_is_refused_unless_overwrite(capsys, zoo, out, fmnist_ro
 def test_output_under_a_file_is_refused_before_work(capsys, tmp_path, zoo, fmnist_root, script):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file, not a folder")
-    args = argv(script, zoo, fmnist_root, tmp_path)
+    args = argv(zoo, fmnist_root, tmp_path, first=QUICK[script])
     args[args.index("--save-soup") + 1] = str(blocker / "soup.pt")
     line = refused(capsys, script, args)
     assert line == f"error: --save-soup {blocker / 'soup.pt'}: {blocker} is a file, not a folder"
-    args = argv(script, zoo, fmnist_root, tmp_path)
+    args = argv(zoo, fmnist_root, tmp_path, first=QUICK[script])
     args[args.index("--results-db") + 1] = str(blocker / "deeper" / "results.jsonl")
     line = refused(capsys, script, args)
     assert line.startswith(f"error: --results-db {blocker / 'deeper' / 'results.jsonl'}: cannot write in "
@@ -378,14 +329,14 @@ def full_disk(monkeypatch, target_suffix):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_disk_full_while_writing_the_soup(capsys, monkeypatch, zoo, out, fmnist_root, script):
     full_disk(monkeypatch, "soup.pt")
-    line = refused(capsys, script, argv(script, zoo, fmnist_root, out))
+    line = refused(capsys, script, argv(zoo, fmnist_root, out, first=QUICK[script]))
     assert line.startswith(f"error: could not write {out / 'soup.pt'}: No space left on device"), line
     assert not (out / "soup.pt").exists()
     assert not list(out.glob(".*.tmp")) and not list(out.glob("*.tmp"))
     # the results line marks a finished run: none was written, so a rerun makes the soup
     assert not [r for r in _records(out) if r["method"] != "individual"]
     monkeypatch.undo()
-    SCRIPTS[script].main(argv(script, zoo, fmnist_root, out, *(["--resume"] if script == "mehl" else [])))
+    SCRIPTS[script].main(argv(zoo, fmnist_root, out, *(["--resume"] if script == "mehl" else []), first=QUICK[script]))
     assert load_state_dict(out / "soup.pt")
     assert len([r for r in _records(out) if r["method"] != "individual"]) == 1
 

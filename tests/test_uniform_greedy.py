@@ -1,11 +1,13 @@
 """Uniform and greedy soups, individual accuracies and --exclude-top, on tiny CPU zoos."""
 import json
+from functools import partial
 
 import pytest
 import torch
 
 import greedy_soup
 import uniform_soup
+from tests import helpers
 from tests.conftest import make_zoo, torchrun
 from utils import evaluation, results
 from utils.archs import get_arch
@@ -13,14 +15,7 @@ from utils.errors import UserError
 from utils.state_dicts import load_state_dict
 
 
-def common(zoo, data, tmp_path, *extra):
-    return ["--model-location", zoo, "--arch", "tiny-cnn", "--data-location", data,
-            "--heldout-per-class", "5", "--test-size", "40", "--batch-size", "64",
-            "--results-db", tmp_path / "results.jsonl", *extra]
-
-
-def argv(*items):
-    return [str(x) for x in items]
+argv = partial(helpers.argv, heldout=5, test_size=40, batch_size=64, device=None, name=None)
 
 
 # ------------------------------------------------------------------------------------------ uniform
@@ -31,7 +26,7 @@ def test_uniform_soup_equals_in_memory_mean(tmp_path, fmnist_root):
         sd["features.1.num_batches_tracked"] = torch.tensor(10 + i)
         torch.save(sd, zoo / f"model_{i}.pt")
     out = tmp_path / "uniform.pt"
-    record = uniform_soup.main(argv(*common(zoo, fmnist_root, tmp_path, "--save-soup", out)))
+    record = uniform_soup.main(argv(zoo, fmnist_root, tmp_path, "--save-soup", out))
 
     sds = [torch.load(zoo / f"model_{i}.pt") for i in range(3)]
     soup = load_state_dict(out)
@@ -53,18 +48,16 @@ def test_bad_input_fails_before_work(tmp_path, fmnist_root):
     zoo = make_zoo(tmp_path / "zoo", 3)
     (zoo / "model_1.pt").unlink()
     with pytest.raises(UserError, match="missing"):
-        uniform_soup.main(argv(*common(zoo, fmnist_root, tmp_path, "--save-soup", "none")))
+        uniform_soup.main(argv(zoo, fmnist_root, tmp_path, "--save-soup", "none"))
     zoo2 = make_zoo(tmp_path / "zoo2", 2)
     with pytest.raises(UserError, match="leaves no ingredient"):
-        greedy_soup.main(argv(*common(zoo2, fmnist_root, tmp_path, "--save-soup", "none",
-                                      "--exclude-top", "2")))
+        greedy_soup.main(argv(zoo2, fmnist_root, tmp_path, "--save-soup", "none", "--exclude-top", "2"))
     with pytest.raises(UserError, match="empty range|must be <"):
-        uniform_soup.main(argv(*common(zoo2, fmnist_root, tmp_path, "--params_start", "1",
-                                       "--params_end", "1")))
+        uniform_soup.main(argv(zoo2, fmnist_root, tmp_path, "--params_start", "1", "--params_end", "1"))
     # a checkpoint of another architecture (10 classes -> 3)
     torch.save(get_arch("tiny-cnn").build(3).state_dict(), zoo2 / "model_1.pt")
     with pytest.raises(UserError, match="does not match"):
-        greedy_soup.main(argv(*common(zoo2, fmnist_root, tmp_path, "--save-soup", "none")))
+        greedy_soup.main(argv(zoo2, fmnist_root, tmp_path, "--save-soup", "none"))
     assert not (tmp_path / "results.jsonl").exists()  # nothing was evaluated
 
 
@@ -108,7 +101,7 @@ def test_greedy_known_answer_and_cache(tmp_path, fmnist_root, monkeypatch):
     monkeypatch.setattr(evaluation, "accuracy", fake_accuracy(base_bias, TABLE, calls))
     monkeypatch.setattr(greedy_soup, "accuracy", evaluation.accuracy)
     out = tmp_path / "greedy.pt"
-    record = greedy_soup.main(argv(*common(zoo, fmnist_root, tmp_path, "--save-soup", out)))
+    record = greedy_soup.main(argv(zoo, fmnist_root, tmp_path, "--save-soup", out))
 
     assert record["order"] == [1, 2, 4, 0, 3]
     assert record["ingredients"] == [1, 4, 3]
@@ -123,7 +116,7 @@ def test_greedy_known_answer_and_cache(tmp_path, fmnist_root, monkeypatch):
 
     # second run: the five individual accuracies come from the results file
     calls.clear()
-    greedy_soup.main(argv(*common(zoo, fmnist_root, tmp_path, "--save-soup", out, "--overwrite")))
+    greedy_soup.main(argv(zoo, fmnist_root, tmp_path, "--save-soup", out, "--overwrite"))
     singles = [m for d, m in calls if len(m) == 1 and d == "held-out"]
     assert singles == []
     lines = results.read(tmp_path / "results.jsonl")
@@ -131,7 +124,7 @@ def test_greedy_known_answer_and_cache(tmp_path, fmnist_root, monkeypatch):
     assert lines[-1]["ingredients"] == [1, 4, 3]
 
     # --exclude-top 2 drops 1 and 2 (the two best): order 4, 0, 3
-    greedy_soup.main(argv(*common(zoo, fmnist_root, tmp_path, "--save-soup", "none", "--exclude-top", "2")))
+    greedy_soup.main(argv(zoo, fmnist_root, tmp_path, "--save-soup", "none", "--exclude-top", "2"))
     last = results.read(tmp_path / "results.jsonl")[-1]
     assert last["order"] == [4, 0, 3] and last["excluded"] == [1, 2]
     assert last["ingredients"] == [4]  # {0,4}, {3,4} are not in the table: 0 < 75
@@ -142,7 +135,7 @@ def test_uniform_exclude_top(tmp_path, fmnist_root, monkeypatch):
     calls = []
     monkeypatch.setattr(evaluation, "accuracy", fake_accuracy(base_bias, TABLE, calls))
     out = tmp_path / "u.pt"
-    record = uniform_soup.main(argv(*common(zoo, fmnist_root, tmp_path, "--save-soup", out, "--exclude-top", "3")))
+    record = uniform_soup.main(argv(zoo, fmnist_root, tmp_path, "--save-soup", out, "--exclude-top", "3"))
     assert record["ingredients"] == [0, 3]
     soup = load_state_dict(out)
     expect = base_bias + (torch.eye(10)[0] + torch.eye(10)[3]) / 2
@@ -153,9 +146,9 @@ def test_individual_cache_key_tracks_configuration(tmp_path, fmnist_root, monkey
     zoo, base_bias = coded_zoo(tmp_path / "zoo", 2)
     calls = []
     monkeypatch.setattr(evaluation, "accuracy", fake_accuracy(base_bias, TABLE, calls))
-    base = common(zoo, fmnist_root, tmp_path, "--save-soup", "none")
-    greedy_soup.main(argv(*base))
-    greedy_soup.main(argv(*base, "--test-size", "30"))  # another test size: evaluated again
+    base = argv(zoo, fmnist_root, tmp_path, "--save-soup", "none")
+    greedy_soup.main(base)
+    greedy_soup.main([*base, "--test-size", "30"])  # another test size: evaluated again
     lines = [r for r in results.read(tmp_path / "results.jsonl") if r["method"] == "individual"]
     assert [r["test_size"] for r in lines] == [40, 40, 30, 30]
 
@@ -165,11 +158,11 @@ def test_individual_cache_key_tracks_configuration(tmp_path, fmnist_root, monkey
 @pytest.mark.parametrize("script", ["greedy_soup.py", "uniform_soup.py"])
 def test_two_processes_match_one(tmp_path, fmnist_root, script):
     zoo = make_zoo(tmp_path / "zoo", 3, noise=0.2)
-    one = common(zoo, fmnist_root, tmp_path / "one", "--save-soup", tmp_path / "one.pt", "--device", "cpu")
-    two = common(zoo, fmnist_root, tmp_path / "two", "--save-soup", tmp_path / "two.pt", "--device", "cpu")
-    r1 = torchrun(script, argv(*one), nproc=1)
+    one = argv(zoo, fmnist_root, tmp_path / "one", "--save-soup", tmp_path / "one.pt", "--device", "cpu")
+    two = argv(zoo, fmnist_root, tmp_path / "two", "--save-soup", tmp_path / "two.pt", "--device", "cpu")
+    r1 = torchrun(script, one, nproc=1)
     assert r1.returncode == 0, r1.stderr[-2000:]
-    r2 = torchrun(script, argv(*two), nproc=2)
+    r2 = torchrun(script, two, nproc=2)
     assert r2.returncode == 0, r2.stderr[-2000:]
     a = results.read(tmp_path / "one" / "results.jsonl")
     b = results.read(tmp_path / "two" / "results.jsonl")

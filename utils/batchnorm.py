@@ -28,6 +28,20 @@ def batchnorm_statistics(model, names):
     return [k for k in names if k.rpartition(".")[0] in layers]
 
 
+# What a learned soup's results line and recipe record under "batchnorm".
+REESTIMATED = "re-estimated on held-out"
+KEPT = "identical statistics, eval mode"
+NONE = "none"
+
+
+def rule(model, reestimated):
+    """The "batchnorm" field of a learned or MEHL soup: statistics re-estimated on held-out (they
+    differed across the ingredients), kept (identical in all), or no BatchNorm layer at all."""
+    if reestimated:
+        return REESTIMATED
+    return KEPT if has_batchnorm(model) else NONE
+
+
 def set_mode(model, frozen_stats):
     """The mode for learning soup coefficients: BatchNorm layers use batch statistics only when their
     statistics differ across ingredients (frozen_stats=False); everything else is in eval mode, so

@@ -8,8 +8,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils import archs, distributed, ingredients
+from utils import archs, distributed, ingredients, results
 from utils.errors import UserError
+from utils.soup_io import sidecar
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,8 @@ IGNORED_FLAGS = ("--local-rank", "--local_rank", "--ddp", "--split", "--finetune
 
 
 def soup_parser(description, method):
-    """The common flags. Each script adds its own on the returned parser."""
+    """The common flags. Each script adds its own on the returned parser. `method` only names the
+    default --save-soup in the help; the method itself is never an argument (a script passes it)."""
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("ingredients and data")
@@ -64,7 +66,6 @@ def soup_parser(description, method):
                    "configured)")
     for flag in IGNORED_FLAGS:
         p.add_argument(flag, nargs="?", const=True, default=None, help=argparse.SUPPRESS)
-    p.set_defaults(method=method)
     return p
 
 
@@ -107,19 +108,20 @@ def check_seed(flag, value):
                         f"got {value}")
 
 
-def check_writable(args):
+def check_writable(args, method):
     """Fail before any work when the results file or the soup cannot be written where asked (a parent
-    that is a file, a read-only or missing mount): create the folder and a probe file in it."""
-    from utils.results import check_regular
+    that is a file, a read-only or missing mount): create the folder and a probe file in it. `method`
+    None (MEHL before it counts its blocks): a default soup path is probed by its folder."""
     targets = [("--results-db", Path(args.results_db))]
-    if soup_target(args) is not None:
-        targets.append(("--save-soup", soup_target(args)))
+    soup = soup_target(args, method or "soup")
+    if soup is not None:
+        targets.append(("--save-soup", soup))
     if isinstance(getattr(args, "resume", None), str):
         targets.append(("--resume", Path(args.resume)))
     for flag, path in targets:
         if path.is_dir():
             raise UserError(f"{flag} {path} is a folder: give a file name")
-        check_regular(path, flag)
+        results.check_regular(path, flag)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".write-probe-"):
@@ -129,80 +131,78 @@ def check_writable(args):
                             f"{err.strerror or err}") from err
 
 
-def soup_target(args):
-    """Where the soup goes (a Path), or None for --save-soup none. No checks."""
+def soup_target(args, method):
+    """Where the soup of `method` goes (a Path: --save-soup, default runs/<method>.pt), or None for
+    --save-soup none. No checks."""
     if args.save_soup is not None and args.save_soup.lower() == "none":
         return None
-    return Path(args.save_soup or f"runs/{args.method}.pt")
+    return Path(args.save_soup or f"runs/{method}.pt")
 
 
-def soup_path(args):
-    """The soup's output path (None when 'none'); an existing file is refused now, before work starts,
-    unless --overwrite (or --resume, whose own state decides)."""
-    return soup_output(args)[0]
+@dataclass(frozen=True)
+class Output:
+    """Where a run writes its soup, decided once before work starts."""
+    path: object = None       # the soup's path (None: --save-soup none)
+    replace: bool = False     # whether an existing file there may be replaced
 
 
-def soup_output(args, resumed=None):
-    """(path, replace): the soup's output path (None when 'none') and whether an existing file there
-    may be replaced. An existing file is refused before work starts unless --overwrite, a resumed run
+def soup_output(args, method, resumed=None):
+    """The soup's Output: its path (None when 'none') and whether an existing file there may be
+    replaced. An existing file is refused before work starts unless --overwrite, a resumed run
     (`resumed`: its own state produced the soup; None: not known yet, --resume may still find a state)
     or it is the leftover of an interrupted run of this same command: its recipe records the same
     arguments and no results line does (a finished run was returned by `finished`)."""
-    path = soup_target(args)
+    path = soup_target(args, method)
     if path is None:
-        return None, False
+        return Output()
     if path.suffix not in (".pt", ".pth", ".safetensors"):
         raise UserError(f"--save-soup {path}: use a .pt or .safetensors file name")
     if path.parent.exists() and not path.parent.is_dir():
         raise UserError(f"--save-soup {path}: {path.parent} is a file, not a folder")
     if not path.exists():
-        return path, False
+        return Output(path, False)
     if args.overwrite or (getattr(args, "resume", False) if resumed is None else resumed):
-        return path, True
+        return Output(path, True)
     if _same_run_recipe(args, path):
         log.warning("%s was left by an interrupted run of this same command (its recipe records the "
                     "same arguments, the results file no line): making it again", path)
-        return path, True
+        return Output(path, True)
     raise UserError(f"--save-soup {path} exists: refusing to overwrite it (pass --overwrite or "
                     "another path)")
 
 
 # ------------------------------------------------------------------------- finished and leftovers
-# Arguments that do not change what a run computes: runs that differ only in these are the same run.
-NOT_DEFINING = ("overwrite", "resume", "stop_after_groups", "wandb", "workers", "no_epoch_test", "method",
+# The one list of what defines a run: every argument defines it but these, which change neither the
+# soup nor its scores (how fast, where it is logged or written, whether it may replace or continue, and
+# the released launcher's ignored flags). Used by the rerun check (`run_key`: the same command already
+# finished) and by MEHL's --resume state (a state made with other defining values is refused). Where the
+# soup is written is compared on its own (a results line's soup_file), so a state or soup may be moved.
+NOT_DEFINING = ("overwrite", "resume", "stop_after_groups", "wandb", "workers", "no_epoch_test",
+                "results_db", "save_soup", "memory_check", "memory_limit", "method",
                 "local_rank", "local-rank", "ddp", "split", "finetune")
 
 
 def run_key(args_dict):
-    """The defining arguments of a run (from `record_args` or a results line's "args"), JSON-normalised."""
+    """The defining arguments of a run (from `vars(args)` or a results line's "args"), JSON-normalised."""
     return json.loads(json.dumps({k: v for k, v in args_dict.items() if k not in NOT_DEFINING},
                                  default=str))
 
 
 def _same_run_recipe(args, path):
-    from utils.soup_io import recipe_path
     try:
-        recipe = json.loads(recipe_path(path).read_text())
+        recipe = json.loads(sidecar(path, "recipe").read_text())
     except (OSError, ValueError):
         return False
     return (isinstance(recipe, dict) and isinstance(recipe.get("args"), dict)
-            and run_key(recipe["args"]) == run_key(record_args(args)))
-
-
-def fingerprints(paths):
-    """Size and modification time of each file: a rewritten ingredient makes a different run."""
-    out = []
-    for p in paths:
-        st = Path(p).stat()
-        out.append(f"{st.st_size}-{st.st_mtime_ns}")
-    return out
+            and run_key(recipe["args"]) == run_key(vars(args)))
 
 
 def finished(args, methods):
     """The results line of an earlier run of this same command that finished (same method, defining
     arguments and ingredient files, and its soup file still there), or None. The results line is a
     run's last write, so a line means the run is complete: a rerun returns it instead of redoing the work
-    and appending a duplicate (STYLE 8). --overwrite always runs again."""
+    and appending a duplicate (docs/GUARANTEES.md, "Runs are resumable"). --overwrite always runs
+    again."""
     record = None
     if not args.overwrite:
         distributed.setup(args.device)  # idempotent; prepare() reuses the process group
@@ -216,7 +216,6 @@ def finished(args, methods):
 
 
 def _find_finished(args, methods):
-    from utils import results
     try:
         records = results.read(args.results_db)
     except (OSError, ValueError):
@@ -226,16 +225,17 @@ def _find_finished(args, methods):
                   and "range_fingerprints" in r]
     if not candidates:
         return None
-    key = run_key(record_args(args))
+    key = run_key(vars(args))
     try:
-        prints = fingerprints(ingredients.ingredient_paths(args.model_location, args.params_start,
-                                                           args.params_end))
+        prints = results.fingerprints(ingredients.ingredient_paths(args.model_location, args.params_start,
+                                                                   args.params_end))
     except UserError:
         return None  # prepare() reports it
     for r in reversed(candidates):
         if run_key(r["args"]) == key and r["range_fingerprints"] == prints:
+            target = soup_target(args, r["method"])
             soup = r.get("soup_file")
-            if soup is None or Path(soup).is_file():
+            if soup == (None if target is None else str(target)) and (soup is None or Path(soup).is_file()):
                 return r
     return None
 
@@ -249,16 +249,15 @@ class Setup:
     reference: dict           # the architecture's state dict (names, shapes, dtypes)
     paths: list               # ingredient paths of the range
     started: float
-    out_path: object = None   # where the soup goes (None: not saved)
-    replace: bool = False     # whether an existing file there may be replaced
 
 
-def prepare(args, check_ingredients=True):
-    """Device, data, model and ingredient paths; every check that can fail fails here, before work."""
+def prepare(args, method=None, check_ingredients=True):
+    """Device, data, model and ingredient paths; every check that can fail fails here, before work.
+    `method` names the default soup path whose folder is checked (None: MEHL, before its blocks)."""
     from datasets import build_dataset
     started = time.time()
     check_args(args)
-    check_writable(args)
+    check_writable(args, method)
     device = distributed.setup(args.device)
     spec = archs.get_arch(args.arch)
     paths = ingredients.ingredient_paths(args.model_location, args.params_start, args.params_end)
@@ -281,33 +280,6 @@ def prepare(args, check_ingredients=True):
     return Setup(device, spec, bundle, model.to(device), reference, paths, started)
 
 
-def record_args(args):
-    """The arguments as they go into a results line."""
-    return {k: v for k, v in vars(args).items() if k not in ("local_rank", "local-rank")}
-
-
-def result_record(args, setup, paths, scores, **extra):
-    """One results line: method, ingredients, held-out / test / shifts, seconds, peak memory, arguments."""
-    from utils import memory
-    return {
-        "method": args.method,
-        "dataset": args.datasets,
-        "arch": args.arch,
-        "ingredients": [ingredients.index_of(p) for p in paths],
-        "model_location": str(Path(args.model_location).resolve()),
-        **scores,
-        "split": setup.bundle.split,
-        "seconds": round(time.time() - setup.started, 2),
-        "peak_memory_bytes": memory.peak_bytes(setup.device),
-        "device": str(setup.device),
-        "world_size": distributed.world_size(),
-        "soup_file": str(soup_target(args)) if soup_target(args) is not None else None,
-        "range_fingerprints": fingerprints(setup.paths),
-        **extra,
-        "args": record_args(args),
-    }
-
-
 def lock_output(*paths):
     """Hold an exclusive lock on each output path (not None) for the rest of the run: a second run
     writing the same soup (or MEHL state) is refused, naming the process that holds it."""
@@ -317,20 +289,25 @@ def lock_output(*paths):
             lock.acquire(path)
 
 
-def begin(args, methods=None, check_output=True):
-    """The start every soup script shares. Returns (earlier, setup): `earlier` is the results line of
-    this same command when it already finished (nothing else is done then), else None and `setup`
-    after every check that can fail: the soup's output (when `check_output`: also locked for the
-    run), data, model, the ingredients, --exclude-top."""
+def begin(args, method, methods=None):
+    """The start every soup script shares. Returns (finished_line, setup, output): `finished_line` is the
+    results line of this same command when it already finished (nothing else is done then), else None, with
+    `setup` after every check that can fail (data, model, the ingredients, --exclude-top) and `output`,
+    the soup's Output, locked for the run. `method` None: the method is known only later (MEHL counts
+    its blocks, `methods` lists the candidates); an explicit --save-soup is checked and locked now, and
+    `output` is None: the script decides it with `soup_output` once it knows the method."""
     from utils import individual, memory
-    earlier = finished(args, methods or (args.method,))
-    if earlier is not None:
+    finished_line = finished(args, methods or (method,))
+    if finished_line is not None:
         distributed.teardown()
-        return earlier, None
-    out_path, replace = soup_output(args) if check_output else (None, False)
-    lock_output(out_path)  # before any write; a run holding it is refused here
-    setup = prepare(args)
-    setup.out_path, setup.replace = out_path, replace
+        return finished_line, None, None
+    output = None
+    if method is not None:
+        output = soup_output(args, method)
+        lock_output(output.path)  # before any write; a run holding it is refused here
+    elif args.save_soup is not None:
+        lock_output(soup_output(args, None).path)
+    setup = prepare(args, method)
     individual.check_exclude_top(args, setup)
     memory.reset_peak(setup.device)
-    return None, setup
+    return None, setup, output

@@ -68,11 +68,6 @@ def all_reduce_sum(tensor):
     return tensor
 
 
-def barrier():
-    if is_distributed():
-        dist.barrier()
-
-
 def broadcast_object(obj, src=0):
     """Send a picklable object from `src` to every rank (used for small metadata only)."""
     if not is_distributed():

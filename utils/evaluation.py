@@ -1,6 +1,5 @@
 """Accuracy that is exact across ranks: each rank takes indices rank, rank+world, ... (no padding, no
 repeats) and the correct / total counts are all-reduced."""
-import math
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -53,8 +52,3 @@ def evaluate_all(model, bundle, device, batch_size=256, workers=0, heldout=True,
         out["shift_mean"] = sum(present) / len(present) if present else None
         out["missing_shifts"] = [s.name for s in bundle.shifts if s.dataset is None]
     return out
-
-
-def mean_or_none(values):
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(values) / len(values) if values else None

@@ -1,6 +1,6 @@
 """Accuracies of the individual ingredients: held-out, test and every shift, one results line each
 (method "individual"). An ingredient whose line is already in the results file, for the same file,
-dataset, architecture, held-out split and test size, is not evaluated again (STYLE 8).
+dataset, architecture, held-out split and test size, is not evaluated again.
 
 Used by greedy soup (held-out ranking), by --exclude-top in every soup script, and by the report."""
 import json
@@ -76,7 +76,7 @@ def evaluate_individuals(args, setup, paths=None):
 
 def heldout_ranking(args, setup, paths=None):
     """[(index, path, held-out accuracy)] sorted by held-out accuracy, best first; ties: lower
-    ingredient index first (SPEC 5)."""
+    ingredient index first (the order greedy soup tries them in)."""
     paths = setup.paths if paths is None else paths
     records = evaluate_individuals(args, setup, paths)
     ranking = [(index_of(p), p, r["heldout"]) for p, r in zip(paths, records)]

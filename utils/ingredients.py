@@ -94,10 +94,6 @@ def index_of(path):
     return int(_NAME.match(Path(path).stem).group(1))
 
 
-def float_keys(reference):
-    return [k for k, v in reference.items() if v.is_floating_point()]
-
-
 def average(sds_iter, reference):
     """Streamed mean of state dicts (float64 accumulator, cast back); integer tensors from the first."""
     acc, n = None, 0

@@ -103,11 +103,12 @@ class Differences:
 @dataclass
 class Layout:
     """The coefficient problem: learned parameter names (named_parameters() order), their sizes and
-    blocks, the parameters kept as they are, and the float buffers that differ across ingredients
-    (`statistics`: those that are BatchNorm running statistics, which decide the BatchNorm rule)."""
+    blocks, the parameters identical in every ingredient (kept as they are), and the float buffers that
+    differ across ingredients (`statistics`: those that are BatchNorm running statistics, which decide
+    the BatchNorm rule)."""
     names: list            # learned parameters
     sizes: list            # their numbers of elements
-    frozen: list           # parameters identical in every ingredient: kept, not learned
+    identical: list        # parameters identical in every ingredient: kept as they are, not learned
     blocks: list           # lists of learned names
     bounds: list           # (start, stop) of each block in the flat learned vector
     differing_buffers: list
@@ -135,15 +136,15 @@ def make_layout(paths, model, reference, layer_size):
     for _, _, sd in stream(paths[1:], reference, desc="comparing ingredients"):
         diff.add(sd)
     base = {**first, **diff.buffer_means()}
-    frozen = diff.identical_params()
-    learned = [n for n in diff.params if n not in frozen]
+    identical = diff.identical_params()
+    learned = [n for n in diff.params if n not in identical]
     if not learned:
         raise UserError(f"every parameter is identical in the {len(paths)} ingredient(s): there is "
                         "nothing to learn (the soup would be the ingredient itself)")
     sizes = [reference[n].numel() for n in learned]
     index_blocks = make_blocks(sizes, layer_size)
     differing = diff.differing_buffers()
-    layout = Layout(names=learned, sizes=sizes, frozen=frozen,
+    layout = Layout(names=learned, sizes=sizes, identical=identical,
                     blocks=[[learned[t] for t in b] for b in index_blocks],
                     bounds=block_bounds(sizes, index_blocks), differing_buffers=differing,
                     statistics=batchnorm_statistics(model, differing))

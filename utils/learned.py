@@ -1,5 +1,5 @@
-"""Soup math of Learned-Soup / Learned-Soup+ (SPEC 6), free of I/O: raw coefficients R (B, N),
-alpha = softmax(R, dim=1), theta_b = sum_i alpha[b, i] theta_{i,b}, and the loss
+"""Soup math of Learned-Soup / Learned-Soup+ (the recipe: learned_soup.py), free of I/O: raw
+coefficients R (B, N), alpha = softmax(R, dim=1), theta_b = sum_i alpha[b, i] theta_{i,b}, and the loss
 CE(beta * f(x; theta(alpha)), y) through `torch.func.functional_call`."""
 import torch
 import torch.nn.functional as F

@@ -13,14 +13,13 @@ import os
 from pathlib import Path
 
 from utils import distributed
-from utils.errors import UserError
+from utils.soup_io import sidecar
 
 _HELD = {}  # lock path -> open file holding the lock, in this process
 
 
 def lock_path(path):
-    path = Path(path)
-    return path.with_name(f".{path.name}.lock")
+    return sidecar(path, "lock")
 
 
 def acquire(path, what="output"):

@@ -79,20 +79,20 @@ def check_contents(state, path, *, n, numel, blocks, model_batch, models_epochs,
     permutation of the n ingredients, the log as long as the groups done, soup (numel,) and alpha
     (blocks, n) finite tensors of the run's dtype, generator states that torch.Generator takes."""
     per_epoch = math.ceil(n / model_batch)
-    me, gi = state["models_epoch"], state["next_group"]
-    if not _is_int(me) or not 0 <= me < models_epochs:
-        raise _refuse(path, f"models_epoch {_show(me)} is not in [0, {models_epochs})")
-    if not _is_int(gi) or not 0 <= gi <= per_epoch:
-        raise _refuse(path, f"next_group {_show(gi)} is not in [0, {per_epoch}] ({n} ingredients in "
-                      f"groups of {model_batch})")
+    models_epoch, next_group = state["models_epoch"], state["next_group"]
+    if not _is_int(models_epoch) or not 0 <= models_epoch < models_epochs:
+        raise _refuse(path, f"models_epoch {_show(models_epoch)} is not in [0, {models_epochs})")
+    if not _is_int(next_group) or not 0 <= next_group <= per_epoch:
+        raise _refuse(path, f"next_group {_show(next_group)} is not in [0, {per_epoch}] ({n} ingredients "
+                      f"in groups of {model_batch})")
     order = state["order"]
     if not isinstance(order, list) or not all(_is_int(i) for i in order) or sorted(order) != list(range(n)):
         raise _refuse(path, f"order is not a permutation of the {n} ingredients")
     logs = state["groups"]
-    if not isinstance(logs, list) or len(logs) != me * per_epoch + gi:
+    if not isinstance(logs, list) or len(logs) != models_epoch * per_epoch + next_group:
         raise _refuse(path, f"the log of finished groups has {len(logs) if isinstance(logs, list) else '?'} "
-                      f"entries, the position (models-epoch {_show(me)}, group {_show(gi)}) means "
-                      f"{me * per_epoch + gi}")
+                      f"entries, the position (models-epoch {_show(models_epoch)}, group "
+                      f"{_show(next_group)}) means {models_epoch * per_epoch + next_group}")
     try:
         json.dumps(logs)
     except (TypeError, ValueError) as err:

@@ -17,15 +17,5 @@ def peak_bytes(device):
     return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB
 
 
-def current_rss_bytes():
-    """Resident memory now (Linux), for benchmarks that want growth rather than the peak."""
-    try:
-        with open("/proc/self/statm") as f:
-            import os
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
-
-
 def gib(n):
     return round(n / 2**30, 3)

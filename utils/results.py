@@ -1,4 +1,7 @@
-"""Results: one JSON line per evaluated model or soup, appended, never truncated (SPEC 10).
+"""Results: one JSON line per evaluated model or soup, appended, never truncated (README, "The four
+recipes"). Every results line is written here: a soup's by `write_outputs`, the end of every soup run
+(sidecar files, recipe, soup, and the results line last), whose fields `result_record` lists; an
+ingredient's by `append` (utils/individual.py).
 
 Lines are written with a single `write` on a file opened in append mode and flushed + fsynced, so a
 kill leaves whole lines only. The file is not trusted when read: a line that is torn (a power loss, a
@@ -12,7 +15,7 @@ import stat
 import time
 from pathlib import Path
 
-from utils import distributed
+from utils import distributed, ingredients, memory, soup_io
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,61 @@ def append(path, record):
         except OSError as err:
             raise UserError(f"could not append to the results file {path}: {err.strerror or err}") from err
     return record
+
+
+# ------------------------------------------------------------------------------- the end of a run
+def write_outputs(args, setup, output, method, paths, scores, soup, *, sidecars=None,
+                  coefficients=None, recipe=None, **fields):
+    """The end of every soup run, in the order README's guarantees state: the sidecar files
+    (`sidecars` {kind: JSON document}, named by `soup_io.sidecar`), the recipe, the soup (primary rank;
+    nothing when `output.path` is None), and last the results line, which marks the run as finished:
+    a kill before it leaves no line, and a rerun makes the soup again. `coefficients` and `recipe` go
+    into the recipe (see `soup_io.save_soup`), `fields` into the results line. Returns the line."""
+    if output.path is not None and distributed.is_primary():
+        for kind, doc in (sidecars or {}).items():
+            soup_io.write_json(soup_io.sidecar(output.path, kind), doc)
+    soup_io.save_soup(soup, output.path, method, paths, record_args(args), coefficients=coefficients,
+                      extra=recipe, overwrite=output.replace)
+    return append(args.results_db, result_record(args, setup, output, method, paths, scores, **fields))
+
+
+def record_args(args):
+    """The arguments as they go into a results line and a recipe."""
+    return {k: v for k, v in vars(args).items() if k not in ("local_rank", "local-rank")}
+
+
+def fingerprints(paths):
+    """Size and modification time of each file: a rewritten ingredient makes a different run."""
+    out = []
+    for p in paths:
+        st = Path(p).stat()
+        out.append(f"{st.st_size}-{st.st_mtime_ns}")
+    return out
+
+
+def result_record(args, setup, output, method, paths, scores, **fields):
+    """A soup's results line: method, dataset, architecture, the souped ingredients (`paths`), held-out
+    / test / shift accuracies (`scores`), the split, seconds, peak memory, the soup file, the range's
+    fingerprints (which make a rerun of this command find the line), the recipe's own `fields`, and the
+    arguments. Learned and MEHL soups share the field names `blocks`, `identical_parameters`,
+    `identical_numbers` and `batchnorm`."""
+    return {
+        "method": method,
+        "dataset": args.datasets,
+        "arch": args.arch,
+        "ingredients": [ingredients.index_of(p) for p in paths],
+        "model_location": str(Path(args.model_location).resolve()),
+        **scores,
+        "split": setup.bundle.split,
+        "seconds": round(time.time() - setup.started, 2),
+        "peak_memory_bytes": memory.peak_bytes(setup.device),
+        "device": str(setup.device),
+        "world_size": distributed.world_size(),
+        "soup_file": None if output.path is None else str(output.path),
+        "range_fingerprints": fingerprints(setup.paths),
+        **fields,
+        "args": record_args(args),
+    }
 
 
 def find(path, **match):

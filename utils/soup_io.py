@@ -1,6 +1,8 @@
-"""Saving a soup with its recipe: the state dict, and beside it `<name>.recipe.json` holding the
-ingredient paths with their sha256, the coefficients (when learned) and the arguments, from which the
-soup can be rebuilt without learning again (`rebuild`)."""
+"""A soup's files: the names of every file beside it (`sidecar`), the soup with its recipe
+(`save_soup`: the state dict, and beside it `<name>.recipe.json` holding the ingredient paths with their
+sha256, the coefficients (when learned) and the arguments), and `rebuild`, which makes the soup again
+from its recipe without learning. The end of a run, which calls these in order, is
+`utils.results.write_outputs`."""
 import json
 from pathlib import Path
 
@@ -11,9 +13,26 @@ from utils.errors import UserError
 from utils.state_dicts import atomic_write, describe_missing, load_state_dict, save_state_dict, sha256
 
 
-def recipe_path(soup_path):
-    soup_path = Path(soup_path)
-    return soup_path.with_name(soup_path.stem + ".recipe.json")
+# The files a run writes beside its soup `<name>.pt`: `<name>` + suffix.
+SIDECARS = {"recipe": ".recipe.json",             # ingredients, coefficients, arguments (every soup)
+            "alpha": ".alpha.json",               # MEHL's coefficients over all ingredients
+            "coefficients": ".coefficients.json",  # Learned-Soup's coefficients and temperature
+            "state": ".state.pt"}                 # MEHL's --resume state
+
+
+def sidecar(path, kind):
+    """The file of `kind` beside the output `path`: one of SIDECARS, or "lock": `.<file name>.lock`
+    (the lock of any output, the soup or MEHL's state file)."""
+    path = Path(path)
+    if kind == "lock":
+        return path.with_name(f".{path.name}.lock")
+    return path.with_name(path.stem + SIDECARS[kind])
+
+
+def write_json(path, doc):
+    """`doc` as indented JSON, written atomically (a sidecar or a recipe)."""
+    text = json.dumps(doc, indent=1, default=str)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text), overwrite=True)
 
 
 def save_soup(sd, path, method, paths, args, coefficients=None, extra=None, overwrite=False):
@@ -34,9 +53,8 @@ def save_soup(sd, path, method, paths, args, coefficients=None, extra=None, over
         "args": args,
         **(extra or {}),
     }
-    text = json.dumps(recipe, indent=1, default=str)
     # Recipe first: a soup file under its final name always has its recipe beside it.
-    atomic_write(recipe_path(path), lambda tmp: Path(tmp).write_text(text), overwrite=True)
+    write_json(sidecar(path, "recipe"), recipe)
     save_state_dict(sd, path, overwrite=overwrite)
     return path
 

@@ -1,6 +1,6 @@
-"""State dicts: safe loading and atomic saving, validation against an architecture, flattening in
-`named_parameters()` order, the block partition (`--layer-size`), and parameters identical across
-ingredients. Pure functions on tensors apart from the two file helpers."""
+"""State dicts: safe loading (memory bounded before a checkpoint is read) and atomic saving, validation
+against an architecture, flattening in `named_parameters()` order. The blocks and the parameters
+identical across ingredients are in `utils.layout`."""
 import glob
 import hashlib
 import io

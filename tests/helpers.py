@@ -1,0 +1,71 @@
+"""What the test files share: the four soup scripts (`SCRIPTS`, `FILES`), the one builder of their
+command lines (`argv`), and running a command line as a user would (`refused`, `cli`, `last_line`,
+`nothing_written`). Fixtures and the tiny data and zoos are in tests/conftest.py."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import greedy_soup
+import learned_soup
+import MEHL_soup_layer
+import uniform_soup
+from tests.conftest import ROOT
+from utils.errors import run_main
+
+SCRIPTS = {"uniform": uniform_soup, "greedy": greedy_soup, "learned": learned_soup,
+           "mehl": MEHL_soup_layer}
+FILES = {name: os.path.basename(module.__file__) for name, module in SCRIPTS.items()}
+# Flags that make each script quick on a tiny zoo (tests of refusals and outputs, not of learning).
+QUICK = {"uniform": [], "greedy": [], "learned": ["--epochs", "1"],
+         "mehl": ["--epochs", "1", "--model_batch", "2", "--no-epoch-test"]}
+
+
+def argv(zoo, data, out, *extra, first=(), arch="tiny-cnn", datasets=None, heldout=3, test_size=20,
+         batch_size=32, device="cpu", name="soup"):
+    """A soup script's command line on a tiny zoo, every item a string: the zoo, data and arch, the
+    split and batch sizes, the device, the results file `<out>/results.jsonl` and the soup
+    `<out>/<name>.pt`, then `first` (a script's own flags) and `extra` (later flags win). An option
+    set to None is left out (the script's default)."""
+    items = ["--model-location", zoo, "--arch", arch, "--data-location", data]
+    for flag, value in (("--datasets", datasets), ("--heldout-per-class", heldout),
+                        ("--test-size", test_size), ("--batch-size", batch_size), ("--device", device)):
+        if value is not None:
+            items += [flag, value]
+    items += ["--results-db", out / "results.jsonl"]
+    if name is not None:
+        items += ["--save-soup", out / f"{name}.pt"]
+    return [str(a) for a in (*items, *first, *extra)]
+
+
+def refused(capsys, script, args):
+    """Run the script's command line in-process as a user would (run_main); return the one error line.
+    Asserts exit status 2, exactly one `error:` line, no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(SCRIPTS[script].main, args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
+
+
+def nothing_written(tmp_path):
+    assert not (tmp_path / "results.jsonl").exists(), "a results line was written"
+    assert not list(tmp_path.glob("soup*")), "a soup (or its recipe/state) was written"
+    assert not list(tmp_path.glob(".*.tmp")), "a temporary file was left"
+
+
+def cli(script, args, cwd=ROOT):
+    """The script as a separate process (exit status and stderr as the user sees them)."""
+    return subprocess.run([sys.executable, str(ROOT / FILES[script]), *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+
+
+def last_line(done):
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    return done.stderr.strip().splitlines()[-1]
