@@ -12,7 +12,8 @@
 #
 # Environment (all optional): DEMO_OUT (runs/demo), DEMO_ZOO (zoo/fashion_mnist), DEMO_N (12),
 # DEMO_ARCH (efficientnet-lite0), DEMO_DATA (data root; default the dataset's standard place),
-# DEMO_TEST_SIZE (1000: test images, and images per shift set), DEMO_K (4: MEHL's model batch), DEMO_FIRST_N ("4 8": the figure's extra runs),
+# DEMO_TEST_SIZE (1000: test images, and images per shift set), DEMO_K (4: MEHL's model batch),
+# DEMO_SEEDS ("1 2 3": MEHL-Soup+'s seeds), DEMO_FIRST_N ("4 8": the figure's extra runs),
 # DEMO_EXCLUDE ("2 4 7": the elimination table's top-k), DEMO_ZOO_FLAGS (extra flags of the zoo build),
 # DEMO_SOUP_FLAGS (extra flags of every soup script), DEMO_SKIP_SETUP=1 (use the current .venv as is).
 set -euo pipefail
@@ -25,6 +26,7 @@ TEST_SIZE=${DEMO_TEST_SIZE:-1000}
 K=${DEMO_K:-4}
 FIRST_N=${DEMO_FIRST_N:-4 8}
 EXCLUDE=${DEMO_EXCLUDE:-2 4 7}
+SEEDS=${DEMO_SEEDS:-1 2 3}
 PY=${PYTHON:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 start=$(date +%s)
@@ -64,7 +66,13 @@ soup learned_plus learned_soup.py --layerwise
 # MEHL's per-epoch test log (never used to choose anything) is left out to keep the demo short;
 # --resume continues a run that was interrupted (and starts afresh when there is no state yet).
 soup mehl MEHL_soup_layer.py --model_batch "$K" --layer-size 1000000000 --cosine-lr --no-epoch-test --resume
-soup mehl_plus MEHL_soup_layer.py --model_batch "$K" --layer-size 0 --cosine-lr --no-epoch-test --resume
+# MEHL-Soup+ over three seeds (the order in which ingredients are grouped, and the data order):
+# the report shows their mean and spread.
+for seed in $SEEDS; do
+  name=mehl_plus; [ "$seed" = 1 ] || name=mehl_plus_seed$seed
+  soup "$name" MEHL_soup_layer.py --model_batch "$K" --layer-size 0 --cosine-lr --no-epoch-test --resume \
+    --randomseed "$seed"
+done
 
 echo "== 3/4 extra runs for the figure (first n ingredients) and the elimination table (top-k removed)"
 # These report test accuracy only: --no-shifts skips the shift sets, --no-epoch-test MEHL's per-epoch log.
