@@ -3,10 +3,13 @@
 # (if absent), evaluate every ingredient, run uniform, greedy, Learned-Soup(+) and MEHL-Soup(+), the
 # extra runs the figures need (souping the first n ingredients; removing the top-k), then the report.
 #
-# Hardware: a 2-core CPU, no GPU. Time: about 20 minutes from nothing (the zoo takes most of it),
-# under 8 minutes once the zoo exists. Reruns skip every soup already written (DEMO_FORCE=1 redoes them).
-# Expect: MEHL-Soup+ and greedy soup at or above the best ingredient on test, uniform soup a little
-# below it; the table is printed last and written with the figures to $DEMO_OUT/report/.
+# Hardware: a 2-core CPU, no GPU. Time, measured on a fresh clone with OMP_NUM_THREADS=1 while three
+# other jobs shared the 2 cores (load average 3-5): 28.5 minutes, of which the zoo 6.6 and the soups,
+# extra runs and report 22 (greedy soup's evaluation of the 12 ingredients alone 388 s; the same work
+# took 104 s in an earlier, less loaded run). Reruns skip every soup already written (DEMO_FORCE=1 redoes
+# them). Expect (docs/results/report.md): greedy soup and MEHL-Soup+ (mean of 3 seeds) above the best
+# ingredient on test, the uniform soup below it; the table is printed last and written with the figures
+# and the per-block distances to $DEMO_OUT/report/.
 #
 #   bash scripts/demo.sh
 #
