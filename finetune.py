@@ -212,20 +212,25 @@ def mixup(x, y, alpha, num_classes, gen):
 
 
 # --------------------------------------------------------------------------------------- training
-def train_linear_probe(model, args, bundle, key, device):
+def train_linear_probe(model, args, spec, bundle, key, device):
     """Train the head alone on the frozen network's features (computed once, eval mode)."""
     head = head_of(model)
     feats = {}
     hook = head.register_forward_pre_hook(lambda m, inp: feats.__setitem__("x", inp[0]))
 
+    frozen_fn, trainable_fn, prefixes = split_model(model, spec, args.frozen_blocks)
+
     def features(x):
-        model(x)
+        (trainable_fn if prefixes else model)(x)
         return feats["x"]
 
     model.eval()
-    clean = Mapped(bundle.finetune, get_arch(args.arch).preprocess)
+    if prefixes:  # from the frozen activations that the fine-tuned ingredients reuse: one pass, not two
+        data = TensorDataset(*clean_activations(args, spec, bundle, key, model, prefixes, frozen_fn, device))
+    else:
+        data = Mapped(bundle.finetune, spec.preprocess)
     x, y = cached(key + ("lp-features", args.init, args.pretrained),
-                  lambda: run_batched(features, clean, device, 256, "probe features"))
+                  lambda: run_batched(features, data, device, 256, "probe features"))
     hook.remove()
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.wd)
     gen = torch.Generator().manual_seed(args.seed)
@@ -244,6 +249,18 @@ def train_linear_probe(model, args, bundle, key, device):
     return step
 
 
+def clean_activations(args, spec, bundle, key, model, prefixes, frozen_fn, device):
+    """(frozen activations, labels) of the un-augmented fine-tune images, computed once per data set
+    and frozen weights."""
+    x_all, y_all = cached(key + ("clean", spec.name), lambda: run_batched(
+        lambda x: x, Mapped(bundle.finetune, spec.train_preprocess), torch.device("cpu"), 256,
+        "preprocessing"))
+    fingerprint = float(sum(p.detach().double().sum() for n, p in model.named_parameters()
+                            if n.startswith(prefixes)))
+    return cached(key + ("frozen", prefixes, fingerprint),
+                  lambda: run_batched(frozen_fn, TensorDataset(x_all, y_all), device, 256, "frozen activations"))
+
+
 def epoch_batches(args, spec, bundle, key, model, prefixes, frozen_fn, device, gen):
     """Yield (frozen activations, labels) for one epoch. The clean images are preprocessed once, and
     without augmentation their frozen activations too. Mixup mixes images (not activations), so mixed
@@ -259,11 +276,7 @@ def epoch_batches(args, spec, bundle, key, model, prefixes, frozen_fn, device, g
             lambda x: x, Mapped(bundle.finetune, spec.train_preprocess), torch.device("cpu"), 256,
             "preprocessing"))
         if not args.mixup:
-            fingerprint = float(sum(p.double().sum() for n, p in model.named_parameters()
-                                    if n.startswith(prefixes)))
-            h, y = cached(key + ("frozen", prefixes, fingerprint),
-                          lambda: run_batched(frozen_fn, TensorDataset(x_all, y_all), device, 256,
-                                              "frozen activations"))
+            h, y = clean_activations(args, spec, bundle, key, model, prefixes, frozen_fn, device)
             for idx in torch.randperm(len(y), generator=gen).split(args.batch_size):
                 yield h[idx].to(device), y[idx].to(device)
             return
@@ -314,6 +327,28 @@ def train_end_to_end(model, args, spec, bundle, key, device):
     return step
 
 
+@torch.no_grad()
+def cached_accuracy(args, spec, bundle, key, model, device):
+    """(held-out, test) accuracy from the held-out and test sets' frozen activations, computed once for
+    the whole zoo: frozen_fn -> trainable_fn is model(x) in eval mode and the frozen part is the same in
+    every ingredient. None when nothing is frozen."""
+    frozen_fn, trainable_fn, prefixes = split_model(model, spec, args.frozen_blocks)
+    if not prefixes:
+        return None
+    model.eval()
+    fingerprint = float(sum(p.double().sum() for n, p in model.named_parameters() if n.startswith(prefixes)))
+    scores = []
+    for name, dataset, project in (("held-out", bundle.heldout, None),
+                                   ("test", bundle.test.dataset, bundle.test.project)):
+        h, y = cached(key + ("eval", name, prefixes, fingerprint),
+                      lambda: run_batched(frozen_fn, dataset, device, 256, f"{name} activations"))
+        logits = torch.cat([trainable_fn(b.to(device)).cpu() for b in h.split(256)])
+        if project is not None:
+            logits = project(logits)
+        scores.append(100.0 * (logits.argmax(1) == y).double().mean().item())
+    return tuple(scores)
+
+
 # ------------------------------------------------------------------------------------------- main
 def initial_state(args, spec, num_classes):
     """The model to start from: pre-trained weights (linear probe) or the linear-probe ingredient."""
@@ -361,11 +396,12 @@ def main(argv=None):
     key, bundle = load_bundle(args, spec)
     model = initial_state(args, spec, bundle.num_classes).to(device)
     if args.linear_probe:
-        steps = train_linear_probe(model, args, bundle, key, device)
+        steps = train_linear_probe(model, args, spec, bundle, key, device)
     else:
         steps = train_end_to_end(model, args, spec, bundle, key, device)
-    heldout = accuracy(model, bundle.heldout, device, desc="held-out")
-    test = accuracy(model, bundle.test.dataset, device, project=bundle.test.project, desc="test")
+    heldout, test = cached_accuracy(args, spec, bundle, key, model, device) or (accuracy(model, bundle.heldout, device, desc="held-out"),
+                               accuracy(model, bundle.test.dataset, device, project=bundle.test.project,
+                                        desc="test"))
     seconds = time.time() - start
     save_state_dict(model.state_dict(), pt, overwrite=args.overwrite)
     record = {"index": args.index, "arch": spec.name, "datasets": args.datasets,

@@ -88,17 +88,61 @@ def fmt(v, digits=2):
     return MISSING if v is None else f"{v:.{digits}f}"
 
 
+def seed_of(r):
+    return (r.get("args") or {}).get("randomseed")
+
+
+def per_seed(lines, method, exclude=0):
+    """The latest line of each --randomseed of `method`, over the range `latest` picks (lines that
+    differ only in their seed: run other settings into another results file)."""
+    r = latest(lines, method, exclude=exclude)
+    if r is None:
+        return []
+    want, n = method_key(method), range_size(r)
+    by_seed = {}
+    for x in lines:
+        if method_key(x.get("method")) == want and excluded(x) == exclude and range_size(x) == n:
+            by_seed[seed_of(x)] = x
+    return list(by_seed.values())
+
+
+def mean_sd(values):
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    mean = sum(vals) / len(vals)
+    sd = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+    return mean, sd
+
+
+def aggregate(rs):
+    """One row for several seeds: the mean of every accuracy, time and memory, with "spread" holding
+    the sample standard deviation of the accuracies and "seeds" the seeds."""
+    out = dict(rs[-1])
+    spread = {}
+    for key in ("heldout", "test", "shift_mean", "seconds", "peak_memory_bytes"):
+        out[key], spread[key] = mean_sd([r.get(key) for r in rs])
+    shifts = {}
+    for name in (rs[-1].get("shifts") or {}):
+        shifts[name], spread[name] = mean_sd([(r.get("shifts") or {}).get(name) for r in rs])
+    out["shifts"], out["spread"], out["seeds"] = shifts, spread, sorted(seed_of(r) for r in rs)
+    return out
+
+
 def main_table(lines):
-    """Rows (name, line) in the paper's order: best individual (by held-out) first."""
+    """Rows (name, line) in the paper's order: best individual (by held-out) first. A method run with
+    several --randomseed values is one row: mean and spread over its seeds."""
     rows = []
     ind = individuals(lines)
     if ind:
         index, best = max(ind.items(), key=lambda kv: (kv[1].get("heldout") or -1, -kv[0]))
         rows.append((f"best individual (#{index})", best))
     for method, name in METHODS:
-        r = latest(lines, method)
-        if r is not None:
-            rows.append((name, r))
+        rs = per_seed(lines, method)
+        if len(rs) > 1:
+            rows.append((f"{name} (mean ± sd of {len(rs)} seeds)", aggregate(rs)))
+        elif rs:
+            rows.append((name, rs[0]))
     return rows
 
 
@@ -118,8 +162,13 @@ def render_main(rows, shifts):
         s = r.get("shifts") or {}
         mem = r.get("peak_memory_bytes")
         secs = r.get("seconds") if r.get("method") != "individual" else None
-        cells = [name, fmt(r.get("heldout")), fmt(r.get("test")), fmt(r.get("shift_mean")),
-                 *[fmt(s.get(k)) for k in shifts],
+        spread = r.get("spread") or {}
+
+        def acc(key, value):
+            return fmt(value) + (f" ± {spread[key]:.2f}" if value is not None and spread.get(key) is not None
+                                 else "")
+        cells = [name, acc("heldout", r.get("heldout")), acc("test", r.get("test")),
+                 acc("shift_mean", r.get("shift_mean")), *[acc(k, s.get(k)) for k in shifts],
                  "-" if secs is None else f"{secs:.0f}",
                  "-" if mem is None or r.get("method") == "individual" else f"{mem / 1e9:.2f}"]
         out.append("| " + " | ".join(cells) + " |")
@@ -138,6 +187,53 @@ def elimination(lines):
         cells = [fmt((latest(lines, method, exclude=k) or {}).get("test")) for k in ks]
         out.append("| " + " | ".join([name, *cells]) + " |")
     return "\n".join(out)
+
+
+def distance_rows(lines):
+    """(name, line) of every soup in the main table, one per seed, whose file is on disk."""
+    out = []
+    for method, name in METHODS:
+        for r in per_seed(lines, method):
+            if r.get("soup_file") and Path(r["soup_file"]).is_file():
+                seed = seed_of(r) if method_key(method).startswith("mehl") else None
+                out.append((name if seed is None else f"{name} seed {seed}", r))
+    return out
+
+
+def distances(lines, csv_path):
+    """How far each soup went (utils.soup_distance): a markdown table, and every block in `csv_path`.
+    None when no soup file is on disk."""
+    from utils.soup_distance import from_recipe, summarise
+    from utils.state_dicts import load_state_dict
+    loaded = {}
+
+    def load(path):  # the ingredients are shared by every soup: read once
+        if path not in loaded:
+            loaded[path] = load_state_dict(path)
+        return loaded[path]
+
+    table = ["| soup | blocks | median | 90th pct | max | coefficients min .. max |", "|---|---|---|---|---|---|"]
+    csv = ["soup,block,tensors,first_tensor,ratio,alpha_min,alpha_max"]
+    for name, r in distance_rows(lines):
+        got = from_recipe(r["soup_file"], load)
+        if got is None:
+            continue
+        blocks, ratios, alpha = got
+        summary = summarise(ratios, alpha)
+        if summary is None:
+            continue
+        coef = (f"{summary['alpha_min']:.3g} .. {summary['alpha_max']:.3g}" if "alpha_min" in summary
+                else "-")
+        table.append(f"| {name} | {summary['blocks']} | {summary['ratio_median']:.2f} | "
+                     f"{summary['ratio_p90']:.2f} | {summary['ratio_max']:.2f} | {coef} |")
+        for b, (names, ratio) in enumerate(zip(blocks, ratios)):
+            row = alpha[b] if alpha is not None and isinstance(alpha[0], list) else alpha
+            lo, hi = (min(row), max(row)) if isinstance(row, list) else ("", "")
+            csv.append(f"{name},{b},{len(names)},{names[0]},{ratio:.6g},{lo},{hi}")
+    if len(table) == 2:
+        return None
+    Path(csv_path).write_text("\n".join(csv) + "\n")
+    return "\n".join(table)
 
 
 # ------------------------------------------------------------------------------------ figures
@@ -258,6 +354,13 @@ def main(argv=None):
     missing = sorted({m for _, r in rows for m in (r.get("missing_shifts") or [])})
     if missing:
         parts += [f"Shift sets missing on disk (shown as '{MISSING}'): {', '.join(missing)}.", ""]
+    far = distances(lines, out / "distances.csv")
+    if far:
+        parts += ["## How far each soup went from its ingredients", "",
+                  "Per block of coefficients: the distance of the soup from the ingredients' mean divided by "
+                  "the ingredients' mean distance from it (0 = the uniform soup, about 1 = as far out as a "
+                  "typical ingredient); median, 90th percentile and max over blocks, and the range of the "
+                  "coefficients. Every block: distances.csv.", "", far, ""]
     elim = elimination(lines)
     if elim:
         parts += ["## Removing the top-k ingredients (test accuracy)", "", elim, ""]

@@ -3,16 +3,20 @@
 # (if absent), evaluate every ingredient, run uniform, greedy, Learned-Soup(+) and MEHL-Soup(+), the
 # extra runs the figures need (souping the first n ingredients; removing the top-k), then the report.
 #
-# Hardware: a 2-core CPU, no GPU. Time: about 20 minutes from nothing (the zoo takes most of it),
-# under 8 minutes once the zoo exists. Reruns skip every soup already written (DEMO_FORCE=1 redoes them).
-# Expect: MEHL-Soup+ and greedy soup at or above the best ingredient on test, uniform soup a little
-# below it; the table is printed last and written with the figures to $DEMO_OUT/report/.
+# Hardware: a 2-core CPU, no GPU. Time, measured on a fresh clone with OMP_NUM_THREADS=1 while three
+# other jobs shared the 2 cores (load average 3-5): 28.5 minutes, of which the zoo 6.6 and the soups,
+# extra runs and report 22 (greedy soup's evaluation of the 12 ingredients alone 388 s; the same work
+# took 104 s in an earlier, less loaded run). Reruns skip every soup already written (DEMO_FORCE=1 redoes
+# them). Expect (docs/results/report.md): greedy soup and MEHL-Soup+ (mean of 3 seeds) above the best
+# ingredient on test, the uniform soup below it; the table is printed last and written with the figures
+# and the per-block distances to $DEMO_OUT/report/.
 #
 #   bash scripts/demo.sh
 #
 # Environment (all optional): DEMO_OUT (runs/demo), DEMO_ZOO (zoo/fashion_mnist), DEMO_N (12),
 # DEMO_ARCH (efficientnet-lite0), DEMO_DATA (data root; default the dataset's standard place),
-# DEMO_TEST_SIZE (1000: test images, and images per shift set), DEMO_K (4: MEHL's model batch), DEMO_FIRST_N ("4 8": the figure's extra runs),
+# DEMO_TEST_SIZE (1000: test images, and images per shift set), DEMO_K (4: MEHL's model batch),
+# DEMO_SEEDS ("1 2 3": MEHL-Soup+'s seeds), DEMO_FIRST_N ("4 8": the figure's extra runs),
 # DEMO_EXCLUDE ("2 4 7": the elimination table's top-k), DEMO_ZOO_FLAGS (extra flags of the zoo build),
 # DEMO_SOUP_FLAGS (extra flags of every soup script), DEMO_SKIP_SETUP=1 (use the current .venv as is).
 set -euo pipefail
@@ -25,6 +29,7 @@ TEST_SIZE=${DEMO_TEST_SIZE:-1000}
 K=${DEMO_K:-4}
 FIRST_N=${DEMO_FIRST_N:-4 8}
 EXCLUDE=${DEMO_EXCLUDE:-2 4 7}
+SEEDS=${DEMO_SEEDS:-1 2 3}
 PY=${PYTHON:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 start=$(date +%s)
@@ -64,7 +69,13 @@ soup learned_plus learned_soup.py --layerwise
 # MEHL's per-epoch test log (never used to choose anything) is left out to keep the demo short;
 # --resume continues a run that was interrupted (and starts afresh when there is no state yet).
 soup mehl MEHL_soup_layer.py --model_batch "$K" --layer-size 1000000000 --cosine-lr --no-epoch-test --resume
-soup mehl_plus MEHL_soup_layer.py --model_batch "$K" --layer-size 0 --cosine-lr --no-epoch-test --resume
+# MEHL-Soup+ over three seeds (the order in which ingredients are grouped, and the data order):
+# the report shows their mean and spread.
+for seed in $SEEDS; do
+  name=mehl_plus; [ "$seed" = 1 ] || name=mehl_plus_seed$seed
+  soup "$name" MEHL_soup_layer.py --model_batch "$K" --layer-size 0 --cosine-lr --no-epoch-test --resume \
+    --randomseed "$seed"
+done
 
 echo "== 3/4 extra runs for the figure (first n ingredients) and the elimination table (top-k removed)"
 # These report test accuracy only: --no-shifts skips the shift sets, --no-epoch-test MEHL's per-epoch log.

@@ -12,7 +12,7 @@ def run_demo(out, zoo, data):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "DEMO_SKIP_SETUP": "1",
            "DEMO_OUT": str(out), "DEMO_ZOO": str(zoo), "DEMO_DATA": str(data), "DEMO_N": "3",
            "DEMO_ARCH": "tiny-cnn", "DEMO_TEST_SIZE": "100", "DEMO_K": "2", "DEMO_FIRST_N": "2",
-           "DEMO_EXCLUDE": "1",
+           "DEMO_EXCLUDE": "1", "DEMO_SEEDS": "1 2",
            "DEMO_ZOO_FLAGS": "--heldout-per-class 10 --finetune-size 200 --test-size 100 "
                              "--epochs-min 1 --epochs-max 1",
            "DEMO_SOUP_FLAGS": "--heldout-per-class 10 --batch-size 50"}
@@ -38,7 +38,11 @@ def test_demo_reduced_size_end_to_end(tmp_path, fmnist_root):
         assert (out / "report" / png).stat().st_size > 1000
     # the table is printed last
     assert proc.stdout.rstrip().splitlines()[-1].startswith("demo done")
-    assert "| MEHL-Soup+ |" in proc.stdout
+    # MEHL-Soup+ over the seeds: one row with their mean and spread
+    assert sorted(r["args"]["randomseed"] for r in lines if r["method"] == "MEHL-Soup+"
+                  and r["ingredients"] == [0, 1, 2]) == [1, 2]
+    assert "| MEHL-Soup+ (mean ± sd of 2 seeds) |" in proc.stdout
+    assert "How far each soup went" in report and (out / "report" / "distances.csv").is_file()
 
     again = run_demo(out, zoo, fmnist_root)
     assert again.returncode == 0, again.stderr[-3000:]

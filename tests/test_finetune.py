@@ -48,6 +48,15 @@ def test_finetune_end_to_end_keeps_frozen_blocks_and_statistics(lp_zoo, fmnist_r
     assert saved["steps"] == 3 == record["steps"]
     assert saved["hparams"]["mixup"] == 0.4 and saved["hparams"]["randaug_n"] == 2
     assert saved["heldout"] == record["heldout"]
+    # the accuracies come from cached frozen activations: the same as the whole model on the images
+    from utils.archs import get_arch
+    from utils.evaluation import accuracy
+    spec = get_arch("efficientnet-lite0")
+    _, bundle = finetune.load_bundle(finetune.parse_args(["--data-location", str(fmnist_root), *TINY]), spec)
+    model = spec.build(10, pretrained=False)
+    model.load_state_dict(sd)
+    assert record["heldout"] == accuracy(model, bundle.heldout, "cpu")
+    assert record["test"] == accuracy(model, bundle.test.dataset, "cpu")
 
 
 def test_refuses_existing_output_without_overwrite(lp_zoo, fmnist_root):
@@ -70,7 +79,13 @@ def test_finetune_without_linear_probe_is_a_user_error(tmp_path, fmnist_root):
 
 
 def test_sweep_draws_are_seeded_and_in_range():
-    a, b, c = sweep.draw(40, seed=3), sweep.draw(40, seed=3), sweep.draw(40, seed=4)
+    # the CPU default draws neither mixup nor RandAugment; the published zoo's shares can be asked for
+    plain = sweep.draw(40, seed=3)[1:]
+    assert all(cfg["mixup"] == 0 and cfg["randaug_n"] == 0 for cfg in plain)
+    assert all(1e-4 <= cfg["lr"] <= 5e-4 and 4 <= cfg["epochs"] <= 6 for cfg in plain)
+    assert 0 < sum(cfg["label_smoothing"] == 0 for cfg in plain) < len(plain)
+    a, b, c = (sweep.draw(40, seed=s, lr=(1e-5, 2e-4), epochs=(2, 4), mixup_frac=0.5, randaug_frac=0.5)
+               for s in (3, 3, 4))
     assert a == b and a != c
     assert a[0]["linear_probe"] and not any(cfg["linear_probe"] for cfg in a[1:])
     ft = a[1:]
@@ -91,6 +106,8 @@ def test_sweep_builds_and_then_skips_existing(tmp_path, fmnist_root):
     argv = ["--n", "2", "--out", str(tmp_path), "--data-location", str(fmnist_root), "--max-steps", "2", *TINY]
     first = sweep.main(argv)
     assert [r["index"] for r in first] == [0, 1]
+    # the sweep's default fine-tune flags, unless given: frozen blocks by default, batch size as given
+    assert first[1]["hparams"]["frozen_blocks"] == 15 and first[1]["hparams"]["batch_size"] == 16
     assert (tmp_path / "model_1.pt").is_file() and (tmp_path / "model_1.json").is_file()
     mtime = (tmp_path / "model_1.pt").stat().st_mtime_ns
     again = sweep.main(argv)

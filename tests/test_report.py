@@ -44,3 +44,45 @@ def test_report_table_ordering_values_and_missing(tmp_path):
     assert "| greedy soup | 83.00 | 79.50 |" in report  # elimination: none, top-1
     for png in ("ingredients.png", "scatter.png", "coefficients.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_mean_and_spread_over_seeds(tmp_path):
+    db = tmp_path / "r.jsonl"
+    rows = [line("individual", [0], 80.0, 80.0, {"noise": 60.0})]
+    for seed, test in ((1, 84.0), (2, 85.0), (3, 86.0)):
+        rows.append(line("MEHL-Soup+", [0, 1], test, 90.0, {"noise": 60.0 + seed},
+                         args={"exclude_top": 0, "randomseed": seed}))
+    # an earlier run of seed 2 is replaced by the later one, not counted as a fourth seed
+    rows.insert(1, line("MEHL-Soup+", [0, 1], 10.0, 10.0, {"noise": 0.0}, args={"exclude_top": 0, "randomseed": 2}))
+    db.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = main(["--results-db", str(db), "--out", str(tmp_path / "rep")])
+    row = [r for r in table.splitlines() if "MEHL-Soup+" in r][0].split("|")
+    assert row[1].strip() == "MEHL-Soup+ (mean ± sd of 3 seeds)"
+    assert row[2].strip() == "90.00 ± 0.00" and row[3].strip() == "85.00 ± 1.00"
+    assert row[5].strip() == "62.00 ± 1.00"
+
+
+def test_report_how_far_the_soup_went(tmp_path):
+    import torch
+
+    from utils.soup_distance import block_ratios
+    a, b = {"w": torch.tensor([0.0, 0.0]), "v": torch.tensor([1.0])}, {"w": torch.tensor([2.0, 0.0]),
+                                                                         "v": torch.tensor([1.0])}
+    blocks = [["w"], ["v"]]
+    assert block_ratios({"w": torch.tensor([1.0, 0.0]), "v": torch.tensor([1.0])}, [a, b], blocks)[0] == 0.0
+    assert block_ratios({"w": torch.tensor([0.0, 0.0]), "v": torch.tensor([1.0])}, [a, b], blocks)[0] == 1.0
+    # 4 times as far from the mean as the ingredients are: alpha (-1.5, 2.5)
+    soup = {"w": torch.tensor([5.0, 0.0]), "v": torch.tensor([1.0])}
+    for name, sd in (("model_0.pt", a), ("model_1.pt", b), ("soup.pt", soup)):
+        torch.save(sd, tmp_path / name)
+    recipe = {"ingredients": [{"path": str(tmp_path / f"model_{i}.pt")} for i in (0, 1)],
+              "coefficients": {"blocks": [["w"]], "alpha": [[-1.5, 2.5]]}}
+    (tmp_path / "soup.recipe.json").write_text(json.dumps(recipe))
+    db = tmp_path / "r.jsonl"
+    db.write_text(json.dumps(line("MEHL-Soup+", [0, 1], 80.0, 80.0, {}, soup_file=str(tmp_path / "soup.pt"),
+                                  args={"exclude_top": 0, "randomseed": 1})) + "\n")
+    main(["--results-db", str(db), "--out", str(tmp_path / "rep")])
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "| MEHL-Soup+ seed 1 | 1 | 4.00 | 4.00 | 4.00 | -1.5 .. 2.5 |" in report
+    csv = (tmp_path / "rep" / "distances.csv").read_text().splitlines()
+    assert csv[1] == "MEHL-Soup+ seed 1,0,1,w,4,-1.5,2.5"

@@ -2,12 +2,13 @@
 
 Ingredient 0 is the linear probe; ingredients 1..n-1 are fine-tuned from it with hyper-parameters drawn
 from `draw(n, seed)`: learning rate and weight decay log-uniform, epochs uniform in a range, label
-smoothing 0 for about half else up to 0.25, mixup 0 for about half else alpha up to 0.9, RandAugment
-off for about half else N in 0-2 (0 = off) and M in 1-20.
+smoothing 0 for about half else up to 0.25; mixup (alpha up to 0.9) for a share --mixup-frac and
+RandAugment (N in 1-2, M in 1-20) for about two thirds of a share --randaug-frac, both 0 by default
+(on a CPU, augmented images need the frozen blocks' forward every batch: see docs/ZOO.md).
 
     python -m utils.sweep --n 12 --out zoo/fashion_mnist            # the default zoo (CPU, see docs/ZOO.md)
     python -m utils.sweep --n 72 --out zoo/fmnist72 --finetune-size 0 --epochs-min 4 --epochs-max 10 \\
-        --test-size 0                                                # the published size, full data (GPU)
+        --test-size 0 --mixup-frac 0.5 --randaug-frac 0.5            # the published size, full data (GPU)
 
 Any flag not listed by --help is passed to finetune.py (e.g. --data-location, --device, --batch-size).
 Ingredients already in --out are skipped, so an interrupted sweep resumes where it stopped. Every
@@ -29,12 +30,22 @@ log = logging.getLogger("sweep")
 # The linear probe (ingredient 0): head only, on cached features, so many cheap epochs.
 LINEAR_PROBE = {"linear_probe": True, "lr": 3e-3, "wd": 0.0, "epochs": 20, "label_smoothing": 0.0,
                 "mixup": 0.0, "randaug_n": 0, "randaug_m": 0, "seed": 0}
+# The default zoo's ranges (docs/ZOO.md: chosen on held-out, measured on a loaded 2-core CPU).
+LR = (1e-4, 5e-4)
+EPOCHS = (4, 6)
+# finetune.py flags the sweep passes unless given: the cheap default of docs/ZOO.md. Everything before
+# the last block is frozen (its activations are computed once), fine-tune on 8000 images, batch 256.
+FINETUNE_DEFAULTS = ["--finetune-size", "8000", "--batch-size", "256"]
+EFFNET_DEFAULTS = ["--frozen-blocks", "15"]
 
 
-def draw(n, seed=0, lr=(1e-5, 2e-4), wd=(1e-4, 0.2), epochs=(2, 4)):
-    """The n configurations of a zoo: [linear probe] + n-1 seeded draws (deterministic for a seed)."""
+def draw(n, seed=0, lr=LR, wd=(1e-4, 0.2), epochs=EPOCHS, mixup_frac=0.0, randaug_frac=0.0):
+    """The n configurations of a zoo: [linear probe] + n-1 seeded draws (deterministic for a seed).
+    mixup_frac / randaug_frac: the share of ingredients drawn with mixup / RandAugment turned on."""
     if n < 1:
         raise UserError(f"--n must be >= 1, got {n}")
+    if not (0 <= mixup_frac <= 1 and 0 <= randaug_frac <= 1):
+        raise UserError(f"--mixup-frac and --randaug-frac must be in [0, 1], got {mixup_frac}, {randaug_frac}")
     if not (0 < lr[0] <= lr[1] and 0 < wd[0] <= wd[1] and 1 <= epochs[0] <= epochs[1]):
         raise UserError(f"bad sweep ranges: lr {lr}, wd {wd}, epochs {epochs} (need 0 < min <= max, "
                         "epochs >= 1)")
@@ -45,14 +56,15 @@ def draw(n, seed=0, lr=(1e-5, 2e-4), wd=(1e-4, 0.2), epochs=(2, 4)):
 
     configs = [dict(LINEAR_PROBE)]
     for i in range(1, n):
-        randaug_n = rng.randint(0, 2) if rng.random() < 0.5 else 0   # N = 0 is RandAugment off
+        # N = 0 is RandAugment off, so about a third of the "on" draws are off
+        randaug_n = rng.randint(0, 2) if rng.random() < randaug_frac else 0
         configs.append({
             "linear_probe": False,
             "lr": log_uniform(*lr),
             "wd": log_uniform(*wd),
             "epochs": rng.randint(*epochs),
             "label_smoothing": 0.0 if rng.random() < 0.5 else rng.uniform(0.0, 0.25),
-            "mixup": 0.0 if rng.random() < 0.5 else rng.uniform(0.0, 0.9),
+            "mixup": 0.0 if rng.random() < 1 - mixup_frac else rng.uniform(0.0, 0.9),
             "randaug_n": randaug_n,
             "randaug_m": rng.randint(1, 20) if randaug_n else 0,
             "seed": i,
@@ -74,12 +86,18 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=12, help="ingredients in the zoo (model_0 .. model_{n-1})")
     p.add_argument("--out", default="zoo/fashion_mnist", help="zoo folder")
     p.add_argument("--sweep-seed", type=int, default=0, help="seed of the hyper-parameter draws")
-    p.add_argument("--lr-min", type=float, default=1e-5, help="smallest learning rate (log-uniform)")
-    p.add_argument("--lr-max", type=float, default=2e-4, help="largest learning rate (log-uniform)")
+    p.add_argument("--lr-min", type=float, default=LR[0], help="smallest learning rate (log-uniform)")
+    p.add_argument("--lr-max", type=float, default=LR[1], help="largest learning rate (log-uniform)")
     p.add_argument("--wd-min", type=float, default=1e-4, help="smallest weight decay (log-uniform)")
     p.add_argument("--wd-max", type=float, default=0.2, help="largest weight decay (log-uniform)")
-    p.add_argument("--epochs-min", type=int, default=2, help="fewest epochs per ingredient")
-    p.add_argument("--epochs-max", type=int, default=4, help="most epochs per ingredient")
+    p.add_argument("--epochs-min", type=int, default=EPOCHS[0], help="fewest epochs per ingredient")
+    p.add_argument("--epochs-max", type=int, default=EPOCHS[1], help="most epochs per ingredient")
+    p.add_argument("--mixup-frac", type=float, default=0.0,
+                   help="share of ingredients with mixup (0 on CPU: mixed images need the frozen blocks' "
+                        "forward every batch; the published zoo: 0.5)")
+    p.add_argument("--randaug-frac", type=float, default=0.0,
+                   help="share of ingredients drawn with RandAugment (0 on CPU, as --mixup-frac; 0.5 "
+                        "gives about a third)")
     return p.parse_known_args(argv)
 
 
@@ -91,7 +109,8 @@ def main(argv=None):
         if any(a == flag or a.startswith(flag + "=") for a in passthrough):
             raise UserError(f"{flag} is set by the sweep itself; the sweep's own flags are in --help")
     configs = draw(args.n, args.sweep_seed, (args.lr_min, args.lr_max), (args.wd_min, args.wd_max),
-                   (args.epochs_min, args.epochs_max))
+                   (args.epochs_min, args.epochs_max), args.mixup_frac, args.randaug_frac)
+    passthrough = default_flags(passthrough, finetune) + passthrough   # later flags win
     out = Path(args.out)
     records = []
     bar = tqdm(list(enumerate(configs)), desc=f"zoo {out}")
@@ -107,6 +126,16 @@ def main(argv=None):
         bar.set_postfix(last=f"{record['heldout']:.1f}/{record['test']:.1f}")
     summarise(records)
     return records
+
+
+def default_flags(passthrough, finetune):
+    """FINETUNE_DEFAULTS (+ EFFNET_DEFAULTS for efficientnet-lite0) not already in `passthrough`."""
+    from utils import arch_effnet
+    from utils.archs import get_arch
+    arch = finetune.parse_args(passthrough + ["--out-dir", "."]).arch
+    flags = FINETUNE_DEFAULTS + (EFFNET_DEFAULTS if get_arch(arch).name == arch_effnet.MODEL_NAME else [])
+    given = {a.split("=")[0] for a in passthrough}
+    return [f for flag, value in zip(flags[::2], flags[1::2]) if flag not in given for f in (flag, value)]
 
 
 def summarise(records):
