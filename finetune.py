@@ -12,7 +12,7 @@ the registered archs).
     python finetune.py --index 1 --lr 1e-4 --epochs 3 --out-dir zoo/fashion_mnist
     # -> model_1.pt and model_1.json: held-out ~79 %, test ~78 % (the probe: 76 / 76 %), ~40 s on CPU
 
-A whole zoo from a seeded sweep: `python -m utils.sweep` (scripts/build_zoo.sh).
+A whole zoo from a seeded sweep: `python sweep.py` (scripts/build_zoo.sh).
 Single process only: ingredients are independent, run several at once on different devices instead.
 
 Any arch and any folder of images (README, "Your own zoo"): `--arch timm:<name>` or

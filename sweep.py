@@ -6,8 +6,8 @@ smoothing 0 for about half else up to 0.25; mixup (alpha up to 0.9) for a share 
 RandAugment (N in 1-2, M in 1-20) for about two thirds of a share --randaug-frac, both 0 by default
 (on a CPU, augmented images need the frozen blocks' forward every batch: see docs/ZOO.md).
 
-    python -m utils.sweep --n 12 --out zoo/fashion_mnist            # the default zoo (CPU, see docs/ZOO.md)
-    python -m utils.sweep --n 72 --out zoo/fmnist72 --finetune-size 0 --epochs-min 4 --epochs-max 10 \\
+    python sweep.py --n 12 --out zoo/fashion_mnist            # the default zoo (CPU, see docs/ZOO.md)
+    python sweep.py --n 72 --out zoo/fmnist72 --finetune-size 0 --epochs-min 4 --epochs-max 10 \\
         --test-size 0 --mixup-frac 0.5 --randaug-frac 0.5            # the published size, full data (GPU)
 
 Any flag not listed by --help is passed to finetune.py (e.g. --data-location, --device, --batch-size).

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the default ingredient zoo: EfficientNet-Lite0 (ImageNet weights) fine-tuned on Fashion-MNIST.
 #
-# What it runs: python -m utils.sweep (utils/sweep.py), which fine-tunes ingredient 0 as a linear probe
+# What it runs: python sweep.py, which fine-tunes ingredient 0 as a linear probe
 # and ingredients 1..N-1 from it (LP-FT) with seeded hyper-parameter draws, through finetune.py
 # in-process. Ingredients already in the folder are skipped, so rerunning resumes an interrupted build.
 #
@@ -14,7 +14,7 @@
 # OMP_NUM_THREADS=1: with 3 other jobs on this 2-core machine one training step took 6.0 s with 2 threads
 # and 1.5 s with 1 (oversubscribed threads wait on each other).
 #
-# Usage:  scripts/build_zoo.sh [OUT] [extra utils.sweep / finetune.py flags]
+# Usage:  scripts/build_zoo.sh [OUT] [extra sweep.py / finetune.py flags]
 #   scripts/build_zoo.sh                                    # zoo/fashion_mnist, CPU default
 #   scripts/build_zoo.sh zoo/fmnist72 --n 72 --finetune-size 0 --test-size 0 --epochs-min 4 \
 #       --epochs-max 10 --mixup-frac 0.5 --randaug-frac 0.5 --device cuda   # published size, one GPU
@@ -27,4 +27,4 @@ shift || true
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 echo "building zoo in $OUT with $PYTHON ($(nproc) CPU cores; OMP_NUM_THREADS=$OMP_NUM_THREADS)"
-time "$PYTHON" -m utils.sweep --n 12 --out "$OUT" "$@"
+time "$PYTHON" sweep.py --n 12 --out "$OUT" "$@"

@@ -1,11 +1,12 @@
-"""finetune.py end to end on the tiny Fashion-MNIST fixture, and the seeded sweep (utils/sweep.py)."""
+"""finetune.py end to end on the tiny Fashion-MNIST fixture, and the seeded sweep (sweep.py)."""
 import json
 
 import pytest
 import torch
 
 import finetune
-from utils import arch_effnet, sweep
+import sweep
+from utils import arch_effnet
 from utils.errors import UserError
 
 TINY = ["--heldout-per-class", "3", "--finetune-size", "64", "--test-size", "30", "--batch-size", "16",

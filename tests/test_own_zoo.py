@@ -20,7 +20,7 @@ import MEHL_soup_layer as mehl
 import uniform_soup
 from conftest import ROOT, torchrun
 from datasets import build_dataset
-from utils import sweep
+import sweep
 from utils.archs import get_arch
 from utils.batchnorm import reestimate
 from utils.checkpoint_formats import unwrap
