@@ -72,6 +72,20 @@ def make_zoo(folder, n, num_classes=10, arch="tiny-cnn", noise=0.05, differ_buff
     return folder
 
 
+@pytest.fixture
+def zoo(tmp_path):
+    """Three tiny-cnn ingredients (a module may define its own `zoo`)."""
+    return make_zoo(tmp_path / "zoo", 3)
+
+
+@pytest.fixture
+def out(tmp_path):
+    """An empty folder for a test's outputs."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    return folder
+
+
 def write_imagenet_tree(root, num_classes=5, train_per_class=6, val_per_class=2, size=8):
     """A tiny tree laid out like ImageNet's (`imagenet/train/<wnid>`, `imagenet/val/<wnid>`): solid
     images whose colour depends on the class, with a little seeded noise."""

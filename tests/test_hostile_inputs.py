@@ -29,18 +29,6 @@ from utils.errors import UserError, run_main
 from utils.state_dicts import load_state_dict
 
 
-@pytest.fixture
-def zoo(tmp_path):
-    return make_zoo(tmp_path / "zoo", 3)
-
-
-@pytest.fixture
-def out(tmp_path):
-    folder = tmp_path / "out"
-    folder.mkdir()
-    return folder
-
-
 def tiny_state_dict():
     return get_arch("tiny-cnn").build(10).state_dict()
 

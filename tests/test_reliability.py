@@ -16,23 +16,11 @@ import torch
 import greedy_soup
 import MEHL_soup_layer
 import uniform_soup
-from tests.conftest import make_zoo
 from tests.helpers import QUICK, SCRIPTS, argv, cli, last_line, nothing_written, refused
 from utils import state_dicts
 from utils.archs import get_arch
 from utils.errors import run_main
 from utils.state_dicts import load_state_dict
-
-@pytest.fixture
-def zoo(tmp_path):
-    return make_zoo(tmp_path / "zoo", 3)
-
-
-@pytest.fixture
-def out(tmp_path):
-    folder = tmp_path / "out"
-    folder.mkdir()
-    return folder
 
 
 # ------------------------------------------------------------------------- 1. untrusted checkpoints
