@@ -48,9 +48,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from utils import cli, distributed, hyperplane, individual, mehl, mehl_state, results, sampling
+from utils import cli, distributed, hyperplane, individual, mehl, mehl_state, prefix, results, sampling
 from utils.batchnorm import batchnorm_statistics, reestimate, rule, set_mode
 from utils.errors import UserError, run_main
 from utils.evaluation import accuracy, evaluate_all
@@ -253,10 +254,10 @@ def learn_group(run, group, progress):
                disable=not distributed.is_primary())
     for epoch in range(args.epochs):
         set_mode(setup.model, layout.frozen_stats)
+        heldout, forward, workers = heldout_inputs(run)
         epoch_loss = 0.0
-        for n_global, batch in sampling.rank_batches(setup.bundle.heldout, args.batch_size,
-                                                     progress.data_rng, args.workers):
-            loss = mehl.step(setup.model, run.soup, state, layout.bounds, batch, n_global,
+        for n_global, batch in sampling.rank_batches(heldout, args.batch_size, progress.data_rng, workers):
+            loss = mehl.step(forward, run.soup, state, layout.bounds, batch, n_global,
                              args.labelsmooth, clip=setup.spec.is_vit)
             mehl_state.check_finite(run.soup.theta, label, state.step, args.lr)
             epoch_loss += loss * n_global
@@ -276,6 +277,22 @@ def learn_group(run, group, progress):
     alpha = alpha_center + distributed.all_reduce_sum(delta.to(setup.device)).cpu()
     return alpha, {"ingredients": [index_of(run.paths[i]) for i in group],
                    "heldout_loss": state.losses, "test_logged_only": tests}
+
+
+def heldout_inputs(run):
+    """(data, forward, workers) for a learning epoch: the held-out split and the model; or, when the
+    model's frozen prefix is not learned (identical in every ingredient) and in eval mode, the prefix's
+    outputs on the held-out images, computed once, and the rest of the model (utils/prefix.py). The
+    same items in the same order, so the batches and the soup are those of the whole model."""
+    setup = run.setup
+    split = prefix.split_of(setup.model)
+    if split is not None and not set(split.keys) & set(run.layout.names):
+        cached = prefix.outputs(setup.model, setup.bundle.heldout, setup.device, run.args.batch_size,
+                                "held-out")
+        if cached is not None:
+            split, h, y = cached
+            return TensorDataset(h, y), split.tail, 0
+    return setup.bundle.heldout, setup.model, run.args.workers
 
 
 def learn(run, progress):

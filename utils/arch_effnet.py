@@ -11,6 +11,7 @@ identical in every ingredient and the soups leave them out of the coefficient pr
 import torch
 from torch import nn
 
+from utils import prefix
 from utils.archs import ArchSpec, image_transform, register
 from utils.errors import UserError
 
@@ -53,6 +54,7 @@ def build(num_classes, pretrained=True):
                         "(pip install -r requirements.txt)") from err
     # image_size=None: "same" padding computed per input, so any input size pads like TensorFlow
     model = EfficientNet.from_name(MODEL_NAME, num_classes=num_classes, image_size=None)
+    prefix.register(EfficientNet, prefix_split)
     if pretrained:
         sd = torch.load(weights_path(), map_location="cpu", weights_only=True)
         strict_load(model, sd)
@@ -92,6 +94,18 @@ def split_frozen(model, frozen_blocks=FROZEN_BLOCKS):
         return model._fc(model._dropout(x))
 
     return frozen_fn, trainable_fn
+
+
+def prefix_split(model):
+    """The prefix the soups may run once per data set (utils/prefix.py): the stem and every block but
+    the last, which is what the default zoo freezes (docs/ZOO.md). A zoo fine-tuned deeper has other
+    prefix tensors in every ingredient, and the prefix is then recomputed for each, as a plain forward."""
+    frozen = len(model._blocks) - 1
+    frozen_fn, trainable_fn = split_frozen(model, frozen)
+    prefixes = frozen_prefixes(frozen)
+    keys = tuple(k for k in model.state_dict() if k.startswith(prefixes))
+    modules = tuple(m for n, m in model.named_modules() if n and (n + ".").startswith(prefixes))
+    return prefix.Split(keys, modules, frozen_fn, trainable_fn)
 
 
 register(ArchSpec(MODEL_NAME, build, image_transform(IMAGE_SIZE), image_transform(IMAGE_SIZE)),

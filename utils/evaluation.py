@@ -1,11 +1,12 @@
 """Accuracy that is exact across ranks: each rank takes indices rank, rank+world, ... (no padding, no
-repeats) and the correct / total counts are all-reduced."""
+repeats) and the correct / total counts are all-reduced. A frozen prefix that the model shares with
+the previous evaluation of the same data set is not run again (utils/prefix.py)."""
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 from tqdm import tqdm
 
-from utils import distributed
+from utils import distributed, prefix
 
 
 def make_loader(dataset, batch_size, workers, shuffle=False, generator=None, shard=True):
@@ -20,9 +21,13 @@ def accuracy(model, dataset, device, batch_size=256, workers=0, project=None, de
     """Top-1 accuracy in percent of `model` on `dataset`; `project` maps logits onto the set's labels."""
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64)
+    forward, cached = model, prefix.outputs(model, dataset, device, batch_size, desc)
+    if cached is not None:  # the same images' prefix outputs, computed with these prefix tensors
+        split, h, y = cached
+        forward, dataset, workers = split.tail, TensorDataset(h, y), 0
     loader = make_loader(dataset, batch_size, workers)
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not distributed.is_primary()):
-        logits = model(x.to(device, non_blocking=True))
+        logits = forward(x.to(device, non_blocking=True))
         if project is not None:
             logits = project(logits)
         counts[0] += (logits.argmax(1).cpu() == y).sum().item()

@@ -119,7 +119,9 @@ def directions(paths, members, count, layout, reference, soup, dtype, first):
 
 def gradient(model, soup, batch, n_global, labelsmooth):
     """Fill `soup.grad` with the gradient of the mean loss over the global batch, summed over ranks
-    (each rank's loss is a sum over its examples divided by the global batch size); returns the loss."""
+    (each rank's loss is a sum over its examples divided by the global batch size); returns the loss.
+    `model` is the model, or a function of the batch's inputs giving its logits (MEHL passes the rest
+    of the model when the inputs are a frozen prefix's outputs, utils/prefix.py)."""
     soup.grad.zero_()
     loss = torch.zeros(1, device=soup.theta.device)
     if batch is not None:
