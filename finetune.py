@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -87,6 +87,9 @@ def parse_args(argv=None):
                         "efficientnet-lite0, 0 for other archs)")
     p.add_argument("--finetune-size", type=int, default=4000,
                    help="fine-tune on a class-balanced subsample of this many images (0 = all)")
+    p.add_argument("--subset", type=int, default=0,
+                   help="train on a random subset of this many images of the fine-tune split, drawn with "
+                        "--seed, so that ingredients of a sweep see different images (0 = the whole split)")
     p.add_argument("--heldout-per-class", type=int, default=None,
                    help="held-out images per class (default: the dataset's, as the soup scripts use)")
     p.add_argument("--heldout-index", default=None,
@@ -103,7 +106,7 @@ def parse_args(argv=None):
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.heldout_per_class is not None and args.heldout_per_class < 1:
         raise UserError(f"--heldout-per-class must be >= 1, got {args.heldout_per_class}")
-    for name in ("wd", "mixup", "label_smoothing", "randaug_n", "randaug_m", "index"):
+    for name in ("wd", "mixup", "label_smoothing", "randaug_n", "randaug_m", "index", "subset"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.label_smoothing >= 1:
@@ -261,15 +264,26 @@ def clean_activations(args, spec, bundle, key, model, prefixes, frozen_fn, devic
                   lambda: run_batched(frozen_fn, TensorDataset(x_all, y_all), device, 256, "frozen activations"))
 
 
-def epoch_batches(args, spec, bundle, key, model, prefixes, frozen_fn, device, gen):
-    """Yield (frozen activations, labels) for one epoch. The clean images are preprocessed once, and
-    without augmentation their frozen activations too. Mixup mixes images (not activations), so mixed
-    batches go through the frozen blocks batch by batch; RandAugment redraws every image every epoch."""
+def training_images(args, bundle):
+    """Indices of the fine-tune split this ingredient trains on: all, or a --subset drawn with --seed."""
+    n = len(bundle.finetune)
+    if not args.subset:
+        return torch.arange(n)
+    if args.subset > n:
+        raise UserError(f"--subset {args.subset} is larger than the fine-tune split ({n} images)")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))[:args.subset].sort().values
+
+
+def epoch_batches(args, spec, bundle, key, model, prefixes, frozen_fn, device, gen, keep):
+    """Yield (frozen activations, labels) for one epoch over the images `keep`. The clean images are
+    preprocessed once, and without augmentation their frozen activations too. Mixup mixes images (not
+    activations), so mixed batches go through the frozen blocks batch by batch; RandAugment redraws every
+    image every epoch."""
     if args.randaug_n:
         transform = v2.Compose([v2.RandAugment(num_ops=args.randaug_n, magnitude=args.randaug_m),
                                 spec.train_preprocess])
-        loader = DataLoader(Mapped(bundle.finetune, transform), batch_size=args.batch_size, shuffle=True,
-                            generator=gen, num_workers=args.workers)
+        loader = DataLoader(Subset(Mapped(bundle.finetune, transform), keep.tolist()), batch_size=args.batch_size,
+                            shuffle=True, generator=gen, num_workers=args.workers)
         batches = ((x.to(device), y.to(device)) for x, y in loader)
     else:
         x_all, y_all = cached(key + ("clean", spec.name), lambda: run_batched(
@@ -277,11 +291,11 @@ def epoch_batches(args, spec, bundle, key, model, prefixes, frozen_fn, device, g
             "preprocessing"))
         if not args.mixup:
             h, y = clean_activations(args, spec, bundle, key, model, prefixes, frozen_fn, device)
-            for idx in torch.randperm(len(y), generator=gen).split(args.batch_size):
+            for idx in keep[torch.randperm(len(keep), generator=gen)].split(args.batch_size):
                 yield h[idx].to(device), y[idx].to(device)
             return
         batches = ((x_all[idx].to(device), y_all[idx].to(device))
-                   for idx in torch.randperm(len(y_all), generator=gen).split(args.batch_size))
+                   for idx in keep[torch.randperm(len(keep), generator=gen)].split(args.batch_size))
     for x, y in batches:
         if args.mixup:
             x, y = mixup(x, y, args.mixup, bundle.num_classes, gen)
@@ -299,7 +313,8 @@ def train_end_to_end(model, args, spec, bundle, key, device):
         p.requires_grad_(not prefixes or not n.startswith(prefixes))
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.wd)
     gen = torch.Generator().manual_seed(args.seed)
-    steps_per_epoch = -(-len(bundle.finetune) // args.batch_size)
+    keep = training_images(args, bundle)
+    steps_per_epoch = -(-len(keep) // args.batch_size)
     total = args.epochs * steps_per_epoch
     if args.max_steps:
         total = min(total, args.max_steps)
@@ -308,7 +323,7 @@ def train_end_to_end(model, args, spec, bundle, key, device):
     bar = tqdm(total=total, desc=f"fine-tuning model_{args.index}", leave=False)
     for _ in range(args.epochs):
         set_train_mode(model, prefixes, frozen_stats)
-        for h, y in epoch_batches(args, spec, bundle, key, model, prefixes, frozen_fn, device, gen):
+        for h, y in epoch_batches(args, spec, bundle, key, model, prefixes, frozen_fn, device, gen, keep):
             if step >= total:
                 break
             if len(y) == 1 and not frozen_stats:
@@ -408,7 +423,7 @@ def main(argv=None):
               "linear_probe": args.linear_probe, "init": args.init, "steps": steps,
               "hparams": {k: getattr(args, k) for k in ("lr", "wd", "epochs", "batch_size", "label_smoothing",
                                                         "mixup", "randaug_n", "randaug_m", "seed",
-                                                        "frozen_blocks", "batchnorm", "pretrained")},
+                                                        "frozen_blocks", "subset", "batchnorm", "pretrained")},
               "data": bundle.split, "heldout": heldout, "test": test, "seconds": round(seconds, 2)}
     record["hparams"]["batchnorm"] = "frozen" if batchnorm_frozen(args, spec) else "train"
     atomic_write(js, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"),

@@ -175,6 +175,23 @@ def render_main(rows, shifts):
     return "\n".join(out)
 
 
+def zoo_shape(lines):
+    """How the zoo soups, on held-out (what greedy soup and the learned soups see): the ingredients'
+    min / median / max, the uniform soup against the best ingredient, and what greedy soup kept.
+    Empty when the individual, uniform or greedy lines are missing."""
+    ind = individuals(lines)
+    uniform, greedy = latest(lines, "uniform"), latest(lines, "greedy")
+    if not ind or uniform is None or greedy is None or uniform.get("heldout") is None:
+        return ""
+    acc = sorted(r["heldout"] for r in ind.values() if r.get("heldout") is not None)
+    best = acc[-1]
+    kept = greedy.get("ingredients") or []
+    return (f"{len(acc)} ingredients, held-out min / median / max {acc[0]:.2f} / {acc[len(acc) // 2]:.2f} / "
+            f"{best:.2f}. Uniform soup {uniform['heldout']:.2f}, {best - uniform['heldout']:.2f} below the best "
+            f"ingredient. Greedy soup keeps {len(kept)} ({', '.join(f'#{i}' for i in kept)}): "
+            f"{greedy['heldout']:.2f}, {greedy['heldout'] - best:+.2f} over the best ingredient.")
+
+
 def elimination(lines):
     """test accuracy of greedy and MEHL-Soup+ after removing the top-k ingredients, k as run."""
     ks = sorted({excluded(r) for r in lines if method_key(r.get("method")) in
@@ -354,6 +371,9 @@ def main(argv=None):
     missing = sorted({m for _, r in rows for m in (r.get("missing_shifts") or [])})
     if missing:
         parts += [f"Shift sets missing on disk (shown as '{MISSING}'): {', '.join(missing)}.", ""]
+    shape = zoo_shape(lines)
+    if shape:
+        parts += ["## How the zoo soups (held-out)", "", shape, ""]
     far = distances(lines, out / "distances.csv")
     if far:
         parts += ["## How far each soup went from its ingredients", "",

@@ -129,3 +129,18 @@ def test_plain_finetune_uses_cached_activations_and_matches_a_rerun(lp_zoo, fmni
     start = torch.load(lp_zoo / "model_0.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, same ingredient
     assert not torch.equal(a["_blocks.15._project_conv.weight"], start["_blocks.15._project_conv.weight"])
+
+
+def test_subset_trains_each_seed_on_its_own_images(lp_zoo, fmnist_root):
+    args = ["--data-location", str(fmnist_root), "--out-dir", str(lp_zoo), "--epochs", "2", "--lr", "1e-3",
+            "--subset", "32", *TINY]
+    record = finetune.main(args + ["--index", "4", "--seed", "1"])
+    assert record["steps"] == 2 * 2 and record["hparams"]["subset"] == 32  # 32 images in batches of 16
+    parsed = [finetune.parse_args(args + ["--seed", str(s)]) for s in (1, 1, 2)]
+    spec = finetune.get_arch("efficientnet-lite0")
+    _, bundle = finetune.load_bundle(parsed[0], spec)
+    a, b, c = (finetune.training_images(p, bundle) for p in parsed)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert len(a) == 32 == len(set(a.tolist())) and 0 <= a.min() and a.max() < len(bundle.finetune)
+    with pytest.raises(UserError, match="--subset 65 is larger"):
+        finetune.main(args[:-len(TINY)] + ["--subset", "65", *TINY, "--index", "5"])

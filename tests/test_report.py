@@ -42,6 +42,9 @@ def test_report_table_ordering_values_and_missing(tmp_path):
     report = (out / "report.md").read_text()
     assert "missing on disk" in report and "blur" in report
     assert "| greedy soup | 83.00 | 79.50 |" in report  # elimination: none, top-1
+    # held-out: individuals 71 / 82 / 79, uniform 77, greedy (over the 3) 84 keeping #1 and #2
+    assert ("3 ingredients, held-out min / median / max 71.00 / 79.00 / 82.00. Uniform soup 77.00, 5.00 below "
+            "the best ingredient. Greedy soup keeps 2 (#1, #2): 84.00, +2.00 over the best ingredient.") in report
     for png in ("ingredients.png", "scatter.png", "coefficients.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
