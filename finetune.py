@@ -81,6 +81,11 @@ def parse_args(argv=None):
     p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (Beta(alpha, alpha)); 0 = off")
     p.add_argument("--randaug-n", type=int, default=0, help="RandAugment number of ops; 0 = off")
     p.add_argument("--randaug-m", type=int, default=0, help="RandAugment magnitude (0-30)")
+    p.add_argument("--views", type=int, default=0,
+                   help="augmented views per fine-tune image (flipped left-right at random and shifted by up "
+                        "to 3 pixels), computed once with the frozen blocks' activations; every epoch each "
+                        "image is one of the clean image and its views, drawn with --seed (0 = off). Costs "
+                        "one frozen forward of the fine-tune split per view, once per zoo")
     p.add_argument("--seed", type=int, default=0, help="seed of shuffling, augmentation, dropout, mixup")
     p.add_argument("--frozen-blocks", type=int, default=None,
                    help=f"first blocks kept frozen (default {arch_effnet.FROZEN_BLOCKS} for "
@@ -106,9 +111,12 @@ def parse_args(argv=None):
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.heldout_per_class is not None and args.heldout_per_class < 1:
         raise UserError(f"--heldout-per-class must be >= 1, got {args.heldout_per_class}")
-    for name in ("wd", "mixup", "label_smoothing", "randaug_n", "randaug_m", "index", "subset"):
+    for name in ("wd", "mixup", "label_smoothing", "randaug_n", "randaug_m", "index", "subset", "views"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.views and (args.mixup or args.randaug_n):
+        raise UserError("--views augments the cached activations of clean images; it does not combine with "
+                        "--mixup or --randaug-n, which augment the images of every batch")
     if args.label_smoothing >= 1:
         raise UserError(f"--label-smoothing must be < 1, got {args.label_smoothing}")
     if args.randaug_m > 30:
@@ -252,16 +260,46 @@ def train_linear_probe(model, args, spec, bundle, key, device):
     return step
 
 
+def clean_images(spec, bundle, key):
+    """(preprocessed fine-tune images, labels), computed once per data set."""
+    return cached(key + ("clean", spec.name), lambda: run_batched(
+        lambda x: x, Mapped(bundle.finetune, spec.train_preprocess), torch.device("cpu"), 256, "preprocessing"))
+
+
 def clean_activations(args, spec, bundle, key, model, prefixes, frozen_fn, device):
     """(frozen activations, labels) of the un-augmented fine-tune images, computed once per data set
     and frozen weights."""
-    x_all, y_all = cached(key + ("clean", spec.name), lambda: run_batched(
-        lambda x: x, Mapped(bundle.finetune, spec.train_preprocess), torch.device("cpu"), 256,
-        "preprocessing"))
+    x_all, y_all = clean_images(spec, bundle, key)
     fingerprint = float(sum(p.detach().double().sum() for n, p in model.named_parameters()
                             if n.startswith(prefixes)))
     return cached(key + ("frozen", prefixes, fingerprint),
                   lambda: run_batched(frozen_fn, TensorDataset(x_all, y_all), device, 256, "frozen activations"))
+
+
+def shifted_view(x, k, pad=3):
+    """View k >= 1 of preprocessed images x (N, C, H, W): each image flipped left-right with probability
+    1/2 and shifted by up to `pad` pixels (zero padding), drawn from a generator seeded with k, so every
+    ingredient that uses view k sees the same images."""
+    gen = torch.Generator().manual_seed(k)
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=gen) < 0.5
+    dy, dx = (torch.randint(0, 2 * pad + 1, (2, n), generator=gen)).unbind(0)
+    padded = F.pad(torch.where(flip[:, None, None, None], x.flip(-1), x), (pad, pad, pad, pad))
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+
+
+def view_activations(args, spec, bundle, key, model, prefixes, frozen_fn, device):
+    """(views + 1, N, ...) frozen activations of the fine-tune images: the clean images, then
+    --views flipped and shifted views, each computed once per data set and frozen weights."""
+    h, y = clean_activations(args, spec, bundle, key, model, prefixes, frozen_fn, device)
+    x_all, _ = clean_images(spec, bundle, key)
+    fingerprint = float(sum(p.detach().double().sum() for n, p in model.named_parameters()
+                            if n.startswith(prefixes)))
+    views = [h]
+    for k in range(1, args.views + 1):
+        views.append(cached(key + ("view", k, prefixes, fingerprint), lambda: run_batched(
+            frozen_fn, TensorDataset(shifted_view(x_all, k), y), device, 256, f"frozen activations, view {k}")[0]))
+    return torch.stack(views), y
 
 
 def training_images(args, bundle):
@@ -286,13 +324,12 @@ def epoch_batches(args, spec, bundle, key, model, prefixes, frozen_fn, device, g
                             shuffle=True, generator=gen, num_workers=args.workers)
         batches = ((x.to(device), y.to(device)) for x, y in loader)
     else:
-        x_all, y_all = cached(key + ("clean", spec.name), lambda: run_batched(
-            lambda x: x, Mapped(bundle.finetune, spec.train_preprocess), torch.device("cpu"), 256,
-            "preprocessing"))
+        x_all, y_all = clean_images(spec, bundle, key)
         if not args.mixup:
-            h, y = clean_activations(args, spec, bundle, key, model, prefixes, frozen_fn, device)
+            h, y = view_activations(args, spec, bundle, key, model, prefixes, frozen_fn, device)
             for idx in keep[torch.randperm(len(keep), generator=gen)].split(args.batch_size):
-                yield h[idx].to(device), y[idx].to(device)
+                view = torch.randint(0, len(h), (len(idx),), generator=gen) if len(h) > 1 else 0
+                yield h[view, idx].to(device), y[idx].to(device)
             return
         batches = ((x_all[idx].to(device), y_all[idx].to(device))
                    for idx in keep[torch.randperm(len(keep), generator=gen)].split(args.batch_size))
@@ -423,7 +460,7 @@ def main(argv=None):
               "linear_probe": args.linear_probe, "init": args.init, "steps": steps,
               "hparams": {k: getattr(args, k) for k in ("lr", "wd", "epochs", "batch_size", "label_smoothing",
                                                         "mixup", "randaug_n", "randaug_m", "seed",
-                                                        "frozen_blocks", "subset", "batchnorm", "pretrained")},
+                                                        "frozen_blocks", "subset", "views", "batchnorm", "pretrained")},
               "data": bundle.split, "heldout": heldout, "test": test, "seconds": round(seconds, 2)}
     record["hparams"]["batchnorm"] = "frozen" if batchnorm_frozen(args, spec) else "train"
     atomic_write(js, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"),

@@ -29,23 +29,29 @@ log = logging.getLogger("sweep")
 
 # The linear probe (ingredient 0): head only, on cached features, so many cheap epochs.
 LINEAR_PROBE = {"linear_probe": True, "lr": 3e-3, "wd": 0.0, "epochs": 20, "label_smoothing": 0.0,
-                "mixup": 0.0, "randaug_n": 0, "randaug_m": 0, "seed": 0}
+                "mixup": 0.0, "randaug_n": 0, "randaug_m": 0, "views": 0, "seed": 0}
 # The default zoo's ranges (docs/ZOO.md: chosen on held-out, measured on a loaded 2-core CPU).
 LR = (1e-4, 5e-4)
 EPOCHS = (4, 6)
+VIEWS = 3
 # finetune.py flags the sweep passes unless given: the cheap default of docs/ZOO.md. Everything before
 # the last block is frozen (its activations are computed once), fine-tune on 8000 images, batch 256.
 FINETUNE_DEFAULTS = ["--finetune-size", "8000", "--batch-size", "256"]
 EFFNET_DEFAULTS = ["--frozen-blocks", "15"]
 
 
-def draw(n, seed=0, lr=LR, wd=(1e-4, 0.2), epochs=EPOCHS, mixup_frac=0.0, randaug_frac=0.0):
+def draw(n, seed=0, lr=LR, wd=(1e-4, 0.2), epochs=EPOCHS, mixup_frac=0.0, randaug_frac=0.0, views_frac=0.0,
+         views=VIEWS):
     """The n configurations of a zoo: [linear probe] + n-1 seeded draws (deterministic for a seed).
-    mixup_frac / randaug_frac: the share of ingredients drawn with mixup / RandAugment turned on."""
+    mixup_frac / randaug_frac / views_frac: the share of ingredients drawn with mixup / RandAugment /
+    `views` flipped and shifted views (finetune.py --views; only without mixup and RandAugment)."""
     if n < 1:
         raise UserError(f"--n must be >= 1, got {n}")
-    if not (0 <= mixup_frac <= 1 and 0 <= randaug_frac <= 1):
-        raise UserError(f"--mixup-frac and --randaug-frac must be in [0, 1], got {mixup_frac}, {randaug_frac}")
+    if not (0 <= mixup_frac <= 1 and 0 <= randaug_frac <= 1 and 0 <= views_frac <= 1):
+        raise UserError(f"--mixup-frac, --randaug-frac and --views-frac must be in [0, 1], got {mixup_frac}, "
+                        f"{randaug_frac}, {views_frac}")
+    if views < 0:
+        raise UserError(f"--views must be >= 0, got {views}")
     if not (0 < lr[0] <= lr[1] and 0 < wd[0] <= wd[1] and 1 <= epochs[0] <= epochs[1]):
         raise UserError(f"bad sweep ranges: lr {lr}, wd {wd}, epochs {epochs} (need 0 < min <= max, "
                         "epochs >= 1)")
@@ -54,6 +60,7 @@ def draw(n, seed=0, lr=LR, wd=(1e-4, 0.2), epochs=EPOCHS, mixup_frac=0.0, randau
     def log_uniform(lo, hi):
         return math.exp(rng.uniform(math.log(lo), math.log(hi)))
 
+    views_rng = random.Random(f"views-{seed}")
     configs = [dict(LINEAR_PROBE)]
     for i in range(1, n):
         # N = 0 is RandAugment off, so about a third of the "on" draws are off
@@ -69,13 +76,16 @@ def draw(n, seed=0, lr=LR, wd=(1e-4, 0.2), epochs=EPOCHS, mixup_frac=0.0, randau
             "randaug_m": rng.randint(1, 20) if randaug_n else 0,
             "seed": i,
         })
+        augmented = configs[-1]["mixup"] or configs[-1]["randaug_n"]
+        # its own generator: turning views on changes no other hyper-parameter of the zoo
+        configs[-1]["views"] = views if views_rng.random() < views_frac and not augmented else 0
     return configs
 
 
 def to_argv(config):
     """finetune.py flags for one configuration."""
     argv = ["--linear-probe"] if config["linear_probe"] else []
-    for key in ("lr", "wd", "epochs", "label_smoothing", "mixup", "randaug_n", "randaug_m", "seed"):
+    for key in ("lr", "wd", "epochs", "label_smoothing", "mixup", "randaug_n", "randaug_m", "views", "seed"):
         argv += [f"--{key.replace('_', '-')}", str(config[key])]
     return argv
 
@@ -98,6 +108,10 @@ def parse_args(argv=None):
     p.add_argument("--randaug-frac", type=float, default=0.0,
                    help="share of ingredients drawn with RandAugment (0 on CPU, as --mixup-frac; 0.5 "
                         "gives about a third)")
+    p.add_argument("--views-frac", type=float, default=0.0,
+                   help="share of ingredients (of those without mixup and RandAugment) fine-tuned with "
+                        "flipped and shifted views of the images (finetune.py --views)")
+    p.add_argument("--views", type=int, default=VIEWS, help="views per image for those ingredients")
     return p.parse_known_args(argv)
 
 
@@ -109,7 +123,8 @@ def main(argv=None):
         if any(a == flag or a.startswith(flag + "=") for a in passthrough):
             raise UserError(f"{flag} is set by the sweep itself; the sweep's own flags are in --help")
     configs = draw(args.n, args.sweep_seed, (args.lr_min, args.lr_max), (args.wd_min, args.wd_max),
-                   (args.epochs_min, args.epochs_max), args.mixup_frac, args.randaug_frac)
+                   (args.epochs_min, args.epochs_max), args.mixup_frac, args.randaug_frac,
+                   args.views_frac, args.views)
     passthrough = default_flags(passthrough, finetune) + passthrough   # later flags win
     out = Path(args.out)
     records = []

@@ -101,6 +101,14 @@ def test_sweep_draws_are_seeded_and_in_range():
     assert lrs[0] < 3e-5 and lrs[-1] > 1e-4
     with pytest.raises(UserError):
         sweep.draw(3, lr=(1e-3, 1e-4))
+    # views: drawn for a share of the ingredients without mixup and RandAugment; the other draws unchanged
+    viewed = sweep.draw(40, seed=3, views_frac=0.5, views=2)
+    strip = [{k: v for k, v in cfg.items() if k != "views"} for cfg in viewed]
+    assert strip == [{k: v for k, v in cfg.items() if k != "views"} for cfg in sweep.draw(40, seed=3)]
+    assert all(cfg["views"] == 0 for cfg in sweep.draw(40, seed=3))
+    assert 0 < sum(cfg["views"] == 2 for cfg in viewed) < 39 and set(cfg["views"] for cfg in viewed) == {0, 2}
+    mixed = sweep.draw(40, seed=3, mixup_frac=0.5, randaug_frac=0.5, views_frac=1.0)
+    assert all(cfg["views"] == (0 if cfg["mixup"] or cfg["randaug_n"] else 3) for cfg in mixed[1:])
 
 
 def test_sweep_builds_and_then_skips_existing(tmp_path, fmnist_root):
@@ -144,3 +152,27 @@ def test_subset_trains_each_seed_on_its_own_images(lp_zoo, fmnist_root):
     assert len(a) == 32 == len(set(a.tolist())) and 0 <= a.min() and a.max() < len(bundle.finetune)
     with pytest.raises(UserError, match="--subset 65 is larger"):
         finetune.main(args[:-len(TINY)] + ["--subset", "65", *TINY, "--index", "5"])
+
+
+def test_views_are_seeded_flips_and_shifts_of_the_images():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8).repeat(20, 1, 1, 1)
+    a, b, c = finetune.shifted_view(x, 1), finetune.shifted_view(x, 1), finetune.shifted_view(x, 2)
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+    for img, orig in zip(a, x):  # every view is the image or its mirror, moved by at most 3 pixels
+        assert any(torch.equal(img[:, max(0, -dy):8 - max(0, dy), max(0, -dx):8 - max(0, dx)],
+                               src[:, max(0, dy):8 + min(0, dy), max(0, dx):8 + min(0, dx)])
+                   for src in (orig, orig.flip(-1)) for dy in range(-3, 4) for dx in range(-3, 4))
+    assert not torch.equal(a, x)
+
+
+def test_views_train_on_cached_views_and_refuse_per_batch_augmentation(lp_zoo, fmnist_root):
+    args = ["--data-location", str(fmnist_root), "--out-dir", str(lp_zoo), "--epochs", "2", "--lr", "1e-3",
+            "--seed", "5", *TINY]
+    plain = finetune.main(args + ["--index", "6"])
+    viewed = finetune.main(args + ["--index", "7", "--views", "2"])
+    assert viewed["steps"] == plain["steps"] and viewed["hparams"]["views"] == 2
+    a = torch.load(lp_zoo / "model_6.pt", weights_only=True)
+    b = torch.load(lp_zoo / "model_7.pt", weights_only=True)
+    assert not torch.equal(a["_fc.weight"], b["_fc.weight"])  # other inputs, same seed
+    with pytest.raises(UserError, match="--views"):
+        finetune.main(args + ["--index", "8", "--views", "2", "--mixup", "0.2"])
