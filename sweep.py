@@ -32,7 +32,7 @@ LINEAR_PROBE = {"linear_probe": True, "lr": 3e-3, "wd": 0.0, "epochs": 20, "labe
                 "mixup": 0.0, "randaug_n": 0, "randaug_m": 0, "views": 0, "seed": 0}
 # The default zoo's ranges (docs/ZOO.md: chosen on held-out, measured on a loaded 2-core CPU).
 LR = (1e-4, 5e-4)
-EPOCHS = (4, 6)
+EPOCHS = (8, 12)
 VIEWS = 3
 # finetune.py flags the sweep passes unless given: the cheap default of docs/ZOO.md. Everything before
 # the last block is frozen (its activations are computed once), fine-tune on 8000 images, batch 256.

@@ -5,9 +5,9 @@
 # and ingredients 1..N-1 from it (LP-FT) with seeded hyper-parameter draws, through finetune.py
 # in-process. Ingredients already in the folder are skipped, so rerunning resumes an interrupted build.
 #
-# Hardware: the default (12 ingredients; fine-tune 8000 images at 32 px, batch 256, 4-6 epochs; every
+# Hardware: the default (12 ingredients; fine-tune 8000 images at 32 px, batch 256, 8-12 epochs; every
 # block but the last frozen, its activations computed once; no mixup or RandAugment) is sized for a
-# 2-core CPU: measured under 7 minutes there with 3-4 other jobs running (see docs/ZOO.md, which has the
+# 2-core CPU: measured in MEASURED on a fresh clone (see docs/ZOO.md, which has the
 # accuracies: every fine-tuned ingredient above the linear probe, uniform and greedy soup near the best).
 #
 # Threads: OMP_NUM_THREADS defaults to the number of cores. When other jobs share the CPU, set
