@@ -3,13 +3,14 @@
 # (if absent), evaluate every ingredient, run uniform, greedy, Learned-Soup(+) and MEHL-Soup(+), the
 # extra runs the figures need (souping the first n ingredients; removing the top-k), then the report.
 #
-# Hardware: a 2-core CPU, no GPU. Time, measured on a fresh clone with OMP_NUM_THREADS=1 while three
-# other jobs shared the 2 cores (load average 3-5): 28.5 minutes, of which the zoo 6.6 and the soups,
-# extra runs and report 22 (greedy soup's evaluation of the 12 ingredients alone 388 s; the same work
-# took 104 s in an earlier, less loaded run). Reruns skip every soup already written (DEMO_FORCE=1 redoes
-# them). Expect (docs/results/report.md): greedy soup and MEHL-Soup+ (mean of 3 seeds) above the best
-# ingredient on test, the uniform soup below it; the table is printed last and written with the figures
-# and the per-block distances to $DEMO_OUT/report/.
+# Hardware: a 2-core CPU, no GPU. Time, measured on a fresh clone with no other jobs (OMP_NUM_THREADS=2,
+# the default): 14.7 minutes, of which setup 2.5, the zoo 5.1 and the soups, extra runs and report 7.2
+# (once the zoo exists: 6.9, measured with a new DEMO_OUT). Under load it takes longer (three other
+# jobs on the 2 cores made the zoo 2.6x slower). Reruns skip every soup already written (DEMO_FORCE=1
+# redoes them). Expect
+# (docs/results/report.md): on held-out the uniform soup just below the best ingredient and greedy soup
+# above it, on test every soup near the best ingredient; the table is printed last and written with the
+# figures and the per-block distances to $DEMO_OUT/report/.
 #
 #   bash scripts/demo.sh
 #
