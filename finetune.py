@@ -86,7 +86,7 @@ def parse_args(argv=None):
                         "to 3 pixels), computed once with the frozen blocks' activations; every epoch each "
                         "image is one of the clean image and its views, drawn with --seed (0 = off). Costs "
                         "one frozen forward of the fine-tune split per view, once per zoo")
-    p.add_argument("--seed", type=int, default=0, help="seed of shuffling, augmentation, dropout, mixup")
+    p.add_argument("--seed", type=int, default=0, help="seed of shuffling, augmentation, mixup, --subset and the --views drawn")
     p.add_argument("--frozen-blocks", type=int, default=None,
                    help=f"first blocks kept frozen (default {arch_effnet.FROZEN_BLOCKS} for "
                         "efficientnet-lite0, 0 for other archs)")

@@ -30,7 +30,7 @@ log = logging.getLogger("sweep")
 # The linear probe (ingredient 0): head only, on cached features, so many cheap epochs.
 LINEAR_PROBE = {"linear_probe": True, "lr": 3e-3, "wd": 0.0, "epochs": 20, "label_smoothing": 0.0,
                 "mixup": 0.0, "randaug_n": 0, "randaug_m": 0, "views": 0, "seed": 0}
-# The default zoo's ranges (docs/ZOO.md: chosen on held-out, measured on a loaded 2-core CPU).
+# The default zoo's ranges, chosen on held-out (docs/ZOO.md, where every variant tried is measured).
 LR = (1e-4, 5e-4)
 EPOCHS = (8, 12)
 VIEWS = 3
