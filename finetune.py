@@ -86,7 +86,8 @@ def parse_args(argv=None):
                         "to 3 pixels), computed once with the frozen blocks' activations; every epoch each "
                         "image is one of the clean image and its views, drawn with --seed (0 = off). Costs "
                         "one frozen forward of the fine-tune split per view, once per zoo")
-    p.add_argument("--seed", type=int, default=0, help="seed of shuffling, augmentation, mixup, --subset and the --views drawn")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of shuffling, augmentation, mixup, --subset and the --views drawn")
     p.add_argument("--frozen-blocks", type=int, default=None,
                    help=f"first blocks kept frozen (default {arch_effnet.FROZEN_BLOCKS} for "
                         "efficientnet-lite0, 0 for other archs)")
@@ -263,7 +264,8 @@ def train_linear_probe(model, args, spec, bundle, key, device):
 def clean_images(spec, bundle, key):
     """(preprocessed fine-tune images, labels), computed once per data set."""
     return cached(key + ("clean", spec.name), lambda: run_batched(
-        lambda x: x, Mapped(bundle.finetune, spec.train_preprocess), torch.device("cpu"), 256, "preprocessing"))
+        lambda x: x, Mapped(bundle.finetune, spec.train_preprocess), torch.device("cpu"), 256,
+        "preprocessing"))
 
 
 def clean_activations(args, spec, bundle, key, model, prefixes, frozen_fn, device):
@@ -298,7 +300,8 @@ def view_activations(args, spec, bundle, key, model, prefixes, frozen_fn, device
     views = [h]
     for k in range(1, args.views + 1):
         views.append(cached(key + ("view", k, prefixes, fingerprint), lambda: run_batched(
-            frozen_fn, TensorDataset(shifted_view(x_all, k), y), device, 256, f"frozen activations, view {k}")[0]))
+            frozen_fn, TensorDataset(shifted_view(x_all, k), y), device, 256,
+            f"frozen activations, view {k}")[0]))
     return torch.stack(views), y
 
 
@@ -320,8 +323,8 @@ def epoch_batches(args, spec, bundle, key, model, prefixes, frozen_fn, device, g
     if args.randaug_n:
         transform = v2.Compose([v2.RandAugment(num_ops=args.randaug_n, magnitude=args.randaug_m),
                                 spec.train_preprocess])
-        loader = DataLoader(Subset(Mapped(bundle.finetune, transform), keep.tolist()), batch_size=args.batch_size,
-                            shuffle=True, generator=gen, num_workers=args.workers)
+        loader = DataLoader(Subset(Mapped(bundle.finetune, transform), keep.tolist()),
+                            batch_size=args.batch_size, shuffle=True, generator=gen, num_workers=args.workers)
         batches = ((x.to(device), y.to(device)) for x, y in loader)
     else:
         x_all, y_all = clean_images(spec, bundle, key)
@@ -451,16 +454,17 @@ def main(argv=None):
         steps = train_linear_probe(model, args, spec, bundle, key, device)
     else:
         steps = train_end_to_end(model, args, spec, bundle, key, device)
-    heldout, test = cached_accuracy(args, spec, bundle, key, model, device) or (accuracy(model, bundle.heldout, device, desc="held-out"),
-                               accuracy(model, bundle.test.dataset, device, project=bundle.test.project,
-                                        desc="test"))
+    heldout, test = cached_accuracy(args, spec, bundle, key, model, device) or (
+        accuracy(model, bundle.heldout, device, desc="held-out"),
+        accuracy(model, bundle.test.dataset, device, project=bundle.test.project, desc="test"))
     seconds = time.time() - start
     save_state_dict(model.state_dict(), pt, overwrite=args.overwrite)
     record = {"index": args.index, "arch": spec.name, "datasets": args.datasets,
               "linear_probe": args.linear_probe, "init": args.init, "steps": steps,
               "hparams": {k: getattr(args, k) for k in ("lr", "wd", "epochs", "batch_size", "label_smoothing",
                                                         "mixup", "randaug_n", "randaug_m", "seed",
-                                                        "frozen_blocks", "subset", "views", "batchnorm", "pretrained")},
+                                                        "frozen_blocks", "subset", "views", "batchnorm",
+                                                        "pretrained")},
               "data": bundle.split, "heldout": heldout, "test": test, "seconds": round(seconds, 2)}
     record["hparams"]["batchnorm"] = "frozen" if batchnorm_frozen(args, spec) else "train"
     atomic_write(js, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"),

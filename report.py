@@ -186,9 +186,9 @@ def zoo_shape(lines):
     acc = sorted(r["heldout"] for r in ind.values() if r.get("heldout") is not None)
     best = acc[-1]
     kept = greedy.get("ingredients") or []
-    return (f"{len(acc)} ingredients, held-out min / median / max {acc[0]:.2f} / {acc[len(acc) // 2]:.2f} / "
-            f"{best:.2f}. Uniform soup {uniform['heldout']:.2f}, {best - uniform['heldout']:.2f} below the best "
-            f"ingredient. Greedy soup keeps {len(kept)} ({', '.join(f'#{i}' for i in kept)}): "
+    return (f"{len(acc)} ingredients, held-out min / median / max {acc[0]:.2f} / {acc[len(acc) // 2]:.2f}"
+            f" / {best:.2f}. Uniform soup {uniform['heldout']:.2f}, {best - uniform['heldout']:.2f} below the"
+            f" best ingredient. Greedy soup keeps {len(kept)} ({', '.join(f'#{i}' for i in kept)}): "
             f"{greedy['heldout']:.2f}, {greedy['heldout'] - best:+.2f} over the best ingredient.")
 
 
