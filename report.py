@@ -201,7 +201,16 @@ def elimination(lines):
     head = ["removed"] + ["none" if k == 0 else f"top-{k}" for k in ks]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, name in (("greedy", "greedy soup"), ("MEHL-Soup+", "MEHL-Soup+")):
-        cells = [fmt((latest(lines, method, exclude=k) or {}).get("test")) for k in ks]
+        runs = {k: latest(lines, method, exclude=k) for k in ks}
+        # several seeds of the whole range: the one the runs with ingredients removed used, so that the
+        # row compares one seed (the latest line otherwise)
+        seeds = {seed_of(r) for k, r in runs.items() if k and r is not None}
+        if 0 in runs and len(seeds) == 1:
+            same = [r for r in per_seed(lines, method) if seed_of(r) in seeds]
+            runs[0] = same[0] if same else runs[0]
+            if same and seed_of(same[0]) is not None:
+                name = f"{name} (seed {seed_of(same[0])})"
+        cells = [fmt((runs[k] or {}).get("test")) for k in ks]
         out.append("| " + " | ".join([name, *cells]) + " |")
     return "\n".join(out)
 

@@ -65,6 +65,18 @@ def test_report_mean_and_spread_over_seeds(tmp_path):
     assert row[5].strip() == "62.00 ± 1.00"
 
 
+def test_elimination_compares_one_seed(tmp_path):
+    db = tmp_path / "r.jsonl"
+    rows = [line("individual", [i], 80.0 + i, 80.0 + i, {}) for i in range(3)]
+    for seed, test in ((1, 84.0), (2, 85.0), (3, 86.0)):
+        rows.append(line("MEHL-Soup+", [0, 1, 2], test, 90.0, {}, args={"exclude_top": 0, "randomseed": seed}))
+    rows.append(line("MEHL-Soup+", [0, 1], 83.0, 88.0, {}, args={"exclude_top": 1, "randomseed": 1}))
+    db.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main(["--results-db", str(db), "--out", str(tmp_path / "rep")])
+    # the run without ingredients removed is seed 1's (84), as the run with the top-1 removed, not seed 3's
+    assert "| MEHL-Soup+ (seed 1) | 84.00 | 83.00 |" in (tmp_path / "rep" / "report.md").read_text()
+
+
 def test_report_how_far_the_soup_went(tmp_path):
     import torch
 
