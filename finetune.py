@@ -261,6 +261,11 @@ def train_linear_probe(model, args, spec, bundle, key, device):
     return step
 
 
+def frozen_fingerprint(model, prefixes):
+    """A cache key of the frozen weights: the sum of every frozen parameter."""
+    return float(sum(p.detach().double().sum() for n, p in model.named_parameters() if n.startswith(prefixes)))
+
+
 def clean_images(spec, bundle, key):
     """(preprocessed fine-tune images, labels), computed once per data set."""
     return cached(key + ("clean", spec.name), lambda: run_batched(
@@ -272,8 +277,7 @@ def clean_activations(args, spec, bundle, key, model, prefixes, frozen_fn, devic
     """(frozen activations, labels) of the un-augmented fine-tune images, computed once per data set
     and frozen weights."""
     x_all, y_all = clean_images(spec, bundle, key)
-    fingerprint = float(sum(p.detach().double().sum() for n, p in model.named_parameters()
-                            if n.startswith(prefixes)))
+    fingerprint = frozen_fingerprint(model, prefixes)
     return cached(key + ("frozen", prefixes, fingerprint),
                   lambda: run_batched(frozen_fn, TensorDataset(x_all, y_all), device, 256, "frozen activations"))
 
@@ -295,8 +299,7 @@ def view_activations(args, spec, bundle, key, model, prefixes, frozen_fn, device
     --views flipped and shifted views, each computed once per data set and frozen weights."""
     h, y = clean_activations(args, spec, bundle, key, model, prefixes, frozen_fn, device)
     x_all, _ = clean_images(spec, bundle, key)
-    fingerprint = float(sum(p.detach().double().sum() for n, p in model.named_parameters()
-                            if n.startswith(prefixes)))
+    fingerprint = frozen_fingerprint(model, prefixes)
     views = [h]
     for k in range(1, args.views + 1):
         views.append(cached(key + ("view", k, prefixes, fingerprint), lambda: run_batched(
@@ -391,7 +394,7 @@ def cached_accuracy(args, spec, bundle, key, model, device):
     if not prefixes:
         return None
     model.eval()
-    fingerprint = float(sum(p.double().sum() for n, p in model.named_parameters() if n.startswith(prefixes)))
+    fingerprint = frozen_fingerprint(model, prefixes)
     scores = []
     for name, dataset, project in (("held-out", bundle.heldout, None),
                                    ("test", bundle.test.dataset, bundle.test.project)):
