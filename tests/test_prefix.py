@@ -21,7 +21,6 @@ ARCH = "efficientnet-lite0"
 
 @pytest.fixture(scope="module")
 def effnet():
-    pytest.importorskip("efficientnet_lite_pytorch")
     torch.manual_seed(0)
     return get_arch(ARCH).build(10, pretrained=False).eval()
 
@@ -79,7 +78,6 @@ def test_no_prefix_for_other_archs(images):
 def effnet_zoo(tmp_path_factory):
     """Four EfficientNet-Lite0 ingredients laid out like the default zoo: the stem and blocks 0-14
     identical in all, the last block, the conv head and the head fine-tuned (seeded noise)."""
-    pytest.importorskip("efficientnet_lite_pytorch")
     folder = tmp_path_factory.mktemp("effnet_zoo")
     torch.manual_seed(0)
     base = get_arch(ARCH).build(10, pretrained=False).state_dict()
