@@ -25,10 +25,10 @@ import os
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from utils import batchnorm, cli, distributed, individual, learned, results, sampling
+from utils import batchnorm, cli, distributed, individual, learned, prefix, results, sampling
 from utils.errors import UserError, run_main
 from utils.evaluation import evaluate_all
 from utils.ingredients import index_of, stream
@@ -160,6 +160,33 @@ def sum_grads(tensors):
         distributed.all_reduce_sum(t.grad)
 
 
+class Tail(torch.nn.Module):
+    """The model after its frozen prefix (utils/prefix.py) as a module: its parameters are the model's,
+    under `model.`, so that `functional_call` can put the soup's parameters in."""
+
+    def __init__(self, model, tail):
+        super().__init__()
+        self.model, self.tail = model, tail
+
+    def forward(self, h):
+        return self.tail(h)
+
+
+def heldout_inputs(args, setup, learned_names):
+    """(data, forward module, its key prefix, workers) for a learning epoch: the held-out split and the
+    model; or, when no learned tensor is in the model's frozen prefix and the prefix is in eval mode,
+    the prefix's outputs on the held-out images, computed once, and the rest of the model. The same
+    items in the same order, so the batches and the soup are those of the whole model."""
+    model, heldout = setup.model, setup.bundle.heldout
+    split = prefix.split_of(model)
+    if split is not None and not set(split.keys) & set(learned_names):
+        cached = prefix.outputs(model, heldout, setup.device, args.batch_size, "held-out")
+        if cached is not None:
+            split, h, y = cached
+            return TensorDataset(h, y), Tail(model, split.tail), "model.", 0
+    return heldout, model, "", args.workers
+
+
 def learn(args, setup, stacked, blocks, frozen_stats, wandb):
     """AdamW over R and beta; returns (R, beta, mean held-out loss per epoch)."""
     model, device = setup.model, setup.device
@@ -167,19 +194,20 @@ def learn(args, setup, stacked, blocks, frozen_stats, wandb):
     raw = learned.init_raw(len(blocks), len(next(iter(stacked.values()))), device)
     beta = torch.ones((), device=device, requires_grad=True)
     opt = torch.optim.AdamW([raw, beta], lr=args.lr, weight_decay=args.wd)
-    heldout = setup.bundle.heldout
     losses, step = [], 0
     for epoch in range(args.epochs):
         batchnorm.set_mode(model, frozen_stats)
+        heldout, forward, key_prefix, workers = heldout_inputs(args, setup, stacked)
         plan = list(global_batches(len(heldout), args.batch_size, args.seed, epoch))
-        loader = iter(DataLoader(heldout, batch_sampler=[b for b, _ in plan if b], num_workers=args.workers))
+        loader = iter(DataLoader(heldout, batch_sampler=[b for b, _ in plan if b], num_workers=workers))
         total = torch.zeros(2, dtype=torch.float64, device=device)
         for local, size in tqdm(plan, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                                 disable=not distributed.is_primary()):
             opt.zero_grad(set_to_none=False)
             if local:
                 x, y = next(loader)
-                loss = learned.soup_loss(model, stacked, raw, beta, owner, x.to(device), y.to(device), size)
+                loss = learned.soup_loss(forward, stacked, raw, beta, owner, x.to(device), y.to(device), size,
+                                         key_prefix)
             else:  # a global batch smaller than the world: this rank adds nothing
                 loss = 0.0 * (raw.sum() + beta)
             loss.backward()

@@ -8,6 +8,7 @@ from torch.testing import assert_close
 from torch.utils.data import TensorDataset
 
 import greedy_soup
+import learned_soup
 import MEHL_soup_layer as mehl
 from tests.conftest import torchrun
 from tests.helpers import argv
@@ -133,6 +134,42 @@ def test_mehl_on_two_processes_is_one_process_with_the_prefix(tmp_path, effnet_z
     one = mehl.main(argv(effnet_zoo, fmnist_root, tmp_path, *MEHL_FLAGS, name="one", **common))
     done = torchrun("MEHL_soup_layer.py", argv(effnet_zoo, fmnist_root, tmp_path, *MEHL_FLAGS, name="two",
                                                **common), nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = soup_of(tmp_path, "one"), soup_of(tmp_path, "two")
+    for k in a:
+        assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+    two = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])
+    assert two["world_size"] == 2 and two["heldout"] == pytest.approx(one["heldout"], abs=1e-9)
+
+
+LEARNED_FLAGS = ["--layerwise", "--epochs", "2"]
+
+
+def test_learned_soup_on_the_default_arch_is_the_one_without_the_prefix(tmp_path, effnet_zoo, fmnist_root,
+                                                                        monkeypatch):
+    common = dict(arch=ARCH, heldout=4, test_size=40, batch_size=16)
+    inputs, real_inputs = [], learned_soup.heldout_inputs
+    monkeypatch.setattr(learned_soup, "heldout_inputs",
+                        lambda *a: inputs.append(real_inputs(*a)) or inputs[-1])
+    with_prefix = learned_soup.main(argv(effnet_zoo, fmnist_root, tmp_path, *LEARNED_FLAGS, name="with", **common))
+    assert len(inputs) == 2 and all(isinstance(forward, learned_soup.Tail) for _, forward, _, _ in inputs)
+    monkeypatch.undo()
+    without_prefix(monkeypatch)
+    without = learned_soup.main(argv(effnet_zoo, fmnist_root, tmp_path, *LEARNED_FLAGS, name="without",
+                                     **common))
+    a, b = soup_of(tmp_path, "with"), soup_of(tmp_path, "without")
+    assert any(not torch.equal(a[k], soup_of(effnet_zoo, "model_0")[k]) for k in a)  # it learned something
+    for k in a:
+        assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    assert with_prefix["temperature"] == pytest.approx(without["temperature"], rel=1e-4)
+    assert with_prefix["heldout"] == pytest.approx(without["heldout"], abs=1e-9)
+
+
+def test_learned_soup_on_two_processes_is_one_process_with_the_prefix(tmp_path, effnet_zoo, fmnist_root):
+    common = dict(arch=ARCH, heldout=4, test_size=40, batch_size=16)
+    one = learned_soup.main(argv(effnet_zoo, fmnist_root, tmp_path, *LEARNED_FLAGS, name="one", **common))
+    done = torchrun("learned_soup.py", argv(effnet_zoo, fmnist_root, tmp_path, *LEARNED_FLAGS, name="two",
+                                            **common), nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = soup_of(tmp_path, "one"), soup_of(tmp_path, "two")
     for k in a:

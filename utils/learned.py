@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 
-
 def owners(blocks):
     """name -> index of its block."""
     return {name: b for b, block in enumerate(blocks) for name in block}
@@ -22,9 +21,10 @@ def mix(stacked, alpha, owner):
     return {name: torch.tensordot(alpha[owner[name]].to(t.dtype), t, dims=1) for name, t in stacked.items()}
 
 
-def soup_loss(model, stacked, raw, beta, owner, x, y, denom):
+def soup_loss(model, stacked, raw, beta, owner, x, y, denom, key_prefix=""):
     """Sum of CE(beta * f(x; theta(softmax(raw))), y) over the batch, divided by `denom` (the global
-    batch size, so that gradients summed over ranks equal those of the whole batch)."""
-    params = mix(stacked, torch.softmax(raw, dim=1), owner)
+    batch size, so that gradients summed over ranks equal those of the whole batch). `model` holds the
+    stacked parameters under `key_prefix` + their names (a wrapper module that holds the model)."""
+    params = {key_prefix + k: v for k, v in mix(stacked, torch.softmax(raw, dim=1), owner).items()}
     logits = functional_call(model, params, (x,))
     return F.cross_entropy(beta * logits, y, reduction="sum") / denom
