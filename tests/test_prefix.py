@@ -151,7 +151,8 @@ def test_learned_soup_on_the_default_arch_is_the_one_without_the_prefix(tmp_path
     inputs, real_inputs = [], learned_soup.heldout_inputs
     monkeypatch.setattr(learned_soup, "heldout_inputs",
                         lambda *a: inputs.append(real_inputs(*a)) or inputs[-1])
-    with_prefix = learned_soup.main(argv(effnet_zoo, fmnist_root, tmp_path, *LEARNED_FLAGS, name="with", **common))
+    with_prefix = learned_soup.main(argv(effnet_zoo, fmnist_root, tmp_path, *LEARNED_FLAGS, name="with",
+                                         **common))
     assert len(inputs) == 2 and all(isinstance(forward, learned_soup.Tail) for _, forward, _, _ in inputs)
     monkeypatch.undo()
     without_prefix(monkeypatch)
