@@ -1,14 +1,17 @@
 """The seeded hyper-parameter sweep that builds a zoo of ingredients, shaped like the published one.
 
-Ingredient 0 is the linear probe; ingredients 1..n-1 are fine-tuned from it with hyper-parameters drawn
-from `draw(n, seed)`: learning rate and weight decay log-uniform, epochs uniform in a range, label
-smoothing 0 for about half else up to 0.25; mixup (alpha up to 0.9) for a share --mixup-frac and
-RandAugment (N in 1-2, M in 1-20) for about two thirds of a share --randaug-frac, both 0 by default
-(on a CPU, augmented images need the frozen blocks' forward every batch: see docs/ZOO.md).
+Ingredient 0 is the linear probe; ingredients 1..n-1 are fine-tuned from it (--start probe, the published
+zoo's LP-FT) or from one fine-tune of it with fixed hyper-parameters (--start anchor, the default for
+EfficientNet-Lite0, each ingredient on its own --subset of the fine-tune images: docs/ZOO.md says why),
+with hyper-parameters drawn from `draw(n, seed)`: learning rate and weight decay log-uniform, epochs
+uniform in a range, label smoothing 0 for about half else up to 0.25; mixup (alpha up to 0.9) for a share
+--mixup-frac and RandAugment (N in 1-2, M in 1-20) for about two thirds of a share --randaug-frac, both 0
+by default (on a CPU, augmented images need the frozen blocks' forward every batch: see docs/ZOO.md).
 
     python sweep.py --n 12 --out zoo/fashion_mnist            # the default zoo (CPU, see docs/ZOO.md)
-    python sweep.py --n 72 --out zoo/fmnist72 --finetune-size 0 --epochs-min 4 --epochs-max 10 \\
-        --test-size 0 --mixup-frac 0.5 --randaug-frac 0.5            # the published size, full data (GPU)
+    python sweep.py --n 72 --out zoo/fmnist72 --start probe --finetune-size 0 --subset 0 \\
+        --lr-min 1e-5 --lr-max 2e-4 --epochs-min 4 --epochs-max 10 --test-size 0 \\
+        --mixup-frac 0.5 --randaug-frac 0.5 --frozen-blocks 10       # the published shape, full data (GPU)
 
 Any flag not listed by --help is passed to finetune.py (e.g. --data-location, --device, --batch-size).
 Ingredients already in --out are skipped, so an interrupted sweep resumes where it stopped. Every
@@ -30,14 +33,20 @@ log = logging.getLogger("sweep")
 # The linear probe (ingredient 0): head only, on cached features, so many cheap epochs.
 LINEAR_PROBE = {"linear_probe": True, "lr": 3e-3, "wd": 0.0, "epochs": 20, "label_smoothing": 0.0,
                 "mixup": 0.0, "randaug_n": 0, "randaug_m": 0, "views": 0, "seed": 0}
-# The default zoo's ranges, chosen on held-out (docs/ZOO.md, where every variant tried is measured).
-LR = (1e-4, 5e-4)
-EPOCHS = (8, 12)
+# The start of ingredients 1..n-1 with --start anchor: one fine-tune of the linear probe with these
+# fixed hyper-parameters (on its own --subset, drawn with this seed), saved as <out>/anchor/model_0.pt.
+ANCHOR = {"linear_probe": False, "lr": 3e-4, "wd": 1e-3, "epochs": 10, "label_smoothing": 0.0, "mixup": 0.0,
+          "randaug_n": 0, "randaug_m": 0, "views": 0, "seed": 1000}
+# The default zoo's ranges, chosen on held-out (docs/ZOO.md, where every variant tried is measured): from
+# the anchor, small steps.
+LR = (3e-5, 1.5e-4)
+EPOCHS = (4, 8)
 VIEWS = 3
-# finetune.py flags the sweep passes unless given: the cheap default of docs/ZOO.md. Everything before
-# the last block is frozen (its activations are computed once), fine-tune on 8000 images, batch 256.
-FINETUNE_DEFAULTS = ["--finetune-size", "8000", "--batch-size", "256"]
-EFFNET_DEFAULTS = ["--frozen-blocks", "15"]
+# finetune.py flags the sweep passes unless given. EfficientNet-Lite0 (the cheap default of docs/ZOO.md):
+# everything before the last block is frozen (its activations are computed once), a pool of 48000
+# fine-tune images of which each ingredient trains on its own 8000, batch 256.
+FINETUNE_DEFAULTS = {"--finetune-size": "8000", "--batch-size": "256"}
+EFFNET_DEFAULTS = {"--frozen-blocks": "15", "--finetune-size": "48000", "--subset": "8000"}
 
 
 def draw(n, seed=0, lr=LR, wd=(1e-4, 0.2), epochs=EPOCHS, mixup_frac=0.0, randaug_frac=0.0, views_frac=0.0,
@@ -112,6 +121,11 @@ def parse_args(argv=None):
                    help="share of ingredients (of those without mixup and RandAugment) fine-tuned with "
                         "flipped and shifted views of the images (finetune.py --views)")
     p.add_argument("--views", type=int, default=VIEWS, help="views per image for those ingredients")
+    p.add_argument("--start", choices=["anchor", "probe"], default=None,
+                   help="what ingredients 1..n-1 are fine-tuned from: 'probe', the linear probe model_0 (the "
+                        "published zoo's LP-FT), or 'anchor', one fine-tune of the probe with fixed "
+                        "hyper-parameters (sweep.ANCHOR, saved as <out>/anchor/model_0.pt, not an ingredient); "
+                        "default: anchor for efficientnet-lite0 (docs/ZOO.md), probe for other archs")
     return p.parse_known_args(argv)
 
 
@@ -125,32 +139,45 @@ def main(argv=None):
     configs = draw(args.n, args.sweep_seed, (args.lr_min, args.lr_max), (args.wd_min, args.wd_max),
                    (args.epochs_min, args.epochs_max), args.mixup_frac, args.randaug_frac,
                    args.views_frac, args.views)
-    passthrough = default_flags(passthrough, finetune) + passthrough   # later flags win
+    effnet = is_effnet(passthrough, finetune)
+    start = args.start or ("anchor" if effnet else "probe")
+    passthrough = default_flags(passthrough, effnet) + passthrough   # later flags win
     out = Path(args.out)
-    records = []
+    records, init = [], []
     bar = tqdm(list(enumerate(configs)), desc=f"zoo {out}")
     for i, config in bar:
-        pt, js = out / f"model_{i}.pt", out / f"model_{i}.json"
-        if pt.exists() and js.exists():
-            records.append(json.loads(js.read_text()))
-            continue
-        record = finetune.main(to_argv(config) + passthrough + ["--out-dir", str(out), "--index", str(i),
-                                                                *(["--overwrite"] if pt.exists() or js.exists()
-                                                                  else [])])
-        records.append(record)
-        bar.set_postfix(last=f"{record['heldout']:.1f}/{record['test']:.1f}")
+        if i == 1 and start == "anchor":
+            anchor = build(finetune, ANCHOR, passthrough + ["--init", str(out / "model_0.pt")], out / "anchor", 0)
+            log.info("anchor (%s): held-out %.2f, test %.2f", out / "anchor" / "model_0.pt", anchor["heldout"],
+                     anchor["test"])
+            init = ["--init", str(out / "anchor" / "model_0.pt")]
+        records.append(build(finetune, config, passthrough + (init if i else []), out, i))
+        bar.set_postfix(last=f"{records[-1]['heldout']:.1f}/{records[-1]['test']:.1f}")
     summarise(records)
     return records
 
 
-def default_flags(passthrough, finetune):
-    """FINETUNE_DEFAULTS (+ EFFNET_DEFAULTS for efficientnet-lite0) not already in `passthrough`."""
+def build(finetune, config, flags, out, i):
+    """finetune.py for one configuration as <out>/model_<i>; an existing one (.pt and .json) is read."""
+    pt, js = out / f"model_{i}.pt", out / f"model_{i}.json"
+    if pt.exists() and js.exists():
+        return json.loads(js.read_text())
+    return finetune.main(to_argv(config) + flags + ["--out-dir", str(out), "--index", str(i),
+                                                    *(["--overwrite"] if pt.exists() or js.exists() else [])])
+
+
+def is_effnet(passthrough, finetune):
     from utils import arch_effnet
     from utils.archs import get_arch
     arch = finetune.parse_args(passthrough + ["--out-dir", "."]).arch
-    flags = FINETUNE_DEFAULTS + (EFFNET_DEFAULTS if get_arch(arch).name == arch_effnet.MODEL_NAME else [])
+    return get_arch(arch).name == arch_effnet.MODEL_NAME
+
+
+def default_flags(passthrough, effnet):
+    """FINETUNE_DEFAULTS (updated by EFFNET_DEFAULTS for efficientnet-lite0) not already in `passthrough`."""
+    flags = {**FINETUNE_DEFAULTS, **(EFFNET_DEFAULTS if effnet else {})}
     given = {a.split("=")[0] for a in passthrough}
-    return [f for flag, value in zip(flags[::2], flags[1::2]) if flag not in given for f in (flag, value)]
+    return [f for flag, value in flags.items() if flag not in given for f in (flag, value)]
 
 
 def summarise(records):

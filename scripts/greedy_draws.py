@@ -126,7 +126,8 @@ def main(argv=None):
         raise UserError(f"--out {args.out} exists: refusing to overwrite it")
     zoo = Path(args.zoo)
     paths = zoo_paths(zoo, args.n)
-    ft = finetune.parse_args(["--out-dir", str(zoo), *sweep.FINETUNE_DEFAULTS, *data_flags,
+    defaults = sweep.default_flags(data_flags, sweep.is_effnet(data_flags, finetune))
+    ft = finetune.parse_args(["--out-dir", str(zoo), *defaults, *data_flags,
                               "--frozen-blocks", str(args.frozen_blocks)])
     spec = get_arch(ft.arch)
     _, bundle = finetune.load_bundle(ft, spec)

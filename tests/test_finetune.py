@@ -83,7 +83,7 @@ def test_sweep_draws_are_seeded_and_in_range():
     # the CPU default draws neither mixup nor RandAugment; the published zoo's shares can be asked for
     plain = sweep.draw(40, seed=3)[1:]
     assert all(cfg["mixup"] == 0 and cfg["randaug_n"] == 0 for cfg in plain)
-    assert all(1e-4 <= cfg["lr"] <= 5e-4 and 8 <= cfg["epochs"] <= 12 for cfg in plain)
+    assert all(3e-5 <= cfg["lr"] <= 1.5e-4 and 4 <= cfg["epochs"] <= 8 for cfg in plain)
     assert 0 < sum(cfg["label_smoothing"] == 0 for cfg in plain) < len(plain)
     a, b, c = (sweep.draw(40, seed=s, lr=(1e-5, 2e-4), epochs=(2, 4), mixup_frac=0.5, randaug_frac=0.5)
                for s in (3, 3, 4))
@@ -112,15 +112,30 @@ def test_sweep_draws_are_seeded_and_in_range():
 
 
 def test_sweep_builds_and_then_skips_existing(tmp_path, fmnist_root):
-    argv = ["--n", "2", "--out", str(tmp_path), "--data-location", str(fmnist_root), "--max-steps", "2", *TINY]
+    argv = ["--n", "3", "--out", str(tmp_path), "--data-location", str(fmnist_root), "--max-steps", "2",
+            "--subset", "32", *TINY]
     first = sweep.main(argv)
-    assert [r["index"] for r in first] == [0, 1]
+    assert [r["index"] for r in first] == [0, 1, 2]
     # the sweep's default fine-tune flags, unless given: frozen blocks by default, batch size as given
     assert first[1]["hparams"]["frozen_blocks"] == 15 and first[1]["hparams"]["batch_size"] == 16
     assert (tmp_path / "model_1.pt").is_file() and (tmp_path / "model_1.json").is_file()
-    mtime = (tmp_path / "model_1.pt").stat().st_mtime_ns
+    # efficientnet-lite0 starts from the anchor: one fine-tune of the probe, not an ingredient
+    anchor = json.loads((tmp_path / "anchor" / "model_0.json").read_text())
+    assert anchor["init"] == str(tmp_path / "model_0.pt") and not anchor["linear_probe"]
+    assert anchor["hparams"]["lr"] == sweep.ANCHOR["lr"] and anchor["hparams"]["seed"] == sweep.ANCHOR["seed"]
+    assert first[0]["init"] is None
+    assert all(r["init"] == str(tmp_path / "anchor" / "model_0.pt") for r in first[1:])
+    # each on its own subset of the pool (drawn with its seed), the default pool unless given
+    assert all(r["hparams"]["subset"] == 32 for r in first[1:]) and first[1]["data"]["finetune_size"] == 64
+    start = torch.load(tmp_path / "anchor" / "model_0.pt", weights_only=True)
+    probe = torch.load(tmp_path / "model_0.pt", weights_only=True)
+    assert any(not torch.equal(start[k], probe[k]) for k in start if not k.startswith("_fc"))
+    mtimes = [(tmp_path / p).stat().st_mtime_ns for p in ("model_1.pt", "anchor/model_0.pt")]
     again = sweep.main(argv)
-    assert again == first and (tmp_path / "model_1.pt").stat().st_mtime_ns == mtime
+    assert again == first and [(tmp_path / p).stat().st_mtime_ns for p in ("model_1.pt", "anchor/model_0.pt")] \
+        == mtimes
+    probe_start = sweep.main(argv[:3] + [str(tmp_path / "probe")] + argv[4:] + ["--start", "probe"])
+    assert all(r["init"] is None for r in probe_start) and not (tmp_path / "probe" / "anchor").exists()
     with pytest.raises(UserError, match="set by the sweep"):
         sweep.main(argv + ["--index", "3"])
     with pytest.raises(UserError, match="--lr is set by the sweep"):
