@@ -146,7 +146,7 @@ def main(argv=None):
     records, init = [], []
     bar = tqdm(list(enumerate(configs)), desc=f"zoo {out}")
     for i, config in bar:
-        if i == 1 and start == "anchor":
+        if i and start == "anchor" and not init and not built(out, i):  # only when an ingredient needs it
             anchor = build(finetune, ANCHOR, passthrough + ["--init", str(out / "model_0.pt")], out / "anchor", 0)
             log.info("anchor (%s): held-out %.2f, test %.2f", out / "anchor" / "model_0.pt", anchor["heldout"],
                      anchor["test"])
@@ -157,10 +157,14 @@ def main(argv=None):
     return records
 
 
+def built(out, i):
+    return (out / f"model_{i}.pt").exists() and (out / f"model_{i}.json").exists()
+
+
 def build(finetune, config, flags, out, i):
     """finetune.py for one configuration as <out>/model_<i>; an existing one (.pt and .json) is read."""
     pt, js = out / f"model_{i}.pt", out / f"model_{i}.json"
-    if pt.exists() and js.exists():
+    if built(out, i):
         return json.loads(js.read_text())
     return finetune.main(to_argv(config) + flags + ["--out-dir", str(out), "--index", str(i),
                                                     *(["--overwrite"] if pt.exists() or js.exists() else [])])

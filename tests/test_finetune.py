@@ -136,6 +136,9 @@ def test_sweep_builds_and_then_skips_existing(tmp_path, fmnist_root):
         == mtimes
     probe_start = sweep.main(argv[:3] + [str(tmp_path / "probe")] + argv[4:] + ["--start", "probe"])
     assert all(r["init"] is None for r in probe_start) and not (tmp_path / "probe" / "anchor").exists()
+    # a zoo whose ingredients all exist builds no anchor (an older zoo stays as it is)
+    assert sweep.main(argv[:3] + [str(tmp_path / "probe")] + argv[4:]) == probe_start
+    assert not (tmp_path / "probe" / "anchor").exists()
     with pytest.raises(UserError, match="set by the sweep"):
         sweep.main(argv + ["--index", "3"])
     with pytest.raises(UserError, match="--lr is set by the sweep"):
