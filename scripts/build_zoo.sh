@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Build the default ingredient zoo: EfficientNet-Lite0 (ImageNet weights) fine-tuned on Fashion-MNIST.
 #
-# What it runs: python sweep.py, which fine-tunes ingredient 0 as a linear probe
-# and ingredients 1..N-1 from it (LP-FT) with seeded hyper-parameter draws, through finetune.py
-# in-process. Ingredients already in the folder are skipped, so rerunning resumes an interrupted build.
+# What it runs: python sweep.py, which fine-tunes ingredient 0 as a linear probe, then the anchor (one
+# fine-tune of the probe, <OUT>/anchor/, not an ingredient), then ingredients 1..N-1 from the anchor,
+# each on its own share of the images, with seeded hyper-parameter draws, through finetune.py in-process.
+# Ingredients already in the folder are skipped, so rerunning resumes an interrupted build.
 #
-# Hardware: the default (12 ingredients; fine-tune 8000 images at 32 px, batch 256, 8-12 epochs; every
-# block but the last frozen, its activations computed once; no mixup or RandAugment) is sized for a
-# 2-core CPU: 5 min 3 s measured on a fresh clone with no other jobs, longer under load (docs/ZOO.md,
-# which has the accuracies: every fine-tuned ingredient above the linear probe, the uniform soup 0.2 below
-# the best ingredient on held-out, greedy soup 0.3 above it).
+# Hardware: the default (12 ingredients; a pool of 48000 images at 32 px, 8000 of them per ingredient,
+# batch 256, 4-8 epochs; every block but the last frozen, its activations computed once; no mixup or
+# RandAugment) is sized for a 2-core CPU: 5 min 28 s measured on a fresh clone with no other jobs, longer
+# under load (docs/ZOO.md, which has the accuracies and every variant tried).
 #
 # Threads: OMP_NUM_THREADS defaults to the number of cores. When other jobs share the CPU, set
 # OMP_NUM_THREADS=1: with 3 other jobs on this 2-core machine one training step took 6.0 s with 2 threads
@@ -17,8 +17,9 @@
 #
 # Usage:  scripts/build_zoo.sh [OUT] [extra sweep.py / finetune.py flags]
 #   scripts/build_zoo.sh                                    # zoo/fashion_mnist, CPU default
-#   scripts/build_zoo.sh zoo/fmnist72 --n 72 --finetune-size 0 --test-size 0 --epochs-min 4 \
-#       --epochs-max 10 --mixup-frac 0.5 --randaug-frac 0.5 --device cuda   # published size, one GPU
+#   scripts/build_zoo.sh zoo/fmnist72 --n 72 --start probe --finetune-size 0 --subset 0 --test-size 0 \
+#       --lr-min 1e-5 --lr-max 2e-4 --epochs-min 4 --epochs-max 10 --mixup-frac 0.5 --randaug-frac 0.5 \
+#       --frozen-blocks 10 --device cuda                    # the published shape and size, one GPU
 #   scripts/build_zoo.sh zoo/mine --n 8 --arch timm:resnet18 --datasets ImageFolder \
 #       --data-location ROOT --finetune-size 0 --test-size 0     # your own zoo (README, "Your own zoo")
 set -euo pipefail
