@@ -4,13 +4,14 @@
 # extra runs the figures need (souping the first n ingredients; removing the top-k), then the report.
 #
 # Hardware: a 2-core CPU, no GPU. Time, measured on a fresh clone with no other jobs (OMP_NUM_THREADS=2,
-# the default): 14.7 minutes, of which setup 2.5, the zoo 5.1 and the soups, extra runs and report 7.2
-# (once the zoo exists: 6.9, measured with a new DEMO_OUT). Under load it takes longer (three other
-# jobs on the 2 cores made the zoo 2.6x slower). Reruns skip every soup already written (DEMO_FORCE=1
-# redoes them). Expect
-# (docs/results/report.md): on held-out the uniform soup just below the best ingredient and greedy soup
-# above it, on test every soup near the best ingredient; the table is printed last and written with the
-# figures and the per-block distances to $DEMO_OUT/report/.
+# the default): 14.9 minutes, of which setup 2.2, the zoo 5.5 and the soups, extra runs and report 7.3.
+# Once the zoo exists (a new DEMO_OUT on the same clone) two later runs took 8.4 and 9.7 minutes: the
+# same soups, each run slower (e.g. a MEHL-Soup run 33 s, then 55 s) on this shared machine. Under load
+# it takes longer (three other jobs on the 2 cores made a zoo build 2.6x slower). Reruns skip every soup
+# already written (DEMO_FORCE=1 redoes them). Expect (docs/results/report.md): on held-out the uniform
+# soup a little below the best ingredient and greedy soup above it with several ingredients, on test
+# every soup near the best ingredient; the table is printed last and written with the figures and the
+# per-block distances to $DEMO_OUT/report/.
 #
 #   bash scripts/demo.sh
 #
