@@ -129,19 +129,6 @@ def test_greedy_and_mehl_on_the_default_arch_are_those_without_the_prefix(tmp_pa
     assert m1["heldout"] == pytest.approx(m2["heldout"], abs=1e-9)
 
 
-def test_mehl_on_two_processes_is_one_process_with_the_prefix(tmp_path, effnet_zoo, fmnist_root):
-    common = dict(arch=ARCH, heldout=4, test_size=40, batch_size=16)
-    one = mehl.main(argv(effnet_zoo, fmnist_root, tmp_path, *MEHL_FLAGS, name="one", **common))
-    done = torchrun("MEHL_soup_layer.py", argv(effnet_zoo, fmnist_root, tmp_path, *MEHL_FLAGS, name="two",
-                                               **common), nproc=2)
-    assert done.returncode == 0, done.stderr[-3000:]
-    a, b = soup_of(tmp_path, "one"), soup_of(tmp_path, "two")
-    for k in a:
-        assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
-    two = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])
-    assert two["world_size"] == 2 and two["heldout"] == pytest.approx(one["heldout"], abs=1e-9)
-
-
 LEARNED_FLAGS = ["--layerwise", "--epochs", "2"]
 
 
@@ -166,11 +153,13 @@ def test_learned_soup_on_the_default_arch_is_the_one_without_the_prefix(tmp_path
     assert with_prefix["heldout"] == pytest.approx(without["heldout"], abs=1e-9)
 
 
-def test_learned_soup_on_two_processes_is_one_process_with_the_prefix(tmp_path, effnet_zoo, fmnist_root):
+@pytest.mark.parametrize("script", ["mehl", "learned"])
+def test_two_processes_are_one_process_with_the_prefix(script, tmp_path, effnet_zoo, fmnist_root):
+    module, file, flags = {"mehl": (mehl, "MEHL_soup_layer.py", MEHL_FLAGS),
+                           "learned": (learned_soup, "learned_soup.py", LEARNED_FLAGS)}[script]
     common = dict(arch=ARCH, heldout=4, test_size=40, batch_size=16)
-    one = learned_soup.main(argv(effnet_zoo, fmnist_root, tmp_path, *LEARNED_FLAGS, name="one", **common))
-    done = torchrun("learned_soup.py", argv(effnet_zoo, fmnist_root, tmp_path, *LEARNED_FLAGS, name="two",
-                                            **common), nproc=2)
+    one = module.main(argv(effnet_zoo, fmnist_root, tmp_path, *flags, name="one", **common))
+    done = torchrun(file, argv(effnet_zoo, fmnist_root, tmp_path, *flags, name="two", **common), nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = soup_of(tmp_path, "one"), soup_of(tmp_path, "two")
     for k in a:
