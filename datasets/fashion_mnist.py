@@ -6,6 +6,7 @@ Shift sets are synthetic corruptions of real images: the test set under fixed, s
 (noise, blur, contrast, rotation, JPEG, pixelate), reported each and as their mean."""
 import contextlib
 import gzip
+import hashlib
 import io
 import logging
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
@@ -54,6 +56,23 @@ class ImageTensors(Dataset):
             return self.cached[i], int(self.labels[i])
         img = self.images[i]
         return (self.transform(img) if self.transform else img), int(self.labels[i])
+
+    def fingerprint(self):
+        """A string that changes whenever an item would (images, labels, transform, torchvision's
+        version), for utils/prefix.py's files on disk; None when the transform cannot be described."""
+        described = repr(self.transform)
+        if " at 0x" in described:  # an object without a stable description
+            return None
+        digest = hashlib.sha256(np.ascontiguousarray(torch.as_tensor(self.images).numpy()).tobytes())
+        digest.update(np.ascontiguousarray(np.asarray(self.labels, dtype=np.int64)).tobytes())
+        return f"ImageTensors {tuple(self.images.shape)} {digest.hexdigest()} torchvision " \
+               f"{torchvision.__version__} {described}"
+
+    def items(self, indices):
+        """(images, labels) of `indices` as one batch, transformed afresh (the cache is not filled)."""
+        images = [self.images[i] for i in indices]
+        x = torch.stack([self.transform(img) if self.transform else img for img in images])
+        return x, torch.as_tensor(np.asarray(self.labels)[list(indices)], dtype=torch.int64)
 
 
 # ---------------------------------------------------------------------------------- the files

@@ -15,6 +15,10 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -r requirements.txt
+  # the stamp says the environment imports: checked once here, not on every later run
+  "$VENV/bin/python" -c 'import torch, torchvision, open_clip, efficientnet_lite_pytorch' || {
+    echo "the packages of requirements.txt installed but do not import (above); see the README's Setup" >&2
+    exit 1; }
   echo "$want" > "$stamp"
 fi
 
@@ -37,4 +41,5 @@ elif [ ! -f "$fmnist/t10k-labels-idx1-ubyte.gz" ] && [ ! -f data/FashionMNIST/ra
       exit 1; }
   fi
 fi
-echo "== setup done: $("$VENV/bin/python" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)')"
+echo "== setup done: $("$VENV/bin/python" -c 'from importlib.metadata import version as v
+print("torch", v("torch"), "torchvision", v("torchvision"))')"

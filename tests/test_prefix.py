@@ -166,3 +166,191 @@ def test_two_processes_are_one_process_with_the_prefix(script, tmp_path, effnet_
         assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
     two = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])
     assert two["world_size"] == 2 and two["heldout"] == pytest.approx(one["heldout"], abs=1e-9)
+
+
+# ------------------------------------------------------------------------- outputs kept on disk
+@pytest.fixture
+def fm_images():
+    """Fashion-MNIST-like uint8 images behind the default arch's transform: a data set that can say
+    exactly what its items are (fingerprint, items), as the real splits do."""
+    from datasets.fashion_mnist import ImageTensors
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (20, 1, 28, 28), generator=gen, dtype=torch.uint8)
+    return ImageTensors(images, (torch.arange(20) % 10).numpy(), get_arch(ARCH).preprocess, cache=True)
+
+
+class Counting:
+    """A data set's items counted as they go through the prefix (a file read calls only `items`)."""
+
+    def __init__(self, dataset):
+        self.dataset, self.got, self.fresh = dataset, 0, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        self.got += 1
+        return self.dataset[i]
+
+    def fingerprint(self):
+        return self.dataset.fingerprint()
+
+    def items(self, indices):
+        self.fresh += len(indices)
+        return self.dataset.items(indices)
+
+
+def fresh_copy(model):
+    """The same model in a new object: nothing of the first one's memory cache comes with it."""
+    torch.manual_seed(0)
+    other = get_arch(ARCH).build(10, pretrained=False)
+    other.load_state_dict(model.state_dict())
+    return other.eval()
+
+
+def cpu():
+    return torch.device("cpu")
+
+
+def test_a_new_process_reads_the_outputs_from_disk(effnet, fm_images, tmp_path):
+    prefix.configure(tmp_path)
+    first = Counting(fm_images)
+    split, h, y = prefix.outputs(effnet, first, cpu(), batch_size=8)
+    assert first.got == len(fm_images) and len(list(tmp_path.glob("*.pt"))) == 1
+    again = Counting(fm_images)
+    other = fresh_copy(effnet)
+    _, h2, y2 = prefix.outputs(other, again, cpu(), batch_size=8)
+    assert again.got == 0 and again.fresh == prefix.SPOT_CHECKS  # read, after a few items were checked
+    assert torch.equal(h2, h) and torch.equal(y2, y)
+    with torch.no_grad():  # and it still stands for the model
+        x, _ = fm_images.items(range(len(fm_images)))
+        assert_close(split.tail(h2), other(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("change", ["prefix tensor", "batch size", "images", "labels", "transform"])
+def test_anything_the_outputs_depend_on_names_another_file(change, effnet, fm_images, tmp_path):
+    from datasets.fashion_mnist import ImageTensors
+    from utils.archs import image_transform
+    prefix.configure(tmp_path)
+    prefix.outputs(effnet, fm_images, cpu(), batch_size=8)
+    model, data, batch = fresh_copy(effnet), fm_images, 8
+    if change == "prefix tensor":
+        with torch.no_grad():
+            model._blocks[3]._bn1.running_var.mul_(1.5)
+    elif change == "batch size":
+        batch = 4
+    elif change == "images":
+        images = fm_images.images.clone()
+        images[7, 0, 5, 5] ^= 1
+        data = ImageTensors(images, fm_images.labels, fm_images.transform, cache=True)
+    elif change == "labels":
+        labels = fm_images.labels.copy()
+        labels[0] = (labels[0] + 1) % 10
+        data = ImageTensors(fm_images.images, labels, fm_images.transform, cache=True)
+    else:
+        data = ImageTensors(fm_images.images, fm_images.labels, image_transform(36), cache=True)
+    counted = Counting(data)
+    prefix.outputs(model, counted, cpu(), batch_size=batch)
+    assert counted.got == len(data) and len(list(tmp_path.glob("*.pt"))) == 2
+
+
+def written(tmp_path):
+    (path,) = tmp_path.glob("*.pt")
+    return path
+
+
+def test_a_damaged_or_stale_file_is_computed_again_and_replaced(effnet, fm_images, tmp_path, caplog):
+    prefix.configure(tmp_path)
+    _, h, y = prefix.outputs(effnet, fm_images, cpu(), batch_size=8)
+    path = written(tmp_path)
+    good = path.read_bytes()
+    saved = torch.load(path, weights_only=True)
+    stale = dict(saved, h=saved["h"] + 0.5)  # the right key and checksum, other numbers
+    stale["checksum"] = prefix._checksum(stale["h"], stale["y"])
+    truncated, flipped = good[: len(good) // 2], bytearray(good)
+    cases = {"truncated": lambda: path.write_bytes(truncated),
+             "checksum": lambda: torch.save(dict(saved, h=saved["h"].flip(0)), path),
+             "stale": lambda: torch.save(stale, path),
+             "other key": lambda: torch.save(dict(saved, key="0" * 64), path),
+             "labels": lambda: torch.save(dict(saved, y=(saved["y"] + 1) % 10,
+                                               checksum=prefix._checksum(saved["h"], (saved["y"] + 1) % 10)),
+                                          path),
+             "not a dict": lambda: torch.save([saved["h"]], path)}
+    flipped[len(flipped) // 2] ^= 0xFF
+    cases["bytes flipped"] = lambda: path.write_bytes(bytes(flipped))
+    for name, damage in cases.items():
+        damage()
+        counted = Counting(fm_images)
+        caplog.clear()
+        _, h2, y2 = prefix.outputs(fresh_copy(effnet), counted, cpu(), batch_size=8)
+        assert counted.got == len(fm_images), name  # computed again
+        assert torch.equal(h2, h) and torch.equal(y2, y), name
+        assert "ignored" in caplog.text, name
+        reread = torch.load(path, weights_only=True)  # and replaced by a good file
+        assert torch.equal(reread["h"], h), name
+
+
+class Payload:
+    def __reduce__(self):
+        return (exec, ("open(__import__('os').environ['PAYLOAD_MARK'], 'w').write('ran')",))
+
+
+def test_a_hostile_file_runs_nothing(effnet, fm_images, tmp_path, monkeypatch, caplog):
+    prefix.configure(tmp_path / "cache")
+    prefix.outputs(effnet, fm_images, cpu(), batch_size=8)
+    path = written(tmp_path / "cache")
+    mark = tmp_path / "mark"
+    monkeypatch.setenv("PAYLOAD_MARK", str(mark))
+    torch.save({"format": prefix.FORMAT, "h": Payload()}, path)
+    counted = Counting(fm_images)
+    prefix.outputs(fresh_copy(effnet), counted, cpu(), batch_size=8)
+    assert not mark.exists() and counted.got == len(fm_images) and "unreadable" in caplog.text
+
+
+def test_a_file_too_large_to_have_been_written_is_not_loaded(effnet, fm_images, tmp_path, monkeypatch, caplog):
+    prefix.configure(tmp_path)
+    prefix.outputs(effnet, fm_images, cpu(), batch_size=8)
+    path = written(tmp_path)
+    monkeypatch.setattr(prefix, "LIMIT_BYTES", 100_000)
+    torch.save({"h": torch.zeros(200_000)}, path)  # 800 KB where at most 100 KB is ever written
+    real = torch.load
+    monkeypatch.setattr(prefix.torch, "load", lambda f, *a, **k: pytest.fail("loaded") if str(f) == str(path)
+                        else real(f, *a, **k))
+    counted = Counting(fm_images)
+    prefix.outputs(fresh_copy(effnet), counted, cpu(), batch_size=8)
+    assert "larger than" in caplog.text and counted.got == len(fm_images)
+
+
+def test_an_unwritable_folder_costs_a_warning_not_the_run(effnet, fm_images, tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the folder would be")
+    prefix.configure(blocker / "cache")
+    _, h, _ = prefix.outputs(effnet, fm_images, cpu(), batch_size=8)
+    assert "not kept on disk" in caplog.text and h.shape[0] == len(fm_images)
+
+
+def test_soup_runs_read_what_earlier_runs_wrote(tmp_path, effnet_zoo, fmnist_root, monkeypatch, own_cache):
+    """Two processes' worth of greedy soup and MEHL-Soup+: the second run of each computes no prefix
+    output (every data set comes from disk) and reports exactly what the first did; 'none' writes
+    nothing."""
+    common = dict(arch=ARCH, heldout=4, test_size=40, batch_size=16)
+    cache = tmp_path / "cache"
+    flags = ["--prefix-cache", str(cache)]
+    first = {"greedy": greedy_soup.main(argv(effnet_zoo, fmnist_root, tmp_path, *flags, name="g1", **common)),
+             "mehl": mehl.main(argv(effnet_zoo, fmnist_root, tmp_path, *MEHL_FLAGS, *flags, name="m1",
+                                    **common))}
+    files = sorted(cache.glob("*.pt"))
+    assert len(files) == 8  # held-out, test and six shift sets: one prefix, one set of files
+    computed, real = [], prefix._write
+    monkeypatch.setattr(prefix, "_write", lambda *a: computed.append(a) or real(*a))
+    second = {"greedy": greedy_soup.main(argv(effnet_zoo, fmnist_root, tmp_path, *flags, name="g2", **common)),
+              "mehl": mehl.main(argv(effnet_zoo, fmnist_root, tmp_path, *MEHL_FLAGS, *flags, name="m2",
+                                     **common))}
+    assert computed == [] and sorted(cache.glob("*.pt")) == files
+    for name in first:
+        for key in ("heldout", "test", "shifts"):
+            assert second[name][key] == first[name][key], (name, key)
+    a, b = soup_of(tmp_path, "m1"), soup_of(tmp_path, "m2")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit for bit: the same outputs, the same learning
+    greedy_soup.main(argv(effnet_zoo, fmnist_root, tmp_path, "--prefix-cache", "none", name="g3", **common))
+    assert sorted(cache.glob("*.pt")) == files and not any(own_cache.iterdir())  # nor the default folder

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils import archs, distributed, ingredients, results
+from utils import archs, distributed, ingredients, prefix, results
 from utils.errors import UserError
 from utils.soup_io import sidecar
 
@@ -55,6 +55,11 @@ def soup_parser(description, method):
     g.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where to compute; auto = CUDA when available")
+    g.add_argument("--prefix-cache", default=None,
+                   help="folder where the outputs of a frozen prefix shared by every ingredient (the default "
+                   "zoo's) are kept between runs, checked before use (utils/prefix.py); default "
+                   "$MODEL_SOUPS_CACHE/prefix, else ~/.cache/model_soups/prefix; 'none' to compute them "
+                   "in every run. Safe to delete at any time")
     g = p.add_argument_group("outputs")
     g.add_argument("--results-db", "--results_db", default="runs/results.jsonl",
                    help="JSON-lines results file, appended to (never truncated)")
@@ -178,7 +183,7 @@ def soup_output(args, method, resumed=None):
 # finished) and by MEHL's --resume state (a state made with other defining values is refused). Where the
 # soup is written is compared on its own (a results line's soup_file), so a state or soup may be moved.
 NOT_DEFINING = ("overwrite", "resume", "stop_after_groups", "wandb", "workers", "no_epoch_test",
-                "results_db", "save_soup", "memory_check", "memory_limit", "method",
+                "results_db", "save_soup", "memory_check", "memory_limit", "method", "prefix_cache",
                 "local_rank", "local-rank", "ddp", "split", "finetune")
 
 
@@ -259,6 +264,7 @@ def prepare(args, method=None, check_ingredients=True):
     check_args(args)
     check_writable(args, method)
     device = distributed.setup(args.device)
+    prefix.configure(prefix_folder(args.prefix_cache))
     spec = archs.get_arch(args.arch)
     paths = ingredients.ingredient_paths(args.model_location, args.params_start, args.params_end)
     try:
@@ -278,6 +284,13 @@ def prepare(args, method=None, check_ingredients=True):
     if check_ingredients:
         ingredients.preflight(paths, reference)
     return Setup(device, spec, bundle, model.to(device), reference, paths, started)
+
+
+def prefix_folder(flag):
+    """--prefix-cache as a folder, or None for 'none'."""
+    if flag is None:
+        return prefix.default_folder()
+    return None if flag.lower() == "none" else Path(flag)
 
 
 def lock_output(*paths):
