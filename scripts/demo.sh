@@ -3,11 +3,14 @@
 # (if absent), evaluate every ingredient, run uniform, greedy, Learned-Soup(+) and MEHL-Soup(+), the
 # extra runs the figures need (souping the first n ingredients; removing the top-k), then the report.
 #
-# Hardware: a 2-core CPU, no GPU. Time, measured on a fresh clone with no other jobs (OMP_NUM_THREADS=2,
-# the default): 14.9 minutes, of which setup 2.2, the zoo 5.5 and the soups, extra runs and report 7.3.
-# Once the zoo exists (a new DEMO_OUT on the same clone) two later runs took 8.4 and 9.7 minutes: the
-# same soups, each run slower (e.g. a MEHL-Soup run 33 s, then 55 s) on this shared machine. Under load
-# it takes longer (three other jobs on the 2 cores made a zoo build 2.6x slower). Reruns skip every soup
+# Hardware: a 2-core CPU, no GPU. Time, measured on a fresh clone (OMP_NUM_THREADS=2, the default, and
+# an empty ~/.cache/model_soups): 13.3 minutes (795 s), of which the zoo 5.5 (328 s) and setup, soups,
+# extra runs and report the rest. Once the zoo exists (a new DEMO_OUT on the same clone): 5.4 minutes
+# (322 s) with the prefix cache emptied first, 6.0 (361 s) with it kept; the same runs once took 8.1
+# minutes (483 s, cache emptied) while this shared machine was slow (the same MEHL-Soup+ run 13 s in one
+# run, 32 s in another). The 18 soup processes share the frozen prefix's outputs through files in
+# ~/.cache/model_soups/prefix (--prefix-cache; checked before use, safe to delete). Under load it takes
+# longer (three other jobs on the 2 cores made a zoo build 2.6x slower). Reruns skip every soup
 # already written (DEMO_FORCE=1 redoes them). Expect (docs/results/report.md): on held-out the uniform
 # soup a little below the best ingredient and greedy soup above it with several ingredients, on test
 # every soup near the best ingredient; the table is printed last and written with the figures and the
