@@ -275,7 +275,10 @@ def test_a_damaged_or_stale_file_is_computed_again_and_replaced(effnet, fm_image
              "labels": lambda: torch.save(dict(saved, y=(saved["y"] + 1) % 10,
                                                checksum=prefix._checksum(saved["h"], (saved["y"] + 1) % 10)),
                                           path),
-             "not a dict": lambda: torch.save([saved["h"]], path)}
+             "not a dict": lambda: torch.save([saved["h"]], path),
+             "sparse": lambda: torch.save(dict(saved, h=saved["h"].to_sparse()), path),
+             "half": lambda: torch.save(dict(saved, h=saved["h"].half(),
+                                             checksum=prefix._checksum(saved["h"].half(), saved["y"])), path)}
     flipped[len(flipped) // 2] ^= 0xFF
     cases["bytes flipped"] = lambda: path.write_bytes(bytes(flipped))
     for name, damage in cases.items():

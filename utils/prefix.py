@@ -177,9 +177,13 @@ def _checksum(h, y):
 
 def _read(entry, split, dataset, device):
     """(h, y) from the file, or None when there is none or it fails a check (a warning then)."""
-    if not entry.path.is_file():
+    try:
+        size = entry.path.stat().st_size
+    except FileNotFoundError:
         return None
-    if entry.path.stat().st_size > LIMIT_BYTES + 2**16:  # never written so large: not loaded into memory
+    except OSError as err:
+        return _distrust(entry, f"cannot be read ({err.strerror or err})")
+    if size > LIMIT_BYTES + 2**16:  # never written so large: not loaded into memory
         return _distrust(entry, f"larger than {LIMIT_BYTES} bytes")
     try:
         saved = torch.load(entry.path, map_location="cpu", weights_only=True)
@@ -199,8 +203,9 @@ def _problem(saved, entry, n):
     if not isinstance(saved, dict) or saved.get("format") != FORMAT or saved.get("key") != entry.key:
         return "not this cache's format or key"
     h, y = saved.get("h"), saved.get("y")
-    if not (isinstance(h, torch.Tensor) and isinstance(y, torch.Tensor)):
-        return "no output tensors"
+    if not (isinstance(h, torch.Tensor) and isinstance(y, torch.Tensor)) or h.layout != torch.strided \
+            or y.layout != torch.strided:
+        return "no dense output tensors"
     if not h.is_floating_point() or h.dim() < 2 or len(h) != n or y.dtype != torch.int64 or y.shape != (n,):
         return f"wrong shapes or types for {n} items"
     if saved.get("checksum") != _checksum(h, y):
@@ -215,12 +220,15 @@ def _spot_check(h, y, split, dataset, device):
     written by code whose transforms or prefix computed something else, disagree here."""
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(7), "little"))
     idx = torch.randperm(len(h), generator=gen)[:SPOT_CHECKS]
+    if not len(idx):
+        return None
     x, labels = dataset.items(idx.tolist())
-    fresh = split.head(x.to(device)).cpu()
-    scale = h[idx].abs().max().item()
+    fresh, saved = split.head(x.to(device)).cpu(), h[idx]
     if not torch.equal(torch.as_tensor(labels, dtype=torch.int64), y[idx]):
         return "labels differ from the data set's"
-    if fresh.shape != h[idx].shape or not torch.allclose(fresh, h[idx], rtol=1e-4, atol=1e-4 * max(scale, 1.0)):
+    scale = max(saved.abs().max().item(), 1.0)
+    if fresh.shape != saved.shape or fresh.dtype != saved.dtype or \
+            not torch.allclose(fresh, saved, rtol=1e-4, atol=1e-4 * scale):
         return "items computed afresh differ from the file"
     return None
 
