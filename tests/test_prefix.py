@@ -357,3 +357,10 @@ def test_soup_runs_read_what_earlier_runs_wrote(tmp_path, effnet_zoo, fmnist_roo
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit for bit: the same outputs, the same learning
     greedy_soup.main(argv(effnet_zoo, fmnist_root, tmp_path, "--prefix-cache", "none", name="g3", **common))
     assert sorted(cache.glob("*.pt")) == files and not any(own_cache.iterdir())  # nor the default folder
+
+
+def test_an_empty_cache_folder_is_refused(tmp_path, effnet_zoo, fmnist_root, capsys):
+    from tests.helpers import nothing_written, refused
+    line = refused(capsys, "uniform", argv(effnet_zoo, fmnist_root, tmp_path, "--prefix-cache", " ", arch=ARCH))
+    assert "--prefix-cache" in line
+    nothing_written(tmp_path)

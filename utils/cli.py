@@ -58,7 +58,8 @@ def soup_parser(description, method):
     g.add_argument("--prefix-cache", default=None,
                    help="folder where the outputs of a frozen prefix shared by every ingredient (the default "
                    "zoo's) are kept between runs, checked before use (utils/prefix.py); default "
-                   "$MODEL_SOUPS_CACHE/prefix, else ~/.cache/model_soups/prefix; 'none' to compute them "
+                   "$MODEL_SOUPS_CACHE/prefix, else $XDG_CACHE_HOME/model_soups/prefix or ~/.cache/model_soups/prefix; "
+                   "'none' to compute them "
                    "in every run. Safe to delete at any time")
     g = p.add_argument_group("outputs")
     g.add_argument("--results-db", "--results_db", default="runs/results.jsonl",
@@ -290,6 +291,8 @@ def prefix_folder(flag):
     """--prefix-cache as a folder, or None for 'none'."""
     if flag is None:
         return prefix.default_folder()
+    if not flag.strip():  # Path("") is the working folder: files would land wherever the run starts
+        raise UserError("--prefix-cache: give a folder, or 'none' to keep no files")
     return None if flag.lower() == "none" else Path(flag)
 
 

@@ -135,7 +135,7 @@ def default_folder():
 
 def configure(folder):
     """Keep outputs on disk in `folder` from now on (None: in memory only, the default)."""
-    _DISK["folder"] = None if folder is None else Path(folder)
+    _DISK["folder"], _DISK["warned"] = (None if folder is None else Path(folder)), False
 
 
 @dataclass(frozen=True)
