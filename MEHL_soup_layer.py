@@ -6,8 +6,8 @@ K = --model_batch. The first group's center is its mean; every later group start
 soup. Per block b (--layer-size) each ingredient i of the group gives a unit direction
 P[i, b] = (theta_i,b - center_b) / ||theta_i,b - center_b||, and coefficients X (zeros, fresh per group)
 are learned with soup_b = center_b + sum_i X[i, b] P[i, b]: one model is in the autograd graph, its
-gradient g is projected, dX[i, b] = <P[i, b], g_b> (the step: `utils/mehl.py`; the math:
-`utils/hyperplane.py`). The implied coefficients over all ingredients (alpha, blocks x ingredients, rows
+gradient g is projected, dX[i, b] = <P[i, b], g_b> (the step: `utils/run/mehl.py`; the math:
+`utils/soup/hyperplane.py`). The implied coefficients over all ingredients (alpha, blocks x ingredients, rows
 summing to 1, negative values allowed) are tracked exactly and saved. --layer-size 0 (default) gives one
 block per parameter tensor: MEHL-Soup+; a layer size at least the model's size gives one block:
 MEHL-Soup. The method name in the results follows the block count.
@@ -19,7 +19,7 @@ are re-estimated on the held-out split (README, "Rules that decide what a soup i
 
 Memory: the model's parameters are the soup and their gradients one flat vector, so a step holds K + 1
 ingredients' learned parameters more than a plain forward/backward (the K rows and the group's center),
-plus the checkpoint being read while a row loads (`utils/mehl.py` lists every tensor).
+plus the checkpoint being read while a row loads (`utils/run/mehl.py` lists every tensor).
 --directions-dtype bfloat16 stores the rows in half the memory.
 
     python MEHL_soup_layer.py --model-location zoo/fashion_mnist --arch efficientnet-lite0 \\
@@ -51,16 +51,19 @@ import torch
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from utils import cli, distributed, hyperplane, individual, mehl, mehl_state, prefix, results, sampling
-from utils.batchnorm import batchnorm_statistics, reestimate, rule, set_mode
-from utils.errors import UserError, run_main
-from utils.evaluation import accuracy, evaluate_all
-from utils.ingredients import index_of
-from utils.layout import Layout, make_layout, state_buffers
-from utils.memory import reset_peak
-from utils.schedules import constant, cosine_with_warmup
-from utils.soup_io import buffer_coefficients, sidecar
-from utils.state_dicts import atomic_write
+from utils.files import mehl_state, results
+from utils.files.ingredients import index_of
+from utils.files.soup_io import buffer_coefficients, sidecar
+from utils.files.state_dicts import atomic_write
+from utils.run import cli, individual, mehl, prefix
+from utils.run.batchnorm import batchnorm_statistics, reestimate, rule, set_mode
+from utils.run.evaluation import accuracy, evaluate_all
+from utils.run.layout import Layout, make_layout, state_buffers
+from utils.runtime import distributed
+from utils.runtime.errors import UserError, run_main
+from utils.runtime.memory import reset_peak
+from utils.soup import hyperplane, sampling
+from utils.soup.schedules import constant, cosine_with_warmup
 
 log = logging.getLogger("MEHL_soup")
 STATE_VERSION = 1
@@ -282,7 +285,7 @@ def learn_group(run, group, progress):
 def heldout_inputs(run):
     """(data, forward, workers) for a learning epoch: the held-out split and the model; or, when the
     model's frozen prefix is not learned (identical in every ingredient) and in eval mode, the prefix's
-    outputs on the held-out images, computed once, and the rest of the model (utils/prefix.py). The
+    outputs on the held-out images, computed once, and the rest of the model (utils/run/prefix.py). The
     same items in the same order, so the batches and the soup are those of the whole model."""
     setup = run.setup
     split = prefix.split_of(setup.model)

@@ -35,13 +35,13 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 import datasets
-from utils import arch_effnet
+from utils.archs import effnet
 from utils.archs import get_arch
-from utils.batchnorm import set_mode
-from utils.errors import UserError, run_main
-from utils.evaluation import accuracy
-from utils.schedules import cosine_with_warmup, set_lr
-from utils.state_dicts import atomic_write, check_dtypes, check_state_dict, load_state_dict, save_state_dict
+from utils.files.state_dicts import atomic_write, check_dtypes, check_state_dict, load_state_dict, save_state_dict
+from utils.run.batchnorm import set_mode
+from utils.run.evaluation import accuracy
+from utils.runtime.errors import UserError, run_main
+from utils.soup.schedules import cosine_with_warmup, set_lr
 
 log = logging.getLogger("finetune")
 _CACHE = {}   # data and frozen features shared by in-process calls (the sweep): loaded once
@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--arch", default="efficientnet-lite0",
-                   help="architecture: a name of the utils/archs.py registry, timm:<name>[@<size>] or "
+                   help="architecture: a name of the utils/archs/__init__.py registry, timm:<name>[@<size>] or "
                         "package.module:factory (README, 'Your own zoo')")
     p.add_argument("--datasets", default="FashionMNIST", help="dataset to fine-tune on (datasets registry)")
     p.add_argument("--data-location", default=None,
@@ -89,7 +89,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0,
                    help="seed of shuffling, augmentation, mixup, --subset and the --views drawn")
     p.add_argument("--frozen-blocks", type=int, default=None,
-                   help=f"first blocks kept frozen (default {arch_effnet.FROZEN_BLOCKS} for "
+                   help=f"first blocks kept frozen (default {effnet.FROZEN_BLOCKS} for "
                         "efficientnet-lite0, 0 for other archs)")
     p.add_argument("--finetune-size", type=int, default=4000,
                    help="fine-tune on a class-balanced subsample of this many images (0 = all)")
@@ -187,12 +187,12 @@ def head_of(model):
 
 def split_model(model, spec, frozen_blocks):
     """(frozen_fn, trainable_fn, frozen_prefixes) for fine-tuning."""
-    if spec.name == arch_effnet.MODEL_NAME:
-        fb = arch_effnet.FROZEN_BLOCKS if frozen_blocks is None else frozen_blocks
-        frozen_fn, trainable_fn = arch_effnet.split_frozen(model, fb)
-        return frozen_fn, trainable_fn, arch_effnet.frozen_prefixes(fb) if fb else ()
+    if spec.name == effnet.MODEL_NAME:
+        fb = effnet.FROZEN_BLOCKS if frozen_blocks is None else frozen_blocks
+        frozen_fn, trainable_fn = effnet.split_frozen(model, fb)
+        return frozen_fn, trainable_fn, effnet.frozen_prefixes(fb) if fb else ()
     if frozen_blocks:
-        raise UserError(f"--frozen-blocks is only supported for {arch_effnet.MODEL_NAME}")
+        raise UserError(f"--frozen-blocks is only supported for {effnet.MODEL_NAME}")
     return (lambda x: x), model, ()
 
 
@@ -206,7 +206,7 @@ def batchnorm_frozen(args, spec):
 
 
 def set_train_mode(model, frozen_prefixes, frozen_stats=True):
-    """The mode utils.batchnorm.set_mode gives (BatchNorm in train mode only when its statistics are
+    """The mode utils.run.batchnorm.set_mode gives (BatchNorm in train mode only when its statistics are
     updated, every other layer in eval mode: dropout and drop-connect are off), and the frozen modules
     in eval mode, so that they run exactly as when their activations were cached."""
     set_mode(model, frozen_stats=frozen_stats)

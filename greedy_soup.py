@@ -22,10 +22,12 @@ import logging
 import torch
 from tqdm import tqdm
 
-from utils import cli, distributed, individual, results
-from utils.errors import run_main
-from utils.evaluation import accuracy, evaluate_all
-from utils.ingredients import index_of, load_checked
+from utils.files import results
+from utils.files.ingredients import index_of, load_checked
+from utils.run import cli, individual
+from utils.run.evaluation import accuracy, evaluate_all
+from utils.runtime import distributed
+from utils.runtime.errors import run_main
 
 log = logging.getLogger("greedy_soup")
 METHOD = "greedy"

@@ -28,14 +28,18 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from utils import batchnorm, cli, distributed, individual, learned, prefix, results, sampling
-from utils.errors import UserError, run_main
-from utils.evaluation import evaluate_all
-from utils.ingredients import index_of, stream
-from utils.layout import Differences, coefficient_blocks, state_buffers
-from utils.memory import gib, reset_peak
-from utils.soup_io import buffer_coefficients
-from utils.state_dicts import param_names
+from utils.files import results
+from utils.files.ingredients import index_of, stream
+from utils.files.soup_io import buffer_coefficients
+from utils.files.state_dicts import param_names
+from utils.run import batchnorm, cli, individual, prefix
+from utils.run.evaluation import evaluate_all
+from utils.run.layout import Differences, state_buffers
+from utils.runtime import distributed
+from utils.runtime.errors import UserError, run_main
+from utils.runtime.memory import gib, reset_peak
+from utils.soup import learned, sampling
+from utils.soup.blocks import coefficient_blocks
 
 log = logging.getLogger("learned_soup")
 MARGIN_BYTES = 512 * 2**20  # activations of one batch, the optimizer, the runtime
@@ -161,7 +165,7 @@ def sum_grads(tensors):
 
 
 class Tail(torch.nn.Module):
-    """The model after its frozen prefix (utils/prefix.py) as a module: its parameters are the model's,
+    """The model after its frozen prefix (utils/run/prefix.py) as a module: its parameters are the model's,
     under `model.`, so that `functional_call` can put the soup's parameters in."""
 
     def __init__(self, model, tail):

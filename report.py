@@ -12,9 +12,9 @@ import json
 import logging
 from pathlib import Path
 
-from utils import results
-from utils.errors import UserError, run_main
-from utils.soup_io import sidecar
+from utils.files import results
+from utils.files.soup_io import sidecar
+from utils.runtime.errors import UserError, run_main
 
 log = logging.getLogger("report")
 
@@ -227,10 +227,10 @@ def distance_rows(lines):
 
 
 def distances(lines, csv_path):
-    """How far each soup went (utils.soup_distance): a markdown table, and every block in `csv_path`.
+    """How far each soup went (utils.soup.distance): a markdown table, and every block in `csv_path`.
     None when no soup file is on disk."""
-    from utils.soup_distance import from_recipe, summarise
-    from utils.state_dicts import load_state_dict
+    from utils.soup.distance import from_recipe, summarise
+    from utils.files.state_dicts import load_state_dict
     loaded = {}
 
     def load(path):  # the ingredients are shared by every soup: read once

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from utils.errors import UserError, run_main
+from utils.runtime.errors import UserError, run_main
 
 log = logging.getLogger("sweep")
 
@@ -171,10 +171,10 @@ def build(finetune, config, flags, out, i):
 
 
 def is_effnet(passthrough, finetune):
-    from utils import arch_effnet
+    from utils.archs import effnet
     from utils.archs import get_arch
     arch = finetune.parse_args(passthrough + ["--out-dir", "."]).arch
-    return get_arch(arch).name == arch_effnet.MODEL_NAME
+    return get_arch(arch).name == effnet.MODEL_NAME
 
 
 def default_flags(passthrough, effnet):

@@ -4,7 +4,7 @@ One ingredient is in memory at a time beside a float64 accumulator; the mean is 
 ingredients' dtype. Integer tensors (BatchNorm's num_batches_tracked) come from the first ingredient;
 BatchNorm running statistics are averaged like parameters (README, "Rules that decide what a soup is").
 The soup is evaluated on the held-out split, the test set and every shift; the soup is saved with its
-recipe and one results line is appended (`utils.results.write_outputs`).
+recipe and one results line is appended (`utils.files.results.write_outputs`).
 
     python uniform_soup.py --model-location zoo/fashion_mnist --arch efficientnet-lite0
     torchrun --nproc_per_node=2 uniform_soup.py --model-location zoo/fashion_mnist
@@ -17,10 +17,12 @@ leaves out the best k.
 """
 import logging
 
-from utils import cli, distributed, individual, results
-from utils.errors import run_main
-from utils.evaluation import evaluate_all
-from utils.ingredients import average, stream
+from utils.files import results
+from utils.files.ingredients import average, stream
+from utils.run import cli, individual
+from utils.run.evaluation import evaluate_all
+from utils.runtime import distributed
+from utils.runtime.errors import run_main
 
 log = logging.getLogger("uniform_soup")
 METHOD = "uniform"

@@ -6,7 +6,7 @@ the scripts: nothing here may import the latter.
 import importlib
 
 from datasets.base import DataBundle, EvalSet, per_class_split  # noqa: F401
-from utils.errors import UserError
+from utils.runtime.errors import UserError
 
 # name -> (module, builder function); modules are imported on use so that one family's optional
 # dependency never breaks another.

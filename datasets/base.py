@@ -6,7 +6,7 @@ from typing import Callable, Optional
 import numpy as np
 from torch.utils.data import Dataset
 
-from utils.errors import UserError
+from utils.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from datasets.base import DataBundle, EvalSet, per_class_split, read_heldout_index
-from utils.errors import UserError
+from utils.runtime.errors import UserError
 
 LAYOUT = {
     "CIFAR10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10),
@@ -96,7 +96,7 @@ def _build(name, root, preprocess, heldout_per_class, heldout_index, seed, test_
     if heldout_index is not None and heldout_per_class is not None:
         raise UserError("give either --heldout-index or a held-out count per class, not both")
     if heldout_index is not None:
-        from utils.state_dicts import sha256
+        from utils.files.state_dicts import sha256
         mask = read_heldout_index(heldout_index, len(train_y), f"the train batches of {folder}")
         split = {"heldout": "index file", "path": str(heldout_index), "sha256": sha256(heldout_index)}
     else:

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
 from datasets.base import DataBundle, EvalSet, per_class_split, read_heldout_index
-from utils.errors import UserError
+from utils.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class ImageTensors(Dataset):
 
     def fingerprint(self):
         """A string that changes whenever an item would (images, labels, transform, torchvision's
-        version), for utils/prefix.py's files on disk; None when the transform cannot be described."""
+        version), for utils/run/prefix.py's files on disk; None when the transform cannot be described."""
         described = repr(self.transform)
         if " at 0x" in described:  # an object without a stable description
             return None

@@ -19,7 +19,7 @@ import numpy as np
 from datasets.base import DataBundle, EvalSet, per_class_split, read_heldout_index
 from datasets.imagenet import (IMG_EXTENSIONS, ImageFiles, SelectLogits, _shrink, _subsample, _subset,
                                list_classes, subfolders)
-from utils.errors import UserError
+from utils.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def build_image_folder(root, preprocess, heldout_per_class=None, heldout_index=N
     val_paths, val_labels = list_set(root / "val", classes, range(len(classes)), "val")
 
     if heldout_index is not None:
-        from utils.state_dicts import sha256
+        from utils.files.state_dicts import sha256
         mask = read_heldout_index(heldout_index, len(train_paths),
                                   f"the sorted ImageFolder of {root / 'train'}")
         split = {"heldout": "index file", "path": str(heldout_index), "sha256": sha256(heldout_index)}

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from datasets.base import DataBundle, EvalSet, per_class_split, read_heldout_index
-from utils.errors import UserError
+from utils.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def build_imagenet(root, preprocess, heldout_per_class=None, heldout_index=None,
         raise UserError(f"ImageNet: no images under {base / 'train'} (extensions {', '.join(IMG_EXTENSIONS)})")
 
     if heldout_index is not None:
-        from utils.state_dicts import sha256
+        from utils.files.state_dicts import sha256
         mask = read_heldout_index(heldout_index, len(train_paths),
                                   f"the sorted ImageFolder of {base / 'train'}")
         split = {"heldout": "index file", "path": str(heldout_index), "sha256": sha256(heldout_index)}

@@ -21,10 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from utils import results  # noqa: E402
-from utils.errors import UserError, run_main  # noqa: E402
-from utils.ingredients import available  # noqa: E402
-from utils.synthetic import write_synthetic_zoo  # noqa: E402
+from utils.archs.standins import write_synthetic_zoo  # noqa: E402
+from utils.files import results  # noqa: E402
+from utils.files.ingredients import available  # noqa: E402
+from utils.runtime.errors import UserError, run_main  # noqa: E402
 
 METHODS = {
     "uniform": ("uniform_soup.py", []),

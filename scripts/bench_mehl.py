@@ -2,8 +2,8 @@
 
 Each K runs in a fresh subprocess (peak resident memory only grows within a process; on CUDA the peak
 is `torch.cuda.max_memory_allocated`). A subprocess builds the model and the held-out data as
-MEHL_soup_layer.py does, loads the first K ingredients as the rows of one group (`utils.mehl.
-directions`) and times --steps real MEHL steps (`utils.mehl.step`: gradient, ViT clipping, projection,
+MEHL_soup_layer.py does, loads the first K ingredients as the rows of one group (`utils.run.mehl.
+directions`) and times --steps real MEHL steps (`utils.run.mehl.step`: gradient, ViT clipping, projection,
 AdamW step, soup update) on one fixed batch, alternating with a plain forward/backward of the same
 model on the same batch: "x plain" is the ratio of their medians in the same process, so a busy
 machine slows both alike. The "plain" run does forward/backward alone; its peak is the memory every run
@@ -35,9 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from utils.errors import UserError, run_main  # noqa: E402
-from utils.ingredients import available  # noqa: E402
-from utils.synthetic import input_size, write_synthetic_imagenet, write_synthetic_zoo  # noqa: E402
+from utils.archs.standins import input_size, write_synthetic_imagenet, write_synthetic_zoo  # noqa: E402
+from utils.files.ingredients import available  # noqa: E402
+from utils.runtime.errors import UserError, run_main  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -85,10 +85,11 @@ def ks_of(spec, total):
 def worker(args):
     import torch
     import MEHL_soup_layer as recipe
-    from utils import cli, memory, mehl
-    from utils.batchnorm import set_mode
-    from utils.layout import make_layout
-    from utils.schedules import constant
+    from utils.run import cli, mehl
+    from utils.runtime import memory
+    from utils.run.batchnorm import set_mode
+    from utils.run.layout import make_layout
+    from utils.soup.schedules import constant
 
     if args.threads:
         torch.set_num_threads(args.threads)

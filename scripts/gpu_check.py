@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.archs import get_arch  # noqa: E402
-from utils.memory import gib, peak_bytes, reset_peak  # noqa: E402
+from utils.runtime.memory import gib, peak_bytes, reset_peak  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -34,7 +34,7 @@ fi
 if [ "$DEVICE" = cuda ]; then
   "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
 fi
-SIZE=$("$PY" -c "import sys; sys.path.insert(0, '.'); from utils.archs import get_arch; from utils.synthetic import input_size; print(input_size(get_arch('$ARCH')))")
+SIZE=$("$PY" -c "import sys; sys.path.insert(0, '.'); from utils.archs import get_arch; from utils.archs.standins import input_size; print(input_size(get_arch('$ARCH')))")
 
 echo "== 1. forward/backward of $ARCH, batch $BATCH, $SIZE px"
 timeout 120 "$PY" scripts/gpu_check.py --arch "$ARCH" --device "$DEVICE" --batch-size "$BATCH" --image-size "$SIZE" \
@@ -46,7 +46,7 @@ echo "== writing $NZOO synthetic $ARCH ingredients and a synthetic ImageNet tree
 "$PY" - "$scratch" "$ARCH" "$NZOO" "$SIZE" <<'PYTHON'
 import sys
 sys.path.insert(0, ".")
-from utils.synthetic import write_synthetic_imagenet, write_synthetic_zoo
+from utils.archs.standins import write_synthetic_imagenet, write_synthetic_zoo
 folder, arch, n, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 write_synthetic_zoo(f"{folder}/zoo", n, arch, 10)
 write_synthetic_imagenet(f"{folder}/data", 10, 27, size)   # 13 held-out + 14 fine-tune per class

@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 import finetune  # noqa: E402
 import sweep  # noqa: E402
 from utils.archs import get_arch  # noqa: E402
-from utils.errors import UserError, run_main  # noqa: E402
-from utils.state_dicts import load_state_dict  # noqa: E402
+from utils.files.state_dicts import load_state_dict  # noqa: E402
+from utils.runtime.errors import UserError, run_main  # noqa: E402
 
 
 def parse_args(argv=None):

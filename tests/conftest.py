@@ -43,9 +43,9 @@ def make_fmnist(root, n_train=600, n_test=200, seed=0):
 
 @pytest.fixture(autouse=True)
 def own_cache(tmp_path_factory, monkeypatch):
-    """Every test keeps the frozen-prefix files (utils/prefix.py) in a folder of its own, never in the
+    """Every test keeps the frozen-prefix files (utils/run/prefix.py) in a folder of its own, never in the
     user's ~/.cache, and leaves no folder configured behind for library calls of later tests."""
-    from utils import prefix
+    from utils.run import prefix
     folder = tmp_path_factory.mktemp("soups-cache")
     monkeypatch.setenv("MODEL_SOUPS_CACHE", str(folder))
     yield folder

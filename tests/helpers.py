@@ -12,7 +12,7 @@ import learned_soup
 import MEHL_soup_layer
 import uniform_soup
 from tests.conftest import ROOT
-from utils.errors import run_main
+from utils.runtime.errors import run_main
 
 SCRIPTS = {"uniform": uniform_soup, "greedy": greedy_soup, "learned": learned_soup,
            "mehl": MEHL_soup_layer}

@@ -13,9 +13,9 @@ import MEHL_soup_layer as mehl
 import uniform_soup
 from tests import helpers
 from tests.conftest import make_zoo
-from utils import soup_io
 from utils.archs import ARCHS, ArchSpec, TinyCNN, image_transform, register
-from utils.errors import UserError
+from utils.files import soup_io
+from utils.runtime.errors import UserError
 
 
 class ScaledCNN(TinyCNN):

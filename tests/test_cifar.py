@@ -10,7 +10,7 @@ from torchvision.transforms import v2
 
 from datasets import build_dataset
 from datasets.cifar import build_cifar10, build_cifar100, read_batch
-from utils.errors import UserError
+from utils.runtime.errors import UserError
 
 TO_TENSOR = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
 

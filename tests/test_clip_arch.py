@@ -4,10 +4,10 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from utils.arch_clip import CLIP_MEAN, CLIP_STD
 from utils.archs import get_arch
-from utils.errors import UserError
-from utils.state_dicts import check_state_dict, load_state_dict, save_state_dict
+from utils.archs.clip import CLIP_MEAN, CLIP_STD
+from utils.files.state_dicts import check_state_dict, load_state_dict, save_state_dict
+from utils.runtime.errors import UserError
 
 TEXT_LEFTOVERS = {"model.positional_embedding", "model.text_projection", "model.logit_scale",
                   "model.token_embedding.weight", "model.ln_final.weight", "model.ln_final.bias"}

@@ -63,7 +63,7 @@ def test_uniform_greedy_learned_on_published_layout(zoo, data, tmp_path):
 
 
 def test_learned_soup_stacks_only_differing_parameters(zoo, data, tmp_path):
-    from utils import cli
+    from utils.run import cli
     args = learned_soup.parse_args([str(a) for a in argv(zoo, data, tmp_path, "--layerwise")])
     setup = cli.prepare(args)
     stacked, identical, differ = learned_soup.load_resident(setup.paths, setup)

@@ -8,11 +8,13 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from utils import distributed, results
-from utils.errors import UserError
-from utils.evaluation import accuracy
-from utils.layout import Differences, block_ids, make_blocks
-from utils.state_dicts import flatten, load_state_dict, save_state_dict, unflatten
+from utils.files import results
+from utils.files.state_dicts import flatten, load_state_dict, save_state_dict, unflatten
+from utils.run.evaluation import accuracy
+from utils.run.layout import Differences
+from utils.runtime import distributed
+from utils.runtime.errors import UserError
+from utils.soup.blocks import block_ids, make_blocks
 
 
 def test_blocks_zero_one_per_tensor_and_huge_one_block():
@@ -24,7 +26,7 @@ def test_blocks_zero_one_per_tensor_and_huge_one_block():
     assert make_blocks(sizes, 8) == [[0, 1, 2], [3, 4]]
     ids = block_ids(sizes, make_blocks(sizes, 6))
     assert ids.tolist() == [0] * 8 + [1] * 10 + [2] * 8
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError):
         make_blocks(sizes, -1)
 
 
@@ -132,7 +134,7 @@ def test_distributed_accuracy_is_exact_on_odd_sizes():
 
 
 def test_learning_mode_turns_dropout_off_and_bn_by_rule():
-    from utils.batchnorm import set_mode
+    from utils.run.batchnorm import set_mode
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
     x = torch.randn(8, 4)
     set_mode(model, frozen_stats=True)

@@ -4,7 +4,7 @@ bounded time; nothing waits forever in a collective. A rendezvous that cannot co
 clear line.
 
 Faults are injected into rank 1 only, from the test side: a `sitecustomize.py` put first on PYTHONPATH
-wraps `utils.ingredients.load_checked` when it is called from MEHL's `load_rows` (each rank loads only
+wraps `utils.files.ingredients.load_checked` when it is called from MEHL's `load_rows` (each rank loads only
 its share of a group there, after the preflight check has passed)."""
 import os
 import subprocess
@@ -21,8 +21,8 @@ HOOK = textwrap.dedent('''
     import os, sys, time
     fault = os.environ.get("SOUP_TEST_FAULT")
     if fault and os.environ.get("RANK") == "1":
-        from utils import ingredients
-        from utils.errors import UserError
+        from utils.files import ingredients
+        from utils.runtime.errors import UserError
         real = ingredients.load_checked
 
         def load_checked(path, reference):

@@ -2,13 +2,13 @@
 import pytest
 import torch
 
-from utils import arch_effnet
+from utils.archs import effnet
 from utils.archs import get_arch
 
 
 @pytest.fixture(scope="module")
 def shipped():
-    return torch.load(arch_effnet.weights_path(), map_location="cpu", weights_only=True)
+    return torch.load(effnet.weights_path(), map_location="cpu", weights_only=True)
 
 
 def test_pretrained_loads_every_key_but_the_head(shipped):
@@ -17,7 +17,7 @@ def test_pretrained_loads_every_key_but_the_head(shipped):
     assert set(shipped) - set(sd) == set()
     assert sd["_fc.weight"].shape == (10, 1280) and shipped["_fc.weight"].shape == (1000, 1280)
     for k, v in shipped.items():
-        if k not in arch_effnet.HEAD_KEYS:
+        if k not in effnet.HEAD_KEYS:
             assert torch.equal(sd[k], v), k
     assert torch.count_nonzero(sd["_fc.weight"]) == 0  # new head starts at zero
 
@@ -27,10 +27,10 @@ def test_strict_load_refuses_a_corrupted_key_name(shipped):
     bad = dict(shipped)
     bad["_blocks.3._bn1.weight_renamed"] = bad.pop("_blocks.3._bn1.weight")
     with pytest.raises(RuntimeError, match="_blocks.3._bn1.weight"):
-        arch_effnet.strict_load(model, bad)
+        effnet.strict_load(model, bad)
     missing = {k: v for k, v in shipped.items() if k != "_conv_head.weight"}
     with pytest.raises(RuntimeError, match="_conv_head.weight"):
-        arch_effnet.strict_load(model, missing)
+        effnet.strict_load(model, missing)
 
 
 def test_unpretrained_build_has_same_keys_and_shapes_without_the_weights(shipped):
@@ -45,9 +45,9 @@ def test_frozen_split_reproduces_the_eval_forward():
     model = get_arch("efficientnet-lite0").build(10, pretrained=True).eval()
     torch.nn.init.normal_(model._fc.weight)
     x = get_arch("efficientnet-lite0").preprocess(torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8))
-    assert x.shape == (3, arch_effnet.IMAGE_SIZE, arch_effnet.IMAGE_SIZE)
-    frozen, trainable = arch_effnet.split_frozen(model, 10)
+    assert x.shape == (3, effnet.IMAGE_SIZE, effnet.IMAGE_SIZE)
+    frozen, trainable = effnet.split_frozen(model, 10)
     with torch.no_grad():
         torch.testing.assert_close(trainable(frozen(x[None])), model(x[None]))
-    prefixes = arch_effnet.frozen_prefixes(10)
+    prefixes = effnet.frozen_prefixes(10)
     assert "_blocks.9." in prefixes and "_blocks.10." not in prefixes

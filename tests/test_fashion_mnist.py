@@ -6,7 +6,7 @@ import torch
 from datasets import build_dataset
 from datasets.fashion_mnist import CORRUPTIONS, corrupt
 from utils.archs import get_arch
-from utils.errors import UserError
+from utils.runtime.errors import UserError
 
 
 def build(root, **kw):

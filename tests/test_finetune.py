@@ -6,8 +6,8 @@ import torch
 
 import finetune
 import sweep
-from utils import arch_effnet
-from utils.errors import UserError
+from utils.archs import effnet
+from utils.runtime.errors import UserError
 
 TINY = ["--heldout-per-class", "3", "--finetune-size", "64", "--test-size", "30", "--batch-size", "16",
         "--device", "cpu"]
@@ -23,8 +23,8 @@ def lp_zoo(fmnist_root, tmp_path_factory):
 
 def test_linear_probe_changes_only_the_head(lp_zoo):
     sd = torch.load(lp_zoo / "model_0.pt", weights_only=True)
-    shipped = torch.load(arch_effnet.weights_path(), weights_only=True)
-    assert all(torch.equal(sd[k], v) for k, v in shipped.items() if k not in arch_effnet.HEAD_KEYS)
+    shipped = torch.load(effnet.weights_path(), weights_only=True)
+    assert all(torch.equal(sd[k], v) for k, v in shipped.items() if k not in effnet.HEAD_KEYS)
     assert torch.count_nonzero(sd["_fc.weight"]) > 0
     record = json.loads((lp_zoo / "model_0.json").read_text())
     assert record["linear_probe"] and record["data"]["heldout_size"] == 30
@@ -38,7 +38,7 @@ def test_finetune_end_to_end_keeps_frozen_blocks_and_statistics(lp_zoo, fmnist_r
     start = torch.load(lp_zoo / "model_0.pt", weights_only=True)
     sd = torch.load(lp_zoo / "model_1.pt", weights_only=True)
     assert list(sd) == list(start)
-    prefixes = arch_effnet.frozen_prefixes()
+    prefixes = effnet.frozen_prefixes()
     frozen = [k for k in sd if k.startswith(prefixes)]
     assert frozen and all(torch.equal(sd[k], start[k]) for k in frozen)
     # BatchNorm statistics stay the pre-trained ones everywhere, also in the trained blocks
@@ -51,7 +51,7 @@ def test_finetune_end_to_end_keeps_frozen_blocks_and_statistics(lp_zoo, fmnist_r
     assert saved["heldout"] == record["heldout"]
     # the accuracies come from cached frozen activations: the same as the whole model on the images
     from utils.archs import get_arch
-    from utils.evaluation import accuracy
+    from utils.run.evaluation import accuracy
     spec = get_arch("efficientnet-lite0")
     _, bundle = finetune.load_bundle(finetune.parse_args(["--data-location", str(fmnist_root), *TINY]), spec)
     model = spec.build(10, pretrained=False)

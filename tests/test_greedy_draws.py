@@ -8,7 +8,7 @@ import pytest
 import greedy_soup
 from tests.conftest import make_zoo
 from tests.helpers import argv
-from utils.errors import run_main
+from utils.runtime.errors import run_main
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import greedy_draws  # noqa: E402

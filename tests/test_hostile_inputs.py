@@ -23,10 +23,10 @@ import MEHL_soup_layer
 import uniform_soup
 from tests.conftest import ROOT, make_zoo
 from tests.helpers import QUICK, SCRIPTS, argv, cli, last_line, nothing_written, refused
-from utils import results
 from utils.archs import get_arch
-from utils.errors import UserError, run_main
-from utils.state_dicts import load_state_dict
+from utils.files import results
+from utils.files.state_dicts import load_state_dict
+from utils.runtime.errors import UserError, run_main
 
 
 def tiny_state_dict():
@@ -99,7 +99,7 @@ def test_a_zip_bomb_does_not_raise_peak_memory(tmp_path, zoo, out, fmnist_root):
     def peak(spoil):
         shutil.copy(zoo / "model_0.pt", zoo / "model_1.pt")
         spoil(zoo / "model_1.pt")
-        code = ("import resource, sys, uniform_soup; from utils.errors import run_main\n"
+        code = ("import resource, sys, uniform_soup; from utils.runtime.errors import run_main\n"
                 "try:\n    run_main(uniform_soup.main, sys.argv[1:])\n"
                 "finally:\n    print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
                 "file=sys.stderr)\n")
@@ -264,7 +264,7 @@ def test_results_path_that_is_not_a_regular_file(tmp_path, zoo, out, fmnist_root
 
 
 # ------------------------------------------------------------------------ 5. two runs, one soup path
-HOLDER = ("import sys, time; from utils import lock; lock.acquire(sys.argv[1]); "
+HOLDER = ("import sys, time; from utils.files import lock; lock.acquire(sys.argv[1]); "
           "print('held', flush=True); time.sleep(120)")
 
 
@@ -468,7 +468,7 @@ def test_the_largest_seed_works(zoo, out, fmnist_root, script, flag):
 
 
 def test_a_soup_with_a_non_finite_number_is_never_written(tmp_path):
-    from utils.soup_io import save_soup
+    from utils.files.soup_io import save_soup
     sd = {"w": torch.tensor([1.0, float("inf")])}
     with pytest.raises(UserError, match=r"refusing to write .*soup\.pt: tensor w of the soup holds NaN"):
         save_soup(sd, tmp_path / "soup.pt", "uniform", [], {})
@@ -546,7 +546,7 @@ def test_resume_path_that_is_a_folder_is_refused_before_work(capsys, tmp_path, z
 
 
 def test_rebuild_names_a_missing_ingredient(zoo, out, fmnist_root):
-    from utils.soup_io import rebuild
+    from utils.files.soup_io import rebuild
     uniform_soup.main(argv(zoo, fmnist_root, out))
     (zoo / "model_2.pt").unlink()
     with pytest.raises(UserError) as info:

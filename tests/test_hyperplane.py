@@ -1,10 +1,10 @@
-"""Soup math of MEHL-Soup (utils/hyperplane.py) and model sampling (utils/sampling.py), in float64."""
+"""Soup math of MEHL-Soup (utils/soup/hyperplane.py) and model sampling (utils/soup/sampling.py), in float64."""
 import pytest
 import torch
 from torch.testing import assert_close
 
-from utils import hyperplane, sampling
-from utils.layout import block_bounds, block_ids, make_blocks
+from utils.soup import hyperplane, sampling
+from utils.soup.blocks import block_bounds, block_ids, make_blocks
 
 
 

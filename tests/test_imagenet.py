@@ -14,8 +14,8 @@ from torchvision.transforms import v2
 
 from datasets import build_dataset
 from datasets.imagenet import build_imagenet, list_images
-from utils.errors import UserError
-from utils.evaluation import accuracy, evaluate_all
+from utils.run.evaluation import accuracy, evaluate_all
+from utils.runtime.errors import UserError
 
 WNIDS = [f"n{1000 + 7 * i:08d}" for i in range(11)]
 R_WNIDS = [WNIDS[1], WNIDS[4], WNIDS[10]]

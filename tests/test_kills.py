@@ -21,7 +21,7 @@ import torch
 from tests import helpers
 from tests.conftest import ROOT, make_zoo
 from tests.helpers import FILES, SCRIPTS
-from utils import results
+from utils.files import results
 
 EXTRA = {"uniform": [], "greedy": [], "learned": ["--epochs", "6", "--layerwise"],
          "mehl": ["--epochs", "2", "--model_batch", "1", "--no-epoch-test"]}

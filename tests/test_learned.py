@@ -11,12 +11,13 @@ import learned_soup
 import uniform_soup
 from tests import helpers
 from tests.conftest import make_zoo, torchrun
-from utils import learned, results
 from utils.archs import get_arch
-from utils.errors import UserError
-from utils.layout import coefficient_blocks
-from utils.soup_io import rebuild
-from utils.state_dicts import load_state_dict
+from utils.files import results
+from utils.files.soup_io import rebuild
+from utils.files.state_dicts import load_state_dict
+from utils.runtime.errors import UserError
+from utils.soup import learned
+from utils.soup.blocks import coefficient_blocks
 
 
 argv = partial(helpers.argv, heldout=5, test_size=40, batch_size=None, name=None)
@@ -135,7 +136,7 @@ def test_report_reads_the_coefficients_sidecar_learned_soup_writes(tmp_path):
     """report.py falls back to `<soup>.coefficients.json` when a line holds no alpha: it must read the
     file as learned soup writes it (one entry per block, alpha by ingredient index)."""
     from report import coefficients_of
-    from utils.soup_io import sidecar, write_json
+    from utils.files.soup_io import sidecar, write_json
     paths = [tmp_path / "model_3.pt", tmp_path / "model_5.pt"]
     alpha = [[0.25, 0.75], [0.6, 0.4]]
     write_json(sidecar(tmp_path / "soup.pt", "coefficients"),

@@ -11,12 +11,14 @@ import MEHL_soup_layer as mehl
 from tests import helpers
 from tests.conftest import make_zoo, torchrun
 from datasets import build_dataset
-from utils import hyperplane, mehl as mehl_step, sampling, soup_io
 from utils.archs import get_arch
-from utils.batchnorm import reestimate, set_mode
-from utils.errors import UserError
-from utils.layout import block_bounds, block_ids, make_blocks
-from utils.state_dicts import flatten, param_names
+from utils.files import soup_io
+from utils.files.state_dicts import flatten, param_names
+from utils.run import mehl as mehl_step
+from utils.run.batchnorm import reestimate, set_mode
+from utils.runtime.errors import UserError
+from utils.soup import hyperplane, sampling
+from utils.soup.blocks import block_bounds, block_ids, make_blocks
 
 N_TENSORS = 10   # tiny-cnn: 2 conv + 2 BatchNorm + 1 linear, weight and bias each
 

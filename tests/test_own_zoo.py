@@ -22,9 +22,9 @@ from conftest import ROOT, torchrun
 from datasets import build_dataset
 import sweep
 from utils.archs import get_arch
-from utils.batchnorm import reestimate
-from utils.checkpoint_formats import unwrap
-from utils.errors import UserError
+from utils.files.checkpoint_formats import unwrap
+from utils.run.batchnorm import reestimate
+from utils.runtime.errors import UserError
 
 CLASSES = ["cat", "dog", "fox"]
 TIMM = "timm:test_resnet@32"

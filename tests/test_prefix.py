@@ -1,4 +1,4 @@
-"""The frozen prefix run once per data set (utils/prefix.py): it stands for the model only when it
+"""The frozen prefix run once per data set (utils/run/prefix.py): it stands for the model only when it
 computes what the whole model would, and the soups it speeds up are the soups without it."""
 import json
 
@@ -12,10 +12,11 @@ import learned_soup
 import MEHL_soup_layer as mehl
 from tests.conftest import torchrun
 from tests.helpers import argv
-from utils import arch_effnet, prefix
+from utils.archs import effnet as effnet_arch
 from utils.archs import get_arch
-from utils.batchnorm import set_mode
-from utils.evaluation import accuracy
+from utils.run import prefix
+from utils.run.batchnorm import set_mode
+from utils.run.evaluation import accuracy
 
 ARCH = "efficientnet-lite0"
 
@@ -82,7 +83,7 @@ def effnet_zoo(tmp_path_factory):
     folder = tmp_path_factory.mktemp("effnet_zoo")
     torch.manual_seed(0)
     base = get_arch(ARCH).build(10, pretrained=False).state_dict()
-    frozen = arch_effnet.frozen_prefixes(15)
+    frozen = effnet_arch.frozen_prefixes(15)
     gen = torch.Generator().manual_seed(1)
     for i in range(4):
         sd = {k: v.clone() if k.startswith(frozen) or not v.is_floating_point() or "running" in k

@@ -17,10 +17,10 @@ import greedy_soup
 import MEHL_soup_layer
 import uniform_soup
 from tests.helpers import QUICK, SCRIPTS, argv, cli, last_line, nothing_written, refused
-from utils import state_dicts
 from utils.archs import get_arch
-from utils.errors import run_main
-from utils.state_dicts import load_state_dict
+from utils.files import state_dicts
+from utils.files.state_dicts import load_state_dict
+from utils.runtime.errors import run_main
 
 
 # ------------------------------------------------------------------------- 1. untrusted checkpoints
@@ -332,7 +332,7 @@ def test_disk_full_while_writing_the_soup(capsys, monkeypatch, zoo, out, fmnist_
 def test_torch_save_on_a_really_full_disk_is_one_line(tmp_path, monkeypatch):
     """torch.save reports a full disk as a RuntimeError ("unexpected pos"), safetensors as its own
     error: both become a UserError naming the file, with the free space, and no temporary file."""
-    from utils.errors import UserError
+    from utils.runtime.errors import UserError
 
     def broken(obj, f, *a, **k):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
@@ -344,5 +344,5 @@ def test_torch_save_on_a_really_full_disk_is_one_line(tmp_path, monkeypatch):
 
 
 def _records(folder):
-    from utils import results
+    from utils.files import results
     return results.read(folder / "results.jsonl")

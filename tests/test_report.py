@@ -80,7 +80,7 @@ def test_elimination_compares_one_seed(tmp_path):
 def test_report_how_far_the_soup_went(tmp_path):
     import torch
 
-    from utils.soup_distance import block_ratios
+    from utils.soup.distance import block_ratios
     a, b = {"w": torch.tensor([0.0, 0.0]), "v": torch.tensor([1.0])}, {"w": torch.tensor([2.0, 0.0]),
                                                                          "v": torch.tensor([1.0])}
     blocks = [["w"], ["v"]]

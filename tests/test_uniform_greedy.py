@@ -9,10 +9,11 @@ import greedy_soup
 import uniform_soup
 from tests import helpers
 from tests.conftest import make_zoo, torchrun
-from utils import evaluation, results
 from utils.archs import get_arch
-from utils.errors import UserError
-from utils.state_dicts import load_state_dict
+from utils.files import results
+from utils.files.state_dicts import load_state_dict
+from utils.run import evaluation
+from utils.runtime.errors import UserError
 
 
 argv = partial(helpers.argv, heldout=5, test_size=40, batch_size=64, device=None, name=None)
@@ -75,7 +76,7 @@ def coded_zoo(folder, n):
 
 
 def fake_accuracy(base_bias, table, calls):
-    """Replacement for utils.evaluation.accuracy: the held-out accuracy of a soup is looked up by the
+    """Replacement for utils.run.evaluation.accuracy: the held-out accuracy of a soup is looked up by the
     set of ingredients in it; test / shifts get 50."""
     def accuracy(model, dataset, device, batch_size=256, workers=0, project=None, desc="eval"):
         members = frozenset(torch.nonzero((model.classifier.bias.detach() - base_bias) > 1e-3)

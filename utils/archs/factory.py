@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from utils.archs import ArchSpec, pil_rgb_then
-from utils.errors import UserError
+from utils.runtime.errors import UserError
 
 PROBE_CLASSES = 2
 

@@ -6,10 +6,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from utils import distributed
-from utils.errors import UserError
-from utils.state_dicts import (CHECKPOINT_SUFFIXES, check_dtypes, check_state_dict, checkpoint_limit,
-                               load_state_dict)
+from utils.files.state_dicts import (CHECKPOINT_SUFFIXES, check_dtypes, check_state_dict, checkpoint_limit,
+                                     load_state_dict)
+from utils.runtime import distributed
+from utils.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^model_(\d+)$")

@@ -11,9 +11,9 @@ identical in every ingredient and the soups leave them out of the coefficient pr
 import torch
 from torch import nn
 
-from utils import prefix
 from utils.archs import ArchSpec, image_transform, register
-from utils.errors import UserError
+from utils.run import prefix
+from utils.runtime.errors import UserError
 
 MODEL_NAME = "efficientnet-lite0"
 HEAD_KEYS = ("_fc.weight", "_fc.bias")
@@ -97,7 +97,7 @@ def split_frozen(model, frozen_blocks=FROZEN_BLOCKS):
 
 
 def prefix_split(model):
-    """The prefix the soups may run once per data set (utils/prefix.py): the stem and every block but
+    """The prefix the soups may run once per data set (utils/run/prefix.py): the stem and every block but
     the last, which is what the default zoo freezes (docs/ZOO.md). A zoo fine-tuned deeper has other
     prefix tensors in every ingredient, and the prefix is then recomputed for each, as a plain forward."""
     frozen = len(model._blocks) - 1

@@ -2,7 +2,7 @@
 
 Notation. The learned parameters of one model are a flat vector of D numbers cut into B blocks; a block
 is a contiguous range of whole tensors, given by `bounds`, a list of (start, stop) offsets
-(`utils.layout.block_bounds`). A group holds n ingredients as rows of an (n, D) tensor. For every row i
+(`utils.soup.blocks.block_bounds`). A group holds n ingredients as rows of an (n, D) tensor. For every row i
 and block b:
 
     P[i, b] = (theta_i,b - center_b) / ||theta_i,b - center_b||       (a zero-norm block gives P = 0)

@@ -1,4 +1,4 @@
-"""MEHL-Soup's step and group, with the memory they hold. The math is in `utils.hyperplane`; this module
+"""MEHL-Soup's step and group, with the memory they hold. The math is in `utils.soup.hyperplane`; this module
 puts it on a model.
 
 Memory of a step, in full-model-sized tensors of the learned parameters (D numbers each):
@@ -23,9 +23,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from utils import distributed, hyperplane
-from utils.ingredients import load_checked
-from utils.schedules import set_lr
+from utils.files.ingredients import load_checked
+from utils.runtime import distributed
+from utils.soup import hyperplane
+from utils.soup.schedules import set_lr
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MEAN_SLICE = 1 << 22  # numbers per all-reduce when the first center is averaged over ranks
@@ -121,7 +122,7 @@ def gradient(model, soup, batch, n_global, labelsmooth):
     """Fill `soup.grad` with the gradient of the mean loss over the global batch, summed over ranks
     (each rank's loss is a sum over its examples divided by the global batch size); returns the loss.
     `model` is the model, or a function of the batch's inputs giving its logits (MEHL passes the rest
-    of the model when the inputs are a frozen prefix's outputs, utils/prefix.py)."""
+    of the model when the inputs are a frozen prefix's outputs, utils/run/prefix.py)."""
     soup.grad.zero_()
     loss = torch.zeros(1, device=soup.theta.device)
     if batch is not None:

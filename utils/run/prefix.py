@@ -37,9 +37,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils import distributed
-from utils.errors import UserError
-from utils.state_dicts import atomic_write
+from utils.files.state_dicts import atomic_write
+from utils.runtime import distributed
+from utils.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
 

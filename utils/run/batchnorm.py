@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from utils import distributed
+from utils.runtime import distributed
 
 BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
@@ -60,7 +60,7 @@ def set_mode(model, frozen_stats):
 def reestimate(model, dataset, device, batch_size=256, workers=0):
     """Recompute the running statistics of every BatchNorm layer on `dataset` (cumulative average over
     the whole set; ranks average their estimates)."""
-    from utils.evaluation import make_loader
+    from utils.run.evaluation import make_loader
     bns = [m for m in model.modules() if isinstance(m, BN_TYPES)]
     if not bns:
         return model

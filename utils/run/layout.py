@@ -1,7 +1,7 @@
 """What a learned soup learns: which parameters differ across the ingredients (the coefficient problem)
-and which are identical in all (kept as they are), the blocks over the learned ones, and the float
-buffers (BatchNorm statistics) that differ. Found in one streamed pass over the ingredients; used by
-learned soups (all N resident) and MEHL soups (K at a time) alike.
+and which are identical in all (kept as they are), the blocks over the learned ones (`utils.soup.blocks`),
+and the float buffers (BatchNorm statistics) that differ. Found in one streamed pass over the ingredients;
+used by learned soups (all N resident) and MEHL soups (K at a time) alike.
 
 Buffers are those of the model's state dict: a non-persistent buffer (open_clip's `attn_mask`) is
 rebuilt by the model itself and is in no checkpoint, so it is not an ingredient tensor."""
@@ -9,49 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
-from utils.batchnorm import batchnorm_statistics
-from utils.errors import UserError
-from utils.ingredients import load_checked, stream
-from utils.state_dicts import param_names
-
-
-def make_blocks(sizes, layer_size):
-    """Partition tensors (given by their sizes, in order) into blocks, as the released MEHL code does:
-    start a new block when the current one already holds more than `layer_size` numbers, otherwise add
-    the tensor to it. layer_size=0: one block per tensor; layer_size >= total: one block.
-    Returns a list of lists of tensor indices."""
-    if layer_size < 0:
-        raise UserError(f"--layer-size must be >= 0, got {layer_size}")
-    blocks, current, count = [], [], 0
-    for i, size in enumerate(sizes):
-        if current and count > layer_size:
-            blocks.append(current)
-            current, count = [], 0
-        current.append(i)
-        count += size
-    if current:
-        blocks.append(current)
-    return blocks
-
-
-def block_ids(sizes, blocks):
-    """For each number of the flat vector, the index of its block (a LongTensor of length sum(sizes))."""
-    ids = torch.empty(sum(sizes), dtype=torch.long)
-    offset = 0
-    tensor_block = {t: b for b, ts in enumerate(blocks) for t in ts}
-    for t, size in enumerate(sizes):
-        ids[offset:offset + size] = tensor_block[t]
-        offset += size
-    return ids
-
-
-def block_bounds(sizes, blocks):
-    """(start, stop) offsets of each block in the flat vector of the tensors `sizes` (blocks are
-    consecutive runs of tensor indices, as `make_blocks` gives them)."""
-    offsets = [0]
-    for size in sizes:
-        offsets.append(offsets[-1] + size)
-    return [(offsets[b[0]], offsets[b[-1] + 1]) for b in blocks]
+from utils.files.ingredients import load_checked, stream
+from utils.files.state_dicts import param_names
+from utils.run.batchnorm import batchnorm_statistics
+from utils.runtime.errors import UserError
+from utils.soup.blocks import block_bounds, make_blocks
 
 
 def state_buffers(model, floating=True):
@@ -59,14 +21,6 @@ def state_buffers(model, floating=True):
     only the floating-point ones, without BatchNorm's `num_batches_tracked`)."""
     persistent = set(model.state_dict())
     return [n for n, b in model.named_buffers() if (b.is_floating_point() or not floating) and n in persistent]
-
-
-def coefficient_blocks(names, sizes, layer_size):
-    """Blocks (lists of names) of a coefficient problem: `layer_size` None gives one block (model-wise),
-    otherwise the `--layer-size` partition of `make_blocks` (0: one block per tensor)."""
-    if layer_size is None:
-        return [list(names)]
-    return [[names[t] for t in block] for block in make_blocks(sizes, layer_size)]
 
 
 class Differences:

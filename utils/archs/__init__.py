@@ -4,7 +4,7 @@ Every builder takes (num_classes, pretrained). Soup scripts build with pretraine
 ingredients supply every weight.
 
 Besides the registered names, `--arch` takes any timm model as `timm:<name>[@<size>]`
-(utils/arch_timm.py) and the user's own model as `package.module:factory` (utils/arch_factory.py)."""
+(utils/archs/timm_models.py) and the user's own model as `package.module:factory` (utils/archs/factory.py)."""
 from dataclasses import dataclass
 from typing import Callable
 
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from utils.errors import UserError
+from utils.runtime.errors import UserError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -97,11 +97,11 @@ def get_arch(name):
     if name.lower().startswith("timm:") or ":" in name:
         if name not in _DYNAMIC:
             if name.lower().startswith("timm:"):
-                from utils import arch_timm
-                _DYNAMIC[name] = arch_timm.spec("timm:" + name[len("timm:"):])
+                from utils.archs import timm_models
+                _DYNAMIC[name] = timm_models.spec("timm:" + name[len("timm:"):])
             else:
-                from utils import arch_factory
-                _DYNAMIC[name] = arch_factory.spec(name)
+                from utils.archs import factory
+                _DYNAMIC[name] = factory.spec(name)
         return _DYNAMIC[name]
     key = ALIASES.get(name.lower(), name.lower())
     if key not in ARCHS:
@@ -112,4 +112,4 @@ def get_arch(name):
 
 
 # The families register themselves on import (after ArchSpec / register exist above).
-from utils import arch_clip, arch_effnet  # noqa: E402,F401
+from utils.archs import clip, effnet  # noqa: E402,F401

@@ -7,7 +7,7 @@ other: `models_generator(seed)` and `data_generator(seed)`.
 import torch
 from torch.utils.data import DataLoader
 
-from utils.distributed import shard_range
+from utils.runtime.distributed import shard_range
 
 
 def models_generator(seed):
@@ -51,7 +51,7 @@ def check_batch_statistics(n, batch_size, world=1):
     """Learning with batch statistics (BatchNorm in train mode) needs two or more images in every
     rank's share of every batch: refuse a split that would give a share of one image, before work."""
     if smallest_share(n, batch_size, world) < 2:
-        from utils.errors import UserError
+        from utils.runtime.errors import UserError
         raise UserError(f"BatchNorm statistics differ across the ingredients, so learning uses batch "
                         f"statistics, which one image does not have: {n} held-out images in batches of "
                         f"{batch_size} over {world} process(es) leave a share of 1 image; choose another "

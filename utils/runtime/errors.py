@@ -19,7 +19,7 @@ def run_main(main, argv=None):
         # One line, whatever the message holds (a library's multi-line error quoted in it).
         message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
         print(f"error: {message}", file=sys.stderr, flush=True)
-        from utils import distributed  # late import: keep this module free of torch at import time
+        from utils.runtime import distributed  # late import: keep this module free of torch at import time
         distributed.teardown()
         sys.exit(2)
 

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from utils.archs import get_arch
-from utils.errors import UserError
-from utils.ingredients import available
+from utils.files.ingredients import available
+from utils.runtime.errors import UserError
 
 
 def input_size(spec, default=224):

@@ -7,10 +7,11 @@ import json
 import logging
 from pathlib import Path
 
-from utils import distributed, results
-from utils.errors import UserError
-from utils.evaluation import evaluate_all
-from utils.ingredients import index_of, load_checked
+from utils.files import results
+from utils.files.ingredients import index_of, load_checked
+from utils.run.evaluation import evaluate_all
+from utils.runtime import distributed
+from utils.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
 METHOD = "individual"

@@ -2,15 +2,15 @@
 (`save_soup`: the state dict, and beside it `<name>.recipe.json` holding the ingredient paths with their
 sha256, the coefficients (when learned) and the arguments), and `rebuild`, which makes the soup again
 from its recipe without learning. The end of a run, which calls these in order, is
-`utils.results.write_outputs`."""
+`utils.files.results.write_outputs`."""
 import json
 from pathlib import Path
 
 import torch
 
-from utils import distributed
-from utils.errors import UserError
-from utils.state_dicts import atomic_write, describe_missing, load_state_dict, save_state_dict, sha256
+from utils.files.state_dicts import atomic_write, describe_missing, load_state_dict, save_state_dict, sha256
+from utils.runtime import distributed
+from utils.runtime.errors import UserError
 
 
 # The files a run writes beside its soup `<name>.pt`: `<name>` + suffix.

@@ -8,9 +8,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils import archs, distributed, ingredients, prefix, results
-from utils.errors import UserError
-from utils.soup_io import sidecar
+from utils import archs
+from utils.files import ingredients, results
+from utils.files.soup_io import sidecar
+from utils.run import prefix
+from utils.runtime import distributed
+from utils.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ def soup_parser(description, method):
                    help="where to compute; auto = CUDA when available")
     g.add_argument("--prefix-cache", default=None,
                    help="folder where the outputs of a frozen prefix shared by every ingredient (the default "
-                   "zoo's) are kept between runs, checked before use (utils/prefix.py); default "
+                   "zoo's) are kept between runs, checked before use (utils/run/prefix.py); default "
                    "$MODEL_SOUPS_CACHE/prefix, else $XDG_CACHE_HOME/model_soups/prefix or ~/.cache/model_soups/prefix; "
                    "'none' to compute them "
                    "in every run. Safe to delete at any time")
@@ -299,7 +302,7 @@ def prefix_folder(flag):
 def lock_output(*paths):
     """Hold an exclusive lock on each output path (not None) for the rest of the run: a second run
     writing the same soup (or MEHL state) is refused, naming the process that holds it."""
-    from utils import lock
+    from utils.files import lock
     for path in paths:
         if path is not None:
             lock.acquire(path)
@@ -312,7 +315,8 @@ def begin(args, method, methods=None):
     the soup's Output, locked for the run. `method` None: the method is known only later (MEHL counts
     its blocks, `methods` lists the candidates); an explicit --save-soup is checked and locked now, and
     `output` is None: the script decides it with `soup_output` once it knows the method."""
-    from utils import individual, memory
+    from utils.run import individual
+    from utils.runtime import memory
     finished_line = finished(args, methods or (method,))
     if finished_line is not None:
         distributed.teardown()

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from torchvision.transforms import v2
 
 from utils.archs import ArchSpec, image_transform, register
-from utils.errors import UserError
+from utils.runtime.errors import UserError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -34,7 +34,7 @@ class ClipClassifier(nn.Module):
 
     The text-side leftovers stay as parameters because the published checkpoints hold them; they are
     not used in forward and are frozen (requires_grad=False), so they are identical in every ingredient
-    and the soup code leaves them out of coefficient problems (utils.state_dicts.identical_keys)."""
+    and the soup code leaves them out of coefficient problems (utils.files.state_dicts.identical_keys)."""
 
     def __init__(self, clip, num_classes):
         super().__init__()

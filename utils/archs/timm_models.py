@@ -8,16 +8,16 @@ the config's crop_pct, centre crop, normalise with its mean and std). `<name>` m
 size; useful for small images, e.g. `timm:resnet18@64`).
 
 Loading is strict like every other arch: the soup scripts check each ingredient's keys and shapes
-against this model before any work (utils.ingredients.preflight), so a checkpoint of another timm model
+against this model before any work (utils.files.ingredients.preflight), so a checkpoint of another timm model
 is refused naming the keys. Checkpoints wrapped the way timm's training script or DDP saves them
 (under `state_dict` / `model` / `state_dict_ema`, keys prefixed `module.`) are unwrapped by
-utils.checkpoint_formats."""
+utils.files.checkpoint_formats."""
 import difflib
 
 import torch
 
 from utils.archs import ArchSpec, pil_rgb_then
-from utils.errors import UserError
+from utils.runtime.errors import UserError
 
 PREFIX = "timm:"
 # Modules of timm's vision transformers: MEHL clips their gradient norm to 1, as the released code does

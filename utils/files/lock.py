@@ -12,8 +12,8 @@ import fcntl
 import os
 from pathlib import Path
 
-from utils import distributed
-from utils.soup_io import sidecar
+from utils.files.soup_io import sidecar
+from utils.runtime import distributed
 
 _HELD = {}  # lock path -> open file holding the lock, in this process
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from utils import distributed
-from utils.errors import UserError
-from utils.state_dicts import sha256
+from utils.files.state_dicts import sha256
+from utils.runtime import distributed
+from utils.runtime.errors import UserError
 
 FIELDS = ("version", "config", "models_epoch", "next_group", "order", "soup", "alpha", "models_rng",
           "data_rng", "groups", "seconds")

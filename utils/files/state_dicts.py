@@ -1,6 +1,6 @@
 """State dicts: safe loading (memory bounded before a checkpoint is read) and atomic saving, validation
 against an architecture, flattening in `named_parameters()` order. The blocks and the parameters
-identical across ingredients are in `utils.layout`."""
+identical across ingredients are in `utils.run.layout`."""
 import glob
 import hashlib
 import io
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from utils.checkpoint_formats import unwrap
-from utils.errors import UserError
+from utils.files.checkpoint_formats import unwrap
+from utils.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
 def load_state_dict(path, max_bytes=None):
     """Load a checkpoint without running code from it: `.safetensors`, or `.pt` through
     `torch.load(weights_only=True)`. Accepts a plain state dict or a training checkpoint holding one
-    (utils.checkpoint_formats.unwrap). Any failure is a UserError naming the file.
+    (utils.files.checkpoint_formats.unwrap). Any failure is a UserError naming the file.
 
     `max_bytes` (the most a checkpoint of the architecture may hold, see `checkpoint_limit`) bounds
     what the file may unpack to, checked before any tensor data is read: the file's size, the sizes
@@ -50,7 +50,7 @@ def load_state_dict(path, max_bytes=None):
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, Exception) as err:
         raise UserError(f"{path}: not a readable checkpoint (truncated or another format): "
                         f"{first_line(err)}") from err
-    if isinstance(sd, dict):  # a training checkpoint, keys saved from DDP (utils/checkpoint_formats.py)
+    if isinstance(sd, dict):  # a training checkpoint, keys saved from DDP (utils/files/checkpoint_formats.py)
         sd = unwrap(sd, str(path))
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"{path}: holds no state dict of tensors (found {type(sd).__name__})")

@@ -1,12 +1,13 @@
 """Accuracy that is exact across ranks: each rank takes indices rank, rank+world, ... (no padding, no
 repeats) and the correct / total counts are all-reduced. A frozen prefix that the model shares with
-the previous evaluation of the same data set is not run again (utils/prefix.py)."""
+the previous evaluation of the same data set is not run again (utils/run/prefix.py)."""
 
 import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 from tqdm import tqdm
 
-from utils import distributed, prefix
+from utils.run import prefix
+from utils.runtime import distributed
 
 
 def make_loader(dataset, batch_size, workers, shuffle=False, generator=None, shard=True):

@@ -1,7 +1,7 @@
 """Results: one JSON line per evaluated model or soup, appended, never truncated (README, "The four
 recipes"). Every results line is written here: a soup's by `write_outputs`, the end of every soup run
 (sidecar files, recipe, soup, and the results line last), whose fields `result_record` lists; an
-ingredient's by `append` (utils/individual.py).
+ingredient's by `append` (utils/run/individual.py).
 
 Lines are written with a single `write` on a file opened in append mode and flushed + fsynced, so a
 kill leaves whole lines only. The file is not trusted when read: a line that is torn (a power loss, a
@@ -15,8 +15,9 @@ import stat
 import time
 from pathlib import Path
 
-from utils import distributed, ingredients, memory, soup_io
-from utils.errors import UserError
+from utils.files import ingredients, soup_io
+from utils.runtime import distributed, memory
+from utils.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
 _WARNED = set()  # (path, skipped count) already reported in this process
@@ -33,7 +34,7 @@ def check_regular(path, flag="--results-db"):
     except OSError as err:
         raise UserError(f"{flag} {path}: cannot be read ({err.strerror or err})") from err
     if not stat.S_ISREG(mode):
-        from utils.state_dicts import describe_missing
+        from utils.files.state_dicts import describe_missing
         what = describe_missing(path).replace(", not a checkpoint file", "")
         raise UserError(f"{flag} {path} {what}, not a regular file: give a file name")
 
