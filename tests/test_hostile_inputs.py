@@ -99,15 +99,15 @@ def test_a_zip_bomb_does_not_raise_peak_memory(tmp_path, zoo, out, fmnist_root):
     def peak(spoil):
         shutil.copy(zoo / "model_0.pt", zoo / "model_1.pt")
         spoil(zoo / "model_1.pt")
-        code = ("import resource, sys, uniform_soup; from utils.runtime.errors import run_main\n"
+        code = ("import sys, uniform_soup; from utils.runtime.errors import run_main\n"
+                "from utils.runtime.memory import resident_peak_bytes\n"
                 "try:\n    run_main(uniform_soup.main, sys.argv[1:])\n"
-                "finally:\n    print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
-                "file=sys.stderr)\n")
+                "finally:\n    print('PEAK', resident_peak_bytes(), file=sys.stderr)\n")
         done = subprocess.run([sys.executable, "-c", code, *argv(zoo, fmnist_root, out)],
                               capture_output=True, text=True, cwd=ROOT, timeout=120,
                               env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
         assert "error: " in done.stderr, done.stderr[-2000:]
-        return int(done.stderr.split("PEAK ")[-1].split()[0]) * 1024
+        return int(done.stderr.split("PEAK ")[-1].split()[0])
 
     peak(lambda p: p.write_bytes(b"not a checkpoint"))  # warm: the first run fills the data cache
     small = peak(lambda p: p.write_bytes(b"not a checkpoint"))

@@ -1,4 +1,9 @@
-"""Peak memory: `torch.cuda.max_memory_allocated` on GPU, the process's peak resident set on CPU."""
+"""Peak memory: `torch.cuda.max_memory_allocated` on GPU, the process's peak resident set on CPU.
+
+On Linux the resident peak is the process's own high-water mark (`VmHWM` in /proc/self/status).
+`getrusage`'s `ru_maxrss` is not used there: a process started by fork (or vfork) and exec inherits its
+parent's high-water mark in it, so a soup run started from a large process (a test runner, a driver
+script) would report the parent's peak."""
 import resource
 import sys
 
@@ -10,11 +15,23 @@ def reset_peak(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def resident_peak_bytes():
+    """This process's peak resident set in bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB
+
+
 def peak_bytes(device):
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB
+    return resident_peak_bytes()
 
 
 def gib(n):
