@@ -56,7 +56,7 @@ from utils.files.ingredients import index_of
 from utils.files.soup_io import buffer_coefficients, sidecar
 from utils.files.state_dicts import atomic_write
 from utils.run import cli, individual, mehl, prefix
-from utils.run.batchnorm import batchnorm_statistics, reestimate, rule, set_mode
+from utils.run.batchnorm import batchnorm_statistics, check_batch_statistics, reestimate, rule, set_mode
 from utils.run.evaluation import accuracy, evaluate_all
 from utils.run.layout import Layout, make_layout, state_buffers
 from utils.runtime import distributed
@@ -240,7 +240,8 @@ def learn_group(run, group, progress):
     args, setup, layout = run.args, run.setup, run.layout
     B, N = layout.num_blocks, len(run.paths)
     first = progress.alpha is None
-    my_rows = sampling.my_share(group)  # this rank's ingredients of the group (all of them on one process)
+    # this rank's ingredients of the group (all of them on one process)
+    my_rows = sampling.my_share(group, distributed.world_size(), distributed.rank())
     center, P, inv_norms = mehl.directions(run.paths, my_rows, len(group), layout, setup.reference, run.soup,
                                            mehl.DTYPES[args.directions_dtype], first)
     alpha_center = hyperplane.mean_alpha(group, N, B) if first else progress.alpha
@@ -259,7 +260,8 @@ def learn_group(run, group, progress):
         set_mode(setup.model, layout.frozen_stats)
         heldout, forward, workers = heldout_inputs(run)
         epoch_loss = 0.0
-        for n_global, batch in sampling.rank_batches(heldout, args.batch_size, progress.data_rng, workers):
+        for n_global, batch in sampling.rank_batches(heldout, args.batch_size, progress.data_rng,
+                                                        distributed.world_size(), distributed.rank(), workers):
             loss = mehl.step(forward, run.soup, state, layout.bounds, batch, n_global,
                              args.labelsmooth, clip=setup.spec.is_vit)
             mehl_state.check_finite(run.soup.theta, label, state.step, args.lr)
@@ -343,7 +345,7 @@ def finish(run, progress):
     summary = hyperplane.summary(progress.alpha)
     alpha = progress.alpha.tolist()
     identical_numbers = sum(setup.reference[n].numel() for n in layout.identical)
-    rows_per_rank = sampling.shard_range(min(args.model_batch, len(run.paths)), index=0)[1]
+    rows_per_rank = sampling.shard_range(min(args.model_batch, len(run.paths)), distributed.world_size(), 0)[1]
     itemsize = run.soup.theta.element_size()
     soup_sd = {k: v.detach().cpu().clone() for k, v in setup.model.state_dict().items()}
     statistics = batchnorm_statistics(setup.model, state_buffers(setup.model, floating=False)) if reestimated else []
@@ -407,7 +409,7 @@ def main(argv=None):
 
     layout, base = make_layout(paths, setup.model, setup.reference, args.layer_size)
     if not layout.frozen_stats:
-        sampling.check_batch_statistics(len(setup.bundle.heldout), args.batch_size, distributed.world_size())
+        check_batch_statistics(len(setup.bundle.heldout), args.batch_size, distributed.world_size())
     method = method_of(layout)
     config = config_of(args, paths)
     config[mehl_state.FILES_KEY] = mehl_state.fingerprints(paths)

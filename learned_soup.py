@@ -155,7 +155,7 @@ def global_batches(n, batch_size, seed, epoch):
     order = torch.randperm(n, generator=gen).tolist()
     for s in range(0, n, batch_size):
         batch = order[s:s + batch_size]
-        a, b = distributed.shard_range(len(batch))
+        a, b = sampling.shard_range(len(batch), distributed.world_size(), distributed.rank())
         yield batch[a:b], len(batch)
 
 
@@ -254,7 +254,7 @@ def main(argv=None):
     bn_differ = batchnorm.batchnorm_statistics(model, differ)
     frozen_stats = not bn_differ
     if bn_differ:
-        sampling.check_batch_statistics(len(setup.bundle.heldout), args.batch_size, distributed.world_size())
+        batchnorm.check_batch_statistics(len(setup.bundle.heldout), args.batch_size, distributed.world_size())
     blocks = coefficient_blocks(names, [stacked[k][0].numel() for k in names], block_size(args))
     if distributed.is_primary():
         log.info("%s: %d ingredients, %d learned tensors in %d block(s), %d identical in all kept as they "

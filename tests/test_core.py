@@ -14,6 +14,7 @@ from utils.run.evaluation import accuracy
 from utils.run.layout import Differences
 from utils.runtime import distributed
 from utils.runtime.errors import UserError
+from utils.soup import sampling
 from utils.soup.blocks import block_ids, make_blocks
 
 
@@ -99,9 +100,9 @@ def test_results_append_never_truncates(tmp_path):
 
 
 def test_shard_range_contiguous_first_ones_longer():
-    parts = [distributed.shard_range(7, 3, i) for i in range(3)]
+    parts = [sampling.shard_range(7, 3, i) for i in range(3)]
     assert parts == [(0, 3), (3, 5), (5, 7)]
-    assert [distributed.shard_range(1, 2, i) for i in range(2)] == [(0, 1), (1, 1)]
+    assert [sampling.shard_range(1, 2, i) for i in range(2)] == [(0, 1), (1, 1)]
 
 
 class Fixed(nn.Module):

@@ -132,8 +132,8 @@ def test_sampling_groups_shares_and_resumable_shuffle():
 
 def test_rank_batches_split_the_same_global_batches():
     data = torch.utils.data.TensorDataset(torch.arange(11.0), torch.arange(11))
-    single = list(sampling.rank_batches(data, 4, sampling.data_generator(0), world=1, rank=0))
-    parts = [list(sampling.rank_batches(data, 4, sampling.data_generator(0), world=3, rank=r))
+    single = list(sampling.rank_batches(data, 4, sampling.data_generator(0), 1, 0))
+    parts = [list(sampling.rank_batches(data, 4, sampling.data_generator(0), 3, r))
              for r in range(3)]
     assert [n for n, _ in single] == [4, 4, 3]
     for step, (n, (x, _)) in enumerate(single):

@@ -132,7 +132,7 @@ def test_one_group_equals_optimising_X_with_autograd(tmp_path, zoo4, fmnist_root
         return dict(zip(names, (t.view(sds[0][n].shape) for n, t in zip(names, theta.split(sizes)))))
 
     for _ in range(2):
-        for _, (x, y) in sampling.rank_batches(data.heldout, 15, data_rng, world=1, rank=0):
+        for _, (x, y) in sampling.rank_batches(data.heldout, 15, data_rng, 1, 0):
             opt.zero_grad()
             logits = torch.func.functional_call(model, {**soup(), **buffers}, (x,))
             F.cross_entropy(logits, y).backward()

@@ -10,6 +10,7 @@ from utils.files.state_dicts import (CHECKPOINT_SUFFIXES, check_dtypes, check_st
                                      load_state_dict)
 from utils.runtime import distributed
 from utils.runtime.errors import UserError
+from utils.soup.sampling import shard_range
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^model_(\d+)$")
@@ -72,7 +73,7 @@ def load_checked(path, reference):
 def preflight(paths, reference):
     """Check every ingredient (keys, shapes, dtypes, finite values) before any long work starts.
     Each rank checks a share and all ranks agree, so a bad file stops every process with its name."""
-    start, stop = distributed.shard_range(len(paths))
+    start, stop = shard_range(len(paths), distributed.world_size(), distributed.rank())
     error = None
     for p in tqdm(paths[start:stop], desc="checking ingredients", leave=False,
                   disable=not distributed.is_primary()):

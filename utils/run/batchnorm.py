@@ -9,6 +9,8 @@ from torch import nn
 from tqdm import tqdm
 
 from utils.runtime import distributed
+from utils.runtime.errors import UserError
+from utils.soup.sampling import smallest_share
 
 BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
@@ -54,6 +56,16 @@ def set_mode(model, frozen_stats):
             if isinstance(m, BN_TYPES):
                 m.train()
     return model
+
+
+def check_batch_statistics(n, batch_size, world=1):
+    """Learning with batch statistics (BatchNorm in train mode) needs two or more images in every
+    rank's share of every batch: refuse a split that would give a share of one image, before work."""
+    if smallest_share(n, batch_size, world) < 2:
+        raise UserError(f"BatchNorm statistics differ across the ingredients, so learning uses batch "
+                        f"statistics, which one image does not have: {n} held-out images in batches of "
+                        f"{batch_size} over {world} process(es) leave a share of 1 image; choose another "
+                        "--batch-size (or --heldout-per-class)")
 
 
 @torch.no_grad()

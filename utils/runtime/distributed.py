@@ -90,12 +90,3 @@ def agree(ok, message):
     if int(flag.item()) > 0:
         from utils.runtime.errors import UserError
         raise UserError(message if not ok else "another rank failed (see its message above)")
-
-
-def shard_range(n, parts=None, index=None):
-    """Contiguous split of range(n) into `parts` pieces, the first n % parts one longer. Returns (start, stop)."""
-    parts = world_size() if parts is None else parts
-    index = rank() if index is None else index
-    base, extra = divmod(n, parts)
-    start = index * base + min(index, extra)
-    return start, start + base + (1 if index < extra else 0)

@@ -2,12 +2,19 @@
 held-out examples. Everything is driven by `torch.Generator`s whose state is saved for --resume.
 
 Two generators come from one seed so that the model order and the data order do not depend on each
-other: `models_generator(seed)` and `data_generator(seed)`.
+other: `models_generator(seed)` and `data_generator(seed)`. Under torchrun every rank draws the same
+orders and takes its contiguous share (`shard_range`); the caller says which rank of how many it is.
 """
 import torch
 from torch.utils.data import DataLoader
 
-from utils.runtime.distributed import shard_range
+
+def shard_range(n, parts, index):
+    """Contiguous split of range(n) into `parts` pieces, the first n % parts one longer: (start, stop) of
+    piece `index`."""
+    base, extra = divmod(n, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
 
 
 def models_generator(seed):
@@ -32,7 +39,7 @@ def groups(order, k):
     return [order[s:s + k] for s in range(0, len(order), k)]
 
 
-def my_share(group, world=None, rank=None):
+def my_share(group, world, rank):
     """The contiguous part of `group` this rank holds (the first len % world ranks take one more)."""
     start, stop = shard_range(len(group), world, rank)
     return group[start:stop]
@@ -47,24 +54,13 @@ def smallest_share(n, batch_size, world=1):
     return min(x for x in shares if x > 0)
 
 
-def check_batch_statistics(n, batch_size, world=1):
-    """Learning with batch statistics (BatchNorm in train mode) needs two or more images in every
-    rank's share of every batch: refuse a split that would give a share of one image, before work."""
-    if smallest_share(n, batch_size, world) < 2:
-        from utils.runtime.errors import UserError
-        raise UserError(f"BatchNorm statistics differ across the ingredients, so learning uses batch "
-                        f"statistics, which one image does not have: {n} held-out images in batches of "
-                        f"{batch_size} over {world} process(es) leave a share of 1 image; choose another "
-                        "--batch-size (or --heldout-per-class)")
-
-
 def global_batches(n, batch_size, generator):
     """One epoch of the held-out split: a seeded permutation of range(n) cut into global batches."""
     perm = torch.randperm(n, generator=generator).tolist()
     return [perm[s:s + batch_size] for s in range(0, n, batch_size)]
 
 
-def rank_batches(dataset, batch_size, generator, workers=0, world=None, rank=None):
+def rank_batches(dataset, batch_size, generator, world, rank, workers=0):
     """Yield (global batch size, this rank's (x, y) or None) for one shuffled epoch over `dataset`.
 
     Every rank draws the same global batches and takes its contiguous slice of each, so the summed
