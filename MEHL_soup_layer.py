@@ -440,7 +440,7 @@ def main(argv=None):
         log.info("stopped after %d group(s) (--stop-after-groups); continue with --resume %s",
                  len(progress.groups), state_path)
     wandb.finish()
-    distributed.teardown()
+    cli.end()
     return record
 
 

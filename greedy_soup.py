@@ -97,7 +97,7 @@ def main(argv=None):
     if distributed.is_primary():
         log.info("greedy soup of %s: held-out %.2f, test %.2f, shift mean %s", kept, scores["heldout"],
                  scores["test"], scores.get("shift_mean"))
-    distributed.teardown()
+    cli.end()
     return record
 
 

@@ -296,7 +296,7 @@ def main(argv=None):
     if distributed.is_primary():
         log.info("%s: held-out %.2f, test %.2f, shift mean %s, temperature %.3f", method,
                  scores["heldout"], scores["test"], scores.get("shift_mean"), beta.item())
-    distributed.teardown()
+    cli.end()
     return record
 
 

@@ -49,7 +49,7 @@ def main(argv=None):
     if distributed.is_primary():
         log.info("uniform soup of %d: held-out %.2f, test %.2f, shift mean %s", len(paths),
                  scores["heldout"], scores["test"], scores.get("shift_mean"))
-    distributed.teardown()
+    cli.end()
     return record
 
 

@@ -52,6 +52,15 @@ def own_cache(tmp_path_factory, monkeypatch):
     prefix.configure(None)
 
 
+@pytest.fixture(autouse=True)
+def release_locks():
+    """A run that stops on an error keeps its output locks until its process exits (utils/files/lock.py);
+    in-process runs of the tests share this process, so each test gives back what its runs held."""
+    yield
+    from utils.files import lock
+    lock.release_all()
+
+
 @pytest.fixture(scope="session")
 def fmnist_root(tmp_path_factory):
     return make_fmnist(tmp_path_factory.mktemp("fmnist"))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils import archs
-from utils.files import ingredients, results
+from utils.files import ingredients, lock, results
 from utils.files.soup_io import sidecar
 from utils.run import prefix
 from utils.runtime import distributed
@@ -301,8 +301,8 @@ def prefix_folder(flag):
 
 def lock_output(*paths):
     """Hold an exclusive lock on each output path (not None) for the rest of the run: a second run
-    writing the same soup (or MEHL state) is refused, naming the process that holds it."""
-    from utils.files import lock
+    writing the same soup (or MEHL state) is refused, naming the process that holds it. `end` releases
+    them; a run that stops on an error keeps them until its process exits (the kernel releases them)."""
     for path in paths:
         if path is not None:
             lock.acquire(path)
@@ -319,7 +319,7 @@ def begin(args, method, methods=None):
     from utils.runtime import memory
     finished_line = finished(args, methods or (method,))
     if finished_line is not None:
-        distributed.teardown()
+        end()
         return finished_line, None, None
     output = None
     if method is not None:
@@ -331,3 +331,9 @@ def begin(args, method, methods=None):
     individual.check_exclude_top(args, setup)
     memory.reset_peak(setup.device)
     return None, setup, output
+
+
+def end():
+    """The end of every soup run: release its output locks and leave the process group."""
+    lock.release_all()
+    distributed.teardown()

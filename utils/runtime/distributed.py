@@ -8,6 +8,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from utils.runtime.errors import UserError
+
 
 def world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -32,7 +34,6 @@ def setup(device_arg="auto"):
     """
     use_cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
-        from utils.runtime.errors import UserError
         raise UserError("--device cuda was asked for but no CUDA device is visible")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
@@ -44,8 +45,7 @@ def setup(device_arg="auto"):
         try:
             dist.init_process_group(backend=backend, timeout=timeout)
         except Exception as err:  # the rendezvous could not complete: say so in one line
-            from utils.runtime.errors import UserError
-            raise UserError(f"could not join the process group ({backend}, "
+                raise UserError(f"could not join the process group ({backend}, "
                             f"MASTER_ADDR={os.environ.get('MASTER_ADDR')}, "
                             f"MASTER_PORT={os.environ.get('MASTER_PORT')}): {err}") from err
     if use_cuda:
@@ -54,9 +54,7 @@ def setup(device_arg="auto"):
 
 
 def teardown():
-    """The end of a run: leave the process group and release the output locks (utils.files.lock)."""
-    from utils.files import lock  # late import: lock imports this module
-    lock.release_all()
+    """Leave the process group (the end of a run)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -88,5 +86,4 @@ def agree(ok, message):
         flag = flag.cuda()
     all_reduce_sum(flag)
     if int(flag.item()) > 0:
-        from utils.runtime.errors import UserError
         raise UserError(message if not ok else "another rank failed (see its message above)")

@@ -19,9 +19,16 @@ def run_main(main, argv=None):
         # One line, whatever the message holds (a library's multi-line error quoted in it).
         message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
         print(f"error: {message}", file=sys.stderr, flush=True)
-        from utils.runtime import distributed  # late import: keep this module free of torch at import time
-        distributed.teardown()
+        _leave_process_group()
         sys.exit(2)
+
+
+def _leave_process_group():
+    """Leave torchrun's process group, so that the other ranks learn at once that this one stopped
+    (the output locks are the process's: the kernel releases them when it exits)."""
+    import torch.distributed as dist  # here, not at the top: importing this module needs no torch
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _close_progress_bars():
