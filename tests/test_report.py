@@ -168,3 +168,31 @@ def test_streamed_distances_equal_the_in_memory_ones(tmp_path):
         got = [float(row[4]) for row in csv if row[0] == method]
         assert len(got) == len(ratios) and min(ratios) > 0
         torch.testing.assert_close(torch.tensor(got), torch.tensor(ratios), rtol=1e-5, atol=0)  # csv: 6 digits
+
+
+def test_distances_of_the_soups_the_scripts_write(tmp_path, fmnist_root):
+    """Recipes and soups as Learned-Soup+ and MEHL-Soup+ write them on a tiny zoo: the report reads them,
+    and its distances equal the in-memory float64 computation."""
+    from functools import partial
+
+    import torch
+
+    import learned_soup
+    import MEHL_soup_layer
+    from tests import helpers
+    from tests.conftest import make_zoo
+    from utils.files.state_dicts import load_state_dict
+    zoo = make_zoo(tmp_path / "zoo", 3)
+    argv = partial(helpers.argv, heldout=5, test_size=40, batch_size=None)
+    learned_soup.main(argv(zoo, fmnist_root, tmp_path, "--layerwise", "--epochs", "1", name="learned"))
+    MEHL_soup_layer.main(argv(zoo, fmnist_root, tmp_path, *helpers.QUICK["mehl"], name="mehl"))
+    main(["--results-db", str(tmp_path / "results.jsonl"), "--out", str(tmp_path / "rep")])
+    csv = [row.split(",") for row in (tmp_path / "rep" / "distances.csv").read_text().splitlines()[1:]]
+    for stem, name in (("learned", "Learned-Soup+"), ("mehl", "MEHL-Soup+ seed 1")):
+        recipe = json.loads((tmp_path / f"{stem}.recipe.json").read_text())
+        ingredients = [load_state_dict(item["path"]) for item in recipe["ingredients"]]
+        expected = in_memory_block_ratios(load_state_dict(tmp_path / f"{stem}.pt"), ingredients,
+                                          recipe["coefficients"]["blocks"])
+        got = [float(row[4]) for row in csv if row[0] == name]
+        assert len(got) == len(expected) > 1
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=0)
