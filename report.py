@@ -4,9 +4,9 @@
 
 What it reads (it evaluates nothing, and writes nothing outside --out):
   - the results files (--results-db): every table and figure comes from their lines;
-  - the recipe `<soup>.recipe.json` of every soup of the main table whose file is on disk, and, when
-    the latest MEHL-Soup+ line holds no alpha, that soup's coefficients sidecar `<soup>.alpha.json`
-    (or a Learned-Soup's `<soup>.coefficients.json`) for the coefficients figure;
+  - the recipe `<soup>.recipe.json` of every soup of the main table (each seed) whose file is on
+    disk; for the coefficients figure, when the latest MEHL-Soup+ line holds no alpha, that soup's
+    sidecar `<soup>.alpha.json` (or a Learned-Soup's `<soup>.coefficients.json`);
   - for the distance table only: those soups and the ingredients their recipes name, streamed. Per set
     of ingredients, two passes read them one at a time (their float64 mean, then each one's distance
     from it), so memory holds the mean, one ingredient and one soup whatever their number. Where the
@@ -59,11 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--results-db", nargs="+", default=["runs/results.jsonl"],
                    help="one or more JSON-lines results files")
     p.add_argument("--out", default="runs/report", help="folder for report.md, distances.csv and the PNG figures")
-    p.add_argument("--dataset", default=None, help="only lines of this dataset (default: all)")
-    p.add_argument("--arch", default=None, help="only lines of this architecture (default: all)")
+    p.add_argument("--dataset", default=None, help="only lines of this dataset (None: every dataset)")
+    p.add_argument("--arch", default=None, help="only lines of this architecture (None: every one)")
     p.add_argument("--model-location", default=None,
-                   help="only the zoo whose ingredients are in this folder (default: every zoo in the "
-                        "results, one section each)")
+                   help="only the zoo whose ingredients are in this folder (None: every zoo in the results, "
+                        "one section each)")
     return p.parse_args(argv)
 
 
@@ -109,9 +109,6 @@ def check_out(out, inputs):
 
 
 # ------------------------------------------------------------------------------ selecting lines
-NUMBERS = ("heldout", "test", "shift_mean", "seconds", "peak_memory_bytes")
-
-
 def _number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -120,26 +117,32 @@ def _list_of(v, kind):
     return isinstance(v, list) and all(isinstance(x, kind) and not isinstance(x, bool) for x in v)
 
 
+def _optional(test):
+    return lambda v: v is None or test(v)
+
+
+# What the report reads of a results line ("a.b": field b of the dict a), and the type it needs there.
+FIELDS = {"method": lambda v: isinstance(v, str),
+          **{k: _optional(_number) for k in ("heldout", "test", "shift_mean", "seconds", "peak_memory_bytes")},
+          "shifts": _optional(lambda v: isinstance(v, dict) and all(x is None or _number(x) for x in v.values())),
+          "missing_shifts": _optional(lambda v: _list_of(v, str)),
+          "ingredients": _optional(lambda v: _list_of(v, int)),
+          "range_fingerprints": _optional(lambda v: isinstance(v, list)),
+          "args": _optional(lambda v: isinstance(v, dict)),
+          "args.exclude_top": _optional(lambda v: _list_of([v], int)),
+          "args.randomseed": _optional(lambda v: _list_of([v], (int, str))),
+          **{k: _optional(lambda v: isinstance(v, str))
+             for k in ("dataset", "arch", "model_location", "path", "soup_file")}}
+
+
 def unusable(r):
     """The first field of a results line that the report reads and that has the wrong type, or None."""
-    args = r.get("args") if isinstance(r.get("args"), dict) else {}
-    shifts = r.get("shifts")
-    checks = [("method", isinstance(r.get("method"), str)),
-              *((k, r.get(k) is None or _number(r[k])) for k in NUMBERS),
-              ("shifts", shifts is None or (isinstance(shifts, dict)
-                                            and all(v is None or _number(v) for v in shifts.values()))),
-              ("missing_shifts", r.get("missing_shifts") is None or _list_of(r["missing_shifts"], str)),
-              ("ingredients", r.get("ingredients") is None or _list_of(r["ingredients"], int)),
-              ("range_fingerprints", r.get("range_fingerprints") is None or isinstance(r["range_fingerprints"], list)),
-              ("args", r.get("args") is None or isinstance(r["args"], dict)),
-              ("args.exclude_top", args.get("exclude_top") is None or _list_of([args["exclude_top"]], int)),
-              ("args.randomseed", args.get("randomseed") is None or _list_of([args["randomseed"]], (int, str))),
-              *((k, r.get(k) is None or isinstance(r[k], str))
-                for k in ("dataset", "arch", "model_location", "path", "soup_file"))]
-    if r.get("method") == "individual":
-        index = r["index"] if "index" in r else (r.get("ingredients") or [None])[0]
-        checks += [("index", _list_of([index], int)), ("heldout", _number(r.get("heldout"))),
-                   ("test", _number(r.get("test")))]
+    wrong = next((k for k, ok in FIELDS.items() if not ok(_field(r, k))), None)
+    if wrong or r["method"] != "individual":
+        return wrong
+    index = r["index"] if "index" in r else (r.get("ingredients") or [None])[0]
+    checks = (("index", _list_of([index], int)), ("heldout", _number(r.get("heldout"))),
+              ("test", _number(r.get("test"))))
     return next((k for k, ok in checks if not ok), None)
 
 
@@ -148,15 +151,18 @@ def load(paths, dataset=None, arch=None):
     have the wrong type is left out, with one warning per file."""
     lines = []
     for path in paths:
-        got = results.read(path)
-        bad = [(r, unusable(r)) for r in got]
-        bad = [(r, field) for r, field in bad if field]
+        bad = []
+        for r in results.read(path):
+            field = unusable(r)
+            if field:
+                bad.append((r, field))
+            else:
+                lines.append(r)
         if bad:
             r, field = bad[0]
             log.warning("%s: %d results line(s) left out, a field the report reads has the wrong type "
                         "(the first: a %r line, %s = %.80r)", path, len(bad), r.get("method"), field,
                         _field(r, field))
-        lines += [r for r in got if not unusable(r)]
     return [r for r in lines if (dataset is None or r.get("dataset") == dataset)
             and (arch is None or r.get("arch") == arch)]
 
@@ -405,11 +411,12 @@ def distances(lines, csv_path):
     """How far each soup went (utils.soup.distance): a markdown table, and every block in `csv_path`.
     None when no soup has its file, its recipe and its ingredients on disk. The ingredients are
     streamed: soups that share their ingredients share the two passes over them."""
-    soups = [(name, r["soup_file"], recipe) for name, r in distance_rows(lines)
-             for recipe in [soup_recipe(r["soup_file"], name)] if recipe is not None]
-    by_ingredients = {}
-    for soup in soups:
-        by_ingredients.setdefault(tuple(i["path"] for i in soup[2]["ingredients"]), []).append(soup)
+    soups, by_ingredients = [], {}
+    for name, r in distance_rows(lines):
+        recipe = soup_recipe(r["soup_file"], name)
+        if recipe is not None:
+            soups.append((name, r["soup_file"], recipe))
+            by_ingredients.setdefault(tuple(i["path"] for i in recipe["ingredients"]), []).append(soups[-1])
     ratios = {}
     for paths, group in by_ingredients.items():
         ratios.update(measure(paths, group))
@@ -568,7 +575,7 @@ def figure_scatter(lines, rows, path):
     ax.scatter([r["test"] for r in ind], [r["shift_mean"] for r in ind], c="grey", s=18,
                label="ingredients")
     for name, r in rows:
-        if r.get("method") != "individual" and r.get("shift_mean") is not None:
+        if r.get("method") != "individual" and r.get("shift_mean") is not None and r.get("test") is not None:
             ax.scatter([r["test"]], [r["shift_mean"]], s=60, marker="*", label=name)
     ax.set_xlabel("test accuracy (%)")
     ax.set_ylabel("mean accuracy over shifts (%)")
@@ -649,7 +656,9 @@ def figure_coefficients(lines, path):
     im = ax.imshow(alpha, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
     ax.set_xlabel("ingredient")
     ax.set_ylabel("block (parameter tensor)")
-    ax.set_xticks(range(alpha.shape[1]), r.get("ingredients", list(range(alpha.shape[1]))), fontsize=6)
+    labels = r.get("ingredients") or []
+    ax.set_xticks(range(alpha.shape[1]), labels if len(labels) == alpha.shape[1] else range(alpha.shape[1]),
+                  fontsize=6)
     ax.set_title(f"MEHL-Soup+ coefficients ({(alpha < 0).mean() * 100:.0f}% negative; "
                  f"colours clipped at ±{lim:.2g}, range {alpha.min():.3g}..{alpha.max():.3g})", fontsize=8)
     fig.colorbar(im, ax=ax)

@@ -195,6 +195,16 @@ def test_an_alpha_in_a_results_line_that_is_no_matrix_is_a_warning(tmp_path, cap
     assert "not a matrix of numbers" in caplog.text and not (tmp_path / "rep" / "coefficients.png").exists()
 
 
+def test_coefficients_of_another_width_than_the_lines_ingredients_are_drawn(tmp_path):
+    """A sidecar of three ingredients beside a line that names two (a sidecar left by another run): the
+    figure is drawn, its columns numbered, not a traceback."""
+    (tmp_path / "mehl.alpha.json").write_text(json.dumps({"alpha": [[0.2, 0.3, 0.5], [1.0, -0.5, 0.5]]}))
+    rows = [{"method": "MEHL-Soup+", "ingredients": [0, 1], "heldout": 81.0, "test": 81.0, "shifts": {},
+             "soup_file": str(tmp_path / "mehl.pt"), "args": {"exclude_top": 0}}]
+    report.main(["--results-db", str(write_lines(tmp_path / "r.jsonl", rows)), "--out", str(tmp_path / "rep")])
+    assert (tmp_path / "rep" / "coefficients.png").read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.mark.parametrize("bad", [{"heldout": "85"}, {"shifts": [1, 2]}, {"args": {"randomseed": [1]}},
                                  {"method": 5}, {"ingredients": 3}, {"args": {"exclude_top": "2"}}])
 def test_a_results_line_with_fields_of_the_wrong_type_is_left_out_with_a_warning(tmp_path, caplog, bad):
