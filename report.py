@@ -69,10 +69,15 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------------------ checking the paths
 def check_inputs(paths):
+    """Every results file exists, is a regular file and can be opened."""
     for path in paths:
         if not Path(path).exists():
             raise UserError(f"--results-db {path}: no such file")
         results.check_regular(path)
+        try:
+            open(path, "rb").close()
+        except OSError as err:
+            raise UserError(f"--results-db {path}: cannot be read ({err.strerror or err})") from err
 
 
 def check_out(out, inputs):

@@ -4,12 +4,17 @@ the rows that need it are left out; a bad --out is one `error:` line, exit 2, be
 import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 import report
+from tests.conftest import ROOT
 from utils.runtime.errors import run_main
 
 
@@ -276,3 +281,35 @@ def test_out_with_a_folder_in_the_place_of_an_output_is_one_line(tmp_path, capsy
     (tmp_path / "rep" / "report.md").mkdir(parents=True)
     no_work(monkeypatch)
     assert "in the way" in refused(capsys, ["--results-db", str(db), "--out", str(tmp_path / "rep")])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root, and no setpriv to drop to a user")
+def test_a_read_only_out_folder_and_an_unreadable_results_file_are_one_line_for_a_user():
+    """As an ordinary user sees them (root reads and writes anywhere: as root, report.py runs as the
+    user nobody through setpriv): an --out folder made read-only (chmod 555), a results file made
+    unreadable (chmod 000)."""
+    shared = Path(tempfile.mkdtemp(prefix="report-user-", dir="/tmp"))
+    try:
+        shared.chmod(0o755)
+        db = write_lines(shared / "r.jsonl", zoo_lines(shared / "zoo"))
+        db.chmod(0o644)
+        (shared / "ro").mkdir()
+        (shared / "ro").chmod(0o555)
+        (shared / "mpl").mkdir()
+        (shared / "mpl").chmod(0o777)
+        (shared / "secret.jsonl").write_text(db.read_text())
+        (shared / "secret.jsonl").chmod(0o000)
+        as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+        for results_db, out, said in ((db, shared / "ro", "cannot write into the folder"),
+                                      (shared / "secret.jsonl", shared / "rep", "cannot be read")):
+            done = subprocess.run([*as_user, sys.executable, str(ROOT / "report.py"), "--results-db", str(results_db),
+                                   "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=shared,
+                                  env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                                       "MPLCONFIGDIR": str(shared / "mpl")})
+            assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+            last = done.stderr.strip().splitlines()[-1]
+            assert last.startswith("error: ") and said in last, done.stderr[-3000:]
+        assert list((shared / "ro").iterdir()) == [] and not (shared / "rep").exists()
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
