@@ -195,22 +195,26 @@ def _holds(folder, path):
 
 
 def split_zoos(lines):
-    """[(zoo, its lines)] in the order they first appear. A line that records no folder joins the one zoo
-    of its dataset and architecture when there is exactly one; an ingredient's line whose folder is no
-    soup run's joins the zoo whose folder links to its file."""
+    """[(zoo, its lines)] in the order they first appear. An ingredient's line whose folder is no soup
+    run's joins the soup run's zoo whose folder links to its file; a line that records no folder (an
+    older line) joins the one zoo of its dataset and architecture when there is exactly one."""
     keys = [zoo_of(r) for r in lines]
-    named = list(dict.fromkeys(k for k, r in zip(keys, lines) if r.get("model_location")))
+    named = {k for k, r in zip(keys, lines) if r.get("model_location")}
 
-    def settle(key, r):
-        if key in named:
+    def linked(key, r):
+        if key in named or key[2] is None:
             return key
-        same = [z for z in named if z[:2] == key[:2]]
-        if key[2] is not None:
-            same = [z for z in same if _holds(z[2], r["path"])]
+        found = [z for z in named if z[:2] == key[:2] and _holds(z[2], r["path"])]
+        return found[0] if len(found) == 1 else key
+    keys = [linked(k, r) for k, r in zip(keys, lines)]
+    located = list(dict.fromkeys(k for k in keys if k[2] is not None))
+
+    def settle(key):
+        same = [z for z in located if z[:2] == key[:2]] if key[2] is None else [key]
         return same[0] if len(same) == 1 else key
     zoos = {}
     for key, r in zip(keys, lines):
-        zoos.setdefault(settle(key, r), []).append(r)
+        zoos.setdefault(settle(key), []).append(r)
     return list(zoos.items())
 
 

@@ -111,6 +111,20 @@ def test_a_zoo_folder_of_links_is_one_zoo(tmp_path):
     assert "| best individual (#0) | 80.00 |" in table
 
 
+def test_lines_that_record_no_folder_join_the_one_zoo_of_their_dataset(tmp_path):
+    """Older soup lines without model_location, beside ingredients' lines that name their files, and
+    hand-written lines that name neither: one zoo, not three."""
+    rows = zoo_lines(tmp_path / "zoo")
+    for r in rows[3:]:
+        del r["model_location"]
+    rows.append({"method": "MEHL-Soup+", "dataset": "FashionMNIST", "arch": "tiny-cnn", "ingredients": [0, 1, 2],
+                 "heldout": 83.0, "test": 83.0, "shifts": {}, "args": {"exclude_top": 0}})
+    table = report.main(["--results-db", str(write_lines(tmp_path / "r.jsonl", rows)), "--out", str(tmp_path / "rep")])
+    assert "## Zoo" not in (tmp_path / "rep" / "report.md").read_text()
+    for row in ("| best individual (#0) | 80.00 |", "| uniform soup | 77.50 |", "| MEHL-Soup+ | 83.00 |"):
+        assert row in table
+
+
 # ----------------------------------------------------------------------------- recipes and sidecars
 def learned_pair(tmp_path):
     """Three ingredients and two learned soups over them (MEHL-Soup+ and Learned-Soup+), each with its
