@@ -1,5 +1,6 @@
 """report.py on a hand-written results file: values, ordering, missing shifts, figures."""
 import json
+import math
 
 from report import main
 
@@ -77,15 +78,41 @@ def test_elimination_compares_one_seed(tmp_path):
     assert "| MEHL-Soup+ (seed 1) | 84.00 | 83.00 |" in (tmp_path / "rep" / "report.md").read_text()
 
 
+def in_memory_block_ratios(soup, ingredients, blocks):
+    """The reference: the report's distances as they were computed before streaming, every ingredient
+    in memory at once (float64)."""
+    import math
+
+    import torch
+    out = []
+    for names in blocks:
+        stacked = [torch.cat([sd[n].double().flatten() for n in names]) for sd in ingredients]
+        mean = torch.stack(stacked).mean(0)
+        spread = sum(float((s - mean).norm()) for s in stacked) / len(stacked)
+        far = float((torch.cat([soup[n].double().flatten() for n in names]) - mean).norm())
+        out.append(far / spread if spread > 0 else (0.0 if far == 0 else math.nan))
+    return out
+
+
+def streamed_block_ratios(soup, ingredients, blocks):
+    from utils.soup import distance
+    names = [n for b in blocks for n in b]
+    mean = distance.mean_of(iter(ingredients), names)
+    spread = [distance.squared_distances(sd, mean) for sd in ingredients]
+    return distance.block_ratios(distance.squared_distances(soup, mean), spread, blocks)
+
+
 def test_report_how_far_the_soup_went(tmp_path):
     import torch
 
-    from utils.soup.distance import block_ratios
     a, b = {"w": torch.tensor([0.0, 0.0]), "v": torch.tensor([1.0])}, {"w": torch.tensor([2.0, 0.0]),
                                                                          "v": torch.tensor([1.0])}
     blocks = [["w"], ["v"]]
-    assert block_ratios({"w": torch.tensor([1.0, 0.0]), "v": torch.tensor([1.0])}, [a, b], blocks)[0] == 0.0
-    assert block_ratios({"w": torch.tensor([0.0, 0.0]), "v": torch.tensor([1.0])}, [a, b], blocks)[0] == 1.0
+    assert streamed_block_ratios({"w": torch.tensor([1.0, 0.0]), "v": torch.tensor([1.0])}, [a, b], blocks)[0] == 0.0
+    assert streamed_block_ratios({"w": torch.tensor([0.0, 0.0]), "v": torch.tensor([1.0])}, [a, b], blocks)[0] == 1.0
+    # the ingredients do not differ in v: 0 for a soup at their mean, nan (0/0) otherwise
+    assert streamed_block_ratios({"w": torch.tensor([0.0, 0.0]), "v": torch.tensor([1.0])}, [a, b], blocks)[1] == 0.0
+    assert math.isnan(streamed_block_ratios({"w": a["w"], "v": torch.tensor([3.0])}, [a, b], blocks)[1])
     # 4 times as far from the mean as the ingredients are: alpha (-1.5, 2.5)
     soup = {"w": torch.tensor([5.0, 0.0]), "v": torch.tensor([1.0])}
     for name, sd in (("model_0.pt", a), ("model_1.pt", b), ("soup.pt", soup)):
@@ -101,3 +128,71 @@ def test_report_how_far_the_soup_went(tmp_path):
     assert "| MEHL-Soup+ seed 1 | 1 | 4.00 | 4.00 | 4.00 | -1.5 .. 2.5 |" in report
     csv = (tmp_path / "rep" / "distances.csv").read_text().splitlines()
     assert csv[1] == "MEHL-Soup+ seed 1,0,1,w,4,-1.5,2.5"
+
+
+def test_streamed_distances_equal_the_in_memory_ones(tmp_path):
+    """On a tiny zoo (5 ingredients, tensors of several shapes and dtypes, blocks of one and of several
+    tensors, two soups sharing the ingredients): the report's streamed ratios, read back from
+    distances.csv, and the streaming functions equal the in-memory float64 computation."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"a.weight": (4, 3), "a.bias": (4,), "b.weight": (2, 4), "b.bias": (2,), "c": (3, 1, 2)}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    ingredients = [{k: (v + 0.1 * torch.randn(v.shape, generator=g)).to(torch.float64 if k == "c" else torch.float32)
+                    for k, v in base.items()} for _ in range(5)]
+    for i, sd in enumerate(ingredients):
+        torch.save({**sd, "n.num_batches_tracked": torch.tensor(3)}, tmp_path / f"model_{i}.pt")
+    soups = {"mehl": [["a.weight", "a.bias"], ["b.weight"], ["b.bias", "c"]],
+             "learned": [["a.weight", "a.bias", "b.weight", "b.bias", "c"]]}
+    rows, expected = [], {}
+    for s, (stem, blocks) in enumerate(soups.items()):
+        alpha = torch.randn(len(blocks), 5, generator=g).double()
+        soup = {k: sum(alpha[next(j for j, b in enumerate(blocks) if k in b), i] * sd[k].double()
+                       for i, sd in enumerate(ingredients)).to(ingredients[0][k].dtype) for k in shapes}
+        torch.save(soup, tmp_path / f"{stem}.pt")
+        recipe = {"method": stem, "soup": f"{stem}.pt", "args": {},
+                  "ingredients": [{"path": str(tmp_path / f"model_{i}.pt"), "sha256": "x"} for i in range(5)],
+                  "coefficients": {"names": list(shapes), "blocks": blocks, "alpha": alpha.tolist()}}
+        (tmp_path / f"{stem}.recipe.json").write_text(json.dumps(recipe))
+        method = "MEHL-Soup+" if stem == "mehl" else "Learned-Soup+"
+        rows.append(line(method, list(range(5)), 80.0, 80.0, {}, soup_file=str(tmp_path / f"{stem}.pt")))
+        expected[method] = in_memory_block_ratios(soup, ingredients, blocks)
+        got = streamed_block_ratios(soup, ingredients, blocks)
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected[method]), rtol=1e-12, atol=0)
+    db = tmp_path / "r.jsonl"
+    db.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main(["--results-db", str(db), "--out", str(tmp_path / "rep")])
+    csv = [row.split(",") for row in (tmp_path / "rep" / "distances.csv").read_text().splitlines()[1:]]
+    for method, ratios in expected.items():
+        got = [float(row[4]) for row in csv if row[0] == method]
+        assert len(got) == len(ratios) and min(ratios) > 0
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(ratios), rtol=1e-5, atol=0)  # csv: 6 digits
+
+
+def test_distances_of_the_soups_the_scripts_write(tmp_path, fmnist_root):
+    """Recipes and soups as Learned-Soup+ and MEHL-Soup+ write them on a tiny zoo: the report reads them,
+    and its distances equal the in-memory float64 computation."""
+    from functools import partial
+
+    import torch
+
+    import learned_soup
+    import MEHL_soup_layer
+    from tests import helpers
+    from tests.conftest import make_zoo
+    from utils.files.state_dicts import load_state_dict
+    zoo = make_zoo(tmp_path / "zoo", 3)
+    argv = partial(helpers.argv, heldout=5, test_size=40, batch_size=None)
+    learned_soup.main(argv(zoo, fmnist_root, tmp_path, "--layerwise", "--epochs", "1", name="learned"))
+    MEHL_soup_layer.main(argv(zoo, fmnist_root, tmp_path, *helpers.QUICK["mehl"], name="mehl"))
+    main(["--results-db", str(tmp_path / "results.jsonl"), "--out", str(tmp_path / "rep")])
+    csv = [row.split(",") for row in (tmp_path / "rep" / "distances.csv").read_text().splitlines()[1:]]
+    for stem, name in (("learned", "Learned-Soup+"), ("mehl", "MEHL-Soup+ seed 1")):
+        recipe = json.loads((tmp_path / f"{stem}.recipe.json").read_text())
+        ingredients = [load_state_dict(item["path"]) for item in recipe["ingredients"]]
+        expected = in_memory_block_ratios(load_state_dict(tmp_path / f"{stem}.pt"), ingredients,
+                                          recipe["coefficients"]["blocks"])
+        got = [float(row[4]) for row in csv if row[0] == name]
+        assert len(got) == len(expected) > 1
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=0)

@@ -107,3 +107,39 @@ def rebuild(recipe_file, check_hashes=True):
     for name, values in reestimated.items():
         out[name] = torch.tensor(values, dtype=first[name].dtype).reshape(first[name].shape)
     return out
+
+
+def read_recipe(recipe_file):
+    """A soup's recipe as `save_soup` writes it, checked for what a reader of it relies on: a JSON object
+    whose "ingredients" is a non-empty list of objects with a "path", and whose "coefficients" is null
+    or holds "blocks" (non-empty lists of tensor names) and "alpha" (one row per block, one number per
+    ingredient). Anything else is a UserError naming the file and what is wrong."""
+    def bad(what):
+        return UserError(f"{recipe_file}: not a usable soup recipe: {what}")
+    try:
+        recipe = json.loads(Path(recipe_file).read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise bad(f"{type(err).__name__}: {err}") from err
+    if not isinstance(recipe, dict):
+        raise bad(f"a JSON {type(recipe).__name__}, not an object")
+    items = recipe.get("ingredients")
+    if not (isinstance(items, list) and items
+            and all(isinstance(i, dict) and isinstance(i.get("path"), str) for i in items)):
+        raise bad('"ingredients" is not a list of objects with a "path"')
+    coeff = recipe.get("coefficients")
+    if coeff is None:
+        return recipe
+    blocks = coeff.get("blocks") if isinstance(coeff, dict) else None
+    if not (isinstance(blocks, list) and blocks and all(
+            isinstance(b, list) and b and all(isinstance(n, str) for n in b) for b in blocks)):
+        raise bad('"coefficients" has no "blocks" (lists of tensor names)')
+    alpha = coeff.get("alpha")
+    if not (isinstance(alpha, list) and len(alpha) == len(blocks) and all(
+            isinstance(row, list) and len(row) == len(items) and all(_is_number(v) for v in row)
+            for row in alpha)):
+        raise bad(f'"coefficients" has no "alpha" of {len(blocks)} block(s) x {len(items)} ingredient(s)')
+    return recipe
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
