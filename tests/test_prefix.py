@@ -1,6 +1,7 @@
 """The frozen prefix run once per data set (utils/run/prefix.py): it stands for the model only when it
 computes what the whole model would, and the soups it speeds up are the soups without it."""
 import json
+import os
 
 import pytest
 import torch
@@ -371,7 +372,70 @@ def test_a_file_too_large_to_have_been_written_is_not_loaded(effnet, fm_images, 
                         else real(f, *a, **k))
     counted = Counting(fm_images)
     prefix.outputs(fresh_copy(effnet), counted, cpu(), batch_size=8)
-    assert "larger than" in caplog.text and counted.got == len(fm_images)
+    assert "more than a cache file of 20 items may hold" in caplog.text and counted.got == len(fm_images)
+
+
+def read_in_thread(model, data, path, fifo):
+    """prefix.outputs in a thread; when it has not returned after a while (a FIFO opened for reading
+    waits for a writer), a writer that closes at once lets it go on. Returns whether it returned alone."""
+    import threading
+    thread = threading.Thread(target=prefix.outputs, args=(model, data, cpu()), kwargs={"batch_size": 8},
+                              daemon=True)
+    thread.start()
+    thread.join(timeout=60)  # a hang detector, not a speed limit: the checked read takes milliseconds
+    alone = not thread.is_alive()
+    if not alone and fifo:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join()
+    return alone
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+def test_a_cache_entry_that_is_not_a_regular_file_is_never_opened(kind, effnet, fm_images, tmp_path, caplog):
+    prefix.configure(tmp_path)
+    _, h, _ = prefix.outputs(effnet, fm_images, cpu(), batch_size=8)
+    path = written(tmp_path)
+    path.unlink()
+    {"fifo": lambda: os.mkfifo(path), "device": lambda: path.symlink_to("/dev/zero"),
+     "folder": lambda: path.mkdir()}[kind]()
+    counted = Counting(fm_images)
+    assert read_in_thread(fresh_copy(effnet), counted, path, kind == "fifo")
+    assert "not a regular file" in caplog.text and counted.got == len(fm_images)  # computed again
+    if kind != "folder":  # replaced by a good file (a folder cannot be: a warning, the run goes on)
+        assert path.is_file() and not path.is_symlink()
+        assert torch.equal(torch.load(path, weights_only=True)["h"], h)
+
+
+def test_a_zip_bomb_in_the_cache_is_refused_unread(effnet, fm_images, tmp_path, monkeypatch, caplog):
+    """A deflated zip entry inflates inside torch.load: what the entries declare is bounded first, as
+    the ingredient loader bounds it (utils/files/state_dicts.check_unpacked_size)."""
+    import zipfile
+    prefix.configure(tmp_path)
+    prefix.outputs(effnet, fm_images, cpu(), batch_size=8)
+    path = written(tmp_path)
+    monkeypatch.setattr(prefix, "LIMIT_BYTES", 100_000)  # a small bound: the same check as at 512 MiB
+    with zipfile.ZipFile(path) as good:
+        entries = [(info.filename, good.read(info)) for info in good.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as bomb:
+        for name, data in entries:
+            bomb.writestr(name, data)
+        bomb.writestr(entries[0][0].split("/")[0] + "/data/zeros", bytes(20 * 2**20))
+    assert path.stat().st_size < 100_000  # small on disk: 20 MiB when inflated
+    real = torch.load
+    monkeypatch.setattr(prefix.torch, "load", lambda f, *a, **k: pytest.fail("loaded") if str(f) == str(path)
+                        else real(f, *a, **k))
+    counted = Counting(fm_images)
+    prefix.outputs(fresh_copy(effnet), counted, cpu(), batch_size=8)
+    assert "zip entries unpack to" in caplog.text and counted.got == len(fm_images)
+
+
+def test_the_guarantees_say_what_the_cache_trusts():
+    """A file edited on purpose (one row changed, its checksum recomputed) passes unless a spot check
+    draws that row: the docs say the folder is trusted as the code is, and what the checks catch."""
+    from pathlib import Path
+    text = " ".join((Path(__file__).parents[1] / "docs" / "GUARANTEES.md").read_text().split())
+    assert "trusts its folder as it trusts the code" in text
+    assert "a deliberate edit" in text and f"{prefix.SPOT_CHECKS} random items" in text
 
 
 def test_an_unwritable_folder_costs_a_warning_not_the_run(effnet, fm_images, tmp_path, caplog):

@@ -29,13 +29,18 @@ data set says exactly what its items are (`fingerprint()`, and `items(indices)` 
 datasets/fashion_mnist.py's ImageTensors). A file is named by a hash of everything its numbers depend
 on: the prefix tensors (every element), the data set's fingerprint, the batch size, the device type and
 CPU threads, and torch's version; so a run computes from the file exactly the outputs it would compute
-itself. A file is trusted only after checks: it loads as plain tensors (weights_only), holds the key it
-is named by, the right number of finite outputs, labels and a checksum that match, and a few random
-items computed afresh agree with it. Anything else is a warning, and the outputs are computed again
-and the file replaced. A folder that cannot be written costs a warning, not the run."""
+itself. The folder is trusted as the code is: the checks catch accidental damage and stale files, not a
+deliberate edit (docs/GUARANTEES.md). A file is read only when it is a regular file (a FIFO or a device
+is never opened) whose size and zip entries are within what a write could produce (the ingredient
+loader's bound, utils/files/state_dicts.py), and used only after it loads as plain tensors
+(weights_only), holds the key it is named by, the right number of finite outputs, labels and a checksum
+that match, and a few random items computed afresh agree with it. Anything else is a warning, and the
+outputs are computed again and the file replaced. A folder that cannot be written costs a warning, not
+the run."""
 import hashlib
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +50,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from utils.archs import split_of
-from utils.files.state_dicts import atomic_write
+from utils.files.state_dicts import atomic_write, check_unpacked_size
 from utils.runtime import distributed
 from utils.runtime.errors import UserError
 
@@ -222,16 +227,28 @@ def _checksum(h, y):
     return digest.hexdigest()
 
 
+def _most_bytes(n):
+    """The most a file of n items can hold: outputs of at most LIMIT_BYTES, n int64 labels, metadata."""
+    return LIMIT_BYTES + 8 * n + 2**16
+
+
 def _read(entry, split, dataset, device):
-    """(h, y) from the file, or None when there is none or it fails a check (a warning then)."""
+    """(h, y) from the file, or None when there is none or it fails a check (a warning then). Only a
+    regular file is opened (a FIFO would block the run, a device never end), and only after the sizes it
+    declares, its zip entries' too, are checked against what a write could produce (a deflated entry of
+    a few MB could otherwise inflate to GBs inside torch.load)."""
     try:
-        size = entry.path.stat().st_size
+        mode = os.stat(entry.path).st_mode
     except FileNotFoundError:
         return None
     except OSError as err:
         return _distrust(entry, f"cannot be read ({err.strerror or err})")
-    if size > LIMIT_BYTES + 2**16:  # never written so large: not loaded into memory
-        return _distrust(entry, f"larger than {LIMIT_BYTES} bytes")
+    if not stat.S_ISREG(mode):
+        return _distrust(entry, "not a regular file")
+    try:
+        check_unpacked_size(entry.path, _most_bytes(len(dataset)), f"a cache file of {len(dataset)} items")
+    except UserError as err:  # the ingredient loader's bound; its message names the file first
+        return _distrust(entry, str(err).removeprefix(f"{entry.path}: "))
     try:
         saved = torch.load(entry.path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is computed again
