@@ -48,7 +48,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
 from utils.files import mehl_state, results
@@ -57,7 +56,7 @@ from utils.files.soup_io import buffer_coefficients, sidecar
 from utils.files.state_dicts import atomic_write
 from utils.run import cli, individual, mehl, prefix
 from utils.run.batchnorm import batchnorm_statistics, check_batch_statistics, reestimate, rule, set_mode
-from utils.run.evaluation import accuracy, evaluate_all
+from utils.run.evaluation import evaluate_all
 from utils.run.layout import Layout, make_layout, state_buffers
 from utils.runtime import distributed
 from utils.runtime.errors import UserError, run_main
@@ -258,11 +257,14 @@ def learn_group(run, group, progress):
                disable=not distributed.is_primary())
     for epoch in range(args.epochs):
         set_mode(setup.model, layout.frozen_stats)
-        heldout, forward, workers = heldout_inputs(run)
+        # a frozen prefix that holds no learned tensor runs once on the held-out split (utils/run/prefix.py)
+        heldout = prefix.inputs(setup.model, setup.bundle.heldout, setup.device, args.batch_size, args.workers,
+                                learned=layout.names, desc="held-out")
         epoch_loss = 0.0
-        for n_global, batch in sampling.rank_batches(heldout, args.batch_size, progress.data_rng,
-                                                        distributed.world_size(), distributed.rank(), workers):
-            loss = mehl.step(forward, run.soup, state, layout.bounds, batch, n_global,
+        for n_global, batch in sampling.rank_batches(heldout.dataset, args.batch_size, progress.data_rng,
+                                                     distributed.world_size(), distributed.rank(),
+                                                     heldout.workers):
+            loss = mehl.step(heldout.forward, run.soup, state, layout.bounds, batch, n_global,
                              args.labelsmooth, clip=setup.spec.is_vit)
             mehl_state.check_finite(run.soup.theta, label, state.step, args.lr)
             epoch_loss += loss * n_global
@@ -271,8 +273,9 @@ def learn_group(run, group, progress):
             run.wandb.log({"loss": loss, "lr": schedule(state.step - 1)})
         state.losses.append(epoch_loss / len(setup.bundle.heldout))
         if not args.no_epoch_test:  # logged only, never used to choose anything
-            tests.append(accuracy(setup.model, setup.bundle.test.dataset, setup.device, args.batch_size,
-                                  args.workers, setup.bundle.test.project, desc="test (logged only)"))
+            test = prefix.evaluation_inputs(setup.model, setup.device, args.batch_size, args.workers)
+            tests.append(evaluate_all(test, setup.bundle, setup.device, args.batch_size, heldout=False,
+                                      shifts=False)["test"])
             run.wandb.log({"epoch_test": tests[-1], "epoch_loss": state.losses[-1]})
         if distributed.is_primary():
             log.info("group %d epoch %d: held-out loss %.4f%s", label, epoch + 1, state.losses[-1],
@@ -282,22 +285,6 @@ def learn_group(run, group, progress):
     alpha = alpha_center + distributed.all_reduce_sum(delta.to(setup.device)).cpu()
     return alpha, {"ingredients": [index_of(run.paths[i]) for i in group],
                    "heldout_loss": state.losses, "test_logged_only": tests}
-
-
-def heldout_inputs(run):
-    """(data, forward, workers) for a learning epoch: the held-out split and the model; or, when the
-    model's frozen prefix is not learned (identical in every ingredient) and in eval mode, the prefix's
-    outputs on the held-out images, computed once, and the rest of the model (utils/run/prefix.py). The
-    same items in the same order, so the batches and the soup are those of the whole model."""
-    setup = run.setup
-    split = prefix.split_of(setup.model)
-    if split is not None and not set(split.keys) & set(run.layout.names):
-        cached = prefix.outputs(setup.model, setup.bundle.heldout, setup.device, run.args.batch_size,
-                                "held-out")
-        if cached is not None:
-            split, h, y = cached
-            return TensorDataset(h, y), split.tail, 0
-    return setup.bundle.heldout, setup.model, run.args.workers
 
 
 def learn(run, progress):
@@ -340,8 +327,8 @@ def finish(run, progress):
     reestimated = not layout.frozen_stats
     if reestimated:
         reestimate(setup.model, setup.bundle.heldout, setup.device, args.batch_size, args.workers)
-    scores = evaluate_all(setup.model, setup.bundle, setup.device, args.batch_size, args.workers,
-                          shifts=not args.no_shifts)
+    inputs = prefix.evaluation_inputs(setup.model, setup.device, args.batch_size, args.workers)
+    scores = evaluate_all(inputs, setup.bundle, setup.device, args.batch_size, shifts=not args.no_shifts)
     summary = hyperplane.summary(progress.alpha)
     alpha = progress.alpha.tolist()
     identical_numbers = sum(setup.reference[n].numel() for n in layout.identical)

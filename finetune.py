@@ -35,16 +35,19 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 import datasets
-from utils.archs import effnet
-from utils.archs import get_arch
+from utils.archs import get_arch, split_of
 from utils.files.state_dicts import atomic_write, check_dtypes, check_state_dict, load_state_dict, save_state_dict
+from utils.run import prefix
 from utils.run.batchnorm import set_mode
-from utils.run.evaluation import accuracy
+from utils.run.evaluation import evaluate_all
 from utils.runtime.errors import UserError, run_main
 from utils.soup.schedules import cosine_with_warmup, set_lr
 
 log = logging.getLogger("finetune")
-_CACHE = {}   # data and frozen features shared by in-process calls (the sweep): loaded once
+# The data (and the fine-tune images preprocessed once) shared by in-process calls (the sweep): loaded
+# once. The frozen blocks' activations are the frozen prefix's outputs (utils/run/prefix.py), kept once
+# per data set under a hash of every frozen tensor.
+_CACHE = {}
 
 
 def parse_args(argv=None):
@@ -89,8 +92,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0,
                    help="seed of shuffling, augmentation, mixup, --subset and the --views drawn")
     p.add_argument("--frozen-blocks", type=int, default=None,
-                   help=f"first blocks kept frozen (default {effnet.FROZEN_BLOCKS} for "
-                        "efficientnet-lite0, 0 for other archs)")
+                   help="first blocks kept frozen with the stem, for an arch that declares where a frozen "
+                        "prefix may end (utils/archs: register_split); default: the arch's (10 for "
+                        "efficientnet-lite0; 0, nothing frozen, for archs that declare none)")
     p.add_argument("--finetune-size", type=int, default=4000,
                    help="fine-tune on a class-balanced subsample of this many images (0 = all)")
     p.add_argument("--subset", type=int, default=0,
@@ -185,15 +189,15 @@ def head_of(model):
     return linears[-1]
 
 
-def split_model(model, spec, frozen_blocks):
-    """(frozen_fn, trainable_fn, frozen_prefixes) for fine-tuning."""
-    if spec.name == effnet.MODEL_NAME:
-        fb = effnet.FROZEN_BLOCKS if frozen_blocks is None else frozen_blocks
-        frozen_fn, trainable_fn = effnet.split_frozen(model, fb)
-        return frozen_fn, trainable_fn, effnet.frozen_prefixes(fb) if fb else ()
-    if frozen_blocks:
-        raise UserError(f"--frozen-blocks is only supported for {effnet.MODEL_NAME}")
-    return (lambda x: x), model, ()
+def frozen_split(model, spec, frozen_blocks):
+    """The model's Split after the stem and its first --frozen-blocks blocks (utils/archs: the
+    architecture declares where a prefix may end), or None when nothing is frozen."""
+    blocks = spec.frozen_blocks if frozen_blocks is None else frozen_blocks
+    split = split_of(model, blocks)
+    if split is None and blocks:
+        raise UserError(f"--frozen-blocks {blocks}: --arch {spec.name} declares no frozen prefix "
+                        "(utils/archs: register_split); only 0 is accepted")
+    return split
 
 
 def batchnorm_frozen(args, spec):
@@ -205,14 +209,13 @@ def batchnorm_frozen(args, spec):
     return args.batchnorm == "frozen"
 
 
-def set_train_mode(model, frozen_prefixes, frozen_stats=True):
+def set_train_mode(model, split, frozen_stats=True):
     """The mode utils.run.batchnorm.set_mode gives (BatchNorm in train mode only when its statistics are
     updated, every other layer in eval mode: dropout and drop-connect are off), and the frozen modules
     in eval mode, so that they run exactly as when their activations were cached."""
     set_mode(model, frozen_stats=frozen_stats)
-    for name, module in model.named_modules():
-        if name and (name + ".").startswith(frozen_prefixes):
-            module.eval()
+    for module in split.modules if split is not None else ():
+        module.eval()
 
 
 def mixup(x, y, alpha, num_classes, gen):
@@ -224,25 +227,22 @@ def mixup(x, y, alpha, num_classes, gen):
 
 
 # --------------------------------------------------------------------------------------- training
-def train_linear_probe(model, args, spec, bundle, key, device):
+def train_linear_probe(model, split, args, spec, bundle, key, device):
     """Train the head alone on the frozen network's features (computed once, eval mode)."""
     head = head_of(model)
     feats = {}
     hook = head.register_forward_pre_hook(lambda m, inp: feats.__setitem__("x", inp[0]))
 
-    frozen_fn, trainable_fn, prefixes = split_model(model, spec, args.frozen_blocks)
-
     def features(x):
-        (trainable_fn if prefixes else model)(x)
+        (model if split is None else split.tail)(x)
         return feats["x"]
 
     model.eval()
-    if prefixes:  # from the frozen activations that the fine-tuned ingredients reuse: one pass, not two
-        data = TensorDataset(*clean_activations(args, spec, bundle, key, model, prefixes, frozen_fn, device))
+    if split is not None:  # from the frozen activations that the fine-tuned ingredients reuse: one pass, not two
+        data = TensorDataset(*frozen_activations(model, split, clean_images(spec, bundle, key), device))
     else:
         data = Mapped(bundle.finetune, spec.preprocess)
-    x, y = cached(key + ("lp-features", args.init, args.pretrained),
-                  lambda: run_batched(features, data, device, 256, "probe features"))
+    x, y = run_batched(features, data, device, 256, "probe features")
     hook.remove()
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.wd)
     gen = torch.Generator().manual_seed(args.seed)
@@ -261,51 +261,55 @@ def train_linear_probe(model, args, spec, bundle, key, device):
     return step
 
 
-def frozen_fingerprint(model, prefixes):
-    """A cache key of the frozen weights: the sum of every frozen parameter."""
-    return float(sum(p.detach().double().sum() for n, p in model.named_parameters() if n.startswith(prefixes)))
-
-
 def clean_images(spec, bundle, key):
-    """(preprocessed fine-tune images, labels), computed once per data set."""
-    return cached(key + ("clean", spec.name), lambda: run_batched(
+    """The preprocessed fine-tune images and their labels (a TensorDataset), made once per data set."""
+    return cached(key + ("clean", spec.name), lambda: TensorDataset(*run_batched(
         lambda x: x, Mapped(bundle.finetune, spec.train_preprocess), torch.device("cpu"), 256,
-        "preprocessing"))
+        "preprocessing")))
 
 
-def clean_activations(args, spec, bundle, key, model, prefixes, frozen_fn, device):
-    """(frozen activations, labels) of the un-augmented fine-tune images, computed once per data set
-    and frozen weights."""
-    x_all, y_all = clean_images(spec, bundle, key)
-    fingerprint = frozen_fingerprint(model, prefixes)
-    return cached(key + ("frozen", prefixes, fingerprint),
-                  lambda: run_batched(frozen_fn, TensorDataset(x_all, y_all), device, 256, "frozen activations"))
+class View(Dataset):
+    """View k >= 1 of the preprocessed images of `images` (a TensorDataset of (N, C, H, W) images and
+    labels): each image flipped left-right with probability 1/2 and shifted by up to `pad` pixels (zero
+    padding), drawn from a generator seeded with k, so every ingredient that uses view k sees the same
+    images."""
+
+    def __init__(self, images, k, pad=3):
+        gen = torch.Generator().manual_seed(k)
+        n = len(images)
+        self.images, self.pad = images, pad
+        self.flip = torch.rand(n, generator=gen) < 0.5
+        self.dy, self.dx = torch.randint(0, 2 * pad + 1, (2, n), generator=gen).tolist()
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x, y = self.images[i]
+        h, w = x.shape[-2:]
+        padded = F.pad(x.flip(-1) if self.flip[i] else x, (self.pad,) * 4)
+        return padded[:, self.dy[i]:self.dy[i] + h, self.dx[i]:self.dx[i] + w], y
 
 
-def shifted_view(x, k, pad=3):
-    """View k >= 1 of preprocessed images x (N, C, H, W): each image flipped left-right with probability
-    1/2 and shifted by up to `pad` pixels (zero padding), drawn from a generator seeded with k, so every
-    ingredient that uses view k sees the same images."""
-    gen = torch.Generator().manual_seed(k)
-    n, _, h, w = x.shape
-    flip = torch.rand(n, generator=gen) < 0.5
-    dy, dx = (torch.randint(0, 2 * pad + 1, (2, n), generator=gen)).unbind(0)
-    padded = F.pad(torch.where(flip[:, None, None, None], x.flip(-1), x), (pad, pad, pad, pad))
-    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+def frozen_activations(model, split, images, device, desc="frozen activations"):
+    """(activations after the frozen blocks, labels) of `images`: the frozen prefix's outputs, computed
+    once per data set and frozen tensors (utils/run/prefix.py; a fine-tune split is held whole, without
+    the soups' bound); the images themselves when nothing is frozen."""
+    if split is None:
+        return run_batched(lambda x: x, images, device, 256, desc)
+    _, h, y = prefix.outputs(model, images, device, 256, desc, split, bounded=False)
+    return h, y
 
 
-def view_activations(args, spec, bundle, key, model, prefixes, frozen_fn, device):
-    """(views + 1, N, ...) frozen activations of the fine-tune images: the clean images, then
-    --views flipped and shifted views, each computed once per data set and frozen weights."""
-    h, y = clean_activations(args, spec, bundle, key, model, prefixes, frozen_fn, device)
-    x_all, _ = clean_images(spec, bundle, key)
-    fingerprint = frozen_fingerprint(model, prefixes)
-    views = [h]
-    for k in range(1, args.views + 1):
-        views.append(cached(key + ("view", k, prefixes, fingerprint), lambda: run_batched(
-            frozen_fn, TensorDataset(shifted_view(x_all, k), y), device, 256,
-            f"frozen activations, view {k}")[0]))
-    return torch.stack(views), y
+def view_activations(args, spec, bundle, key, model, split, device):
+    """(views + 1, N, ...) frozen activations of the fine-tune images: the clean images, then --views
+    flipped and shifted views (`View`), each computed once per data set and frozen tensors."""
+    images = clean_images(spec, bundle, key)
+    views = [images] + [cached(key + ("view", k, spec.name), lambda: View(images, k))
+                        for k in range(1, args.views + 1)]
+    outs = [frozen_activations(model, split, v, device, f"frozen activations, view {k}" if k else
+                               "frozen activations") for k, v in enumerate(views)]
+    return torch.stack([h for h, _ in outs]), outs[0][1]
 
 
 def training_images(args, bundle):
@@ -318,7 +322,7 @@ def training_images(args, bundle):
     return torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))[:args.subset].sort().values
 
 
-def epoch_batches(args, spec, bundle, key, model, prefixes, frozen_fn, device, gen, keep):
+def epoch_batches(args, spec, bundle, key, model, split, device, gen, keep):
     """Yield (frozen activations, labels) for one epoch over the images `keep`. The clean images are
     preprocessed once, and without augmentation their frozen activations too. Mixup mixes images (not
     activations), so mixed batches go through the frozen blocks batch by batch; RandAugment redraws every
@@ -330,30 +334,30 @@ def epoch_batches(args, spec, bundle, key, model, prefixes, frozen_fn, device, g
                             batch_size=args.batch_size, shuffle=True, generator=gen, num_workers=args.workers)
         batches = ((x.to(device), y.to(device)) for x, y in loader)
     else:
-        x_all, y_all = clean_images(spec, bundle, key)
         if not args.mixup:
-            h, y = view_activations(args, spec, bundle, key, model, prefixes, frozen_fn, device)
+            h, y = view_activations(args, spec, bundle, key, model, split, device)
             for idx in keep[torch.randperm(len(keep), generator=gen)].split(args.batch_size):
                 view = torch.randint(0, len(h), (len(idx),), generator=gen) if len(h) > 1 else 0
                 yield h[view, idx].to(device), y[idx].to(device)
             return
+        x_all, y_all = clean_images(spec, bundle, key).tensors
         batches = ((x_all[idx].to(device), y_all[idx].to(device))
                    for idx in keep[torch.randperm(len(keep), generator=gen)].split(args.batch_size))
     for x, y in batches:
         if args.mixup:
             x, y = mixup(x, y, args.mixup, bundle.num_classes, gen)
         with torch.no_grad():
-            h = frozen_fn(x)
+            h = x if split is None else split.head(x)
         yield h, y
 
 
-def train_end_to_end(model, args, spec, bundle, key, device):
-    frozen_fn, trainable_fn, prefixes = split_model(model, spec, args.frozen_blocks)
+def train_end_to_end(model, split, args, spec, bundle, key, device):
     frozen_stats = batchnorm_frozen(args, spec)
-    params = [p for n, p in model.named_parameters() if not n.startswith(prefixes)] if prefixes \
-        else list(model.parameters())
+    frozen = set(split.keys) if split is not None else set()
+    params = [p for n, p in model.named_parameters() if n not in frozen]
     for n, p in model.named_parameters():
-        p.requires_grad_(not prefixes or not n.startswith(prefixes))
+        p.requires_grad_(n not in frozen)
+    tail = model if split is None else split.tail
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.wd)
     gen = torch.Generator().manual_seed(args.seed)
     keep = training_images(args, bundle)
@@ -365,14 +369,14 @@ def train_end_to_end(model, args, spec, bundle, key, device):
     step = 0
     bar = tqdm(total=total, desc=f"fine-tuning model_{args.index}", leave=False)
     for _ in range(args.epochs):
-        set_train_mode(model, prefixes, frozen_stats)
-        for h, y in epoch_batches(args, spec, bundle, key, model, prefixes, frozen_fn, device, gen, keep):
+        set_train_mode(model, split, frozen_stats)
+        for h, y in epoch_batches(args, spec, bundle, key, model, split, device, gen, keep):
             if step >= total:
                 break
             if len(y) == 1 and not frozen_stats:
                 continue  # a last batch of one image: BatchNorm has no batch statistics of it to take
             set_lr(opt, schedule(step))
-            loss = F.cross_entropy(trainable_fn(h), y, label_smoothing=args.label_smoothing)
+            loss = F.cross_entropy(tail(h), y, label_smoothing=args.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -385,26 +389,12 @@ def train_end_to_end(model, args, spec, bundle, key, device):
     return step
 
 
-@torch.no_grad()
-def cached_accuracy(args, spec, bundle, key, model, device):
-    """(held-out, test) accuracy from the held-out and test sets' frozen activations, computed once for
-    the whole zoo: frozen_fn -> trainable_fn is model(x) in eval mode and the frozen part is the same in
-    every ingredient. None when nothing is frozen."""
-    frozen_fn, trainable_fn, prefixes = split_model(model, spec, args.frozen_blocks)
-    if not prefixes:
-        return None
-    model.eval()
-    fingerprint = frozen_fingerprint(model, prefixes)
-    scores = []
-    for name, dataset, project in (("held-out", bundle.heldout, None),
-                                   ("test", bundle.test.dataset, bundle.test.project)):
-        h, y = cached(key + ("eval", name, prefixes, fingerprint),
-                      lambda: run_batched(frozen_fn, dataset, device, 256, f"{name} activations"))
-        logits = torch.cat([trainable_fn(b.to(device)).cpu() for b in h.split(256)])
-        if project is not None:
-            logits = project(logits)
-        scores.append(100.0 * (logits.argmax(1) == y).double().mean().item())
-    return tuple(scores)
+def heldout_and_test(model, split, bundle, device):
+    """Held-out and test accuracy, from the frozen prefix's outputs of both sets, which the whole zoo
+    shares: computed once (utils/run/prefix.py)."""
+    inputs = prefix.evaluation_inputs(model, device, 256, 0, split)
+    scores = evaluate_all(inputs, bundle, device, 256, shifts=False)
+    return scores["heldout"], scores["test"]
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -453,13 +443,12 @@ def main(argv=None):
     start = time.time()
     key, bundle = load_bundle(args, spec)
     model = initial_state(args, spec, bundle.num_classes).to(device)
+    split = frozen_split(model, spec, args.frozen_blocks)
     if args.linear_probe:
-        steps = train_linear_probe(model, args, spec, bundle, key, device)
+        steps = train_linear_probe(model, split, args, spec, bundle, key, device)
     else:
-        steps = train_end_to_end(model, args, spec, bundle, key, device)
-    heldout, test = cached_accuracy(args, spec, bundle, key, model, device) or (
-        accuracy(model, bundle.heldout, device, desc="held-out"),
-        accuracy(model, bundle.test.dataset, device, project=bundle.test.project, desc="test"))
+        steps = train_end_to_end(model, split, args, spec, bundle, key, device)
+    heldout, test = heldout_and_test(model, split, bundle, device)
     seconds = time.time() - start
     save_state_dict(model.state_dict(), pt, overwrite=args.overwrite)
     record = {"index": args.index, "arch": spec.name, "datasets": args.datasets,

@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from utils.files import results
@@ -164,33 +164,6 @@ def sum_grads(tensors):
         distributed.all_reduce_sum(t.grad)
 
 
-class Tail(torch.nn.Module):
-    """The model after its frozen prefix (utils/run/prefix.py) as a module: its parameters are the model's,
-    under `model.`, so that `functional_call` can put the soup's parameters in."""
-
-    def __init__(self, model, tail):
-        super().__init__()
-        self.model, self.tail = model, tail
-
-    def forward(self, h):
-        return self.tail(h)
-
-
-def heldout_inputs(args, setup, learned_names):
-    """(data, forward module, its key prefix, workers) for a learning epoch: the held-out split and the
-    model; or, when no learned tensor is in the model's frozen prefix and the prefix is in eval mode,
-    the prefix's outputs on the held-out images, computed once, and the rest of the model. The same
-    items in the same order, so the batches and the soup are those of the whole model."""
-    model, heldout = setup.model, setup.bundle.heldout
-    split = prefix.split_of(model)
-    if split is not None and not set(split.keys) & set(learned_names):
-        cached = prefix.outputs(model, heldout, setup.device, args.batch_size, "held-out")
-        if cached is not None:
-            split, h, y = cached
-            return TensorDataset(h, y), Tail(model, split.tail), "model.", 0
-    return heldout, model, "", args.workers
-
-
 def learn(args, setup, stacked, blocks, frozen_stats, wandb):
     """AdamW over R and beta; returns (R, beta, mean held-out loss per epoch)."""
     model, device = setup.model, setup.device
@@ -201,17 +174,20 @@ def learn(args, setup, stacked, blocks, frozen_stats, wandb):
     losses, step = [], 0
     for epoch in range(args.epochs):
         batchnorm.set_mode(model, frozen_stats)
-        heldout, forward, key_prefix, workers = heldout_inputs(args, setup, stacked)
-        plan = list(global_batches(len(heldout), args.batch_size, args.seed, epoch))
-        loader = iter(DataLoader(heldout, batch_sampler=[b for b, _ in plan if b], num_workers=workers))
+        # a frozen prefix that holds no learned tensor runs once on the held-out split (utils/run/prefix.py)
+        heldout = prefix.inputs(model, setup.bundle.heldout, device, args.batch_size, args.workers,
+                                learned=stacked, desc="held-out")
+        plan = list(global_batches(len(heldout.dataset), args.batch_size, args.seed, epoch))
+        loader = iter(DataLoader(heldout.dataset, batch_sampler=[b for b, _ in plan if b],
+                                 num_workers=heldout.workers))
         total = torch.zeros(2, dtype=torch.float64, device=device)
         for local, size in tqdm(plan, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                                 disable=not distributed.is_primary()):
             opt.zero_grad(set_to_none=False)
             if local:
                 x, y = next(loader)
-                loss = learned.soup_loss(forward, stacked, raw, beta, owner, x.to(device), y.to(device), size,
-                                         key_prefix)
+                loss = learned.soup_loss(heldout.forward, stacked, raw, beta, owner, x.to(device), y.to(device),
+                                         size, heldout.key_prefix)
             else:  # a global batch smaller than the world: this rank adds nothing
                 loss = 0.0 * (raw.sum() + beta)
             loss.backward()
@@ -273,8 +249,8 @@ def main(argv=None):
     if bn_differ:
         batchnorm.reestimate(model, setup.bundle.heldout, setup.device, args.batch_size, args.workers)
     soup = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    scores = evaluate_all(model, setup.bundle, setup.device, args.batch_size, args.workers,
-                          shifts=not args.no_shifts)
+    inputs = prefix.evaluation_inputs(model, setup.device, args.batch_size, args.workers)
+    scores = evaluate_all(inputs, setup.bundle, setup.device, args.batch_size, shifts=not args.no_shifts)
 
     alpha_list = alpha.cpu().double().tolist()
     rule = batchnorm.rule(model, reestimated=bool(bn_differ))

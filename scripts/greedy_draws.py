@@ -136,7 +136,8 @@ def main(argv=None):
     states = [load_state_dict(p) for p in paths]
     model.load_state_dict(states[0])
     model.eval()
-    head, tail, _ = finetune.split_model(model, spec, ft.frozen_blocks)
+    split = finetune.frozen_split(model, spec, ft.frozen_blocks)
+    head, tail = (lambda x: x, model) if split is None else (split.head, split.tail)
     cpu = torch.device("cpu")
     h_held, y_held = finetune.run_batched(head, bundle.heldout, cpu, 256, "held-out (frozen part)")
     h_test, y_test = finetune.run_batched(head, bundle.test.dataset, cpu, 256, "test (frozen part)")

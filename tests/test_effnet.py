@@ -1,9 +1,14 @@
-"""EfficientNet-Lite0: strict loading of the shipped ImageNet weights, and the pretrained=False build."""
+"""EfficientNet-Lite0: strict loading of the shipped ImageNet weights, the pretrained=False build, and the
+frozen prefix it declares in the architectures layer."""
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 
 from utils.archs import effnet
-from utils.archs import get_arch
+from utils.archs import get_arch, split_of
+from utils.runtime.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +51,31 @@ def test_frozen_split_reproduces_the_eval_forward():
     torch.nn.init.normal_(model._fc.weight)
     x = get_arch("efficientnet-lite0").preprocess(torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8))
     assert x.shape == (3, effnet.IMAGE_SIZE, effnet.IMAGE_SIZE)
-    frozen, trainable = effnet.split_frozen(model, 10)
+    split = split_of(model, 10)
     with torch.no_grad():
-        torch.testing.assert_close(trainable(frozen(x[None])), model(x[None]))
-    prefixes = effnet.frozen_prefixes(10)
-    assert "_blocks.9." in prefixes and "_blocks.10." not in prefixes
+        torch.testing.assert_close(split.tail(split.head(x[None])), model(x[None]))
+    assert "_blocks.9._project_conv.weight" in split.keys and "_conv_stem.weight" in split.keys
+    assert not any(k.startswith("_blocks.10.") for k in split.keys)
+    names = {n for n, m in model.named_modules() if any(m is f for f in split.modules)}
+    assert {"_conv_stem", "_bn0", "_blocks.9", "_blocks.9._bn2"} <= names
+    assert not any(n.startswith(("_blocks.10", "_conv_head", "_fc")) for n in names)
+
+
+def test_the_declared_prefix_is_every_block_but_the_last_and_depths_are_bounded():
+    model = get_arch("efficientnet-lite0").build(10, pretrained=False).eval()
+    declared, fifteen = split_of(model), split_of(model, 15)
+    assert declared.keys == fifteen.keys and any(k.startswith("_blocks.14.") for k in declared.keys)
+    assert not any(k.startswith(("_blocks.15.", "_conv_head", "_fc")) for k in declared.keys)
+    assert split_of(model, 0).keys == tuple(k for k in model.state_dict() if k.startswith(("_conv_stem.", "_bn0.")))
+    with pytest.raises(UserError, match=r"--frozen-blocks must be in \[0, 16\], got 17"):
+        split_of(model, 17)
+    assert split_of(get_arch("tiny-cnn").build(10)) is None  # an arch that declares no prefix
+
+
+def test_the_architectures_layer_imports_nothing_above_it():
+    """effnet declares its prefix in utils/archs (Split, register_split), not by importing utils.run."""
+    for path in Path(effnet.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in names if m == "utils.run" or m.startswith("utils.run.")], path

@@ -3,10 +3,12 @@ import json
 
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 import finetune
 import sweep
 from utils.archs import effnet
+from utils.run import prefix
 from utils.runtime.errors import UserError
 
 TINY = ["--heldout-per-class", "3", "--finetune-size", "64", "--test-size", "30", "--batch-size", "16",
@@ -60,6 +62,21 @@ def test_finetune_end_to_end_keeps_frozen_blocks_and_statistics(lp_zoo, fmnist_r
     assert record["test"] == accuracy(model, bundle.test.dataset, "cpu")
 
 
+class Computed:
+    """Counts the items that go through a frozen prefix (utils/run/prefix.py), per data set size."""
+
+    def __init__(self, monkeypatch):
+        self.items, real = [], prefix._compute
+        monkeypatch.setattr(prefix, "_compute", lambda split, dataset, *a: self.items.append(len(dataset))
+                            or real(split, dataset, *a))
+
+
+def forget_activations():
+    """A new process, as far as the frozen activations go: nothing computed before is kept."""
+    finetune._CACHE.clear()
+    prefix._MEMORY.update(key=None, outputs={})
+
+
 def test_refuses_existing_output_without_overwrite(lp_zoo, fmnist_root):
     args = ["--data-location", str(fmnist_root), "--out-dir", str(lp_zoo), "--index", "0",
             "--linear-probe", "--epochs", "1", *TINY]
@@ -77,6 +94,16 @@ def test_finetune_without_linear_probe_is_a_user_error(tmp_path, fmnist_root):
                        *TINY])
     with pytest.raises(UserError, match="--lr must be > 0"):
         finetune.main(["--lr", "0", "--out-dir", str(tmp_path)])
+
+
+def test_frozen_blocks_need_an_arch_that_declares_a_prefix(tmp_path, fmnist_root):
+    """The depth is the architecture's declaration (utils/archs: register_split), not a name finetune.py
+    knows: an arch that declares none trains whole, and refuses frozen blocks in one line."""
+    args = ["--arch", "tiny-cnn", "--linear-probe", "--epochs", "1", "--data-location", str(fmnist_root),
+            "--out-dir", str(tmp_path), *TINY]
+    with pytest.raises(UserError, match="--frozen-blocks 2: --arch tiny-cnn declares no frozen prefix"):
+        finetune.main(args + ["--frozen-blocks", "2"])
+    assert finetune.main(args)["steps"] > 0 and (tmp_path / "model_0.pt").is_file()
 
 
 def test_sweep_draws_are_seeded_and_in_range():
@@ -145,11 +172,13 @@ def test_sweep_builds_and_then_skips_existing(tmp_path, fmnist_root):
         sweep.main(argv + ["--lr=1e-3"])
 
 
-def test_plain_finetune_uses_cached_activations_and_matches_a_rerun(lp_zoo, fmnist_root):
+def test_plain_finetune_uses_cached_activations_and_matches_a_rerun(lp_zoo, fmnist_root, monkeypatch):
     args = ["--data-location", str(fmnist_root), "--out-dir", str(lp_zoo), "--epochs", "2", "--lr", "1e-3",
             "--seed", "5", *TINY]
     finetune.main(args + ["--index", "2"])
+    computed = Computed(monkeypatch)
     finetune.main(args + ["--index", "3"])  # second run reads the cached frozen activations
+    assert computed.items == []
     a = torch.load(lp_zoo / "model_2.pt", weights_only=True)
     b = torch.load(lp_zoo / "model_3.pt", weights_only=True)
     start = torch.load(lp_zoo / "model_0.pt", weights_only=True)
@@ -172,9 +201,13 @@ def test_subset_trains_each_seed_on_its_own_images(lp_zoo, fmnist_root):
         finetune.main(args[:-len(TINY)] + ["--subset", "65", *TINY, "--index", "5"])
 
 
+def view_of(x, k):
+    return torch.stack([img for img, _ in finetune.View(TensorDataset(x, torch.zeros(len(x))), k)])
+
+
 def test_views_are_seeded_flips_and_shifts_of_the_images():
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8).repeat(20, 1, 1, 1)
-    a, b, c = finetune.shifted_view(x, 1), finetune.shifted_view(x, 1), finetune.shifted_view(x, 2)
+    a, b, c = view_of(x, 1), view_of(x, 1), view_of(x, 2)
     assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
     for img, orig in zip(a, x):  # every view is the image or its mirror, moved by at most 3 pixels
         assert any(torch.equal(img[:, max(0, -dy):8 - max(0, dy), max(0, -dx):8 - max(0, dx)],
@@ -194,3 +227,41 @@ def test_views_train_on_cached_views_and_refuse_per_batch_augmentation(lp_zoo, f
     assert not torch.equal(a["_fc.weight"], b["_fc.weight"])  # other inputs, same seed
     with pytest.raises(UserError, match="--views"):
         finetune.main(args + ["--index", "8", "--views", "2", "--mixup", "0.2"])
+
+
+def test_a_sweep_computes_the_frozen_activations_once_per_data_set(tmp_path, fmnist_root, monkeypatch):
+    """The fine-tune images (clean and each view), the held-out and the test set go through the frozen
+    blocks once for the whole zoo: the probe, the anchor and every ingredient share them."""
+    forget_activations()
+    computed = Computed(monkeypatch)
+    records = sweep.main(["--n", "4", "--out", str(tmp_path), "--data-location", str(fmnist_root), "--max-steps",
+                          "2", "--subset", "32", "--views-frac", "1", "--views", "2", *TINY])
+    assert [r["hparams"]["views"] for r in records] == [0, 2, 2, 2]
+    # 64 fine-tune images, views 1 and 2 of them, 30 held-out and 30 test images: each once
+    assert sorted(computed.items) == [30, 30, 64, 64, 64]
+
+
+def test_a_frozen_tensor_changed_with_its_sum_kept_computes_the_activations_again(lp_zoo, fmnist_root,
+                                                                                   tmp_path):
+    """Two starts whose frozen parameters have the same sum (two elements of a frozen weight swapped):
+    the second does not reuse the first's activations, so it trains as it would in a fresh process."""
+    start = torch.load(lp_zoo / "model_0.pt", weights_only=True)
+    key = "_blocks.3._project_conv.weight"  # frozen: block 3 < effnet.FROZEN_BLOCKS
+    flat = start[key].flatten().clone()
+    i, j = 0, int(torch.argmax((flat - flat[0]).abs()))
+    flat[i], flat[j] = flat[j].clone(), flat[i].clone()
+    swapped = dict(start, **{key: flat.reshape(start[key].shape)})
+    frozen = [k for k in start if k.startswith(effnet.frozen_prefixes()) and "running" not in k
+              and "num_batches" not in k]
+    assert sum(start[k].double().sum() for k in frozen) == sum(swapped[k].double().sum() for k in frozen)
+    torch.save(swapped, tmp_path / "swapped.pt")
+    args = ["--data-location", str(fmnist_root), "--out-dir", str(lp_zoo), "--epochs", "1", "--lr", "1e-3",
+            "--seed", "2", "--overwrite", *TINY]
+    finetune.main(args + ["--index", "8"])                                                  # caches filled
+    warm = finetune.main(args + ["--index", "9", "--init", str(tmp_path / "swapped.pt")])
+    forget_activations()
+    cold = finetune.main(args + ["--index", "10", "--init", str(tmp_path / "swapped.pt")])
+    a = torch.load(lp_zoo / "model_9.pt", weights_only=True)
+    b = torch.load(lp_zoo / "model_10.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (warm["heldout"], warm["test"]) == (cold["heldout"], cold["test"])

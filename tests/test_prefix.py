@@ -1,6 +1,7 @@
 """The frozen prefix run once per data set (utils/run/prefix.py): it stands for the model only when it
 computes what the whole model would, and the soups it speeds up are the soups without it."""
 import json
+import os
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from utils.archs import effnet as effnet_arch
 from utils.archs import get_arch
 from utils.run import prefix
 from utils.run.batchnorm import set_mode
-from utils.run.evaluation import accuracy
+from utils.run.evaluation import accuracy, evaluate_all
 
 ARCH = "efficientnet-lite0"
 
@@ -62,13 +63,52 @@ def test_a_changed_prefix_tensor_computes_them_again(effnet, images):
 def test_a_prefix_in_train_mode_or_too_large_is_not_used(effnet, images, monkeypatch):
     set_mode(effnet, frozen_stats=False)  # batch statistics: the prefix is no fixed function
     assert prefix.outputs(effnet, images, torch.device("cpu")) is None
+    assert prefix.inputs(effnet, images, torch.device("cpu"), 8, 0).forward is effnet
     effnet.eval()
     monkeypatch.setattr(prefix, "LIMIT_BYTES", 1000)
     other = TensorDataset(*images.tensors)
     assert prefix.outputs(effnet, other, torch.device("cpu"), batch_size=8) is None
+    inputs = prefix.evaluation_inputs(effnet, torch.device("cpu"), 8, 0)(other)
+    assert inputs.dataset is other and inputs.forward is effnet  # the whole model, on the images
     logits = direct_logits(effnet, other)
     expected = 100.0 * (logits.argmax(1) == other.tensors[1]).double().mean().item()
-    assert accuracy(effnet, other, torch.device("cpu"), batch_size=8) == pytest.approx(expected)
+    assert accuracy(inputs.forward, inputs.dataset, torch.device("cpu"), batch_size=8) == pytest.approx(expected)
+    # not bounded (finetune.py holds its fine-tune split whole): computed although above the bound
+    assert prefix.outputs(effnet, other, torch.device("cpu"), batch_size=8, bounded=False) is not None
+
+
+def test_inputs_are_the_prefix_outputs_unless_a_learned_tensor_is_in_the_prefix(effnet, images):
+    with torch.no_grad():
+        expected = direct_logits(effnet, images)
+    inputs = prefix.inputs(effnet, images, torch.device("cpu"), 8, 3, learned=["_fc.weight"])
+    assert inputs.prefixed and inputs.workers == 0 and inputs.key_prefix == "model."
+    assert torch.equal(inputs.dataset.tensors[1], images.tensors[1])
+    with torch.no_grad():
+        assert_close(inputs.forward(inputs.dataset.tensors[0]), expected, atol=1e-5, rtol=1e-5)
+    assert dict(inputs.forward.named_parameters())["model._fc.weight"] is effnet._fc.weight
+    whole = prefix.inputs(effnet, images, torch.device("cpu"), 8, 3, learned=["_blocks.3._bn1.weight"])
+    assert not whole.prefixed and whole.dataset is images and whole.forward is effnet and whole.workers == 3
+    assert whole.key_prefix == ""
+
+
+def test_evaluation_takes_what_it_is_given(effnet, images):
+    """accuracy and evaluate_all run what the recipe hands them: no prefix is looked for inside."""
+    effnet.train()
+    inputs_of = prefix.evaluation_inputs(effnet, torch.device("cpu"), 8, 0)
+    inputs = inputs_of(images, "held-out")
+    assert not effnet.training and inputs.prefixed  # the model put in eval mode first
+    calls = []
+
+    def whole(dataset, desc):
+        calls.append(desc)
+        return prefix.Inputs(dataset, effnet, 0)
+
+    class Bundle:
+        heldout, test, shifts = images, type("Test", (), {"dataset": images, "project": None}), []
+
+    with_prefix = evaluate_all(inputs_of, Bundle, torch.device("cpu"), 8, shifts=False)
+    without = evaluate_all(whole, Bundle, torch.device("cpu"), 8, shifts=False)
+    assert calls == ["held-out", "test"] and with_prefix == without
 
 
 def test_no_prefix_for_other_archs(images):
@@ -103,12 +143,20 @@ def soup_of(folder, name):
 MEHL_FLAGS = ["--model_batch", "2", "--layer-size", "0", "--epochs", "2", "--cosine-lr", "--no-epoch-test"]
 
 
+def recording(monkeypatch):
+    """Every `prefix.inputs` a recipe asks for, with the learned tensors it named: [(learned, Inputs)]."""
+    asked, real = [], prefix.inputs
+    monkeypatch.setattr(prefix, "inputs", lambda *a, learned=(), **k: asked.append(
+        (list(learned), real(*a, learned=learned, **k))) or asked[-1][1])
+    return asked
+
+
 def test_greedy_and_mehl_on_the_default_arch_are_those_without_the_prefix(tmp_path, effnet_zoo, fmnist_root,
                                                                           monkeypatch):
     common = dict(arch=ARCH, heldout=4, test_size=40, batch_size=16)
-    runs, used, real, inputs, real_inputs = {}, [], prefix.outputs, [], mehl.heldout_inputs
+    runs, used, real = {}, [], prefix.outputs
     monkeypatch.setattr(prefix, "outputs", lambda *a, **k: used.append(real(*a, **k)) or used[-1])
-    monkeypatch.setattr(mehl, "heldout_inputs", lambda run: inputs.append(real_inputs(run)) or inputs[-1])
+    asked = recording(monkeypatch)
     for tag in ("with", "without"):
         if tag == "without":
             monkeypatch.undo()
@@ -123,7 +171,8 @@ def test_greedy_and_mehl_on_the_default_arch_are_those_without_the_prefix(tmp_pa
     for key in ("heldout", "test", "shifts"):
         assert g1[key] == g2[key], key
     assert sum(u is not None for u in used) >= 3  # held-out, test and shifts, evaluated from it
-    assert inputs and not any(isinstance(forward, torch.nn.Module) for _, forward, _ in inputs)  # learned too
+    learning = [inputs for learned, inputs in asked if learned]
+    assert learning and all(inputs.prefixed for inputs in learning)  # MEHL learned from it too
     a, b = soup_of(runs["with_dir"], "mehl"), soup_of(runs["without_dir"], "mehl")
     for k in a:
         assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
@@ -136,12 +185,11 @@ LEARNED_FLAGS = ["--layerwise", "--epochs", "2"]
 def test_learned_soup_on_the_default_arch_is_the_one_without_the_prefix(tmp_path, effnet_zoo, fmnist_root,
                                                                         monkeypatch):
     common = dict(arch=ARCH, heldout=4, test_size=40, batch_size=16)
-    inputs, real_inputs = [], learned_soup.heldout_inputs
-    monkeypatch.setattr(learned_soup, "heldout_inputs",
-                        lambda *a: inputs.append(real_inputs(*a)) or inputs[-1])
+    asked = recording(monkeypatch)
     with_prefix = learned_soup.main(argv(effnet_zoo, fmnist_root, tmp_path, *LEARNED_FLAGS, name="with",
                                          **common))
-    assert len(inputs) == 2 and all(isinstance(forward, learned_soup.Tail) for _, forward, _, _ in inputs)
+    learning = [inputs for learned, inputs in asked if learned]
+    assert len(learning) == 2 and all(isinstance(inputs.forward, prefix.Tail) for inputs in learning)
     monkeypatch.undo()
     without_prefix(monkeypatch)
     without = learned_soup.main(argv(effnet_zoo, fmnist_root, tmp_path, *LEARNED_FLAGS, name="without",
@@ -154,6 +202,7 @@ def test_learned_soup_on_the_default_arch_is_the_one_without_the_prefix(tmp_path
     assert with_prefix["heldout"] == pytest.approx(without["heldout"], abs=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["mehl", "learned"])
 def test_two_processes_are_one_process_with_the_prefix(script, tmp_path, effnet_zoo, fmnist_root):
     module, file, flags = {"mehl": (mehl, "MEHL_soup_layer.py", MEHL_FLAGS),
@@ -202,7 +251,8 @@ class Counting:
 
 
 def fresh_copy(model):
-    """The same model in a new object: nothing of the first one's memory cache comes with it."""
+    """The same model in a new object, as in a new process: nothing of the memory cache comes with it."""
+    prefix._MEMORY.update(key=None, outputs={})
     torch.manual_seed(0)
     other = get_arch(ARCH).build(10, pretrained=False)
     other.load_state_dict(model.state_dict())
@@ -322,7 +372,70 @@ def test_a_file_too_large_to_have_been_written_is_not_loaded(effnet, fm_images, 
                         else real(f, *a, **k))
     counted = Counting(fm_images)
     prefix.outputs(fresh_copy(effnet), counted, cpu(), batch_size=8)
-    assert "larger than" in caplog.text and counted.got == len(fm_images)
+    assert "more than a cache file of 20 items may hold" in caplog.text and counted.got == len(fm_images)
+
+
+def read_in_thread(model, data, path, fifo):
+    """prefix.outputs in a thread; when it has not returned after a while (a FIFO opened for reading
+    waits for a writer), a writer that closes at once lets it go on. Returns whether it returned alone."""
+    import threading
+    thread = threading.Thread(target=prefix.outputs, args=(model, data, cpu()), kwargs={"batch_size": 8},
+                              daemon=True)
+    thread.start()
+    thread.join(timeout=60)  # a hang detector, not a speed limit: the checked read takes milliseconds
+    alone = not thread.is_alive()
+    if not alone and fifo:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join()
+    return alone
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+def test_a_cache_entry_that_is_not_a_regular_file_is_never_opened(kind, effnet, fm_images, tmp_path, caplog):
+    prefix.configure(tmp_path)
+    _, h, _ = prefix.outputs(effnet, fm_images, cpu(), batch_size=8)
+    path = written(tmp_path)
+    path.unlink()
+    {"fifo": lambda: os.mkfifo(path), "device": lambda: path.symlink_to("/dev/zero"),
+     "folder": lambda: path.mkdir()}[kind]()
+    counted = Counting(fm_images)
+    assert read_in_thread(fresh_copy(effnet), counted, path, kind == "fifo")
+    assert "not a regular file" in caplog.text and counted.got == len(fm_images)  # computed again
+    if kind != "folder":  # replaced by a good file (a folder cannot be: a warning, the run goes on)
+        assert path.is_file() and not path.is_symlink()
+        assert torch.equal(torch.load(path, weights_only=True)["h"], h)
+
+
+def test_a_zip_bomb_in_the_cache_is_refused_unread(effnet, fm_images, tmp_path, monkeypatch, caplog):
+    """A deflated zip entry inflates inside torch.load: what the entries declare is bounded first, as
+    the ingredient loader bounds it (utils/files/state_dicts.check_unpacked_size)."""
+    import zipfile
+    prefix.configure(tmp_path)
+    prefix.outputs(effnet, fm_images, cpu(), batch_size=8)
+    path = written(tmp_path)
+    monkeypatch.setattr(prefix, "LIMIT_BYTES", 100_000)  # a small bound: the same check as at 512 MiB
+    with zipfile.ZipFile(path) as good:
+        entries = [(info.filename, good.read(info)) for info in good.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as bomb:
+        for name, data in entries:
+            bomb.writestr(name, data)
+        bomb.writestr(entries[0][0].split("/")[0] + "/data/zeros", bytes(20 * 2**20))
+    assert path.stat().st_size < 100_000  # small on disk: 20 MiB when inflated
+    real = torch.load
+    monkeypatch.setattr(prefix.torch, "load", lambda f, *a, **k: pytest.fail("loaded") if str(f) == str(path)
+                        else real(f, *a, **k))
+    counted = Counting(fm_images)
+    prefix.outputs(fresh_copy(effnet), counted, cpu(), batch_size=8)
+    assert "zip entries unpack to" in caplog.text and counted.got == len(fm_images)
+
+
+def test_the_guarantees_say_what_the_cache_trusts():
+    """A file edited on purpose (one row changed, its checksum recomputed) passes unless a spot check
+    draws that row: the docs say the folder is trusted as the code is, and what the checks catch."""
+    from pathlib import Path
+    text = " ".join((Path(__file__).parents[1] / "docs" / "GUARANTEES.md").read_text().split())
+    assert "trusts its folder as it trusts the code" in text
+    assert "a deliberate edit" in text and f"{prefix.SPOT_CHECKS} random items" in text
 
 
 def test_an_unwritable_folder_costs_a_warning_not_the_run(effnet, fm_images, tmp_path, caplog):

@@ -4,7 +4,10 @@ Every builder takes (num_classes, pretrained). Soup scripts build with pretraine
 ingredients supply every weight.
 
 Besides the registered names, `--arch` takes any timm model as `timm:<name>[@<size>]`
-(utils/archs/timm_models.py) and the user's own model as `package.module:factory` (utils/archs/factory.py)."""
+(utils/archs/timm_models.py) and the user's own model as `package.module:factory` (utils/archs/factory.py).
+
+An architecture may also declare where a frozen prefix of its network ends (`register_split`): the soups
+run such a prefix once per data set (utils/run/prefix.py) and finetune.py freezes one."""
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,6 +27,7 @@ class ArchSpec:
     preprocess: Callable       # per-sample eval transform: PIL image or uint8 tensor -> float tensor
     train_preprocess: Callable # per-sample transform for fine-tuning before augmentation is added
     is_vit: bool = False       # MEHL clips the gradient norm to 1 for ViTs, as released
+    frozen_blocks: int = 0     # blocks finetune.py freezes by default (a split at this depth, below)
 
 
 def to_rgb(img):
@@ -109,6 +113,31 @@ def get_arch(name):
         raise UserError(f"unknown --arch {name!r}; known: {', '.join(known)}, timm:<name>, "
                         "package.module:factory")
     return ARCHS[key]
+
+
+# ------------------------------------------------------------------- where a frozen prefix ends
+@dataclass(frozen=True)
+class Split:
+    """A model cut in two: head(x) -> tail gives model(x) when every module of the prefix is in eval mode."""
+    keys: tuple        # the prefix's state-dict keys (parameters and buffers)
+    modules: tuple     # its modules: every one must be in eval mode for head to be a fixed function
+    head: Callable     # images -> the prefix's output
+    tail: Callable     # the prefix's output -> logits (the rest of the model)
+
+
+_SPLITS = {}  # model class -> make(model, blocks) -> Split
+
+
+def register_split(model_class, make):
+    """`make(model, blocks)` gives the Split of a model of exactly `model_class` after its first `blocks`
+    blocks (blocks=None: the prefix the default zoo leaves frozen, which the soups run once)."""
+    _SPLITS[model_class] = make
+
+
+def split_of(model, blocks=None):
+    """The Split `model`'s architecture declares (at `blocks`, see `register_split`), or None."""
+    make = _SPLITS.get(type(model))
+    return None if make is None else make(model, blocks)
 
 
 # The families register themselves on import (after ArchSpec / register exist above).

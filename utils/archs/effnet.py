@@ -11,8 +11,7 @@ identical in every ingredient and the soups leave them out of the coefficient pr
 import torch
 from torch import nn
 
-from utils.archs import ArchSpec, image_transform, register
-from utils.run import prefix
+from utils.archs import ArchSpec, Split, image_transform, register, register_split
 from utils.runtime.errors import UserError
 
 MODEL_NAME = "efficientnet-lite0"
@@ -54,7 +53,7 @@ def build(num_classes, pretrained=True):
                         "(pip install -r requirements.txt)") from err
     # image_size=None: "same" padding computed per input, so any input size pads like TensorFlow
     model = EfficientNet.from_name(MODEL_NAME, num_classes=num_classes, image_size=None)
-    prefix.register(EfficientNet, prefix_split)
+    register_split(EfficientNet, split)
     if pretrained:
         sd = torch.load(weights_path(), map_location="cpu", weights_only=True)
         strict_load(model, sd)
@@ -68,45 +67,39 @@ def frozen_prefixes(frozen_blocks=FROZEN_BLOCKS):
     return ("_conv_stem.", "_bn0.") + tuple(f"_blocks.{i}." for i in range(frozen_blocks))
 
 
-def split_frozen(model, frozen_blocks=FROZEN_BLOCKS):
-    """(frozen_fn, trainable_fn): frozen_fn maps images to the activations after the frozen blocks,
-    trainable_fn maps those activations to logits; frozen_fn(x) -> trainable_fn gives model(x) in eval
-    mode. The frozen part is deterministic, so its activations can be computed once and cached."""
+def split(model, blocks=None):
+    """The model cut after the stem and its first `blocks` MBConv blocks (utils/archs: Split). The
+    prefix is deterministic in eval mode, so its outputs can be computed once per data set: finetune.py
+    freezes it (--frozen-blocks), and the soups run it once (blocks=None: the stem and every block but the
+    last, which is what the default zoo freezes, docs/ZOO.md; a zoo fine-tuned deeper has other prefix
+    tensors in every ingredient, and the prefix is then recomputed for each, as a plain forward)."""
     n_blocks = len(model._blocks)
-    if not 0 <= frozen_blocks <= n_blocks:
-        raise UserError(f"--frozen-blocks must be in [0, {n_blocks}], got {frozen_blocks}")
+    blocks = n_blocks - 1 if blocks is None else blocks
+    if not 0 <= blocks <= n_blocks:
+        raise UserError(f"--frozen-blocks must be in [0, {n_blocks}], got {blocks}")
 
     def rate(idx):  # the package scales drop-connect with the block index
         r = model._global_params.drop_connect_rate
         return r * float(idx) / n_blocks if r else r
 
-    def frozen_fn(x):
+    def head(x):
         x = model._swish(model._bn0(model._conv_stem(x)))
-        for idx in range(frozen_blocks):
+        for idx in range(blocks):
             x = model._blocks[idx](x, drop_connect_rate=rate(idx))
         return x
 
-    def trainable_fn(x):
-        for idx in range(frozen_blocks, n_blocks):
+    def tail(x):
+        for idx in range(blocks, n_blocks):
             x = model._blocks[idx](x, drop_connect_rate=rate(idx))
         x = model._swish(model._bn1(model._conv_head(x)))
         x = model._avg_pooling(x).flatten(1)
         return model._fc(model._dropout(x))
 
-    return frozen_fn, trainable_fn
-
-
-def prefix_split(model):
-    """The prefix the soups may run once per data set (utils/run/prefix.py): the stem and every block but
-    the last, which is what the default zoo freezes (docs/ZOO.md). A zoo fine-tuned deeper has other
-    prefix tensors in every ingredient, and the prefix is then recomputed for each, as a plain forward."""
-    frozen = len(model._blocks) - 1
-    frozen_fn, trainable_fn = split_frozen(model, frozen)
-    prefixes = frozen_prefixes(frozen)
+    prefixes = frozen_prefixes(blocks)
     keys = tuple(k for k in model.state_dict() if k.startswith(prefixes))
     modules = tuple(m for n, m in model.named_modules() if n and (n + ".").startswith(prefixes))
-    return prefix.Split(keys, modules, frozen_fn, trainable_fn)
+    return Split(keys, modules, head, tail)
 
 
-register(ArchSpec(MODEL_NAME, build, image_transform(IMAGE_SIZE), image_transform(IMAGE_SIZE)),
-         "efficientnet_lite0", "effnet-lite0")
+register(ArchSpec(MODEL_NAME, build, image_transform(IMAGE_SIZE), image_transform(IMAGE_SIZE),
+                  frozen_blocks=FROZEN_BLOCKS), "efficientnet_lite0", "effnet-lite0")

@@ -117,17 +117,17 @@ def checkpoint_limit(reference):
     return 3 * 8 * numbers + 64 * 2**20
 
 
-def check_unpacked_size(path, limit):
-    """Refuse (UserError) a checkpoint that declares more data than `limit` bytes, reading only sizes:
-    the file's size; for torch's zip format the uncompressed size every zip entry declares and the
-    storage sizes its pickle declares; for torch's legacy format the declared storage sizes. torch
-    allocates a storage from the size the pickle declares before reading its bytes, and inflates a
-    compressed zip entry fully, so both are checked before torch.load sees the file."""
+def check_unpacked_size(path, limit, holder="a checkpoint of this architecture"):
+    """Refuse (UserError) a checkpoint that declares more data than `limit` bytes (the most `holder` may
+    hold), reading only sizes: the file's size; for torch's zip format the uncompressed size every zip
+    entry declares and the storage sizes its pickle declares; for torch's legacy format the declared
+    storage sizes. torch allocates a storage from the size the pickle declares before reading its bytes,
+    and inflates a compressed zip entry fully, so both are checked before torch.load sees the file."""
     mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
     size = path.stat().st_size
     if size > limit:
-        raise UserError(f"{path}: the file is {mib(size)}, more than a checkpoint of this architecture "
-                        f"may hold ({mib(limit)}): refused unread")
+        raise UserError(f"{path}: the file is {mib(size)}, more than {holder} may hold "
+                        f"({mib(limit)}): refused unread")
     unreadable = f"{path}: not a readable checkpoint (truncated or another format)"
     if path.suffix == ".safetensors":
         return  # tensors are views of the file: its size bounds them
@@ -140,8 +140,8 @@ def check_unpacked_size(path, limit):
                     packed = [i for i in infos if i.compress_type != zipfile.ZIP_STORED]
                     note = (f" ({len(packed)} compressed entr{'y' if len(packed) == 1 else 'ies'}; "
                             "torch never compresses them)" if packed else "")
-                    raise UserError(f"{path}: its zip entries unpack to {mib(declared)}, more than a "
-                                    f"checkpoint of this architecture may hold ({mib(limit)}){note}: "
+                    raise UserError(f"{path}: its zip entries unpack to {mib(declared)}, more than "
+                                    f"{holder} may hold ({mib(limit)}){note}: "
                                     "refused unread")
                 pkl = [i for i in infos if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
                 if not pkl:
@@ -160,8 +160,8 @@ def check_unpacked_size(path, limit):
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             storages = declared_storage_bytes(mm, unreadable, pickles=4)
     if storages > limit:
-        raise UserError(f"{path}: its pickle declares storages of {mib(storages)}, more than a "
-                        f"checkpoint of this architecture may hold ({mib(limit)}): refused unread")
+        raise UserError(f"{path}: its pickle declares storages of {mib(storages)}, more than "
+                        f"{holder} may hold ({mib(limit)}): refused unread")
 
 
 def tarfile_format(path):

@@ -1,12 +1,12 @@
 """Accuracy that is exact across ranks: each rank takes indices rank, rank+world, ... (no padding, no
-repeats) and the correct / total counts are all-reduced. A frozen prefix that the model shares with
-the previous evaluation of the same data set is not run again (utils/run/prefix.py)."""
+repeats) and the correct / total counts are all-reduced. What is evaluated is given: a module and the
+items it maps to logits (a recipe's `Inputs`, utils/run/prefix.py: the whole model on the images, or the
+rest of the model on its frozen prefix's outputs)."""
 
 import torch
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from utils.run import prefix
 from utils.runtime import distributed
 
 
@@ -19,16 +19,13 @@ def make_loader(dataset, batch_size, workers, shuffle=False, generator=None, sha
 
 @torch.no_grad()
 def accuracy(model, dataset, device, batch_size=256, workers=0, project=None, desc="eval"):
-    """Top-1 accuracy in percent of `model` on `dataset`; `project` maps logits onto the set's labels."""
+    """Top-1 accuracy in percent of `model` (in eval mode) on the items of `dataset`; `project` maps
+    logits onto the set's labels."""
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64)
-    forward, cached = model, prefix.outputs(model, dataset, device, batch_size, desc)
-    if cached is not None:  # the same images' prefix outputs, computed with these prefix tensors
-        split, h, y = cached
-        forward, dataset, workers = split.tail, TensorDataset(h, y), 0
     loader = make_loader(dataset, batch_size, workers)
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not distributed.is_primary()):
-        logits = forward(x.to(device, non_blocking=True))
+        logits = model(x.to(device, non_blocking=True))
         if project is not None:
             logits = project(logits)
         counts[0] += (logits.argmax(1).cpu() == y).sum().item()
@@ -40,20 +37,22 @@ def accuracy(model, dataset, device, batch_size=256, workers=0, project=None, de
     return 100.0 * counts[0].item() / max(1.0, counts[1].item())
 
 
-def evaluate_all(model, bundle, device, batch_size=256, workers=0, heldout=True, test=True, shifts=True):
-    """Held-out, test and every shift accuracy; a missing shift is reported as None and listed."""
+def evaluate_all(inputs_of, bundle, device, batch_size=256, heldout=True, test=True, shifts=True):
+    """Held-out, test and every shift accuracy of what `inputs_of(dataset, desc)` gives to run on each
+    data set (`utils.run.prefix.evaluation_inputs`); a missing shift is reported as None and listed."""
+    def score(dataset, project, desc):
+        inputs = inputs_of(dataset, desc)
+        return accuracy(inputs.forward, inputs.dataset, device, batch_size, inputs.workers, project, desc)
+
     out = {}
     if heldout:
-        out["heldout"] = accuracy(model, bundle.heldout, device, batch_size, workers, desc="held-out")
+        out["heldout"] = score(bundle.heldout, None, "held-out")
     if test:
-        out["test"] = accuracy(model, bundle.test.dataset, device, batch_size, workers,
-                               bundle.test.project, desc="test")
+        out["test"] = score(bundle.test.dataset, bundle.test.project, "test")
     if shifts:
         out["shifts"] = {}
         for s in bundle.shifts:
-            out["shifts"][s.name] = (None if s.dataset is None else
-                                     accuracy(model, s.dataset, device, batch_size, workers, s.project,
-                                              desc=s.name))
+            out["shifts"][s.name] = None if s.dataset is None else score(s.dataset, s.project, s.name)
         present = [v for v in out["shifts"].values() if v is not None]
         out["shift_mean"] = sum(present) / len(present) if present else None
         out["missing_shifts"] = [s.name for s in bundle.shifts if s.dataset is None]

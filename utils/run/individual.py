@@ -9,6 +9,7 @@ from pathlib import Path
 
 from utils.files import results
 from utils.files.ingredients import index_of, load_checked
+from utils.run import prefix
 from utils.run.evaluation import evaluate_all
 from utils.runtime import distributed
 from utils.runtime.errors import UserError
@@ -62,11 +63,13 @@ def evaluate_individuals(args, setup, paths=None):
         log.info("individual accuracies: %d of %d ingredients taken from %s",
                  len(paths) - len(todo), len(paths), args.results_db)
     out = list(cached)
+    # the ingredients' shared frozen prefix runs once per data set (utils/run/prefix.py)
+    inputs = prefix.evaluation_inputs(setup.model, setup.device, args.batch_size, args.workers)
     for i in todo:
         sd = load_checked(paths[i], setup.reference)
         setup.model.load_state_dict(sd)
         del sd
-        scores = evaluate_all(setup.model, setup.bundle, setup.device, args.batch_size, args.workers)
+        scores = evaluate_all(inputs, setup.bundle, setup.device, args.batch_size)
         record = {**keys[i], **scores, "device": str(setup.device),
                   "world_size": distributed.world_size()}
         out[i] = results.append(args.results_db, record)

@@ -4,17 +4,24 @@ The default zoo fine-tunes only EfficientNet-Lite0's last block, conv head and h
 first 15 blocks are the same tensors in every ingredient, so they are the same in every soup of them.
 In eval mode such a prefix is a fixed function of the image. A run that evaluates many models on one
 data set (greedy soup: every ingredient and every candidate) or takes many MEHL steps on the held-out
-split computes the prefix's output once and afterwards runs only the rest of the network.
+split computes the prefix's output once and afterwards runs only the rest of the network; finetune.py
+computes its frozen blocks' activations once per zoo.
 
-It stands for the model only when it computes what the whole model would:
-- the architecture declares where its prefix ends (`register`; today EfficientNet-Lite0: everything
-  before the last block);
+Using it is a step each recipe takes: `inputs` (learning on the held-out split) and `evaluation_inputs`
+(evaluating) give what to run, `Inputs`: a data set and the module that maps its items to the model's
+logits, either the data set and the whole model or the prefix's outputs and the rest of the model.
+
+The prefix stands for the model only when it computes what the whole model would:
+- the architecture declares where its prefix ends (utils/archs: `register_split`; today
+  EfficientNet-Lite0: everything before the last block, or a chosen depth for finetune.py);
 - every module of the prefix is in eval mode (no batch statistics, no dropout or drop-connect);
-- the model's prefix tensors (parameters and buffers) equal, element for element, those the outputs
-  were computed with: checked at every use, and a different prefix computes them again.
+- the outputs were computed with prefix tensors (parameters and buffers) equal, element for element, to
+  the model's: they are found under a sha256 of every prefix tensor (`prefix_key`), computed at every
+  use, so a different prefix computes them again.
 Logits then equal model(x) up to the order of floating-point sums (a convolution may sum in another order
 for another batch size). Outputs of a data set larger than LIMIT_BYTES are not kept: its images go
-through the whole model, as without this module.
+through the whole model, as without this module. The process keeps the outputs of one prefix (the
+latest) per data set object.
 
 Across processes (the demo runs 18 soup processes on the same images and the same prefix), the outputs
 are also kept on disk when a folder is configured (`configure`; the scripts' --prefix-cache) and the
@@ -22,22 +29,28 @@ data set says exactly what its items are (`fingerprint()`, and `items(indices)` 
 datasets/fashion_mnist.py's ImageTensors). A file is named by a hash of everything its numbers depend
 on: the prefix tensors (every element), the data set's fingerprint, the batch size, the device type and
 CPU threads, and torch's version; so a run computes from the file exactly the outputs it would compute
-itself. A file is trusted only after checks: it loads as plain tensors (weights_only), holds the key it
-is named by, the right number of finite outputs, labels and a checksum that match, and a few random
-items computed afresh agree with it. Anything else is a warning, and the outputs are computed again
-and the file replaced. A folder that cannot be written costs a warning, not the run."""
+itself. The folder is trusted as the code is: the checks catch accidental damage and stale files, not a
+deliberate edit (docs/GUARANTEES.md). A file is read only when it is a regular file (a FIFO or a device
+is never opened) whose size and zip entries are within what a write could produce (the ingredient
+loader's bound, utils/files/state_dicts.py), and used only after it loads as plain tensors
+(weights_only), holds the key it is named by, the right number of finite outputs, labels and a checksum
+that match, and a few random items computed afresh agree with it. Anything else is a warning, and the
+outputs are computed again and the file replaced. A folder that cannot be written costs a warning, not
+the run."""
 import hashlib
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from utils.files.state_dicts import atomic_write
+from utils.archs import split_of
+from utils.files.state_dicts import atomic_write, check_unpacked_size
 from utils.runtime import distributed
 from utils.runtime.errors import UserError
 
@@ -46,64 +59,114 @@ log = logging.getLogger(__name__)
 LIMIT_BYTES = 512 * 2**20   # per data set, on the CPU
 FORMAT = 1                  # of the files on disk: a change of what they hold changes it
 SPOT_CHECKS = 8             # items of a file computed afresh and compared before it is used
-_SPLITS = {}                # model class -> make(model) -> Split
+_MEMORY = {"key": None, "outputs": {}}      # prefix_key -> {id(dataset): (dataset, h or None, y)}
 _DISK = {"folder": None, "warned": False}   # the on-disk cache (configure); None: memory only
 
 
+# ------------------------------------------------------------------------ what a recipe runs
+class Tail(nn.Module):
+    """The model after its frozen prefix, as a module: its parameters are the model's under `model.`, so
+    that `functional_call` can put a soup's parameters in (`Inputs.key_prefix`)."""
+
+    def __init__(self, model, tail):
+        super().__init__()
+        self.model, self.tail = model, tail
+
+    def forward(self, h):
+        return self.tail(h)
+
+
 @dataclass(frozen=True)
-class Split:
-    keys: tuple        # the prefix's state-dict keys (parameters and buffers)
-    modules: tuple     # its modules: every one must be in eval mode
-    head: Callable     # images -> the prefix's output
-    tail: Callable     # the prefix's output -> logits (the rest of the model)
+class Inputs:
+    """What to run on one data set: `forward` on the items of `dataset` gives the model's logits of the
+    original items, in their order."""
+    dataset: object
+    forward: nn.Module  # the model, or `Tail` when the items are the prefix's outputs
+    workers: int        # data loader processes (0 for outputs already in memory)
+
+    @property
+    def prefixed(self):
+        return isinstance(self.forward, Tail)
+
+    @property
+    def key_prefix(self):
+        """What `forward`'s state-dict keys put before the model's."""
+        return "model." if self.prefixed else ""
 
 
-def register(model_class, make):
-    """`make(model)` gives the Split of a model of exactly `model_class`."""
-    _SPLITS[model_class] = make
+def inputs(model, dataset, device, batch_size, workers, learned=(), desc="prefix", split=None):
+    """Inputs for running `model` on `dataset` now: the prefix's outputs (computed once per data set)
+    and the rest of the model when the prefix stands for the model (see the module's docstring) and
+    holds none of the `learned` tensors, else the data set and the whole model. Ask at each use: the
+    prefix tensors are checked when it is called. `split`: a Split of the model (utils/archs), default
+    the one its architecture declares."""
+    split = split_of(model) if split is None else split
+    if split is not None and not set(split.keys) & set(learned):
+        found = outputs(model, dataset, device, batch_size, desc, split)
+        if found is not None:
+            _, h, y = found
+            return Inputs(TensorDataset(h, y), Tail(model, split.tail), 0)
+    return Inputs(dataset, model, workers)
 
 
-def split_of(model):
-    make = _SPLITS.get(type(model))
-    return None if make is None else make(model)
+def evaluation_inputs(model, device, batch_size, workers, split=None):
+    """A recipe's evaluations of `model`: a function (dataset, desc) -> Inputs that puts the model in
+    eval mode and gives `inputs` of it (for utils/run/evaluation.py)."""
+    def inputs_of(dataset, desc="eval"):
+        model.eval()
+        return inputs(model, dataset, device, batch_size, workers, desc=desc, split=split)
+    return inputs_of
 
 
-class _Cache:
-    """One model's prefix state and, per data set, the outputs computed with it."""
+# -------------------------------------------------------------------------- the outputs, once
+def prefix_key(model, split):
+    """sha256 of every prefix tensor (name, dtype, shape and each element) and the model's class."""
+    state = model.state_dict()
+    digest = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode() + b"\0")
+    for key in split.keys:
+        t = state[key].detach()
+        digest.update(f"{key} {t.dtype} {tuple(t.shape)}".encode() + b"\0")
+        digest.update(_tensor_bytes(t))
+    return digest.hexdigest()
 
-    def __init__(self):
-        self.state = None     # clones of the prefix tensors the outputs belong to
-        self.outputs = {}     # id(dataset) -> (dataset, h or None when too large, labels)
 
-
-def _equal(saved, current):
-    return saved is not None and len(saved) == len(current) and all(
-        a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b.to(a.device))
-        for a, b in zip(saved, current))
+def _tensor_bytes(t):
+    t = t.detach().cpu().contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy() if t.numel() else b""
 
 
 @torch.no_grad()
-def outputs(model, dataset, device, batch_size=256, desc="prefix"):
+def outputs(model, dataset, device, batch_size=256, desc="prefix", split=None, bounded=True):
     """(split, h, y): the prefix's output for every item of `dataset`, in order (on the CPU), and the
     labels; or None when the prefix cannot stand for the model here (no split registered for it, a
-    prefix module in train mode, or outputs above LIMIT_BYTES). Every rank computes the whole set."""
-    split = split_of(model)
+    prefix module in train mode, or outputs above LIMIT_BYTES unless not `bounded`). Every rank computes
+    the whole set."""
+    split = split_of(model) if split is None else split
     if split is None or any(m.training for m in split.modules):
         return None
-    state = model.state_dict()
-    current = [state[k].detach() for k in split.keys]
-    cache = model.__dict__.setdefault("_prefix_cache", _Cache())
-    if not _equal(cache.state, current):
-        cache.state, cache.outputs = [t.detach().cpu().clone() for t in current], {}
-    hit = cache.outputs.get(id(dataset))
-    if hit is not None and hit[0] is dataset:
+    key = prefix_key(model, split)
+    if _MEMORY["key"] != key:
+        _MEMORY.update(key=key, outputs={})
+    hit = _MEMORY["outputs"].get(id(dataset))
+    if hit is not None and hit[0] is dataset and (hit[1] is not None or bounded):
         return None if hit[1] is None else (split, hit[1], hit[2])
-    disk = _disk_entry(model, split, current, dataset, device, batch_size)
+    disk = _disk_entry(key, dataset, device, batch_size)
     if disk is not None:
         found = _read(disk, split, dataset, device)
         if found is not None:
-            cache.outputs[id(dataset)] = (dataset, *found)
+            _MEMORY["outputs"][id(dataset)] = (dataset, *found)
             return (split, *found)
+    h, y = _compute(split, dataset, device, batch_size, desc, LIMIT_BYTES if bounded else None)
+    _MEMORY["outputs"][id(dataset)] = (dataset, h, y)
+    if h is None:
+        return None
+    if disk is not None and distributed.is_primary():
+        _write(disk, h, y)
+    return split, h, y
+
+
+def _compute(split, dataset, device, batch_size, desc, limit):
+    """(h, y) of every item, or (None, None) as soon as h would take more than `limit` bytes."""
     hs, ys, size = [], [], 0
     # its own generator: a DataLoader draws a seed, which must not move the global RNG
     loader = DataLoader(dataset, batch_size=batch_size, generator=torch.Generator())
@@ -111,16 +174,11 @@ def outputs(model, dataset, device, batch_size=256, desc="prefix"):
                      disable=not distributed.is_primary()):
         h = split.head(x.to(device)).cpu()
         size += h.numel() * h.element_size()
-        if size / len(hs + [h]) * -(-len(dataset) // batch_size) > LIMIT_BYTES:
-            cache.outputs[id(dataset)] = (dataset, None, None)
-            return None
+        if limit is not None and size / len(hs + [h]) * -(-len(dataset) // batch_size) > limit:
+            return None, None
         hs.append(h)
         ys.append(torch.as_tensor(y))
-    h, y = torch.cat(hs), torch.cat(ys)
-    cache.outputs[id(dataset)] = (dataset, h, y)
-    if disk is not None and distributed.is_primary():
-        _write(disk, h, y)
-    return split, h, y
+    return torch.cat(hs), torch.cat(ys)
 
 
 # ------------------------------------------------------------------------------- on disk
@@ -144,14 +202,9 @@ class _Entry:
     key: str
 
 
-def _tensor_bytes(t):
-    t = t.detach().cpu().contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
-def _disk_entry(model, split, current, dataset, device, batch_size):
-    """Where the outputs of `dataset` through this prefix live on disk, or None (no folder configured,
-    or a data set that cannot say exactly what its items are)."""
+def _disk_entry(prefix, dataset, device, batch_size):
+    """Where the outputs of `dataset` through the prefix whose `prefix_key` is `prefix` live on disk, or
+    None (no folder configured, or a data set that cannot say exactly what its items are)."""
     folder = _DISK["folder"]
     fingerprint = getattr(dataset, "fingerprint", None)
     if folder is None or fingerprint is None or not hasattr(dataset, "items"):
@@ -161,30 +214,41 @@ def _disk_entry(model, split, current, dataset, device, batch_size):
         return None
     digest = hashlib.sha256()
     threads = torch.get_num_threads() if device.type == "cpu" else 0
-    for part in (f"format {FORMAT}", f"{type(model).__module__}.{type(model).__qualname__}", torch.__version__,
-                 device.type, threads, batch_size, len(dataset), data):
+    for part in (f"format {FORMAT}", prefix, torch.__version__, device.type, threads, batch_size, len(dataset),
+                 data):
         digest.update(str(part).encode() + b"\0")
-    for key, t in zip(split.keys, current):
-        digest.update(f"{key} {t.dtype} {tuple(t.shape)}".encode() + b"\0")
-        digest.update(_tensor_bytes(t))
     key = digest.hexdigest()
     return _Entry(folder / f"{key}.pt", key)
 
 
 def _checksum(h, y):
-    return hashlib.sha256(_tensor_bytes(h) + _tensor_bytes(y)).hexdigest()
+    digest = hashlib.sha256(_tensor_bytes(h))
+    digest.update(_tensor_bytes(y))
+    return digest.hexdigest()
+
+
+def _most_bytes(n):
+    """The most a file of n items can hold: outputs of at most LIMIT_BYTES, n int64 labels, metadata."""
+    return LIMIT_BYTES + 8 * n + 2**16
 
 
 def _read(entry, split, dataset, device):
-    """(h, y) from the file, or None when there is none or it fails a check (a warning then)."""
+    """(h, y) from the file, or None when there is none or it fails a check (a warning then). Only a
+    regular file is opened (a FIFO would block the run, a device never end), and only after the sizes it
+    declares, its zip entries' too, are checked against what a write could produce (a deflated entry of
+    a few MB could otherwise inflate to GBs inside torch.load)."""
     try:
-        size = entry.path.stat().st_size
+        mode = os.stat(entry.path).st_mode
     except FileNotFoundError:
         return None
     except OSError as err:
         return _distrust(entry, f"cannot be read ({err.strerror or err})")
-    if size > LIMIT_BYTES + 2**16:  # never written so large: not loaded into memory
-        return _distrust(entry, f"larger than {LIMIT_BYTES} bytes")
+    if not stat.S_ISREG(mode):
+        return _distrust(entry, "not a regular file")
+    try:
+        check_unpacked_size(entry.path, _most_bytes(len(dataset)), f"a cache file of {len(dataset)} items")
+    except UserError as err:  # the ingredient loader's bound; its message names the file first
+        return _distrust(entry, str(err).removeprefix(f"{entry.path}: "))
     try:
         saved = torch.load(entry.path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is computed again
