@@ -5,7 +5,8 @@ the scripts: nothing here may import the latter.
 """
 import importlib
 
-from datasets.base import DataBundle, EvalSet, per_class_split  # noqa: F401
+from datasets.base import DataBundle, EvalSet  # noqa: F401
+from datasets.heldout import heldout_split, per_class_split  # noqa: F401
 from utils.runtime.errors import UserError
 
 # name -> (module, builder function); modules are imported on use so that one family's optional
