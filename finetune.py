@@ -102,6 +102,11 @@ def parse_args(argv=None):
                    help="0/1 numpy index file over the sorted train set selecting the held-out split (give "
                         "the soup scripts the same one)")
     p.add_argument("--test-size", type=int, default=2000, help="test images evaluated (0 = all)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="drop the image files that fail the check before any work (not a regular file, "
+                        "unreadable, a header that does not decode or declares over 89.5M pixels) with a "
+                        "warning naming each, instead of refusing the run; the record's split counts and "
+                        "names them (ImageNet, ImageFolder)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the held-out split and subsamples")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit; tests)")
     p.add_argument("--workers", type=int, default=0, help="data loader processes for RandAugment")
@@ -147,13 +152,14 @@ def _raw(x):
 def load_bundle(args, spec):
     """The DataBundle; its fine-tune split yields raw images (augmentation is per ingredient)."""
     key = ("bundle", args.datasets, args.data_location, args.heldout_per_class, args.heldout_index,
-           args.finetune_size, args.test_size, args.data_seed, spec.name)
+           args.finetune_size, args.test_size, args.data_seed, args.skip_bad_images, spec.name)
     if key not in _CACHE:
         _CACHE[key] = datasets.build_dataset(
             args.datasets, args.data_location, spec.preprocess, heldout_per_class=args.heldout_per_class,
             heldout_index=args.heldout_index, finetune_size=args.finetune_size or None,
             test_size=args.test_size or None,
-            seed=args.data_seed, train_preprocess=_raw)
+            seed=args.data_seed, train_preprocess=_raw, sets=datasets.FINETUNE_SETS,
+            skip_bad_images=args.skip_bad_images)
     return key, _CACHE[key]
 
 

@@ -18,8 +18,8 @@ import numpy as np
 
 from datasets.base import DataBundle, EvalSet
 from datasets.heldout import check_source, heldout_split
-from datasets.imagenet import (IMG_EXTENSIONS, ImageFiles, SelectLogits, _shrink, _subsample, _subset,
-                               list_classes, subfolders)
+from datasets.images import ImageFiles
+from datasets.imagenet import IMG_EXTENSIONS, SelectLogits, _shrink, _subsample, _subset, list_classes, subfolders
 from utils.runtime.errors import UserError
 
 log = logging.getLogger(__name__)

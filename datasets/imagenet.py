@@ -19,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from datasets.base import DataBundle, EvalSet
 from datasets.heldout import check_source, heldout_split
+from datasets.images import ImageFiles
 from utils.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -70,24 +69,6 @@ def list_classes(folder, names, labels, desc):
         paths += files
         out += [label] * len(files)
     return paths, np.asarray(out, dtype=np.int64)
-
-
-class ImageFiles(Dataset):
-    """Image files with integer labels; `border` pixels are cropped off each side before `transform`."""
-
-    def __init__(self, paths, labels, transform=None, border=0):
-        self.paths, self.labels, self.transform, self.border = paths, labels, transform, border
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        with Image.open(self.paths[i]) as f:
-            img = f.convert("RGB")
-        if self.border:
-            b = self.border
-            img = img.crop((b, b, img.width - b, img.height - b))
-        return (self.transform(img) if self.transform else img), int(self.labels[i])
 
 
 # ---------------------------------------------------------------------------------- projections
