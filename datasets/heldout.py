@@ -5,7 +5,7 @@ used to fine-tune an ingredient. Every family builds it with `heldout_split`, fr
 - an index file: the user's 0/1 numpy array (`.npy`, as `numpy.save` writes it) over the train set in
   the family's order, 1 = held-out (the published ImageNet split is given this way).
 
-The record it returns goes into every results line, each ingredient's record and MEHL's resume state:
+The record it returns goes into every results line and each ingredient's record (model_<i>.json):
 it identifies the split (the count and seed, or the file's path and sha256).
 """
 import hashlib

@@ -10,7 +10,8 @@ The held-out split is drawn per class from train with a seed (default: a tenth o
 at most ImageNet's 26, at least 1; `--heldout-per-class` to choose), or read from a 0/1 index file over
 the sorted ImageFolder of <root>/train (1 = held-out), as for ImageNet. Image files are those
 torchvision's ImageFolder takes (by extension), listed in its order. Every check (layout, class names,
-empty class folders) fails with one line before any image is read."""
+empty class folders) fails with one line before any image is opened; then the header of every image
+file the run will read is checked (datasets/images.py)."""
 import logging
 from pathlib import Path
 
