@@ -39,6 +39,7 @@ from utils.archs import effnet
 from utils.archs import get_arch
 from utils.files.state_dicts import atomic_write, check_dtypes, check_state_dict, load_state_dict, save_state_dict
 from utils.run.batchnorm import set_mode
+from utils.run.cli import SKIP_BAD_IMAGES_HELP
 from utils.run.evaluation import accuracy
 from utils.runtime.errors import UserError, run_main
 from utils.soup.schedules import cosine_with_warmup, set_lr
@@ -56,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--datasets", default="FashionMNIST", help="dataset to fine-tune on (datasets registry)")
     p.add_argument("--data-location", default=None,
                    help="data root; default: the dataset's standard places (see datasets/)")
+    p.add_argument("--skip-bad-images", action="store_true", help=SKIP_BAD_IMAGES_HELP)
     p.add_argument("--out-dir", default="zoo/fashion_mnist", help="folder of the zoo")
     p.add_argument("--index", type=int, default=0, help="i of the written model_{i}.pt / model_{i}.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model_{i}.pt")
@@ -99,14 +101,9 @@ def parse_args(argv=None):
     p.add_argument("--heldout-per-class", type=int, default=None,
                    help="held-out images per class (default: the dataset's, as the soup scripts use)")
     p.add_argument("--heldout-index", default=None,
-                   help="0/1 numpy index file over the sorted train set selecting the held-out split (give "
-                        "the soup scripts the same one)")
+                   help="0/1 numpy .npy file (numpy.save) over the sorted train set selecting the held-out "
+                        "split, 1 = held-out (docs/DATA.md; give the soup scripts the same one)")
     p.add_argument("--test-size", type=int, default=2000, help="test images evaluated (0 = all)")
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="drop the image files that fail the check before any work (not a regular file, "
-                        "unreadable, a header that does not decode or declares over 89.5M pixels) with a "
-                        "warning naming each, instead of refusing the run; the record's split counts and "
-                        "names them (ImageNet, ImageFolder)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the held-out split and subsamples")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit; tests)")
     p.add_argument("--workers", type=int, default=0, help="data loader processes for RandAugment")
