@@ -14,6 +14,7 @@ import logging
 import os
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from datasets.base import not_regular
 from utils.runtime.errors import UserError
@@ -68,17 +69,16 @@ def read_heldout_index(path, n, order=None):
     if kind:
         raise UserError(f"--heldout-index {path}: {kind}, not a .npy file: save the 0/1 array with "
                         "numpy.save(path, mask)")
-    try:
+    shape, dtype = _npy_header(path, data)
+    if dtype.kind not in "biuf":
+        raise UserError(f"--heldout-index {path}: holds {dtype} values; expected a 0/1 array (bool or integer)")
+    if shape != (n,):
+        over = f" ({order})" if order else ""
+        raise UserError(f"--heldout-index {path}: expected a 0/1 array of length {n}{over}, got shape {shape}")
+    try:  # only now: numpy allocates the array the header declares before it reads a byte of it
         mask = np.load(io.BytesIO(data), allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
         raise UserError(f"--heldout-index {path}: not a readable .npy file ({err})") from err
-    if mask.dtype.kind not in "biuf":
-        raise UserError(f"--heldout-index {path}: holds {mask.dtype} values; expected a 0/1 array (bool or "
-                        "integer)")
-    if mask.ndim != 1 or len(mask) != n:
-        over = f" ({order})" if order else ""
-        raise UserError(f"--heldout-index {path}: expected a 0/1 array of length {n}{over}, got shape "
-                        f"{mask.shape}")
     if not np.isin(mask, (0, 1)).all():
         raise UserError(f"--heldout-index {path}: expected only 0 and 1 (1 = held-out)")
     mask = mask.astype(bool)
@@ -86,6 +86,20 @@ def read_heldout_index(path, n, order=None):
         log.warning("--heldout-index %s marks %.0f%% of train as held-out: 1 must mean held-out "
                     "(is this the fine-tune index?)", path, 100 * mask.mean())
     return mask, hashlib.sha256(data).hexdigest()
+
+
+def _npy_header(path, data):
+    """(shape, dtype) that the .npy header in `data` declares."""
+    f = io.BytesIO(data)
+    try:
+        version = npy_format.read_magic(f)
+        read = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}.get(version)
+        if read is None:  # 3.0 is written only for structured dtypes with non-ASCII field names
+            raise ValueError(f".npy format version {version[0]}.{version[1]} is not one of a plain array")
+        shape, _, dtype = read(f)
+    except (ValueError, EOFError, SyntaxError, TypeError) as err:
+        raise UserError(f"--heldout-index {path}: not a readable .npy file ({err})") from err
+    return shape, dtype
 
 
 def _index_bytes(path, n):

@@ -7,6 +7,7 @@ import pickle
 import threading
 
 import numpy as np
+from numpy.lib import format as npy_format
 import pytest
 from PIL import Image
 
@@ -112,7 +113,15 @@ def make_index(path, case, n):
         return "is empty, not a .npy file"
     if case == "object array":
         np.save(path, np.array([0, 1] * (n // 2) + [0] * (n % 2), dtype=object), allow_pickle=True)
-        return "not a readable .npy file (Object arrays cannot be loaded when allow_pickle=False)"
+        return "holds object values; expected a 0/1 array"
+    if case == "header of a huge array":   # refused from its header: numpy allocates first, then reads
+        with open(path, "wb") as f:
+            npy_format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (10**12,)})
+            f.write(mask.tobytes())
+        return f"got shape ({10**12},)"
+    if case == "2-D":
+        np.save(path, mask[:, None])
+        return f"expected a 0/1 array of length {n}"
     if case == "truncated":
         np.save(path, mask)
         path.write_bytes(path.read_bytes()[:-4])
@@ -157,8 +166,8 @@ def within(seconds, fn, fifo=None):
     return outcome
 
 
-BAD = ("npz", "text", "pickle", "empty", "object array", "truncated", "not 0/1", "folder", "fifo",
-       "/dev/zero", "dangling link")
+BAD = ("npz", "text", "pickle", "empty", "object array", "header of a huge array", "2-D", "truncated", "not 0/1",
+       "folder", "fifo", "/dev/zero", "dangling link")
 
 
 @pytest.mark.parametrize("case", BAD)
