@@ -19,7 +19,7 @@ import finetune
 from datasets import build_dataset, images
 from tests.conftest import make_zoo, write_imagenet_tree
 from tests.helpers import argv, nothing_written, refused
-from tests.test_heldout_split import within
+from tests.test_heldout_split import within, write_image_folder
 from utils.run.evaluation import accuracy
 from utils.runtime.errors import UserError, run_main
 from uniform_soup import main as uniform_main
@@ -122,6 +122,18 @@ def test_every_set_a_soup_reads_is_checked(tree, where, monkeypatch):
         build(tree)
 
 
+@pytest.mark.parametrize("where", ["val", "shifts/blurred"])
+def test_image_folder_files_are_checked_not_only_their_names(tmp_path, where, monkeypatch):
+    root = tmp_path / "own"
+    write_image_folder(root)
+    (root / "shifts" / "blurred" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "shifts" / "blurred" / "cat" / "00.png")
+    path = root / where / "cat" / "00.png"
+    phrase = spoil(path, "FIFO", monkeypatch)
+    err = within(20, lambda: build_dataset("ImageFolder", root, lambda img: img), fifo=path).get("error")
+    assert isinstance(err, UserError) and str(err).startswith(f"image file {path} {phrase}"), repr(err)
+
+
 def test_the_fine_tune_split_is_checked_when_it_is_read(tree, monkeypatch):
     path = a_file(tree, "finetune")
     spoil(Path(path), "0-byte", monkeypatch)
@@ -161,8 +173,8 @@ def test_several_bad_files_are_counted_and_an_emptied_set_refused(tree, monkeypa
     for path in sketch:
         spoil(Path(path), "0-byte", monkeypatch)
     checked = len(b.heldout) + len(b.test.dataset) + len(sketch)
-    with pytest.raises(UserError, match=rf"image file {sketch[0]} is empty \(0 bytes\) \({len(sketch) - 1} more bad "
-                                        rf"files among the {checked} checked\): remove or replace it"):
+    more = rf"\({len(sketch) - 1} more bad files among the {checked} checked\)"
+    with pytest.raises(UserError, match=rf"image file {sketch[0]} is empty \(0 bytes\) {more}: remove or replace"):
         build(tree)
     with pytest.raises(UserError, match=f"every image file of the ImageNet-Sketch set is bad \\(the first: "
                                         f"{sketch[0]} is empty"):
