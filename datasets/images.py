@@ -53,11 +53,16 @@ class ImageFiles(Dataset):
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, i):
+    def image(self, i):
+        """Image i as a PIL RGB image, its border cropped, before `transform`."""
         img = read_rgb(self.paths[i])
         if self.border:
             b = self.border
             img = img.crop((b, b, img.width - b, img.height - b))
+        return img
+
+    def __getitem__(self, i):
+        img = self.image(i)
         return (self.transform(img) if self.transform else img), int(self.labels[i])
 
 
