@@ -39,6 +39,7 @@ from utils.archs import get_arch, split_of
 from utils.files.state_dicts import atomic_write, check_dtypes, check_state_dict, load_state_dict, save_state_dict
 from utils.run import prefix
 from utils.run.batchnorm import set_mode
+from utils.run.cli import SKIP_BAD_IMAGES_HELP
 from utils.run.evaluation import evaluate_all
 from utils.runtime.errors import UserError, run_main
 from utils.soup.schedules import cosine_with_warmup, set_lr
@@ -59,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--datasets", default="FashionMNIST", help="dataset to fine-tune on (datasets registry)")
     p.add_argument("--data-location", default=None,
                    help="data root; default: the dataset's standard places (see datasets/)")
+    p.add_argument("--skip-bad-images", action="store_true", help=SKIP_BAD_IMAGES_HELP)
     p.add_argument("--out-dir", default="zoo/fashion_mnist", help="folder of the zoo")
     p.add_argument("--index", type=int, default=0, help="i of the written model_{i}.pt / model_{i}.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model_{i}.pt")
@@ -103,8 +105,8 @@ def parse_args(argv=None):
     p.add_argument("--heldout-per-class", type=int, default=None,
                    help="held-out images per class (default: the dataset's, as the soup scripts use)")
     p.add_argument("--heldout-index", default=None,
-                   help="0/1 numpy index file over the sorted train set selecting the held-out split (give "
-                        "the soup scripts the same one)")
+                   help="0/1 numpy .npy file (numpy.save) over the sorted train set selecting the held-out "
+                        "split, 1 = held-out (docs/DATA.md; give the soup scripts the same one)")
     p.add_argument("--test-size", type=int, default=2000, help="test images evaluated (0 = all)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the held-out split and subsamples")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit; tests)")
@@ -151,13 +153,14 @@ def _raw(x):
 def load_bundle(args, spec):
     """The DataBundle; its fine-tune split yields raw images (augmentation is per ingredient)."""
     key = ("bundle", args.datasets, args.data_location, args.heldout_per_class, args.heldout_index,
-           args.finetune_size, args.test_size, args.data_seed, spec.name)
+           args.finetune_size, args.test_size, args.data_seed, args.skip_bad_images, spec.name)
     if key not in _CACHE:
         _CACHE[key] = datasets.build_dataset(
             args.datasets, args.data_location, spec.preprocess, heldout_per_class=args.heldout_per_class,
             heldout_index=args.heldout_index, finetune_size=args.finetune_size or None,
             test_size=args.test_size or None,
-            seed=args.data_seed, train_preprocess=_raw)
+            seed=args.data_seed, train_preprocess=_raw, sets=datasets.FINETUNE_SETS,
+            skip_bad_images=args.skip_bad_images)
     return key, _CACHE[key]
 
 

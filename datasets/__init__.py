@@ -5,7 +5,9 @@ the scripts: nothing here may import the latter.
 """
 import importlib
 
-from datasets.base import DataBundle, EvalSet, per_class_split  # noqa: F401
+from datasets.base import DataBundle, EvalSet  # noqa: F401
+from datasets.heldout import heldout_split, per_class_split  # noqa: F401
+from datasets.images import FINETUNE_SETS, SOUP_SETS, check_images  # noqa: F401
 from utils.runtime.errors import UserError
 
 # name -> (module, builder function); modules are imported on use so that one family's optional
@@ -19,8 +21,10 @@ REGISTRY = {
 }
 
 
-def build_dataset(name, root, preprocess, **options):
-    """Build the DataBundle of dataset `name`.
+def build_dataset(name, root, preprocess, sets=SOUP_SETS, skip_bad_images=False, **options):
+    """Build the DataBundle of dataset `name`, every image file of its `sets` checked before any work
+    (datasets/images.py: a bad one is a UserError naming it, or with `skip_bad_images` dropped with a
+    warning and recorded in the split record).
 
     options (each builder accepts them all; None means the dataset's default):
       heldout_per_class, heldout_index (path of a 0/1 .npy over the sorted train set), seed (of the drawn
@@ -31,4 +35,5 @@ def build_dataset(name, root, preprocess, **options):
     if match is None:
         raise UserError(f"unknown --datasets {name!r}; known: {', '.join(REGISTRY)}")
     module, fn = REGISTRY[match]
-    return getattr(importlib.import_module(module), fn)(root, preprocess, **options)
+    bundle = getattr(importlib.import_module(module), fn)(root, preprocess, **options)
+    return check_images(bundle, sets, skip_bad_images)

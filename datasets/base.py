@@ -1,14 +1,11 @@
-"""What every dataset builder returns, and the held-out split helpers shared by the families."""
-import logging
+"""What every dataset builder returns, and the file check the families share. (The held-out split is
+datasets/heldout.py; image files and their check before any work, datasets/images.py.)"""
+import os
+import stat
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import numpy as np
 from torch.utils.data import Dataset
-
-from utils.runtime.errors import UserError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,34 +30,22 @@ class DataBundle:
     split: dict = field(default_factory=dict)    # how the held-out split was chosen (goes into results)
 
 
-def per_class_split(labels, per_class, seed):
-    """Boolean mask over `labels`: `per_class` examples of each class drawn with a seeded generator
-    (held-out = True). Deterministic for a given (labels, per_class, seed)."""
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    mask = np.zeros(len(labels), dtype=bool)
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        take = min(per_class, len(idx))
-        mask[rng.choice(idx, size=take, replace=False)] = True
-    return mask
+# What a path is when it is not a regular file, by its stat mode.
+KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+         (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
 
 
-def read_heldout_index(path, n, order=None):
-    """The user's 0/1 index file as a boolean mask of length n (1 = held-out). `order` says which
-    order of the train set the file indexes (for the message)."""
+def not_regular(path):
+    """None when `path` is a regular file (links followed); else why not, as a phrase ("is a FIFO
+    (named pipe), not a regular file"). Nothing is opened: reading a FIFO blocks, /dev/zero never ends."""
     try:
-        mask = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise UserError(f"--heldout-index {path}: not a readable numpy file ({err})") from err
-    if mask.ndim != 1 or len(mask) != n:
-        over = f" ({order})" if order else ""
-        raise UserError(f"--heldout-index {path}: expected a 0/1 array of length {n}{over}, got shape "
-                        f"{mask.shape}")
-    if not np.isin(mask, (0, 1)).all():
-        raise UserError(f"--heldout-index {path}: expected only 0 and 1 (1 = held-out)")
-    mask = mask.astype(bool)
-    if mask.mean() > 0.5:
-        log.warning("--heldout-index %s marks %.0f%% of train as held-out: 1 must mean held-out "
-                    "(is this the fine-tune index?)", path, 100 * mask.mean())
-    return mask
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "is a symbolic link to a missing file" if os.path.islink(path) else "does not exist"
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    if stat.S_ISREG(mode):
+        return None
+    what = next((name for test, name in KINDS if test(mode)), "something other than a file")
+    link = f" (a symbolic link to {os.path.realpath(path)})" if os.path.islink(path) else ""
+    return f"is {what}{link}, not a regular file"

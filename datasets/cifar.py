@@ -15,7 +15,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from datasets.base import DataBundle, EvalSet, per_class_split, read_heldout_index
+from datasets.base import DataBundle, EvalSet
+from datasets.heldout import check_source, heldout_split
 from utils.runtime.errors import UserError
 
 LAYOUT = {
@@ -91,18 +92,12 @@ def _read(root, name):
 
 def _build(name, root, preprocess, heldout_per_class, heldout_index, seed, test_size, finetune_size,
            train_preprocess):
+    check_source(heldout_per_class, heldout_index)
     folder, num_classes, data = _read(root, name)
     (train_x, train_y), (test_x, test_y) = data["train"], data["test"]
-    if heldout_index is not None and heldout_per_class is not None:
-        raise UserError("give either --heldout-index or a held-out count per class, not both")
-    if heldout_index is not None:
-        from utils.files.state_dicts import sha256
-        mask = read_heldout_index(heldout_index, len(train_y), f"the train batches of {folder}")
-        split = {"heldout": "index file", "path": str(heldout_index), "sha256": sha256(heldout_index)}
-    else:
-        per_class = heldout_per_class or max(1, round(HELDOUT_FRACTION * len(train_y) / num_classes))
-        mask = per_class_split(train_y, per_class, seed)
-        split = {"heldout": "drawn", "per_class": per_class, "seed": seed}
+    default = max(1, round(HELDOUT_FRACTION * len(train_y) / num_classes))
+    mask, split = heldout_split(train_y, default, heldout_per_class, heldout_index, seed,
+                                f"the train batches of {folder}")
     held, rest = np.flatnonzero(mask), np.flatnonzero(~mask)
     rest = rest[_subsample(len(rest), finetune_size, seed + 1)]
     keep = _subsample(len(test_y), test_size, seed + 2)

@@ -21,7 +21,8 @@ import torchvision
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
-from datasets.base import DataBundle, EvalSet, per_class_split, read_heldout_index
+from datasets.base import DataBundle, EvalSet
+from datasets.heldout import check_source, heldout_split, per_class_split
 from utils.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -212,21 +213,15 @@ def _subsample(labels, size, seed):
 # ---------------------------------------------------------------------------------- the bundle
 def build_fashion_mnist(root, preprocess, heldout_per_class=None, heldout_index=None, seed=0,
                         test_size=None, finetune_size=None, train_preprocess=None, corruption_seed=0):
+    check_source(heldout_per_class, heldout_index)
     folder, arr = load_arrays(root)
     train_x = torch.from_numpy(arr["train_images"].copy()).unsqueeze(1)
     train_y = arr["train_labels"].astype(np.int64)
     test_x = torch.from_numpy(arr["test_images"].copy()).unsqueeze(1)
     test_y = arr["test_labels"].astype(np.int64)
 
-    if heldout_index is not None:
-        mask = read_heldout_index(heldout_index, len(train_y))
-        split = {"heldout": "index file", "path": str(heldout_index)}
-    else:
-        per_class = heldout_per_class or DEFAULT_HELDOUT_PER_CLASS
-        mask = per_class_split(train_y, per_class, seed)
-        split = {"heldout": "drawn", "per_class": per_class, "seed": seed}
-    held = np.flatnonzero(mask)
-    rest = np.flatnonzero(~mask)
+    mask, split = heldout_split(train_y, DEFAULT_HELDOUT_PER_CLASS, heldout_per_class, heldout_index, seed)
+    held, rest = np.flatnonzero(mask), np.flatnonzero(~mask)
     rest = rest[_subsample(train_y[rest], finetune_size, seed + 1)]
     keep = _subsample(test_y, test_size, seed + 2)
     test_x, test_y = test_x[keep], test_y[keep]

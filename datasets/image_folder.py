@@ -10,15 +10,17 @@ The held-out split is drawn per class from train with a seed (default: a tenth o
 at most ImageNet's 26, at least 1; `--heldout-per-class` to choose), or read from a 0/1 index file over
 the sorted ImageFolder of <root>/train (1 = held-out), as for ImageNet. Image files are those
 torchvision's ImageFolder takes (by extension), listed in its order. Every check (layout, class names,
-empty class folders) fails with one line before any image is read."""
+empty class folders) fails with one line before any image is opened; then the header of every image
+file the run will read is checked (datasets/images.py)."""
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from datasets.base import DataBundle, EvalSet, per_class_split, read_heldout_index
-from datasets.imagenet import (IMG_EXTENSIONS, ImageFiles, SelectLogits, _shrink, _subsample, _subset,
-                               list_classes, subfolders)
+from datasets.base import DataBundle, EvalSet
+from datasets.heldout import check_source, heldout_split
+from datasets.images import ImageFiles
+from datasets.imagenet import IMG_EXTENSIONS, SelectLogits, _shrink, _subsample, _subset, list_classes, subfolders
 from utils.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -90,8 +92,7 @@ def build_image_folder(root, preprocess, heldout_per_class=None, heldout_index=N
     if root is None:
         raise UserError("ImageFolder needs --data-location (the folder holding train/<class>/ and "
                         "val/<class>/)")
-    if heldout_index is not None and heldout_per_class is not None:
-        raise UserError("give either --heldout-index or a held-out count per class, not both")
+    check_source(heldout_per_class, heldout_index)
     root = Path(root)
     classes = class_folders(root / "train", "train")
     val_classes = class_folders(root / "val", "val")
@@ -100,16 +101,10 @@ def build_image_folder(root, preprocess, heldout_per_class=None, heldout_index=N
     shifts = shift_sets(root, classes, preprocess)
     val_paths, val_labels = list_set(root / "val", classes, range(len(classes)), "val")
 
-    if heldout_index is not None:
-        from utils.files.state_dicts import sha256
-        mask = read_heldout_index(heldout_index, len(train_paths),
-                                  f"the sorted ImageFolder of {root / 'train'}")
-        split = {"heldout": "index file", "path": str(heldout_index), "sha256": sha256(heldout_index)}
-    else:
-        smallest = int(np.bincount(train_labels).min())
-        per_class = heldout_per_class or max(1, min(MAX_HELDOUT_PER_CLASS, int(HELDOUT_FRACTION * smallest)))
-        mask = per_class_split(train_labels, per_class, seed)
-        split = {"heldout": "drawn", "per_class": per_class, "seed": seed}
+    smallest = int(np.bincount(train_labels).min())
+    default = max(1, min(MAX_HELDOUT_PER_CLASS, int(HELDOUT_FRACTION * smallest)))
+    mask, split = heldout_split(train_labels, default, heldout_per_class, heldout_index, seed,
+                                f"the sorted ImageFolder of {root / 'train'}")
     held, rest = np.flatnonzero(mask), np.flatnonzero(~mask)
     lacking = sorted(set(range(len(classes))) - set(train_labels[rest].tolist()))
     if lacking:

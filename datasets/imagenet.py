@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from datasets.base import DataBundle, EvalSet, per_class_split, read_heldout_index
+from datasets.base import DataBundle, EvalSet
+from datasets.heldout import check_source, heldout_split
+from datasets.images import ImageFiles
 from utils.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -69,24 +69,6 @@ def list_classes(folder, names, labels, desc):
         paths += files
         out += [label] * len(files)
     return paths, np.asarray(out, dtype=np.int64)
-
-
-class ImageFiles(Dataset):
-    """Image files with integer labels; `border` pixels are cropped off each side before `transform`."""
-
-    def __init__(self, paths, labels, transform=None, border=0):
-        self.paths, self.labels, self.transform, self.border = paths, labels, transform, border
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        with Image.open(self.paths[i]) as f:
-            img = f.convert("RGB")
-        if self.border:
-            b = self.border
-            img = img.crop((b, b, img.width - b, img.height - b))
-        return (self.transform(img) if self.transform else img), int(self.labels[i])
 
 
 # ---------------------------------------------------------------------------------- projections
@@ -258,24 +240,15 @@ def build_imagenet(root, preprocess, heldout_per_class=None, heldout_index=None,
                    finetune_size=None, train_preprocess=None):
     if root is None:
         raise UserError("ImageNet needs --data-location (the folder holding imagenet/train and imagenet/val)")
-    if heldout_index is not None and heldout_per_class is not None:
-        raise UserError("give either --heldout-index or a held-out count per class, not both")
+    check_source(heldout_per_class, heldout_index)   # before listing 1.28M files
     base, wnids = _check_layout(root)
     train_paths, train_labels = list_classes(base / "train", wnids, range(len(wnids)), "ImageNet train")
     if len(train_paths) == 0:
         raise UserError(f"ImageNet: no images under {base / 'train'} (extensions {', '.join(IMG_EXTENSIONS)})")
 
-    if heldout_index is not None:
-        from utils.files.state_dicts import sha256
-        mask = read_heldout_index(heldout_index, len(train_paths),
-                                  f"the sorted ImageFolder of {base / 'train'}")
-        split = {"heldout": "index file", "path": str(heldout_index), "sha256": sha256(heldout_index)}
-    else:
-        per_class = heldout_per_class or DEFAULT_HELDOUT_PER_CLASS
-        mask = per_class_split(train_labels, per_class, seed)
-        split = {"heldout": "drawn", "per_class": per_class, "seed": seed}
-    held = np.flatnonzero(mask)
-    rest = np.flatnonzero(~mask)
+    mask, split = heldout_split(train_labels, DEFAULT_HELDOUT_PER_CLASS, heldout_per_class, heldout_index, seed,
+                                f"the sorted ImageFolder of {base / 'train'}")
+    held, rest = np.flatnonzero(mask), np.flatnonzero(~mask)
     if len(np.unique(train_labels[rest])) < len(wnids):
         log.warning("ImageNet: the held-out split takes every train image of some classes; the fine-tune "
                     "split lacks them")

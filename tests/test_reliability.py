@@ -261,12 +261,14 @@ def test_data_folder_with_the_wrong_layout(capsys, tmp_path, zoo, out, fmnist_ro
 def test_empty_heldout_split(capsys, tmp_path, zoo, out, fmnist_root):
     index = tmp_path / "none.npy"
     np.save(index, np.zeros(600, dtype=np.uint8))  # the fixture's train set has 600 images
-    args = [a for a in argv(zoo, fmnist_root, out, "--heldout-index", index, first=QUICK["mehl"])]
+    args = [a for a in argv(zoo, fmnist_root, out, "--heldout-index", index, first=QUICK["mehl"],
+                             heldout=None)]
     line = refused(capsys, "mehl", args)
     assert line == "error: the held-out split of FashionMNIST is empty"
     nothing_written(out)
     np.save(index, np.zeros(7, dtype=np.uint8))
-    line = refused(capsys, "learned", argv(zoo, fmnist_root, out, "--heldout-index", index, first=QUICK["learned"]))
+    line = refused(capsys, "learned", argv(zoo, fmnist_root, out, "--heldout-index", index,
+                                             first=QUICK["learned"], heldout=None))
     assert line == f"error: --heldout-index {index}: expected a 0/1 array of length 600, got shape (7,)"
 
 

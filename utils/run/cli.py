@@ -22,6 +22,12 @@ log = logging.getLogger(__name__)
 # effect on souping).
 IGNORED_FLAGS = ("--local-rank", "--local_rank", "--ddp", "--split", "--finetune")
 
+# Also finetune.py's (it reads the fine-tune split's images too).
+SKIP_BAD_IMAGES_HELP = ("drop the image files that fail the check before any work (not a regular file, "
+                        "unreadable, a header that does not decode or declares over 89.5M pixels) with a "
+                        "warning naming each, instead of refusing the run; the split record in the results "
+                        "counts and names them (ImageNet and its shifts, ImageFolder; docs/DATA.md)")
+
 
 def soup_parser(description, method):
     """The common flags. Each script adds its own on the returned parser. `method` only names the
@@ -44,8 +50,9 @@ def soup_parser(description, method):
     g.add_argument("--heldout-per-class", type=int, default=None,
                    help="held-out images per class drawn from train (default: the dataset's)")
     g.add_argument("--heldout-index", default=None,
-                   help="0/1 numpy index file over the sorted train set selecting the held-out split")
+                   help="0/1 .npy file (numpy.save) over the sorted train set, 1 = held-out (docs/DATA.md)")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the drawn held-out split")
+    g.add_argument("--skip-bad-images", action="store_true", help=SKIP_BAD_IMAGES_HELP)
     g.add_argument("--test-size", type=int, default=None,
                    help="evaluate on this many test (and per-shift) images only (CPU runs); default: all")
     g.add_argument("--no-shifts", action="store_true",
@@ -274,7 +281,8 @@ def prepare(args, method=None, check_ingredients=True):
     try:
         bundle = build_dataset(args.datasets, args.data_location, spec.preprocess,
                                heldout_per_class=args.heldout_per_class, heldout_index=args.heldout_index,
-                               seed=args.split_seed, test_size=args.test_size)
+                               seed=args.split_seed, test_size=args.test_size,
+                               skip_bad_images=args.skip_bad_images)
     except (IndexError, KeyError, ValueError, RuntimeError, OSError) as err:
         # Files that exist but hold something else (swapped or foreign files) fail deep in a builder.
         log.debug("building %s failed", args.datasets, exc_info=True)
