@@ -53,6 +53,11 @@ def five(num_classes, pretrained=False):
     return net(5), RGB16
 
 
+def two(num_classes, pretrained=False):
+    """A head fixed at 2: right at the probe's 2 classes, wrong for any run with more."""
+    return net(2), RGB16
+
+
 def five_for_more_than_two(num_classes, pretrained=False):
     """Right at the probe's 2 classes, a head fixed at 5 for any run with more."""
     return net(num_classes if num_classes <= 2 else 5), RGB16
@@ -117,16 +122,18 @@ def test_factory_model_is_run_on_one_image_at_the_check(factories, name, expecte
     assert "\n" not in message
 
 
-def test_factory_is_checked_at_the_runs_class_count(capsys, factories, tmp_path, zoo, out, fmnist_root):
-    """Fashion-MNIST has 10 classes: a head of 5 would be scored on a 5-way argmax. Refused when the
-    model is built for the run, before the ingredients are read (they are not even this model's)."""
-    arch = f"{factories}:five_for_more_than_two"
+@pytest.mark.parametrize("name, outputs", [("two", 2), ("five_for_more_than_two", 5)])
+def test_factory_is_checked_at_the_runs_class_count(capsys, factories, zoo, out, fmnist_root, name, outputs):
+    """Fashion-MNIST has 10 classes: a head of 5 would be scored on a 5-way argmax, one of 2 fail on the
+    labels. Refused when the model is built for the run, before the ingredients are read (they are not
+    even this model's)."""
+    arch = f"{factories}:{name}"
     spec = get_arch(arch)  # the probe at 2 classes passes
     assert spec.build(2)(torch.zeros(1, 3, 16, 16)).shape == (1, 2)
     line = refused(capsys, "uniform", argv(zoo, fmnist_root, out, arch=arch))
     assert line == (f"error: --arch {arch}: the model must map one preprocessed image (a batch of shape "
                     "(1, 3, 16, 16)) to logits, a float tensor of shape (1, 10) for num_classes=10; it "
-                    "returned a float32 tensor of shape (1, 5)")
+                    f"returned a float32 tensor of shape (1, {outputs})")
     assert not (out / "results.jsonl").exists() and not (out / "soup.pt").exists()
 
 

@@ -145,6 +145,26 @@ def test_mehl_outputs_known_only_later_are_checked_first(capsys, monkeypatch, tm
         assert line.startswith(f"error: {expected}: "), (line, expected)
 
 
+def test_finetune_never_writes_over_what_it_reads(zoo, fmnist_root):
+    """finetune.py: the ingredient it writes is not its start model (--init, by default model_0.pt of
+    --out-dir) nor --pretrained, --overwrite or not."""
+    import finetune
+    tiny = ["--data-location", str(fmnist_root), "--out-dir", str(zoo), "--heldout-per-class", "3",
+            "--finetune-size", "64", "--test-size", "30", "--batch-size", "16", "--device", "cpu",
+            "--arch", "tiny-cnn", "--overwrite"]
+    before = snapshot(zoo)
+    for extra, expected in ((["--index", "0"], f"--out-dir {zoo / 'model_0.pt'} is also the start model (--init, "
+                                                 f"by default {zoo / 'model_0.pt'})"),
+                            (["--index", "1", "--init", str(zoo / "model_1.pt")],
+                             f"--out-dir {zoo / 'model_1.pt'} is also the start model (--init {zoo / 'model_1.pt'})"),
+                            (["--index", "2", "--linear-probe", "--pretrained", str(zoo / "model_2.pt")],
+                             f"--out-dir {zoo / 'model_2.pt'} is also the pre-trained weights (--pretrained)")):
+        with pytest.raises(UserError) as err:
+            finetune.main(tiny + extra)
+        assert str(err.value).startswith(f"{expected}: an output never replaces an input"), str(err.value)
+    assert snapshot(zoo) == before
+
+
 def test_a_run_with_distinct_paths_still_works(zoo, out, fmnist_root):
     """The check is not a refusal of everything: the zoo's folder may hold the outputs beside it."""
     record = SCRIPTS["uniform"].main(argv(zoo, fmnist_root, out, "--save-soup", zoo / "soup.pt",

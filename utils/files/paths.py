@@ -65,7 +65,8 @@ def _hit(output, role):
         return f"is also {role.what}" if inside and os.path.lexists(real) else None
     # "zoo": named as an ingredient in the folder (a later run would soup it, or it is one already)
     name = Path(real)
-    if os.path.dirname(real) != folder or not (_INGREDIENT.match(name.stem) and name.suffix in CHECKPOINT_SUFFIXES):
+    named = _INGREDIENT.match(name.stem) and name.suffix in CHECKPOINT_SUFFIXES
+    if os.path.dirname(real) != folder or not named:
         return None
     verb = "is also" if os.path.lexists(real) else "would be read as"
     return f"{verb} ingredient {name.name} of {role.what}"
@@ -75,7 +76,8 @@ def _temporary_of(path, output):
     """Whether `path` has the name of a temporary file of `output` (utils.files.state_dicts.Staged
     writes `.<name>.<random>.tmp` beside it and removes such files left by a killed run)."""
     real, target = Path(_real(path)), Path(_real(output))
-    return real.parent == target.parent and fnmatch.fnmatchcase(real.name, f".{glob.escape(target.name)}.*.tmp")
+    return (real.parent == target.parent
+            and fnmatch.fnmatchcase(real.name, f".{glob.escape(target.name)}.*.tmp"))
 
 
 def check_distinct(outputs, inputs):
@@ -138,10 +140,17 @@ def check_run(soups, states, results_db, model_location, data_location=None, hel
     outputs = [role for soup, flag in soups.items() for role in soup_outputs(Path(soup), flag)]
     outputs += [role for state, given in states.items() for role in state_outputs(Path(state), given)]
     outputs.append(Role("--results-db", "the results file (--results-db)", Path(results_db)))
-    inputs = ingredient_inputs(model_location)
+    inputs = ingredient_inputs(model_location) + data_inputs(data_location, heldout_index)
+    check_distinct(outputs, inputs)
+
+
+def data_inputs(data_location=None, heldout_index=None):
+    """The inputs of the data set: the folder given by --data-location (None: the data set's standard
+    place, not known before it is read) and the held-out index file."""
+    inputs = []
     if data_location:
         inputs.append(Role("--data-location", f"a file of the data set (--data-location {data_location})",
                            Path(data_location), "tree"))
     if heldout_index:
         inputs.append(Role("--heldout-index", "the held-out index (--heldout-index)", Path(heldout_index)))
-    check_distinct(outputs, inputs)
+    return inputs

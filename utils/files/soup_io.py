@@ -44,9 +44,9 @@ def save_soup(sd, path, method, paths, args, coefficients=None, extra=None, over
     """Write the soup, its recipe and its `sidecars` ({kind: JSON object}, named by `sidecar`) as one
     set (primary rank only): all are written to temporary files first, so a write that fails (a full
     disk) leaves the old set whole, and only then renamed. The recipe and each sidecar record the soup
-    file's sha256 (`recipe_describes`). `coefficients`: for learned soups, a dict with "names" (the parameter names),
-    "blocks" (lists of names) and "alpha" (B x N nested lists) – the parameters not in any block are
-    taken as they are in the soup."""
+    file's sha256 (`recipe_describes`). `coefficients`: for learned soups, a dict with "names" (the
+    parameter names), "blocks" (lists of names) and "alpha" (B x N nested lists) – the parameters not
+    in any block are taken as they are in the soup."""
     if path is None or not distributed.is_primary():
         return None
     path = Path(path)

@@ -280,7 +280,8 @@ class Staged:
         """Write `path`'s temporary file with `write_fn(tmp)`; returns the temporary's path."""
         path = Path(path)
         if path.exists() and not overwrite:
-            raise UserError(f"{path} exists: refusing to overwrite it (pass --overwrite, or choose another name)")
+            raise UserError(f"{path} exists: refusing to overwrite it (pass --overwrite, or choose another "
+                            "name)")
         tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
