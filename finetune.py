@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import datasets
 from utils.archs import get_arch, split_of
+from utils.files.paths import Role, check_distinct, data_inputs
 from utils.files.state_dicts import atomic_write, check_dtypes, check_state_dict, load_state_dict, save_state_dict
 from utils.run import prefix
 from utils.run.batchnorm import set_mode
@@ -434,10 +435,23 @@ def load_pretrained(model, path, arch):
     return model
 
 
+def check_paths(args, pt, js):
+    """The ingredient written is none of the files read (--overwrite never covers an input): the
+    start model (--init, by default model_0.pt of --out-dir), --pretrained, the data, the index."""
+    start = Path(args.init) if args.init else None if args.linear_probe else Path(args.out_dir) / "model_0.pt"
+    inputs = [Role("--init", f"the start model (--init{'' if args.init else ', by default'} {start})", start)
+              ] if start else []
+    if args.pretrained:
+        inputs.append(Role("--pretrained", "the pre-trained weights (--pretrained)", Path(args.pretrained)))
+    check_distinct([Role("--out-dir", "the new ingredient", pt), Role("--out-dir", "its record", js)],
+                   inputs + data_inputs(args.data_location, args.heldout_index))
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out_dir)
     pt, js = out / f"model_{args.index}.pt", out / f"model_{args.index}.json"
+    check_paths(args, pt, js)
     if not args.overwrite and (pt.exists() or js.exists()):
         raise UserError(f"{pt} exists: refusing to overwrite it (pass --overwrite, or choose another --index)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -5,7 +5,7 @@ ingredients supply every weight), and its eval preprocessing is timm's own for t
 (`resolve_data_config` on the model's pretrained config, then `create_transform`, eval mode: resize by
 the config's crop_pct, centre crop, normalise with its mean and std). `<name>` may carry a pretrained tag
 (`resnet50.a1_in1k`), which picks the config. `@<size>` replaces the config's input size (CNNs take any
-size; useful for small images, e.g. `timm:resnet18@64`).
+size; useful for small images, e.g. `timm:resnet18@64`): 1 to MAX_SIZE (4096) pixels.
 
 Loading is strict like every other arch: the soup scripts check each ingredient's keys and shapes
 against this model before any work (utils.files.ingredients.preflight), so a checkpoint of another timm model
@@ -33,14 +33,22 @@ def _timm():
     return timm
 
 
+# The largest `@<size>`: one square image of 4096 pixels a side is 192 MiB as float32, four times the
+# largest pretrained timm configs (near 1024); a bigger size would only fail later, as a MemoryError in
+# a resize.
+MAX_SIZE = 4096
+
+
 def parse(arch):
-    """'timm:resnet18@64' -> ('resnet18', 64); no '@': size None."""
+    """'timm:resnet18@64' -> ('resnet18', 64); no '@': size None. The size is ASCII digits (str.isdigit
+    also takes '²' and other scripts' digits, which int() then rejects or reads) in [1, MAX_SIZE]."""
     body = arch[len(PREFIX):]
     name, at, size = body.partition("@")
     if not name:
         raise UserError(f"--arch {arch}: give a timm model name after 'timm:' (e.g. timm:resnet18)")
-    if at and not (size.isdigit() and int(size) >= 1):
-        raise UserError(f"--arch {arch}: the input size after '@' must be a positive integer, got {size!r}")
+    if at and not (size.isascii() and size.isdigit() and 1 <= int(size) <= MAX_SIZE):
+        raise UserError(f"--arch {arch}: the input size after '@' must be a whole number of pixels from 1 "
+                        f"to {MAX_SIZE} (ASCII digits), got {size!r}")
     return name, int(size) if at else None
 
 
@@ -61,8 +69,8 @@ def check_name(timm, arch, name):
 
 def spec(arch):
     """The ArchSpec of `timm:<name>[@<size>]` (checked now: unknown names fail before any work)."""
+    name, size = parse(arch)  # first: a bad size is one line also where timm is not installed
     timm = _timm()
-    name, size = parse(arch)
     cfg = check_name(timm, arch, name)
     from timm.data import create_transform, resolve_data_config
     overrides = {"input_size": (3, size, size)} if size else {}

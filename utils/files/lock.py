@@ -8,8 +8,11 @@ Under torchrun the primary rank takes it and every rank learns the outcome.
 
 Not covered: folders on file systems without working `flock` (some network mounts), where the lock is
 only advisory between processes on one host."""
+import errno
 import fcntl
 import os
+import re
+import stat
 from pathlib import Path
 
 from utils.files.soup_io import sidecar
@@ -39,23 +42,47 @@ def _acquire(path, what):
         return None
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
-        f = open(lock, "a+")
+        # O_NOFOLLOW: a link named like the lock must not lead the truncation below to another file
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
     except OSError as err:
+        if err.errno == errno.ELOOP:
+            return _not_a_lock(path, what, lock, "is a symbolic link")
         return f"{what} {path}: cannot create its lock file {lock}: {err.strerror or err}"
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        return _not_a_lock(path, what, lock, "is not a regular file" if not stat.S_ISREG(st.st_mode)
+                           else f"has {st.st_nlink} names (a hard link to another file)")
+    f = os.fdopen(fd, "r+b")
     try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        f.seek(0)
-        holder = f.read(32).strip() or "unknown"
+        holder = f.read(32).decode("ascii", "replace").strip() or "unknown"
         f.close()
         return (f"{what} {path} is in use by another run (pid {holder}, lock {lock}): wait for it to "
                 "finish or choose another path")
+    held = f.read(_MAX_LOCK_BYTES + 1)  # read under the lock: a holder writes its pid under it too
+    if not _PID.fullmatch(held):
+        f.close()
+        return _not_a_lock(path, what, lock, f"holds {len(held)}{'+' if len(held) > _MAX_LOCK_BYTES else ''} "
+                           "bytes that are not a process id")
     f.seek(0)
     f.truncate()
-    f.write(f"{os.getpid()}\n")
+    f.write(f"{os.getpid()}\n".encode())
     f.flush()
     _HELD[str(lock)] = f
     return None
+
+
+# What a lock file may hold: nothing (new) or the pid of its last holder. Anything else is another file
+# that happens to have the lock's name; it is left as it is.
+_PID = re.compile(rb"\d{0,20}\n?")
+_MAX_LOCK_BYTES = 32
+
+
+def _not_a_lock(path, what, lock, why):
+    return (f"{what} {path}: its lock file {lock} {why}, not a lock file of this toolkit: refusing to "
+            "touch it (move it away if it is not needed)")
 
 
 def release_all():

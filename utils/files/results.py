@@ -95,15 +95,13 @@ def append(path, record):
 def write_outputs(args, setup, output, method, paths, scores, soup, *, sidecars=None,
                   coefficients=None, recipe=None, **fields):
     """The end of every soup run, in the order README's guarantees state: the sidecar files
-    (`sidecars` {kind: JSON document}, named by `soup_io.sidecar`), the recipe, the soup (primary rank;
-    nothing when `output.path` is None), and last the results line, which marks the run as finished:
-    a kill before it leaves no line, and a rerun makes the soup again. `coefficients` and `recipe` go
-    into the recipe (see `soup_io.save_soup`), `fields` into the results line. Returns the line."""
-    if output.path is not None and distributed.is_primary():
-        for kind, doc in (sidecars or {}).items():
-            soup_io.write_json(soup_io.sidecar(output.path, kind), doc)
+    (`sidecars` {kind: JSON document}, named by `soup_io.sidecar`), the recipe and the soup, replaced as
+    one set (`soup_io.save_soup`; primary rank; nothing when `output.path` is None), and last the
+    results line, which marks the run as finished: a kill before it leaves no line, and a rerun makes
+    the soup again. `coefficients` and `recipe` go into the recipe (see `soup_io.save_soup`), `fields`
+    into the results line. Returns the line."""
     soup_io.save_soup(soup, output.path, method, paths, record_args(args), coefficients=coefficients,
-                      extra=recipe, overwrite=output.replace)
+                      extra=recipe, overwrite=output.replace, sidecars=sidecars)
     return append(args.results_db, result_record(args, setup, output, method, paths, scores, **fields))
 
 

@@ -1,14 +1,15 @@
 """A soup's files: the names of every file beside it (`sidecar`), the soup with its recipe
-(`save_soup`: the state dict, and beside it `<name>.recipe.json` holding the ingredient paths with their
-sha256, the coefficients (when learned) and the arguments), and `rebuild`, which makes the soup again
-from its recipe without learning. The end of a run, which calls these in order, is
+(`save_soup`: the state dict, and beside it `<name>.recipe.json` holding the soup file's sha256, the
+ingredient paths with their sha256, the coefficients (when learned) and the arguments), and `rebuild`,
+which makes the soup again from its recipe without learning. The end of a run, which calls these in order, is
 `utils.files.results.write_outputs`."""
 import json
 from pathlib import Path
 
 import torch
 
-from utils.files.state_dicts import atomic_write, describe_missing, load_state_dict, save_state_dict, sha256
+from utils.files.state_dicts import (Staged, atomic_write, describe_missing, load_state_dict, save_state_dict,
+                                     sha256)
 from utils.runtime import distributed
 from utils.runtime.errors import UserError
 
@@ -29,34 +30,72 @@ def sidecar(path, kind):
     return path.with_name(path.stem + SIDECARS[kind])
 
 
-def write_json(path, doc):
-    """`doc` as indented JSON, written atomically (a sidecar or a recipe)."""
+def write_json(path, doc, staged=None):
+    """`doc` as indented JSON, written atomically (a sidecar or a recipe); with `staged` (a
+    state_dicts.Staged), only to its temporary file, which the caller renames."""
     text = json.dumps(doc, indent=1, default=str)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text), overwrite=True)
+    write = lambda tmp: Path(tmp).write_text(text)  # noqa: E731
+    if staged is not None:
+        return staged.write(path, write, overwrite=True, size=len(text.encode()))
+    return atomic_write(path, write, overwrite=True, size=len(text.encode()))
 
 
-def save_soup(sd, path, method, paths, args, coefficients=None, extra=None, overwrite=False):
-    """Write the soup and its recipe (primary rank only). `coefficients`: for learned soups, a dict with
-    "names" (the parameter names), "blocks" (lists of names) and "alpha" (B x N nested lists) – the
-    parameters not in any block are taken as they are in the soup."""
+def save_soup(sd, path, method, paths, args, coefficients=None, extra=None, overwrite=False, sidecars=None):
+    """Write the soup, its recipe and its `sidecars` ({kind: JSON object}, named by `sidecar`) as one
+    set (primary rank only): all are written to temporary files first, so a write that fails (a full
+    disk) leaves the old set whole, and only then renamed. The recipe and each sidecar record the soup
+    file's sha256 (`recipe_describes`). `coefficients`: for learned soups, a dict with "names" (the
+    parameter names), "blocks" (lists of names) and "alpha" (B x N nested lists) – the parameters not
+    in any block are taken as they are in the soup."""
     if path is None or not distributed.is_primary():
         return None
     path = Path(path)
     for k, v in sd.items():  # never write a soup that holds a non-finite number
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise UserError(f"refusing to write {path}: tensor {k} of the soup holds NaN or Inf")
-    recipe = {
-        "method": method,
-        "soup": path.name,
-        "ingredients": [{"path": str(Path(p).resolve()), "sha256": sha256(p)} for p in paths],
-        "coefficients": coefficients,
-        "args": args,
-        **(extra or {}),
-    }
-    # Recipe first: a soup file under its final name always has its recipe beside it.
-    write_json(sidecar(path, "recipe"), recipe)
-    save_state_dict(sd, path, overwrite=overwrite)
+    with Staged() as staged:
+        digest = sha256(save_state_dict(sd, path, overwrite=overwrite, staged=staged))  # its temporary file
+        recipe = {
+            "method": method,
+            "soup": path.name,
+            "soup_sha256": digest,
+            "ingredients": [{"path": str(Path(p).resolve()), "sha256": sha256(p)} for p in paths],
+            "coefficients": coefficients,
+            "args": args,
+            **(extra or {}),
+        }
+        docs = {sidecar(path, kind): {**doc, "soup_sha256": digest} for kind, doc in (sidecars or {}).items()}
+        docs[sidecar(path, "recipe")] = recipe
+        for file, doc in docs.items():
+            write_json(file, doc, staged)
+        # The soup is renamed last. A soup under its final name then always has beside it the recipe
+        # written with it (a first soup never appears without one), and a kill between two renames
+        # leaves new files beside the old soup: each records the sha256 of the soup it was written
+        # with, which tells them apart, so a rerun does not take that soup for its own leftover
+        # (utils.run.cli.soup_output).
+        staged.replace(*docs, path)
     return path
+
+
+def read_recipe(soup):
+    """The recipe beside the soup file `soup` as a dict, or None (none there, unreadable, not an object)."""
+    try:
+        recipe = json.loads(sidecar(soup, "recipe").read_text())
+    except (OSError, ValueError):
+        return None
+    return recipe if isinstance(recipe, dict) else None
+
+
+def recipe_describes(recipe, soup):
+    """Whether `recipe` was written with this very soup file: its soup_sha256 is the file's. Not so for
+    a recipe of an older version (no hash) or a new recipe beside an old soup (a run killed between
+    the renames of `save_soup`)."""
+    if not Path(soup).is_file():
+        return False
+    try:
+        return recipe.get("soup_sha256") == sha256(soup)
+    except OSError:
+        return False
 
 
 def buffer_coefficients(soup, averaged, reestimated):

@@ -1,6 +1,7 @@
 """State dicts: safe loading (memory bounded before a checkpoint is read) and atomic saving, validation
 against an architecture, flattening in `named_parameters()` order. The blocks and the parameters
 identical across ingredients are in `utils.run.layout`."""
+import errno
 import glob
 import hashlib
 import io
@@ -251,54 +252,131 @@ def declared_storage_bytes(f, unreadable, pickles):
     return scanner.total
 
 
-def atomic_write(path, write_fn, overwrite=False):
+def atomic_write(path, write_fn, overwrite=False, size=None):
     """Write through a temporary file in the same folder and `os.replace` it into place, so that the
     final name never holds a half-written file. Refuses an existing `path` unless `overwrite`.
 
-    Any failure to write (disk full, unwritable folder; torch.save reports a full disk as a
-    RuntimeError, safetensors as its own error) is a UserError naming the file, and the temporary file
+    Any failure to write is a UserError naming the file, saying "No space left on device" when the
+    disk is full (see `_write_reason`; `size`: the bytes to write, where known), and the temporary file
     is removed. Temporary files of this name left by a killed process are removed first."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} exists: refusing to overwrite it (pass --overwrite, or choose another name)")
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-            stale.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        write_fn(tmp)
-        os.replace(tmp, path)
-    except Exception as err:  # noqa: BLE001 - every write failure becomes one line naming the file
-        raise UserError(f"could not write {path}: {_write_reason(err, path.parent)}") from err
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    with Staged() as staged:
+        staged.write(path, write_fn, overwrite, size)
+        staged.replace(path)
+    return Path(path)
 
 
-def _write_reason(err, folder):
-    if isinstance(err, OSError):
-        reason = err.strerror or str(err)
-    else:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+class Staged:
+    """Several files written to temporary names in their folders first and renamed into place only
+    once all are whole (`replace`, in the order the caller gives): a write that fails (a full disk)
+    leaves every old file as it was. On leaving the `with` block, temporaries not renamed are removed."""
+
+    def __init__(self):
+        self.temps = {}  # final path -> its temporary file
+
+    def __enter__(self):
+        return self
+
+    def write(self, path, write_fn, overwrite=False, size=None):
+        """Write `path`'s temporary file with `write_fn(tmp)`; returns the temporary's path."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise UserError(f"{path} exists: refusing to overwrite it (pass --overwrite, or choose another "
+                            "name)")
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+                stale.unlink(missing_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            self.temps[path] = tmp
+            write_fn(tmp)
+        except Exception as err:  # noqa: BLE001 - every write failure becomes one line naming the file
+            raise UserError(f"could not write {path}: {_write_reason(err, path.parent, tmp, size)}") from err
+        return tmp
+
+    def replace(self, *paths):
+        for path in map(Path, paths):
+            try:
+                os.replace(self.temps.pop(path), path)
+            except OSError as err:
+                raise UserError(f"could not write {path}: {_write_reason(err, path.parent)}") from err
+
+    def __exit__(self, *exc):
+        for tmp in self.temps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        self.temps.clear()
+        return False
+
+
+NO_SPACE = "No space left on device"  # os.strerror(ENOSPC), in the words every user knows
+
+
+def _write_reason(err, folder, tmp=None, size=None):
+    """Why a write failed, in one line, with the folder's free space. A full disk is said as
+    NO_SPACE whatever the library's words: torch.save reports it as "[enforce fail at
+    inline_container.cc:...] unexpected pos", safetensors as its own error. Decided from the errno
+    where the error (or one it was raised from) carries one, else from the free space: less than
+    the bytes still to write (`size` less what `tmp` holds), or than FULL_MARGIN when unknown. Measured
+    before the temporary file is removed, while it still fills the disk."""
     try:
         free = shutil.disk_usage(folder).free
-        reason += f" (free space in {folder}: {free / 2**20:.1f} MiB)"
     except OSError:
-        pass
+        free = None
+    code = _errno_of(err)
+    text = str(err).strip()
+    if code is not None:
+        reason = NO_SPACE if code == errno.ENOSPC else os.strerror(code)
+    elif NO_SPACE in text or "StorageFull" in text:
+        reason = NO_SPACE
+    elif free is not None and free < _still_to_write(tmp, size) + FULL_MARGIN:
+        reason = NO_SPACE
+    else:
+        reason = text.splitlines()[0] if text else type(err).__name__
+    if free is not None:
+        reason += f" (free space in {folder}: {free / 2**20:.1f} MiB)"
     return reason
 
 
-def save_state_dict(sd, path, overwrite=False):
-    """Save a state dict as `.safetensors` or `.pt` (by suffix), atomically."""
+FULL_MARGIN = 1 << 20  # a write that fails with less free than this (besides what it still had to write)
+
+
+def _errno_of(err):
+    """The errno of `err` or of an exception it was raised from, or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno:
+            return err.errno
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _still_to_write(tmp, size):
+    if size is None or tmp is None:
+        return 0
+    try:
+        return max(size - os.path.getsize(tmp), 0)
+    except OSError:
+        return size
+
+
+def save_state_dict(sd, path, overwrite=False, staged=None):
+    """Save a state dict as `.safetensors` or `.pt` (by suffix), atomically. With `staged` (a Staged),
+    only its temporary file is written, and returned: the caller renames it with the files it
+    belongs with."""
     path = Path(path)
     sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    size = sum(v.numel() * v.element_size() for v in sd.values())
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
-        return atomic_write(path, lambda tmp: save_file(sd, tmp), overwrite)
-    return atomic_write(path, lambda tmp: torch.save(sd, tmp), overwrite)
+        write = lambda tmp: save_file(sd, tmp)  # noqa: E731
+    else:
+        write = lambda tmp: torch.save(sd, tmp)  # noqa: E731
+    if staged is not None:
+        return staged.write(path, write, overwrite, size)
+    return atomic_write(path, write, overwrite, size)
 
 
 def sha256(path, chunk=1 << 20):

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils import archs
+from utils.archs import timm_models
 from utils.files import ingredients, lock, results
-from utils.files.soup_io import sidecar
+from utils.files.paths import check_run
+from utils.files.soup_io import read_recipe, recipe_describes, sidecar
 from utils.run import prefix
 from utils.runtime import distributed
 from utils.runtime.errors import UserError
@@ -43,7 +45,8 @@ def soup_parser(description, method):
                    help="last ingredient index (exclusive); default: up to the last one present")
     g.add_argument("--arch", default="efficientnet-lite0", help="architecture of the ingredients "
                    f"(one of: {', '.join(sorted(archs.ARCHS) + sorted(archs.ALIASES))}; or "
-                   "timm:<name>[@<size>], or package.module:factory: README, 'Your own zoo')")
+                   f"timm:<name>[@<size>] (size: 1 to {timm_models.MAX_SIZE} pixels), or "
+                   "package.module:factory: README, 'Your own zoo')")
     g.add_argument("--datasets", default="FashionMNIST", help="dataset name from the datasets registry")
     g.add_argument("--data-location", "--data_location", default=None,
                    help="root folder of the data; default: the dataset's standard place")
@@ -147,6 +150,22 @@ def check_writable(args, method):
                             f"{err.strerror or err}") from err
 
 
+def check_paths(args, methods):
+    """No output of the run is an input or another output (utils.files.paths), checked before anything
+    is read or written. `methods`: MEHL's soup path follows the method it learns, so both are checked."""
+    soups, states = {}, {}  # path -> flag; an explicit --save-soup is one path for every method
+    for method in methods:
+        soup = soup_target(args, method)
+        if soup is not None:
+            soups[soup] = "--save-soup" if args.save_soup else f"the default --save-soup of {method}"
+        if hasattr(args, "resume"):  # MEHL: its state, --resume's file or the one beside the soup
+            given = isinstance(args.resume, str)
+            state = Path(args.resume) if given else sidecar(soup or Path(f"runs/{method}.pt"), "state")
+            states[state] = given
+    check_run(soups, states, args.results_db, args.model_location, args.data_location,
+              args.heldout_index)
+
+
 def soup_target(args, method):
     """Where the soup of `method` goes (a Path: --save-soup, default runs/<method>.pt), or None for
     --save-soup none. No checks."""
@@ -167,7 +186,8 @@ def soup_output(args, method, resumed=None):
     replaced. An existing file is refused before work starts unless --overwrite, a resumed run
     (`resumed`: its own state produced the soup; None: not known yet, --resume may still find a state)
     or it is the leftover of an interrupted run of this same command: its recipe records the same
-    arguments and no results line does (a finished run was returned by `finished`)."""
+    arguments and this file's sha256, and no results line does (a finished run was returned by
+    `finished`)."""
     path = soup_target(args, method)
     if path is None:
         return Output()
@@ -179,12 +199,17 @@ def soup_output(args, method, resumed=None):
         return Output(path, False)
     if args.overwrite or (getattr(args, "resume", False) if resumed is None else resumed):
         return Output(path, True)
-    if _same_run_recipe(args, path):
+    recipe = read_recipe(path)
+    same = (recipe is not None and isinstance(recipe.get("args"), dict)
+            and run_key(recipe["args"]) == run_key(vars(args)))
+    if same and recipe_describes(recipe, path):
         log.warning("%s was left by an interrupted run of this same command (its recipe records the "
                     "same arguments, the results file no line): making it again", path)
         return Output(path, True)
+    hint = (" (its recipe records this command but not this soup file's sha256: a run may have been "
+            "interrupted while replacing it)") if same else ""
     raise UserError(f"--save-soup {path} exists: refusing to overwrite it (pass --overwrite or "
-                    "another path)")
+                    f"another path){hint}")
 
 
 # ------------------------------------------------------------------------- finished and leftovers
@@ -202,15 +227,6 @@ def run_key(args_dict):
     """The defining arguments of a run (from `vars(args)` or a results line's "args"), JSON-normalised."""
     return json.loads(json.dumps({k: v for k, v in args_dict.items() if k not in NOT_DEFINING},
                                  default=str))
-
-
-def _same_run_recipe(args, path):
-    try:
-        recipe = json.loads(sidecar(path, "recipe").read_text())
-    except (OSError, ValueError):
-        return False
-    return (isinstance(recipe, dict) and isinstance(recipe.get("args"), dict)
-            and run_key(recipe["args"]) == run_key(vars(args)))
 
 
 def finished(args, methods):
@@ -325,6 +341,8 @@ def begin(args, method, methods=None):
     `output` is None: the script decides it with `soup_output` once it knows the method."""
     from utils.run import individual
     from utils.runtime import memory
+    check_args(args)
+    check_paths(args, methods or (method,))  # first: nothing is read or written before it
     finished_line = finished(args, methods or (method,))
     if finished_line is not None:
         end()

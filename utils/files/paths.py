@@ -1,0 +1,156 @@
+"""Which files a run reads and which it writes, compared before any work (docs/GUARANTEES.md, "Outputs
+are atomic and never silently overwritten").
+
+An output that is one of the inputs destroys it (`--save-soup zoo/model_0.pt --overwrite` replaces an
+ingredient), and two outputs that are one file mix their bytes (a results line appended to the soup, a
+lock truncating the results). So every output path of a run is compared with every input and every
+other output, after resolving symbolic links and, where both exist, by inode (a hard link); the first
+collision is one UserError naming both roles. `--overwrite` covers the run's own earlier soup only:
+it never makes an input writable.
+
+Paths are compared as the run will open them; a file reached through a bind mount or another machine's
+share under another name is not recognised."""
+import fnmatch
+import glob
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils.files.soup_io import SIDECARS, sidecar
+from utils.files.state_dicts import CHECKPOINT_SUFFIXES
+from utils.runtime.errors import UserError
+
+_INGREDIENT = re.compile(r"^model_\d+$")  # utils.files.ingredients names ingredients so
+
+
+@dataclass(frozen=True)
+class Role:
+    """A path the run reads or writes. `flag` names it where it leads a message ("--results-db"),
+    `what` where it follows "is also" ("the soup (--save-soup)"). `kind`: "file" (this one file),
+    "tree" (an input folder: an output on an existing file or folder under it collides) or "zoo" (the
+    ingredient folder: an output named as an ingredient there, existing or not, collides)."""
+    flag: str
+    what: str
+    path: Path
+    kind: str = "file"
+
+
+def _real(path):
+    return os.path.realpath(os.fspath(path))
+
+
+def _stat(path):
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+def same_file(a, b):
+    """Whether paths `a` and `b` name one file: equal once links are resolved, or the same inode."""
+    if _real(a) == _real(b):
+        return True
+    sa, sb = _stat(a), _stat(b)
+    return sa is not None and sb is not None and os.path.samestat(sa, sb)
+
+
+def _hit(output, role):
+    """Why `output` (a path) lands on the input or output `role`, as the end of a message, or None."""
+    if role.kind == "file":
+        return f"is also {role.what}" if same_file(output, role.path) else None
+    real, folder = _real(output), _real(role.path)
+    if role.kind == "tree":
+        inside = real == folder or real.startswith(folder.rstrip(os.sep) + os.sep)
+        return f"is also {role.what}" if inside and os.path.lexists(real) else None
+    # "zoo": named as an ingredient in the folder (a later run would soup it, or it is one already)
+    name = Path(real)
+    named = _INGREDIENT.match(name.stem) and name.suffix in CHECKPOINT_SUFFIXES
+    if os.path.dirname(real) != folder or not named:
+        return None
+    verb = "is also" if os.path.lexists(real) else "would be read as"
+    return f"{verb} ingredient {name.name} of {role.what}"
+
+
+def _temporary_of(path, output):
+    """Whether `path` has the name of a temporary file of `output` (utils.files.state_dicts.Staged
+    writes `.<name>.<random>.tmp` beside it and removes such files left by a killed run)."""
+    real, target = Path(_real(path)), Path(_real(output))
+    return (real.parent == target.parent
+            and fnmatch.fnmatchcase(real.name, f".{glob.escape(target.name)}.*.tmp"))
+
+
+def check_distinct(outputs, inputs):
+    """Refuse (UserError, one line) an output that collides with an input or with an earlier output.
+    `outputs` and `inputs`: Roles. Nothing is created or opened."""
+    for i, out in enumerate(outputs):
+        for role in inputs:
+            why = _hit(out.path, role)
+            if why:
+                raise UserError(f"{out.flag} {out.path} {why}: an output never replaces an input "
+                                "(--overwrite does not change that); choose another path")
+        for earlier in outputs[:i]:
+            if same_file(out.path, earlier.path):
+                raise UserError(f"{out.flag} {out.path} is also {earlier.what}: give each output a file "
+                                "of its own")
+            if _temporary_of(out.path, earlier.path):
+                raise UserError(f"{out.flag} {out.path} is named like a temporary file of {earlier.what}, "
+                                "which writing it removes: give each output a file of its own")
+
+
+def ingredient_inputs(model_location):
+    """The inputs of an ingredient folder: the folder itself (as "zoo": any file named as an ingredient
+    in it) and each file named as an ingredient there (as "file": catches links and hard links to it
+    from elsewhere). A missing folder has none (the run refuses it later, naming it)."""
+    folder = Path(model_location)
+    roles = [Role("--model-location", f"--model-location {folder}", folder, "zoo")]
+    if folder.is_dir():
+        for p in sorted(folder.iterdir()):
+            if _INGREDIENT.match(p.stem) and p.suffix in CHECKPOINT_SUFFIXES:
+                roles.append(Role("--model-location", f"ingredient {p.name} of --model-location {folder}", p))
+    return roles
+
+
+def soup_outputs(soup, flag):
+    """The files a run writes for the soup `soup` (a Path; `flag` says where the path came from): the
+    soup, the files beside it (utils.files.soup_io.SIDECARS but MEHL's state, which the caller adds
+    where it is written) and its lock."""
+    named = f"{flag} {soup}"
+    roles = [Role(flag, f"the soup ({flag})", soup)]
+    roles += [Role(f"the soup's {kind} file", f"the {kind} file of the soup ({named})", sidecar(soup, kind))
+              for kind in SIDECARS if kind != "state"]
+    roles.append(Role("the soup's lock file", f"the lock file of the soup ({named})", sidecar(soup, "lock")))
+    return roles
+
+
+def state_outputs(state, given):
+    """MEHL's state file and its lock; `given`: named by --resume (else the one beside the soup)."""
+    flag, where = ("--resume", "--resume") if given else ("the MEHL state file", "beside the soup")
+    return [Role(flag, f"the MEHL state file ({where})", state),
+            Role("the state's lock file", f"the lock file of the MEHL state ({where}: {state})",
+                 sidecar(state, "lock"))]
+
+
+def check_run(soups, states, results_db, model_location, data_location=None, heldout_index=None):
+    """A soup run's outputs against its inputs and each other (`check_distinct`). Outputs: `soups`
+    ({path: the flag it came from}), the soup(s) the run may write (MEHL: one per method it may learn);
+    `states` ({path: whether --resume named it}), MEHL's state file(s); the results file. Inputs: the
+    ingredient folder, the data folder (None: the data set's standard place, not known before it is
+    read) and the held-out index file."""
+    outputs = [role for soup, flag in soups.items() for role in soup_outputs(Path(soup), flag)]
+    outputs += [role for state, given in states.items() for role in state_outputs(Path(state), given)]
+    outputs.append(Role("--results-db", "the results file (--results-db)", Path(results_db)))
+    inputs = ingredient_inputs(model_location) + data_inputs(data_location, heldout_index)
+    check_distinct(outputs, inputs)
+
+
+def data_inputs(data_location=None, heldout_index=None):
+    """The inputs of the data set: the folder given by --data-location (None: the data set's standard
+    place, not known before it is read) and the held-out index file."""
+    inputs = []
+    if data_location:
+        inputs.append(Role("--data-location", f"a file of the data set (--data-location {data_location})",
+                           Path(data_location), "tree"))
+    if heldout_index:
+        inputs.append(Role("--heldout-index", "the held-out index (--heldout-index)", Path(heldout_index)))
+    return inputs
