@@ -305,7 +305,7 @@ def test_a_kill_between_the_renames_is_told_apart(capsys, monkeypatch, zoo, out,
     soup = out / "soup.pt"
     SCRIPTS["uniform"].main(argv(zoo, fmnist_root, out))
     old_soup = soup.read_bytes()
-    assert soup_io.recipe_describes(soup_io.read_recipe(soup), soup)
+    assert soup_io.recipe_describes(soup_io.recipe_beside(soup), soup)
     command = argv(zoo, fmnist_root, out, "--overwrite", "--params_end", "2")
     real_replace = os.replace
 
@@ -318,7 +318,7 @@ def test_a_kill_between_the_renames_is_told_apart(capsys, monkeypatch, zoo, out,
     with pytest.raises(Killed):
         SCRIPTS["uniform"].main(command)
     monkeypatch.undo()
-    recipe = soup_io.read_recipe(soup)
+    recipe = soup_io.recipe_beside(soup)
     assert soup.read_bytes() == old_soup and recipe["args"]["params_end"] == 2
     assert not soup_io.recipe_describes(recipe, soup)
     line = refused(capsys, "uniform", [a for a in command if a != "--overwrite"])
@@ -327,7 +327,7 @@ def test_a_kill_between_the_renames_is_told_apart(capsys, monkeypatch, zoo, out,
                     "been interrupted while replacing it)")
     assert soup.read_bytes() == old_soup
     SCRIPTS["uniform"].main(command)
-    assert soup_io.recipe_describes(soup_io.read_recipe(soup), soup) and soup.read_bytes() != old_soup
+    assert soup_io.recipe_describes(soup_io.recipe_beside(soup), soup) and soup.read_bytes() != old_soup
 
 
 @pytest.mark.slow

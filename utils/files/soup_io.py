@@ -77,8 +77,9 @@ def save_soup(sd, path, method, paths, args, coefficients=None, extra=None, over
     return path
 
 
-def read_recipe(soup):
-    """The recipe beside the soup file `soup` as a dict, or None (none there, unreadable, not an object)."""
+def recipe_beside(soup):
+    """The recipe beside the soup file `soup` as a dict, or None (none there, unreadable, not an object);
+    `read_recipe` checks a recipe for a reader who relies on its fields."""
     try:
         recipe = json.loads(sidecar(soup, "recipe").read_text())
     except (OSError, ValueError):

@@ -12,7 +12,7 @@ from utils import archs
 from utils.archs import timm_models
 from utils.files import ingredients, lock, results
 from utils.files.paths import check_run
-from utils.files.soup_io import read_recipe, recipe_describes, sidecar
+from utils.files.soup_io import recipe_beside, recipe_describes, sidecar
 from utils.run import prefix
 from utils.runtime import distributed
 from utils.runtime.errors import UserError
@@ -199,7 +199,7 @@ def soup_output(args, method, resumed=None):
         return Output(path, False)
     if args.overwrite or (getattr(args, "resume", False) if resumed is None else resumed):
         return Output(path, True)
-    recipe = read_recipe(path)
+    recipe = recipe_beside(path)
     same = (recipe is not None and isinstance(recipe.get("args"), dict)
             and run_key(recipe["args"]) == run_key(vars(args)))
     if same and recipe_describes(recipe, path):
