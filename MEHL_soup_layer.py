@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import datasets
 from utils.files import mehl_state, results
 from utils.files.ingredients import index_of
 from utils.files.soup_io import buffer_coefficients, sidecar
@@ -388,7 +389,7 @@ def main(argv=None):
     check_args(args)
     # The method (hence the default soup path) is known once the blocks are counted: an explicit
     # --save-soup is checked now, before the long work, the default one below.
-    finished_line, setup, _ = cli.begin(args, None, METHODS)
+    finished_line, setup, _ = cli.begin(args, None, METHODS, data=datasets.build_dataset)
     if finished_line is not None:
         return finished_line
     paths = individual.souped_paths(args, setup)

@@ -22,6 +22,7 @@ import logging
 import torch
 from tqdm import tqdm
 
+import datasets
 from utils.files import results
 from utils.files.ingredients import index_of, load_checked
 from utils.run import cli, individual, prefix
@@ -70,7 +71,7 @@ def greedy(ranking, load, heldout_of):
 
 def main(argv=None):
     args = parse_args(argv)
-    finished_line, setup, output = cli.begin(args, METHOD)
+    finished_line, setup, output = cli.begin(args, METHOD, data=datasets.build_dataset)
     if finished_line is not None:
         return finished_line
 

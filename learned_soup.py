@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import datasets
 from utils.files import results
 from utils.files.ingredients import index_of, stream
 from utils.files.soup_io import buffer_coefficients
@@ -212,7 +213,7 @@ def main(argv=None):
     args = parse_args(argv)
     check_learning_args(args)
     method = method_of(args)
-    finished_line, setup, output = cli.begin(args, method)
+    finished_line, setup, output = cli.begin(args, method, data=datasets.build_dataset)
     if finished_line is not None:
         return finished_line
     need, have = check_memory(args, setup, len(setup.paths) - args.exclude_top)

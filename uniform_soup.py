@@ -17,6 +17,7 @@ leaves out the best k.
 """
 import logging
 
+import datasets
 from utils.files import results
 from utils.files.ingredients import average, stream
 from utils.run import cli, individual, prefix
@@ -35,7 +36,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    finished_line, setup, output = cli.begin(args, METHOD)
+    finished_line, setup, output = cli.begin(args, METHOD, data=datasets.build_dataset)
     if finished_line is not None:
         return finished_line
     paths = individual.souped_paths(args, setup)

@@ -4,11 +4,14 @@ This package is named `datasets` (the user's layout) and so shadows Hugging Face
 the scripts: nothing here may import the latter.
 """
 import importlib
+import logging
 
 from datasets.base import DataBundle, EvalSet  # noqa: F401
 from datasets.heldout import heldout_split, per_class_split  # noqa: F401
 from datasets.images import FINETUNE_SETS, SOUP_SETS, check_images  # noqa: F401
 from utils.runtime.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # name -> (module, builder function); modules are imported on use so that one family's optional
 # dependency never breaks another.
@@ -35,5 +38,12 @@ def build_dataset(name, root, preprocess, sets=SOUP_SETS, skip_bad_images=False,
     if match is None:
         raise UserError(f"unknown --datasets {name!r}; known: {', '.join(REGISTRY)}")
     module, fn = REGISTRY[match]
-    bundle = getattr(importlib.import_module(module), fn)(root, preprocess, **options)
+    try:
+        bundle = getattr(importlib.import_module(module), fn)(root, preprocess, **options)
+    except (IndexError, KeyError, ValueError, RuntimeError, OSError) as err:
+        # Files that exist but hold something else (swapped or foreign files) fail deep in a builder.
+        log.debug("building %s failed", name, exc_info=True)
+        raise UserError(f"--datasets {name} at --data-location {root or '(default)'}: the files do not have "
+                        f"the expected layout or content ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}); see docs/DATA.md") from err
     return check_images(bundle, sets, skip_bad_images)

@@ -84,6 +84,7 @@ def ks_of(spec, total):
 # ------------------------------------------------------------------------------ one subprocess
 def worker(args):
     import torch
+    import datasets
     import MEHL_soup_layer as recipe
     from utils.run import cli, mehl
     from utils.runtime import memory
@@ -101,7 +102,7 @@ def worker(args):
     if args.data_location:
         flags += ["--data-location", args.data_location]
     margs = recipe.parse_args(flags)
-    setup = cli.prepare(margs, check_ingredients=False)
+    setup = cli.prepare(margs, check_ingredients=False, data=datasets.build_dataset)
     layout, base = make_layout(setup.paths, setup.model, setup.reference, args.layer_size)
     model, device = setup.model, setup.device
     batch = next(iter(torch.utils.data.DataLoader(setup.bundle.heldout, batch_size=args.batch_size)))

@@ -63,9 +63,10 @@ def test_uniform_greedy_learned_on_published_layout(zoo, data, tmp_path):
 
 
 def test_learned_soup_stacks_only_differing_parameters(zoo, data, tmp_path):
+    import datasets
     from utils.run import cli
     args = learned_soup.parse_args([str(a) for a in argv(zoo, data, tmp_path, "--layerwise")])
-    setup = cli.prepare(args)
+    setup = cli.prepare(args, data=datasets.build_dataset)
     stacked, identical, differ = learned_soup.load_resident(setup.paths, setup)
     assert set(identical) == TEXT_LEFTOVERS and not differ
     assert not TEXT_LEFTOVERS & set(stacked)

@@ -283,10 +283,12 @@ class Setup:
     started: float
 
 
-def prepare(args, method=None, check_ingredients=True):
+def prepare(args, method=None, check_ingredients=True, *, data):
     """Device, data, model and ingredient paths; every check that can fail fails here, before work.
-    `method` names the default soup path whose folder is checked (None: MEHL, before its blocks)."""
-    from datasets import build_dataset
+    `method` names the default soup path whose folder is checked (None: MEHL, before its blocks).
+    `data` builds the data set from its name, root, the arch's preprocessing and options: the
+    `datasets` package's `build_dataset`, which the recipe scripts pass in (utils never imports the
+    data sets)."""
     started = time.time()
     check_args(args)
     check_writable(args, method)
@@ -294,17 +296,9 @@ def prepare(args, method=None, check_ingredients=True):
     prefix.configure(prefix_folder(args.prefix_cache))
     spec = archs.get_arch(args.arch)
     paths = ingredients.ingredient_paths(args.model_location, args.params_start, args.params_end)
-    try:
-        bundle = build_dataset(args.datasets, args.data_location, spec.preprocess,
-                               heldout_per_class=args.heldout_per_class, heldout_index=args.heldout_index,
-                               seed=args.split_seed, test_size=args.test_size,
-                               skip_bad_images=args.skip_bad_images)
-    except (IndexError, KeyError, ValueError, RuntimeError, OSError) as err:
-        # Files that exist but hold something else (swapped or foreign files) fail deep in a builder.
-        log.debug("building %s failed", args.datasets, exc_info=True)
-        raise UserError(f"--datasets {args.datasets} at --data-location {args.data_location or '(default)'}: "
-                        f"the files do not have the expected layout or content ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}); see docs/DATA.md") from err
+    bundle = data(args.datasets, args.data_location, spec.preprocess, heldout_per_class=args.heldout_per_class,
+                  heldout_index=args.heldout_index, seed=args.split_seed, test_size=args.test_size,
+                  skip_bad_images=args.skip_bad_images)
     if len(bundle.heldout) == 0:
         raise UserError(f"the held-out split of {args.datasets} is empty")
     model = spec.build(bundle.num_classes, pretrained=False)
@@ -332,13 +326,14 @@ def lock_output(*paths):
             lock.acquire(path)
 
 
-def begin(args, method, methods=None):
+def begin(args, method, methods=None, *, data):
     """The start every soup script shares. Returns (finished_line, setup, output): `finished_line` is the
     results line of this same command when it already finished (nothing else is done then), else None, with
     `setup` after every check that can fail (data, model, the ingredients, --exclude-top) and `output`,
     the soup's Output, locked for the run. `method` None: the method is known only later (MEHL counts
     its blocks, `methods` lists the candidates); an explicit --save-soup is checked and locked now, and
-    `output` is None: the script decides it with `soup_output` once it knows the method."""
+    `output` is None: the script decides it with `soup_output` once it knows the method. `data`: see
+    `prepare`."""
     from utils.run import individual
     from utils.runtime import memory
     check_args(args)
@@ -353,7 +348,7 @@ def begin(args, method, methods=None):
         lock_output(output.path)  # before any write; a run holding it is refused here
     elif args.save_soup is not None:
         lock_output(soup_output(args, None).path)
-    setup = prepare(args, method)
+    setup = prepare(args, method, data=data)
     individual.check_exclude_top(args, setup)
     memory.reset_peak(setup.device)
     return None, setup, output
