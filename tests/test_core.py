@@ -96,7 +96,7 @@ def test_results_append_never_truncates(tmp_path):
     with open(path, "a") as f:
         f.write('{"method": "torn"')  # a torn last line is skipped when reading
     assert [r["method"] for r in results.read(path)] == ["a", "b"]
-    assert results.find(path, method="b")["acc"] == 2.0
+    assert results.latest(results.read(path), {"method": "b"})["acc"] == 2.0
 
 
 def test_shard_range_contiguous_first_ones_longer():

@@ -20,7 +20,6 @@ from datasets import build_dataset, images
 from tests.conftest import make_zoo, write_imagenet_tree
 from tests.helpers import argv, nothing_written, refused
 from tests.test_heldout_split import within, write_image_folder
-from utils.run.evaluation import accuracy
 from utils.runtime.errors import UserError, run_main
 from uniform_soup import main as uniform_main
 
@@ -260,8 +259,9 @@ def test_a_bad_image_through_run_main_is_exit_2(tree, capsys, tmp_path, monkeypa
     path = a_file(tree, "heldout")
     spoil(Path(path), "/dev/zero link", monkeypatch)
     with pytest.raises(SystemExit) as done:
-        run_main(finetune.main, ["--arch", "tiny-cnn", "--datasets", "ImageNet", "--data-location", str(tree),
-                                 "--heldout-per-class", "1", "--out-dir", str(tmp_path / "ft"), "--device", "cpu"])
+        run_main(finetune.main, ["--linear-probe", "--arch", "tiny-cnn", "--datasets", "ImageNet",
+                                 "--data-location", str(tree), "--heldout-per-class", "1",
+                                 "--out-dir", str(tmp_path / "ft"), "--device", "cpu"])
     assert done.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         f"error: image file {path} is a character device (a symbolic link to /dev/zero), not a regular file: " \

@@ -5,7 +5,6 @@ file); a lock never truncates a file that is not its own; a soup and its recipe 
 and a full disk is said in those words."""
 import errno
 import os
-import re
 import shutil
 import signal
 import stat

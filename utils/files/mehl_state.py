@@ -8,11 +8,10 @@ generator states, groups (the log of finished groups) and seconds. Also here: th
 run whose soup went non-finite (a too large --lr) before anything is written."""
 import json
 import math
-from pathlib import Path
 
 import torch
 
-from utils.files.state_dicts import sha256
+from utils.files import identity
 from utils.runtime import distributed
 from utils.runtime.errors import UserError
 
@@ -22,15 +21,9 @@ FILES_KEY = "ingredient_files"
 
 
 def fingerprints(paths):
-    """[{path, size, mtime_ns, sha256}] of the ingredients (read by the primary rank, sent to all)."""
-    out = None
-    if distributed.is_primary():
-        out = []
-        for p in paths:
-            st = Path(p).stat()
-            out.append({"path": str(Path(p).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                        "sha256": sha256(p)})
-    return distributed.broadcast_object(out)
+    """[{path, size, mtime_ns, sha256}] of the ingredients (`identity.describe`; read by the primary
+    rank, sent to all)."""
+    return distributed.broadcast_object([identity.describe(p) for p in paths] if distributed.is_primary() else None)
 
 
 def _refuse(path, why):
@@ -66,9 +59,7 @@ def _changed_files(old, new):
     for o, n in zip(old, new):
         if not isinstance(o, dict):
             return n["path"]
-        what = [label for key, label in (("path", "path"), ("size", "size"),
-                                         ("mtime_ns", "modification time"), ("sha256", "contents"))
-                if o.get(key) != n[key]]
+        what = identity.changes(o, n)
         if what:
             return f"{n['path']} ({', '.join(what)})"
     return None

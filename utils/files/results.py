@@ -15,7 +15,7 @@ import stat
 import time
 from pathlib import Path
 
-from utils.files import ingredients, soup_io
+from utils.files import identity, ingredients, soup_io
 from utils.runtime import distributed, memory
 from utils.runtime.errors import UserError
 
@@ -110,15 +110,6 @@ def record_args(args):
     return {k: v for k, v in vars(args).items() if k not in ("local_rank", "local-rank")}
 
 
-def fingerprints(paths):
-    """Size and modification time of each file: a rewritten ingredient makes a different run."""
-    out = []
-    for p in paths:
-        st = Path(p).stat()
-        out.append(f"{st.st_size}-{st.st_mtime_ns}")
-    return out
-
-
 def result_record(args, setup, output, method, paths, scores, **fields):
     """A soup's results line: method, dataset, architecture, the souped ingredients (`paths`), held-out
     / test / shift accuracies (`scores`), the split, seconds, peak memory, the soup file, the range's
@@ -138,15 +129,15 @@ def result_record(args, setup, output, method, paths, scores, **fields):
         "device": str(setup.device),
         "world_size": distributed.world_size(),
         "soup_file": None if output.path is None else str(output.path),
-        "range_fingerprints": fingerprints(setup.paths),
+        "range_fingerprints": [identity.stamp(p) for p in setup.paths],  # a rewritten ingredient: another run
         **fields,
         "args": record_args(args),
     }
 
 
-def find(path, **match):
-    """The last record whose fields equal `match` (None when there is none)."""
-    hits = [r for r in read(path) if all(r.get(k) == v for k, v in match.items())]
+def latest(records, match):
+    """The last of `records` whose fields equal those of `match` (None when there is none)."""
+    hits = [r for r in records if all(r.get(k) == v for k, v in match.items())]
     return hits[-1] if hits else None
 
 

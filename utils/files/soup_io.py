@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from utils.files.state_dicts import (Staged, atomic_write, describe_missing, load_state_dict, save_state_dict,
-                                     sha256)
+from utils.files.identity import describe, sha256
+from utils.files.state_dicts import Staged, atomic_write, describe_missing, load_state_dict, save_state_dict
 from utils.runtime import distributed
 from utils.runtime.errors import UserError
 
@@ -59,7 +59,7 @@ def save_soup(sd, path, method, paths, args, coefficients=None, extra=None, over
             "method": method,
             "soup": path.name,
             "soup_sha256": digest,
-            "ingredients": [{"path": str(Path(p).resolve()), "sha256": sha256(p)} for p in paths],
+            "ingredients": [describe(p) for p in paths],
             "coefficients": coefficients,
             "args": args,
             **(extra or {}),

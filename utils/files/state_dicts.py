@@ -3,7 +3,6 @@ against an architecture, flattening in `named_parameters()` order. The blocks an
 identical across ingredients are in `utils.run.layout`."""
 import errno
 import glob
-import hashlib
 import io
 import logging
 import mmap
@@ -377,14 +376,6 @@ def save_state_dict(sd, path, overwrite=False, staged=None):
     if staged is not None:
         return staged.write(path, write, overwrite, size)
     return atomic_write(path, write, overwrite, size)
-
-
-def sha256(path, chunk=1 << 20):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ validation

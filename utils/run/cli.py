@@ -10,7 +10,7 @@ from pathlib import Path
 
 from utils import archs
 from utils.archs import timm_models
-from utils.files import ingredients, lock, results
+from utils.files import identity, ingredients, lock, results
 from utils.files.paths import check_run
 from utils.files.soup_io import recipe_beside, recipe_describes, sidecar
 from utils.run import prefix
@@ -259,8 +259,8 @@ def _find_finished(args, methods):
         return None
     key = run_key(vars(args))
     try:
-        prints = results.fingerprints(ingredients.ingredient_paths(args.model_location, args.params_start,
-                                                                   args.params_end))
+        paths = ingredients.ingredient_paths(args.model_location, args.params_start, args.params_end)
+        prints = [identity.stamp(p) for p in paths]
     except UserError:
         return None  # prepare() reports it
     for r in reversed(candidates):

@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from utils.files import results
+from utils.files import identity, results
 from utils.files.ingredients import index_of, load_checked
 from utils.run import prefix
 from utils.run.evaluation import evaluate_all
@@ -18,31 +18,19 @@ log = logging.getLogger(__name__)
 METHOD = "individual"
 
 
-def fingerprint(path):
-    """Cheap identity of a checkpoint file (size and modification time): a rewritten file is
-    evaluated again."""
-    st = Path(path).stat()
-    return f"{st.st_size}-{st.st_mtime_ns}"
-
-
 def cache_key(args, setup, path):
     """The fields a cached line must match to stand for `path` under this configuration."""
     key = {
         "method": METHOD,
         "index": index_of(path),
         "path": str(Path(path).resolve()),
-        "fingerprint": fingerprint(path),
+        "fingerprint": identity.stamp(path),  # a rewritten file is evaluated again
         "dataset": args.datasets,
         "arch": setup.spec.name,
         "split": setup.bundle.split,
         "test_size": args.test_size,
     }
     return json.loads(json.dumps(key, default=str))  # compared with lines read back from JSON
-
-
-def _cached(records, key):
-    hits = [r for r in records if all(r.get(k) == v for k, v in key.items())]
-    return hits[-1] if hits else None
 
 
 def evaluate_individuals(args, setup, paths=None):
@@ -56,7 +44,7 @@ def evaluate_individuals(args, setup, paths=None):
     cached = None
     if distributed.is_primary():
         existing = results.read(args.results_db)
-        cached = [_cached(existing, k) for k in keys]
+        cached = [results.latest(existing, k) for k in keys]
     cached = distributed.broadcast_object(cached)
     todo = [i for i, c in enumerate(cached) if c is None]
     if len(todo) < len(paths):

@@ -1,0 +1,59 @@
+"""What "the same file" means, in one place: every cache and every record that stands for a file uses it.
+
+- `stamp(path)`: its size and modification time, "size-mtime_ns". Cheap (one stat); a rewritten file
+  gets a new stamp. Used where reading the whole file would cost too much for what it guards: the
+  results file's lines (a rerun finds the line of the same ingredients; each ingredient's accuracies
+  are reused while its stamp is unchanged), caches of decoded images.
+- `describe(path)`: {path (resolved), size, mtime_ns, sha256}. Used where a change must be detected
+  whatever happened to the file's times: MEHL's --resume state and every soup's recipe (a soup is
+  rebuilt only from ingredients whose sha256 matches).
+- `changes(old, new)`: what differs between two descriptions, in words.
+
+Caches keyed by contents rather than by files (the frozen prefix's outputs, utils/run/prefix.py) hash
+the tensors they depend on with `sha256_bytes`."""
+import hashlib
+import os
+from pathlib import Path
+
+CHUNK = 1 << 20
+
+
+def stamp(path):
+    """Size and modification time of `path` (following links): "size-mtime_ns"."""
+    st = os.stat(path)
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+def sha256(path):
+    """The sha256 of the file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(*parts):
+    """The sha256 of byte strings, each followed by a separator (so that ("ab", "c") != ("a", "bc"))."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else str(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def describe(path):
+    """{path, size, mtime_ns, sha256} of `path`; the path resolved (links followed)."""
+    st = os.stat(path)
+    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "sha256": sha256(path)}
+
+
+FIELDS = (("path", "path"), ("size", "size"), ("mtime_ns", "modification time"), ("sha256", "contents"))
+
+
+def changes(old, new):
+    """The words for what differs between two descriptions (empty when they describe the same file)."""
+    if not isinstance(old, dict):
+        return ["record"]
+    return [label for key, label in FIELDS if key in new and old.get(key) != new[key]]
