@@ -55,9 +55,9 @@ from utils.files import mehl_state, results
 from utils.files.ingredients import index_of
 from utils.files.soup_io import buffer_coefficients, sidecar
 from utils.files.state_dicts import atomic_write
-from utils.run import cli, individual, mehl, prefix
+from utils.run import cli, decoded, individual, mehl, precision, prefix
 from utils.run.batchnorm import batchnorm_statistics, reestimate, rule, set_mode
-from utils.run.evaluation import accuracy, evaluate_all
+from utils.run.evaluation import accuracy, close_loaders, evaluate_all
 from utils.run.layout import Layout, make_layout, state_buffers
 from utils.runtime import distributed
 from utils.runtime.errors import UserError, run_main
@@ -283,19 +283,26 @@ def learn_group(run, group, progress):
 
 
 def heldout_inputs(run):
-    """(data, forward, workers) for a learning epoch: the held-out split and the model; or, when the
-    model's frozen prefix is not learned (identical in every ingredient) and in eval mode, the prefix's
-    outputs on the held-out images, computed once, and the rest of the model (utils/run/prefix.py). The
-    same items in the same order, so the batches and the soup are those of the whole model."""
-    setup = run.setup
+    """(data, forward, workers) for a learning epoch: the held-out split and the model, in --precision;
+    or, when the model's frozen prefix is not learned (identical in every ingredient) and in eval mode,
+    the prefix's outputs on the held-out images, computed once, and the rest of the model
+    (utils/run/prefix.py); or the held-out images decoded once, as uint8, made float on the device
+    (utils/run/decoded.py). The same items in the same order and the same numbers, so the batches and
+    the soup are those of the whole model on the transformed images."""
+    setup, args = run.setup, run.args
+    data, forward, workers = setup.bundle.heldout, setup.model, args.workers
     split = prefix.split_of(setup.model)
+    cached = None
     if split is not None and not set(split.keys) & set(run.layout.names):
-        cached = prefix.outputs(setup.model, setup.bundle.heldout, setup.device, run.args.batch_size,
-                                "held-out")
-        if cached is not None:
-            split, h, y = cached
-            return TensorDataset(h, y), split.tail, 0
-    return setup.bundle.heldout, setup.model, run.args.workers
+        cached = prefix.outputs(setup.model, setup.bundle.heldout, setup.device, args.batch_size, "held-out")
+    kept = None if cached is not None else decoded.images(data, None, args.workers, "held-out")
+    if cached is not None:
+        split, h, y = cached
+        data, forward, workers = TensorDataset(h, y), split.tail, 0
+    elif kept is not None:
+        model = setup.model
+        data, forward, workers = kept, (lambda x: model(kept.to_float(x))), 0
+    return data, precision.wrap(forward, args.precision, setup.device), workers
 
 
 def learn(run, progress):
@@ -438,6 +445,7 @@ def main(argv=None):
         log.info("stopped after %d group(s) (--stop-after-groups); continue with --resume %s",
                  len(progress.groups), state_path)
     wandb.finish()
+    close_loaders()
     distributed.teardown()
     return record
 

@@ -32,8 +32,8 @@ from utils.files import results
 from utils.files.ingredients import index_of, stream
 from utils.files.soup_io import buffer_coefficients
 from utils.files.state_dicts import param_names
-from utils.run import batchnorm, cli, individual, prefix
-from utils.run.evaluation import evaluate_all
+from utils.run import batchnorm, cli, decoded, individual, precision, prefix
+from utils.run.evaluation import close_loaders, evaluate_all
 from utils.run.layout import Differences, state_buffers
 from utils.runtime import distributed
 from utils.runtime.errors import UserError, run_main
@@ -177,18 +177,28 @@ class Tail(torch.nn.Module):
 
 
 def heldout_inputs(args, setup, learned_names):
-    """(data, forward module, its key prefix, workers) for a learning epoch: the held-out split and the
-    model; or, when no learned tensor is in the model's frozen prefix and the prefix is in eval mode,
-    the prefix's outputs on the held-out images, computed once, and the rest of the model. The same
-    items in the same order, so the batches and the soup are those of the whole model."""
+    """(data, to_input, forward module, its key prefix, workers) for a learning epoch: the held-out split
+    and the model; or, when no learned tensor is in the model's frozen prefix and the prefix is in eval
+    mode, the prefix's outputs on the held-out images, computed once, and the rest of the model; or the
+    held-out images decoded once as uint8 (utils/run/decoded.py), which `to_input` makes float on the
+    device. The same items in the same order and the same numbers, so the batches and the soup are
+    those of the whole model on the transformed images. Under --precision amp_bf16 the module runs the
+    forward under autocast (its tensors one `model.` deeper)."""
     model, heldout = setup.model, setup.bundle.heldout
+    data, to_input, forward, key_prefix, workers = heldout, None, model, "", args.workers
     split = prefix.split_of(model)
+    cached = None
     if split is not None and not set(split.keys) & set(learned_names):
         cached = prefix.outputs(model, heldout, setup.device, args.batch_size, "held-out")
-        if cached is not None:
-            split, h, y = cached
-            return TensorDataset(h, y), Tail(model, split.tail), "model.", 0
-    return heldout, model, "", args.workers
+    kept = None if cached is not None else decoded.images(heldout, None, args.workers, "held-out")
+    if cached is not None:
+        split, h, y = cached
+        data, forward, key_prefix, workers = TensorDataset(h, y), Tail(model, split.tail), "model.", 0
+    elif kept is not None:
+        data, to_input, workers = kept, kept.to_float, 0
+    if args.precision != precision.DEFAULT:
+        forward, key_prefix = precision.Autocast(forward, setup.device), "model." + key_prefix
+    return data, to_input or (lambda x: x), forward, key_prefix, workers
 
 
 def learn(args, setup, stacked, blocks, frozen_stats, wandb):
@@ -201,7 +211,7 @@ def learn(args, setup, stacked, blocks, frozen_stats, wandb):
     losses, step = [], 0
     for epoch in range(args.epochs):
         batchnorm.set_mode(model, frozen_stats)
-        heldout, forward, key_prefix, workers = heldout_inputs(args, setup, stacked)
+        heldout, to_input, forward, key_prefix, workers = heldout_inputs(args, setup, stacked)
         plan = list(global_batches(len(heldout), args.batch_size, args.seed, epoch))
         loader = iter(DataLoader(heldout, batch_sampler=[b for b, _ in plan if b], num_workers=workers))
         total = torch.zeros(2, dtype=torch.float64, device=device)
@@ -210,8 +220,8 @@ def learn(args, setup, stacked, blocks, frozen_stats, wandb):
             opt.zero_grad(set_to_none=False)
             if local:
                 x, y = next(loader)
-                loss = learned.soup_loss(forward, stacked, raw, beta, owner, x.to(device), y.to(device), size,
-                                         key_prefix)
+                loss = learned.soup_loss(forward, stacked, raw, beta, owner, to_input(x.to(device)), y.to(device),
+                                         size, key_prefix)
             else:  # a global batch smaller than the world: this rank adds nothing
                 loss = 0.0 * (raw.sum() + beta)
             loss.backward()
@@ -296,6 +306,7 @@ def main(argv=None):
     if distributed.is_primary():
         log.info("%s: held-out %.2f, test %.2f, shift mean %s, temperature %.3f", method,
                  scores["heldout"], scores["test"], scores.get("shift_mean"), beta.item())
+    close_loaders()
     distributed.teardown()
     return record
 

@@ -72,7 +72,8 @@ def list_classes(folder, names, labels, desc):
 
 
 class ImageFiles(Dataset):
-    """Image files with integer labels; `border` pixels are cropped off each side before `transform`."""
+    """Image files with integer labels; `border` pixels are cropped off each side before `transform`.
+    Item i is `transform(image(i))`: utils/run/decoded.py keeps the images decoded once through it."""
 
     def __init__(self, paths, labels, transform=None, border=0):
         self.paths, self.labels, self.transform, self.border = paths, labels, transform, border
@@ -80,12 +81,17 @@ class ImageFiles(Dataset):
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, i):
+    def image(self, i):
+        """Image i as a PIL RGB image, its border cropped, before `transform`."""
         with Image.open(self.paths[i]) as f:
             img = f.convert("RGB")
         if self.border:
             b = self.border
             img = img.crop((b, b, img.width - b, img.height - b))
+        return img
+
+    def __getitem__(self, i):
+        img = self.image(i)
         return (self.transform(img) if self.transform else img), int(self.labels[i])
 
 

@@ -1,0 +1,65 @@
+"""--precision: the arithmetic of the model's forward (and so of its backward) in learning and in every
+evaluation.
+
+- fp32 (the default, as released): everything in float32.
+- amp_bf16: the model's forward runs under torch.autocast(device type, bfloat16): matrix products and
+  convolutions in bfloat16 (accumulated in float32 by the kernels), the rest as autocast decides; the
+  logits come back as float32, so the loss, the argmax and everything after are float32. MEHL's
+  projection and combine, Learned-Soup's mixing of the ingredients, the soup itself and the optimizer
+  stay float32. It changes the numbers, so it defines a run (it is not in utils/run/cli.py
+  NOT_DEFINING). A frozen prefix's outputs (utils/run/prefix.py) are computed once in float32.
+
+The precision travels with the model (`attach`, `of`): every evaluation of that model uses it."""
+import contextlib
+
+import torch
+from torch import nn
+
+PRECISIONS = ("fp32", "amp_bf16")
+DEFAULT = "fp32"
+
+
+def attach(model, precision):
+    """Evaluate `model` in `precision` from now on (utils/run/evaluation.py reads it with `of`)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+    model.__dict__["_precision"] = precision
+    return model
+
+
+def of(model):
+    return model.__dict__.get("_precision", DEFAULT)
+
+
+def autocast(precision, device):
+    """The context a forward runs in: nothing for fp32, bfloat16 autocast on `device`'s type for amp_bf16."""
+    if precision == DEFAULT:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def wrap(forward, precision, device):
+    """`forward` (inputs -> logits) itself for fp32; for amp_bf16 a function running it under autocast
+    and returning float32 logits."""
+    if precision == DEFAULT:
+        return forward
+
+    def run(x):
+        with autocast(precision, device):
+            out = forward(x)
+        return out.float()
+    return run
+
+
+class Autocast(nn.Module):
+    """`model` under amp_bf16 as a module (for torch.func.functional_call): its tensors are the model's,
+    under `model.`; the logits come back as float32."""
+
+    def __init__(self, model, device):
+        super().__init__()
+        self.model, self.device = model, device
+
+    def forward(self, x):
+        with autocast("amp_bf16", self.device):
+            out = self.model(x)
+        return out.float()
