@@ -173,6 +173,11 @@ def load_state(path, args, config):
     except Exception as err:
         raise UserError(f"--resume {path}: not a readable MEHL state file: "
                         f"{str(err).strip().splitlines()[0] if str(err).strip() else err!r}") from err
+    saved = state.get("config") if isinstance(state, dict) else None
+    saved = saved.get("precision", precision.DEFAULT) if isinstance(saved, dict) else args.precision
+    if saved != args.precision:  # the config leaves fp32 out (cli.ADDED_DEFAULTS): compared both ways here
+        raise UserError(f"--resume {path} was made with another configuration: --precision {saved!r} in the "
+                        f"state, {args.precision!r} now")
     mehl_state.check_header(state, path, config, flag_of)
     return state
 

@@ -35,12 +35,14 @@ def cache_key(args, setup, path):
         "arch": setup.spec.name,
         "split": setup.bundle.split,
         "test_size": args.test_size,
+        "precision": args.precision,
     }
     return json.loads(json.dumps(key, default=str))  # compared with lines read back from JSON
 
 
 def _cached(records, key):
-    hits = [r for r in records if all(r.get(k) == v for k, v in key.items())]
+    # Lines written before --precision existed were evaluated in fp32.
+    hits = [r for r in records if all(r.get(k, "fp32" if k == "precision" else None) == v for k, v in key.items())]
     return hits[-1] if hits else None
 
 
