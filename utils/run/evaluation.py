@@ -21,7 +21,7 @@ def make_loader(dataset, batch_size, workers, shuffle=False, generator=None, sha
     decoded come as uint8 batches made float per batch (on `device` when given: the float part runs
     there) and give the numbers the transform gives; other sets come through a DataLoader, whose
     workers persist across calls for the same set unless `shuffle`."""
-    n, pin = len(dataset), device is not None and device.type == "cuda"
+    n, pin = len(dataset), device is not None and torch.device(device).type == "cuda"
     rows = range(distributed.rank(), n, distributed.world_size()) if shard else range(n)
     kept = decoded.images(dataset, rows, workers, desc)
     if kept is not None:
