@@ -176,16 +176,27 @@ class Tail(torch.nn.Module):
         return self.tail(h)
 
 
+class FromUint8(torch.nn.Module):
+    """The model on kept uint8 images (utils/run/decoded.py), which it makes float first, on the device,
+    as the transform would; its parameters are the model's, under `model.`."""
+
+    def __init__(self, model, to_float):
+        super().__init__()
+        self.model, self.to_float = model, to_float
+
+    def forward(self, x):
+        return self.model(self.to_float(x))
+
+
 def heldout_inputs(args, setup, learned_names):
-    """(data, to_input, forward module, its key prefix, workers) for a learning epoch: the held-out split
-    and the model; or, when no learned tensor is in the model's frozen prefix and the prefix is in eval
-    mode, the prefix's outputs on the held-out images, computed once, and the rest of the model; or the
-    held-out images decoded once as uint8 (utils/run/decoded.py), which `to_input` makes float on the
-    device. The same items in the same order and the same numbers, so the batches and the soup are
-    those of the whole model on the transformed images. Under --precision amp_bf16 the module runs the
-    forward under autocast (its tensors one `model.` deeper)."""
+    """(data, forward module, its key prefix, workers) for a learning epoch: the held-out split and the
+    model; or, when no learned tensor is in the model's frozen prefix and the prefix is in eval mode,
+    the prefix's outputs on the held-out images, computed once, and the rest of the model; or the
+    held-out images decoded once, as uint8, and the model that makes them float. The same items in the
+    same order and the same numbers, so the batches and the soup are those of the whole model on the
+    transformed images. Under --precision amp_bf16 the module runs under autocast (one `model.` deeper)."""
     model, heldout = setup.model, setup.bundle.heldout
-    data, to_input, forward, key_prefix, workers = heldout, None, model, "", args.workers
+    data, forward, key_prefix, workers = heldout, model, "", args.workers
     split = prefix.split_of(model)
     cached = None
     if split is not None and not set(split.keys) & set(learned_names):
@@ -195,10 +206,10 @@ def heldout_inputs(args, setup, learned_names):
         split, h, y = cached
         data, forward, key_prefix, workers = TensorDataset(h, y), Tail(model, split.tail), "model.", 0
     elif kept is not None:
-        data, to_input, workers = kept, kept.to_float, 0
+        data, forward, key_prefix, workers = kept, FromUint8(model, kept.to_float), "model.", 0
     if args.precision != precision.DEFAULT:
         forward, key_prefix = precision.Autocast(forward, setup.device), "model." + key_prefix
-    return data, to_input or (lambda x: x), forward, key_prefix, workers
+    return data, forward, key_prefix, workers
 
 
 def learn(args, setup, stacked, blocks, frozen_stats, wandb):
@@ -211,7 +222,7 @@ def learn(args, setup, stacked, blocks, frozen_stats, wandb):
     losses, step = [], 0
     for epoch in range(args.epochs):
         batchnorm.set_mode(model, frozen_stats)
-        heldout, to_input, forward, key_prefix, workers = heldout_inputs(args, setup, stacked)
+        heldout, forward, key_prefix, workers = heldout_inputs(args, setup, stacked)
         plan = list(global_batches(len(heldout), args.batch_size, args.seed, epoch))
         loader = iter(DataLoader(heldout, batch_sampler=[b for b, _ in plan if b], num_workers=workers))
         total = torch.zeros(2, dtype=torch.float64, device=device)
@@ -220,8 +231,8 @@ def learn(args, setup, stacked, blocks, frozen_stats, wandb):
             opt.zero_grad(set_to_none=False)
             if local:
                 x, y = next(loader)
-                loss = learned.soup_loss(forward, stacked, raw, beta, owner, to_input(x.to(device)), y.to(device),
-                                         size, key_prefix)
+                loss = learned.soup_loss(forward, stacked, raw, beta, owner, x.to(device), y.to(device), size,
+                                         key_prefix)
             else:  # a global batch smaller than the world: this rank adds nothing
                 loss = 0.0 * (raw.sum() + beta)
             loss.backward()
