@@ -256,8 +256,8 @@ def _in_memory(dataset, plan, rows, workers, desc):
     need = len(rows) * int(np.prod(plan.shape))
     budget = _available_bytes() * MEMORY_FRACTION / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if need > budget:
-        _once(("memory", id(dataset)), logging.WARNING, "%s: %.1f GiB of decoded images exceed the memory budget (%.1f GiB): "
-                   "decoded in every pass", desc, need / 2**30, budget / 2**30)
+        _once(("memory", id(dataset)), logging.WARNING, "%s: %.1f GiB of decoded images exceed the memory "
+              "budget (%.1f GiB): decoded in every pass", desc, need / 2**30, budget / 2**30)
         return None
     array = np.empty((len(rows), *plan.shape), dtype=np.uint8)
     _decode_into(array, dataset, plan, rows, workers, desc)
@@ -319,8 +319,8 @@ def _from_disk(folder, dataset, plan, workers, desc):
         return None
     if _all(os.path.isfile(tmp) and os.path.getsize(tmp) >= int(np.prod(entry.shape))):
         return _fill_shared(entry, Path(tmp), dataset, plan, workers, desc)
-    _once("unshared", logging.WARNING, "--decode-cache %s is not one folder for every rank: each rank decodes every image "
-               "into its own file", folder)
+    _once("unshared", logging.WARNING, "--decode-cache %s is not one folder for every rank: each rank decodes "
+          "every image into its own file", folder)
     own = Path(tmp) if distributed.is_primary() else _create(entry)
     if own is None:
         return None
@@ -357,9 +357,9 @@ def _create(entry):
         _remove_stale(folder, entry.key)
         free = os.statvfs(folder)
         if free.f_bavail * free.f_frsize < size + MARGIN_BYTES:
-            _once(("space", entry.key), logging.WARNING, "decoded images not kept on disk: %s has %.1f GiB free, they need %.1f GiB "
-                       "and %.1f GiB is left free", folder, free.f_bavail * free.f_frsize / 2**30, size / 2**30,
-                       MARGIN_BYTES / 2**30)
+            _once(("space", entry.key), logging.WARNING, "decoded images not kept on disk: %s has %.1f GiB free, "
+                  "they need %.1f GiB and %.1f GiB is left free", folder, free.f_bavail * free.f_frsize / 2**30,
+                  size / 2**30, MARGIN_BYTES / 2**30)
             return None
         tmp = folder / f".{entry.key}.{socket.gethostname()}.{os.getpid()}.tmp"
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=entry.shape)
@@ -368,8 +368,8 @@ def _create(entry):
         del array
         return str(tmp)
     except OSError as err:
-        _once(("write", str(folder)), logging.WARNING, "decoded images not kept on disk (%s: %s); kept in memory instead",
-                   folder, err.strerror or err)
+        _once(("write", str(folder)), logging.WARNING, "decoded images not kept on disk (%s: %s); kept in "
+              "memory instead", folder, err.strerror or err)
         return None
 
 
