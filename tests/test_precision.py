@@ -130,3 +130,12 @@ def test_an_unknown_precision_is_argparse_s_one_line(zoo, fmnist_root, out, caps
     errors = [line for line in err.splitlines() if "error:" in line]
     assert exit_info.value.code == 2 and "Traceback" not in err and len(errors) == 1
     assert errors[0].endswith("error: argument --precision: invalid choice: 'fp16' (choose from 'fp32', 'amp_bf16')")
+
+
+def test_amp_bf16_on_a_cpu_without_bfloat16_says_it_is_slow(monkeypatch, caplog):
+    monkeypatch.setattr(precision, "_cpu_has_bf16", lambda: False)
+    precision.warn_if_slow("fp32", "cpu")
+    precision.warn_if_slow("amp_bf16", "cuda")
+    assert not caplog.records
+    precision.warn_if_slow("amp_bf16", "cpu")
+    assert "many times slower than fp32" in caplog.text

@@ -300,6 +300,8 @@ def prepare(args, method=None, check_ingredients=True):
     if len(bundle.heldout) == 0:
         raise UserError(f"the held-out split of {args.datasets} is empty")
     model = precision.attach(spec.build(bundle.num_classes, pretrained=False), args.precision)
+    if distributed.is_primary():
+        precision.warn_if_slow(args.precision, device)
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if check_ingredients:
         ingredients.preflight(paths, reference)
