@@ -55,10 +55,11 @@ from utils.files import mehl_state, results
 from utils.files.ingredients import index_of
 from utils.files.soup_io import buffer_coefficients, sidecar
 from utils.files.state_dicts import atomic_write
-from utils.run import cli, individual, mehl, prefix
+from utils.run import cli, individual, inputs, mehl
 from utils.run.batchnorm import batchnorm_statistics, check_batch_statistics, reestimate, rule, set_mode
 from utils.run.evaluation import evaluate_all
 from utils.run.layout import Layout, make_layout, state_buffers
+from utils.run.precision import DEFAULT as DEFAULT_PRECISION
 from utils.runtime import distributed
 from utils.runtime.errors import UserError, run_main
 from utils.runtime.memory import reset_peak
@@ -173,6 +174,11 @@ def load_state(path, args, config):
     except Exception as err:
         raise UserError(f"--resume {path}: not a readable MEHL state file: "
                         f"{str(err).strip().splitlines()[0] if str(err).strip() else err!r}") from err
+    saved = state.get("config") if isinstance(state, dict) else None
+    saved = saved.get("precision", DEFAULT_PRECISION) if isinstance(saved, dict) else args.precision
+    if saved != args.precision:  # the config leaves fp32 out (cli.ADDED_DEFAULTS): compared both ways here
+        raise UserError(f"--resume {path} was made with another configuration: --precision {saved!r} in the "
+                        f"state, {args.precision!r} now")
     mehl_state.check_header(state, path, config, flag_of)
     return state
 
@@ -258,9 +264,10 @@ def learn_group(run, group, progress):
                disable=not distributed.is_primary())
     for epoch in range(args.epochs):
         set_mode(setup.model, layout.frozen_stats)
-        # a frozen prefix that holds no learned tensor runs once on the held-out split (utils/run/prefix.py)
-        heldout = prefix.inputs(setup.model, setup.bundle.heldout, setup.device, args.batch_size, args.workers,
-                                learned=layout.names, desc="held-out")
+        # what runs on the held-out split: a frozen prefix that holds no learned tensor runs once, images
+        # are decoded once, all in --precision (utils/run/inputs.py)
+        heldout = inputs.learning(setup.model, setup.bundle.heldout, setup.device, args.batch_size, args.workers,
+                                  layout.names, args.precision)
         epoch_loss = 0.0
         for n_global, batch in sampling.rank_batches(heldout.dataset, args.batch_size, progress.data_rng,
                                                      distributed.world_size(), distributed.rank(),
@@ -274,7 +281,7 @@ def learn_group(run, group, progress):
             run.wandb.log({"loss": loss, "lr": schedule(state.step - 1)})
         state.losses.append(epoch_loss / len(setup.bundle.heldout))
         if not args.no_epoch_test:  # logged only, never used to choose anything
-            test = prefix.evaluation_inputs(setup.model, setup.device, args.batch_size, args.workers)
+            test = inputs.evaluation(setup.model, setup.device, args.batch_size, args.workers, args.precision)
             tests.append(evaluate_all(test, setup.bundle, setup.device, args.batch_size, heldout=False,
                                       shifts=False)["test"])
             run.wandb.log({"epoch_test": tests[-1], "epoch_loss": state.losses[-1]})
@@ -328,8 +335,8 @@ def finish(run, progress):
     reestimated = not layout.frozen_stats
     if reestimated:
         reestimate(setup.model, setup.bundle.heldout, setup.device, args.batch_size, args.workers)
-    inputs = prefix.evaluation_inputs(setup.model, setup.device, args.batch_size, args.workers)
-    scores = evaluate_all(inputs, setup.bundle, setup.device, args.batch_size, shifts=not args.no_shifts)
+    evaluated = inputs.evaluation(setup.model, setup.device, args.batch_size, args.workers, args.precision)
+    scores = evaluate_all(evaluated, setup.bundle, setup.device, args.batch_size, shifts=not args.no_shifts)
     summary = hyperplane.summary(progress.alpha)
     alpha = progress.alpha.tolist()
     identical_numbers = sum(setup.reference[n].numel() for n in layout.identical)

@@ -38,7 +38,7 @@ import datasets
 from utils.archs import get_arch, split_of
 from utils.files.paths import Role, check_distinct, data_inputs
 from utils.files.state_dicts import atomic_write, check_dtypes, check_state_dict, load_state_dict, save_state_dict
-from utils.run import prefix
+from utils.run import inputs, precision, prefix
 from utils.run.batchnorm import set_mode
 from utils.run.cli import SKIP_BAD_IMAGES_HELP
 from utils.run.evaluation import evaluate_all
@@ -396,8 +396,8 @@ def train_end_to_end(model, split, args, spec, bundle, key, device):
 def heldout_and_test(model, split, bundle, device):
     """Held-out and test accuracy, from the frozen prefix's outputs of both sets, which the whole zoo
     shares: computed once (utils/run/prefix.py)."""
-    inputs = prefix.evaluation_inputs(model, device, 256, 0, split)
-    scores = evaluate_all(inputs, bundle, device, 256, shifts=False)
+    evaluated = inputs.evaluation(model, device, 256, 0, precision.DEFAULT, split)
+    scores = evaluate_all(evaluated, bundle, device, 256, shifts=False)
     return scores["heldout"], scores["test"]
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 import datasets
 from utils.files import results
 from utils.files.ingredients import index_of, load_checked
-from utils.run import cli, individual, prefix
+from utils.run import cli, individual, inputs
 from utils.run.evaluation import accuracy, evaluate_all
 from utils.runtime import distributed
 from utils.runtime.errors import run_main
@@ -79,17 +79,17 @@ def main(argv=None):
     ranking = ranking[args.exclude_top:]
     # every candidate shares the frozen prefix of its ingredients: it runs once per data set
     # (utils/run/prefix.py; checked at each evaluation)
-    inputs = prefix.evaluation_inputs(setup.model, setup.device, args.batch_size, args.workers)
+    evaluated = inputs.evaluation(setup.model, setup.device, args.batch_size, args.workers, args.precision)
 
     def heldout_of(sd):
         setup.model.load_state_dict(sd)
-        heldout = inputs(setup.bundle.heldout, "held-out")
+        heldout = evaluated(setup.bundle.heldout, "held-out")
         return accuracy(heldout.forward, heldout.dataset, setup.device, args.batch_size, heldout.workers,
                         desc="held-out")
 
     soup, kept, steps = greedy(ranking, lambda p: load_checked(p, setup.reference), heldout_of)
     setup.model.load_state_dict(soup)
-    scores = evaluate_all(inputs, setup.bundle, setup.device, args.batch_size, shifts=not args.no_shifts)
+    scores = evaluate_all(evaluated, setup.bundle, setup.device, args.batch_size, shifts=not args.no_shifts)
 
     path_of = {index_of(p): p for _, p, _ in ranking}
     order = [i for i, _, _ in ranking]

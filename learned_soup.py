@@ -33,7 +33,7 @@ from utils.files import results
 from utils.files.ingredients import index_of, stream
 from utils.files.soup_io import buffer_coefficients
 from utils.files.state_dicts import param_names
-from utils.run import batchnorm, cli, individual, prefix
+from utils.run import batchnorm, cli, individual, inputs
 from utils.run.evaluation import evaluate_all
 from utils.run.layout import Differences, state_buffers
 from utils.runtime import distributed
@@ -175,9 +175,10 @@ def learn(args, setup, stacked, blocks, frozen_stats, wandb):
     losses, step = [], 0
     for epoch in range(args.epochs):
         batchnorm.set_mode(model, frozen_stats)
-        # a frozen prefix that holds no learned tensor runs once on the held-out split (utils/run/prefix.py)
-        heldout = prefix.inputs(model, setup.bundle.heldout, device, args.batch_size, args.workers,
-                                learned=stacked, desc="held-out")
+        # what runs on the held-out split: a frozen prefix that holds no learned tensor runs once, images
+        # are decoded once, all in --precision (utils/run/inputs.py)
+        heldout = inputs.learning(model, setup.bundle.heldout, device, args.batch_size, args.workers, stacked,
+                                  args.precision)
         plan = list(global_batches(len(heldout.dataset), args.batch_size, args.seed, epoch))
         loader = iter(DataLoader(heldout.dataset, batch_sampler=[b for b, _ in plan if b],
                                  num_workers=heldout.workers))
@@ -250,8 +251,8 @@ def main(argv=None):
     if bn_differ:
         batchnorm.reestimate(model, setup.bundle.heldout, setup.device, args.batch_size, args.workers)
     soup = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    inputs = prefix.evaluation_inputs(model, setup.device, args.batch_size, args.workers)
-    scores = evaluate_all(inputs, setup.bundle, setup.device, args.batch_size, shifts=not args.no_shifts)
+    evaluated = inputs.evaluation(model, setup.device, args.batch_size, args.workers, args.precision)
+    scores = evaluate_all(evaluated, setup.bundle, setup.device, args.batch_size, shifts=not args.no_shifts)
 
     alpha_list = alpha.cpu().double().tolist()
     rule = batchnorm.rule(model, reestimated=bool(bn_differ))

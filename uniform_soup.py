@@ -20,7 +20,7 @@ import logging
 import datasets
 from utils.files import results
 from utils.files.ingredients import average, stream
-from utils.run import cli, individual, prefix
+from utils.run import cli, individual, inputs
 from utils.run.evaluation import evaluate_all
 from utils.runtime import distributed
 from utils.runtime.errors import run_main
@@ -44,8 +44,8 @@ def main(argv=None):
     soup = average((sd for _, _, sd in stream(paths, setup.reference, desc="averaging")), setup.reference)
     setup.model.load_state_dict(soup)
     # a frozen prefix shared by the ingredients runs once per data set (utils/run/prefix.py)
-    inputs = prefix.evaluation_inputs(setup.model, setup.device, args.batch_size, args.workers)
-    scores = evaluate_all(inputs, setup.bundle, setup.device, args.batch_size, shifts=not args.no_shifts)
+    evaluated = inputs.evaluation(setup.model, setup.device, args.batch_size, args.workers, args.precision)
+    scores = evaluate_all(evaluated, setup.bundle, setup.device, args.batch_size, shifts=not args.no_shifts)
 
     record = results.write_outputs(args, setup, output, METHOD, paths, scores, soup)
     if distributed.is_primary():

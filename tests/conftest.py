@@ -45,11 +45,12 @@ def make_fmnist(root, n_train=600, n_test=200, seed=0):
 def own_cache(tmp_path_factory, monkeypatch):
     """Every test keeps the frozen-prefix files (utils/run/prefix.py) in a folder of its own, never in the
     user's ~/.cache, and leaves no folder configured behind for library calls of later tests."""
-    from utils.run import prefix
+    from utils.run import decoded, prefix
     folder = tmp_path_factory.mktemp("soups-cache")
     monkeypatch.setenv("MODEL_SOUPS_CACHE", str(folder))
     yield folder
     prefix.configure(None)
+    decoded.configure("memory")
 
 
 @pytest.fixture(autouse=True)
@@ -108,9 +109,11 @@ def out(tmp_path):
 
 def write_imagenet_tree(root, num_classes=5, train_per_class=6, val_per_class=2, size=8):
     """A tiny tree laid out like ImageNet's (`imagenet/train/<wnid>`, `imagenet/val/<wnid>`): solid
-    images whose colour depends on the class, with a little seeded noise."""
+    images whose colour depends on the class, with a little seeded noise. `size`: a side, or (width,
+    height) (ImageNet's photos are about 500 x 375)."""
     from PIL import Image
     rng = np.random.default_rng(0)
+    width, height = (size, size) if isinstance(size, int) else size
     for c in range(num_classes):
         wnid = f"n{1000 + 7 * c:08d}"
         for split, count in (("train", train_per_class), ("val", val_per_class)):
@@ -118,7 +121,7 @@ def write_imagenet_tree(root, num_classes=5, train_per_class=6, val_per_class=2,
             folder.mkdir(parents=True, exist_ok=True)
             for k in range(count):
                 colour = np.array([40 * c % 256, 255 - 40 * c % 256, 90 + 30 * c % 166])
-                pixels = np.clip(colour + rng.normal(0, 20, size=(size, size, 3)), 0, 255)
+                pixels = np.clip(colour + rng.normal(0, 20, size=(height, width, 3)), 0, 255)
                 Image.fromarray(pixels.astype(np.uint8)).save(folder / f"img_{k:03d}.JPEG")
     return Path(root)
 

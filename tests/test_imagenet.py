@@ -14,7 +14,7 @@ from torchvision.transforms import v2
 
 from datasets import build_dataset
 from datasets.imagenet import build_imagenet, list_images
-from utils.run import prefix
+from utils.run import inputs
 from utils.run.evaluation import accuracy, evaluate_all
 from utils.runtime.errors import UserError
 
@@ -174,7 +174,7 @@ def test_missing_shift_is_listed(root, caplog):
     assert a.dataset is None and "imagenet-a" in a.missing
     assert [r for r in caplog.records if "ImageNet-A" in r.getMessage()].__len__() == 1
     assert b.split["missing_shifts"] == ["ImageNet-A"]
-    out = evaluate_all(prefix.evaluation_inputs(ColourModel(), "cpu", 8, 0), b, "cpu", batch_size=8)
+    out = evaluate_all(inputs.evaluation(ColourModel(), "cpu", 8, 0, "fp32"), b, "cpu", batch_size=8)
     assert out["shifts"]["ImageNet-A"] is None and out["missing_shifts"] == ["ImageNet-A"]
     assert out["shift_mean"] == 100.0 and out["test"] == 100.0
 

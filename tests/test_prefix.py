@@ -15,7 +15,7 @@ from tests.conftest import torchrun
 from tests.helpers import argv
 from utils.archs import effnet as effnet_arch
 from utils.archs import get_arch
-from utils.run import prefix
+from utils.run import inputs, prefix
 from utils.run.batchnorm import set_mode
 from utils.run.evaluation import accuracy, evaluate_all
 
@@ -63,16 +63,16 @@ def test_a_changed_prefix_tensor_computes_them_again(effnet, images):
 def test_a_prefix_in_train_mode_or_too_large_is_not_used(effnet, images, monkeypatch):
     set_mode(effnet, frozen_stats=False)  # batch statistics: the prefix is no fixed function
     assert prefix.outputs(effnet, images, torch.device("cpu")) is None
-    assert prefix.inputs(effnet, images, torch.device("cpu"), 8, 0).forward is effnet
+    assert inputs.learning(effnet, images, torch.device("cpu"), 8, 0, (), "fp32").forward is effnet
     effnet.eval()
     monkeypatch.setattr(prefix, "LIMIT_BYTES", 1000)
     other = TensorDataset(*images.tensors)
     assert prefix.outputs(effnet, other, torch.device("cpu"), batch_size=8) is None
-    inputs = prefix.evaluation_inputs(effnet, torch.device("cpu"), 8, 0)(other)
-    assert inputs.dataset is other and inputs.forward is effnet  # the whole model, on the images
+    given = inputs.evaluation(effnet, torch.device("cpu"), 8, 0, "fp32")(other)
+    assert given.dataset is other and given.forward is effnet  # the whole model, on the images
     logits = direct_logits(effnet, other)
     expected = 100.0 * (logits.argmax(1) == other.tensors[1]).double().mean().item()
-    assert accuracy(inputs.forward, inputs.dataset, torch.device("cpu"), batch_size=8) == pytest.approx(expected)
+    assert accuracy(given.forward, given.dataset, torch.device("cpu"), batch_size=8) == pytest.approx(expected)
     # not bounded (finetune.py holds its fine-tune split whole): computed although above the bound
     assert prefix.outputs(effnet, other, torch.device("cpu"), batch_size=8, bounded=False) is not None
 
@@ -80,13 +80,13 @@ def test_a_prefix_in_train_mode_or_too_large_is_not_used(effnet, images, monkeyp
 def test_inputs_are_the_prefix_outputs_unless_a_learned_tensor_is_in_the_prefix(effnet, images):
     with torch.no_grad():
         expected = direct_logits(effnet, images)
-    inputs = prefix.inputs(effnet, images, torch.device("cpu"), 8, 3, learned=["_fc.weight"])
-    assert inputs.prefixed and inputs.workers == 0 and inputs.key_prefix == "model."
-    assert torch.equal(inputs.dataset.tensors[1], images.tensors[1])
+    given = inputs.learning(effnet, images, torch.device("cpu"), 8, 3, ["_fc.weight"], "fp32")
+    assert given.prefixed and given.workers == 0 and given.key_prefix == "model."
+    assert torch.equal(given.dataset.tensors[1], images.tensors[1])
     with torch.no_grad():
-        assert_close(inputs.forward(inputs.dataset.tensors[0]), expected, atol=1e-5, rtol=1e-5)
-    assert dict(inputs.forward.named_parameters())["model._fc.weight"] is effnet._fc.weight
-    whole = prefix.inputs(effnet, images, torch.device("cpu"), 8, 3, learned=["_blocks.3._bn1.weight"])
+        assert_close(given.forward(given.dataset.tensors[0]), expected, atol=1e-5, rtol=1e-5)
+    assert dict(given.forward.named_parameters())["model._fc.weight"] is effnet._fc.weight
+    whole = inputs.learning(effnet, images, torch.device("cpu"), 8, 3, ["_blocks.3._bn1.weight"], "fp32")
     assert not whole.prefixed and whole.dataset is images and whole.forward is effnet and whole.workers == 3
     assert whole.key_prefix == ""
 
@@ -94,14 +94,14 @@ def test_inputs_are_the_prefix_outputs_unless_a_learned_tensor_is_in_the_prefix(
 def test_evaluation_takes_what_it_is_given(effnet, images):
     """accuracy and evaluate_all run what the recipe hands them: no prefix is looked for inside."""
     effnet.train()
-    inputs_of = prefix.evaluation_inputs(effnet, torch.device("cpu"), 8, 0)
-    inputs = inputs_of(images, "held-out")
-    assert not effnet.training and inputs.prefixed  # the model put in eval mode first
+    inputs_of = inputs.evaluation(effnet, torch.device("cpu"), 8, 0, "fp32")
+    given = inputs_of(images, "held-out")
+    assert not effnet.training and given.prefixed  # the model put in eval mode first
     calls = []
 
     def whole(dataset, desc):
         calls.append(desc)
-        return prefix.Inputs(dataset, effnet, 0)
+        return inputs.Inputs(dataset, effnet, 0)
 
     class Bundle:
         heldout, test, shifts = images, type("Test", (), {"dataset": images, "project": None}), []
@@ -144,10 +144,13 @@ MEHL_FLAGS = ["--model_batch", "2", "--layer-size", "0", "--epochs", "2", "--cos
 
 
 def recording(monkeypatch):
-    """Every `prefix.inputs` a recipe asks for, with the learned tensors it named: [(learned, Inputs)]."""
-    asked, real = [], prefix.inputs
-    monkeypatch.setattr(prefix, "inputs", lambda *a, learned=(), **k: asked.append(
-        (list(learned), real(*a, learned=learned, **k))) or asked[-1][1])
+    """Every `inputs.learning` a recipe asks for, with the learned tensors it named: [(learned, Inputs)]."""
+    asked, real = [], inputs.learning
+
+    def learning(model, dataset, device, batch_size, workers, learned, *rest, **kw):
+        asked.append((list(learned), real(model, dataset, device, batch_size, workers, learned, *rest, **kw)))
+        return asked[-1][1]
+    monkeypatch.setattr(inputs, "learning", learning)
     return asked
 
 
@@ -171,8 +174,8 @@ def test_greedy_and_mehl_on_the_default_arch_are_those_without_the_prefix(tmp_pa
     for key in ("heldout", "test", "shifts"):
         assert g1[key] == g2[key], key
     assert sum(u is not None for u in used) >= 3  # held-out, test and shifts, evaluated from it
-    learning = [inputs for learned, inputs in asked if learned]
-    assert learning and all(inputs.prefixed for inputs in learning)  # MEHL learned from it too
+    learning = [given for learned, given in asked if learned]
+    assert learning and all(given.prefixed for given in learning)  # MEHL learned from it too
     a, b = soup_of(runs["with_dir"], "mehl"), soup_of(runs["without_dir"], "mehl")
     for k in a:
         assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
@@ -188,8 +191,8 @@ def test_learned_soup_on_the_default_arch_is_the_one_without_the_prefix(tmp_path
     asked = recording(monkeypatch)
     with_prefix = learned_soup.main(argv(effnet_zoo, fmnist_root, tmp_path, *LEARNED_FLAGS, name="with",
                                          **common))
-    learning = [inputs for learned, inputs in asked if learned]
-    assert len(learning) == 2 and all(isinstance(inputs.forward, prefix.Tail) for inputs in learning)
+    learning = [given for learned, given in asked if learned]
+    assert len(learning) == 2 and all(isinstance(given.forward, prefix.Tail) for given in learning)
     monkeypatch.undo()
     without_prefix(monkeypatch)
     without = learned_soup.main(argv(effnet_zoo, fmnist_root, tmp_path, *LEARNED_FLAGS, name="without",

@@ -135,9 +135,11 @@ def result_record(args, setup, output, method, paths, scores, **fields):
     }
 
 
-def latest(records, match):
-    """The last of `records` whose fields equal those of `match` (None when there is none)."""
-    hits = [r for r in records if all(r.get(k) == v for k, v in match.items())]
+def latest(records, match, absent=None):
+    """The last of `records` whose fields equal those of `match` (None when there is none). `absent`:
+    the value a field has in lines written before it existed ({field: value})."""
+    absent = absent or {}
+    hits = [r for r in records if all(r.get(k, absent.get(k)) == v for k, v in match.items())]
     return hits[-1] if hits else None
 
 

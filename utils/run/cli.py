@@ -13,7 +13,7 @@ from utils.archs import timm_models
 from utils.files import identity, ingredients, lock, results
 from utils.files.paths import check_run
 from utils.files.soup_io import recipe_beside, recipe_describes, sidecar
-from utils.run import prefix
+from utils.run import decoded, evaluation, precision, prefix
 from utils.runtime import distributed
 from utils.runtime.errors import UserError
 
@@ -74,6 +74,16 @@ def soup_parser(description, method):
                    "$MODEL_SOUPS_CACHE/prefix, else $XDG_CACHE_HOME/model_soups/prefix or ~/.cache/model_soups/prefix; "
                    "'none' to compute them "
                    "in every run. Safe to delete at any time")
+    g.add_argument("--decode-cache", default=None,
+                   help="where image files read more than once (ImageNet, ImageFolder) are kept decoded at the "
+                   "model's input size, as uint8, checked before use (utils/run/decoded.py): a folder (memory-"
+                   "mapped, shared by later runs and by the ranks on one host; default $MODEL_SOUPS_CACHE/decoded, "
+                   "else $XDG_CACHE_HOME/model_soups/decoded or ~/.cache/model_soups/decoded), 'memory' (this "
+                   "process only), or 'none' (decode in every pass). Changes no number; safe to delete at any time")
+    g.add_argument("--precision", choices=precision.PRECISIONS, default=precision.DEFAULT,
+                   help="the model's forward/backward in learning and in every evaluation: fp32 (as released) "
+                   "or amp_bf16 (bfloat16 autocast; logits, loss, soup and coefficients stay float32). "
+                   "Changes the numbers (utils/run/precision.py)")
     g = p.add_argument_group("outputs")
     g.add_argument("--results-db", "--results_db", default="runs/results.jsonl",
                    help="JSON-lines results file, appended to (never truncated)")
@@ -219,14 +229,19 @@ def soup_output(args, method, resumed=None):
 # finished) and by MEHL's --resume state (a state made with other defining values is refused). Where the
 # soup is written is compared on its own (a results line's soup_file), so a state or soup may be moved.
 NOT_DEFINING = ("overwrite", "resume", "stop_after_groups", "wandb", "workers", "no_epoch_test",
-                "results_db", "save_soup", "memory_check", "memory_limit", "method", "prefix_cache",
+                "results_db", "save_soup", "memory_check", "memory_limit", "method", "prefix_cache", "decode_cache",
                 "local_rank", "local-rank", "ddp", "split", "finetune")
+
+
+# Defining flags added later, at the value that gives what runs made before them gave: left out of the
+# key at that value, so those runs' lines and states still match.
+ADDED_DEFAULTS = {"precision": precision.DEFAULT}
 
 
 def run_key(args_dict):
     """The defining arguments of a run (from `vars(args)` or a results line's "args"), JSON-normalised."""
-    return json.loads(json.dumps({k: v for k, v in args_dict.items() if k not in NOT_DEFINING},
-                                 default=str))
+    return json.loads(json.dumps({k: v for k, v in args_dict.items() if k not in NOT_DEFINING
+                                  and not (k in ADDED_DEFAULTS and v == ADDED_DEFAULTS[k])}, default=str))
 
 
 def finished(args, methods):
@@ -294,6 +309,7 @@ def prepare(args, method=None, check_ingredients=True, *, data):
     check_writable(args, method)
     device = distributed.setup(args.device)
     prefix.configure(prefix_folder(args.prefix_cache))
+    decoded.configure(args.decode_cache)
     spec = archs.get_arch(args.arch)
     paths = ingredients.ingredient_paths(args.model_location, args.params_start, args.params_end)
     bundle = data(args.datasets, args.data_location, spec.preprocess, heldout_per_class=args.heldout_per_class,
@@ -302,6 +318,8 @@ def prepare(args, method=None, check_ingredients=True, *, data):
     if len(bundle.heldout) == 0:
         raise UserError(f"the held-out split of {args.datasets} is empty")
     model = spec.build(bundle.num_classes, pretrained=False)
+    if distributed.is_primary():
+        precision.warn_if_slow(args.precision, device)
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if check_ingredients:
         ingredients.preflight(paths, reference)
@@ -355,6 +373,8 @@ def begin(args, method, methods=None, *, data):
 
 
 def end():
-    """The end of every soup run: release its output locks and leave the process group."""
+    """The end of every soup run: end its data loaders' workers, release its output locks and leave the
+    process group."""
+    evaluation.close_loaders()
     lock.release_all()
     distributed.teardown()

@@ -1,20 +1,74 @@
 """Accuracy that is exact across ranks: each rank takes indices rank, rank+world, ... (no padding, no
 repeats) and the correct / total counts are all-reduced. What is evaluated is given: a module and the
-items it maps to logits (a recipe's `Inputs`, utils/run/prefix.py: the whole model on the images, or the
-rest of the model on its frozen prefix's outputs)."""
+items it maps to logits (a recipe's `Inputs`, utils/run/inputs.py). Image files are decoded once
+(utils/run/decoded.py); a set that is decoded in every pass keeps its loader's worker processes from one
+evaluation to the next (`close_loaders` ends them). Batches are pinned on CUDA."""
+import atexit
 
 import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from utils.run import decoded
 from utils.runtime import distributed
 
+_LOADERS = {}   # (id(dataset), rows, batch size, workers, pin) -> (dataset, DataLoader with persistent workers)
 
-def make_loader(dataset, batch_size, workers, shuffle=False, generator=None, shard=True):
-    if shard and distributed.is_distributed():
-        dataset = Subset(dataset, range(distributed.rank(), len(dataset), distributed.world_size()))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      generator=generator, persistent_workers=False)
+
+def make_loader(dataset, batch_size, workers, shuffle=False, generator=None, shard=True, device=None,
+                desc="images"):
+    """Batches (x, y) of `dataset`, this rank's strided share under torchrun when `shard`. Images kept
+    decoded come as uint8 batches made float per batch (on `device` when given: the float part runs
+    there) and give the numbers the transform gives; other sets come through a DataLoader, whose
+    workers persist across calls for the same set unless `shuffle`."""
+    n, pin = len(dataset), device is not None and torch.device(device).type == "cuda"
+    rows = range(distributed.rank(), n, distributed.world_size()) if shard else range(n)
+    kept = decoded.images(dataset, rows, workers, desc)
+    if kept is not None:
+        return _Floats(kept, batch_size, shuffle, generator, device, pin)
+    key = (id(dataset), rows, batch_size, workers, pin)
+    if workers > 0 and not shuffle and key in _LOADERS and _LOADERS[key][0] is dataset:
+        return _LOADERS[key][1]
+    persist = workers > 0 and not shuffle
+    loader = DataLoader(dataset if rows == range(n) else Subset(dataset, rows), batch_size=batch_size,
+                        shuffle=shuffle, num_workers=workers, generator=generator, pin_memory=pin,
+                        persistent_workers=persist)
+    if persist:
+        if not _LOADERS:
+            atexit.register(close_loaders)
+        _LOADERS[key] = (dataset, loader)
+    return loader
+
+
+class _Floats:
+    """Batches of kept uint8 images, each moved to `device` (when given; pinned first on CUDA) and made
+    float there. In order, a batch is a slice of the kept array; shuffled, a DataLoader draws the order."""
+
+    def __init__(self, kept, batch_size, shuffle, generator, device, pin):
+        self.kept, self.batch_size, self.device, self.pin = kept, batch_size, device, pin
+        self.loader = DataLoader(kept, batch_size=batch_size, shuffle=True, generator=generator) if shuffle else None
+
+    def __len__(self):
+        return -(-len(self.kept) // self.batch_size)
+
+    def __iter__(self):
+        batches = self.loader if self.loader is not None else (
+            self.kept.batch(s, s + self.batch_size) for s in range(0, len(self.kept), self.batch_size))
+        for x, y in batches:
+            if self.device is not None:
+                x = x.pin_memory() if self.pin else x
+                x = x.to(self.device, non_blocking=True)
+            yield self.kept.to_float(x), y
+
+
+def close_loaders():
+    """End the worker processes of every persistent loader (the end of a run)."""
+    for _, loader in _LOADERS.values():
+        it = getattr(loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        loader._iterator = None
+    _LOADERS.clear()
 
 
 @torch.no_grad()
@@ -23,7 +77,7 @@ def accuracy(model, dataset, device, batch_size=256, workers=0, project=None, de
     logits onto the set's labels."""
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64)
-    loader = make_loader(dataset, batch_size, workers)
+    loader = make_loader(dataset, batch_size, workers, device=device, desc=desc)
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not distributed.is_primary()):
         logits = model(x.to(device, non_blocking=True))
         if project is not None:

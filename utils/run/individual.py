@@ -9,7 +9,7 @@ from pathlib import Path
 
 from utils.files import identity, results
 from utils.files.ingredients import index_of, load_checked
-from utils.run import prefix
+from utils.run import inputs, precision
 from utils.run.evaluation import evaluate_all
 from utils.runtime import distributed
 from utils.runtime.errors import UserError
@@ -29,6 +29,7 @@ def cache_key(args, setup, path):
         "arch": setup.spec.name,
         "split": setup.bundle.split,
         "test_size": args.test_size,
+        "precision": args.precision,
     }
     return json.loads(json.dumps(key, default=str))  # compared with lines read back from JSON
 
@@ -44,7 +45,8 @@ def evaluate_individuals(args, setup, paths=None):
     cached = None
     if distributed.is_primary():
         existing = results.read(args.results_db)
-        cached = [results.latest(existing, k) for k in keys]
+        # lines written before --precision existed were evaluated in fp32
+        cached = [results.latest(existing, k, absent={"precision": precision.DEFAULT}) for k in keys]
     cached = distributed.broadcast_object(cached)
     todo = [i for i, c in enumerate(cached) if c is None]
     if len(todo) < len(paths):
@@ -52,12 +54,12 @@ def evaluate_individuals(args, setup, paths=None):
                  len(paths) - len(todo), len(paths), args.results_db)
     out = list(cached)
     # the ingredients' shared frozen prefix runs once per data set (utils/run/prefix.py)
-    inputs = prefix.evaluation_inputs(setup.model, setup.device, args.batch_size, args.workers)
+    evaluated = inputs.evaluation(setup.model, setup.device, args.batch_size, args.workers, args.precision)
     for i in todo:
         sd = load_checked(paths[i], setup.reference)
         setup.model.load_state_dict(sd)
         del sd
-        scores = evaluate_all(inputs, setup.bundle, setup.device, args.batch_size)
+        scores = evaluate_all(evaluated, setup.bundle, setup.device, args.batch_size)
         record = {**keys[i], **scores, "device": str(setup.device),
                   "world_size": distributed.world_size()}
         out[i] = results.append(args.results_db, record)

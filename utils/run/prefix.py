@@ -7,9 +7,8 @@ data set (greedy soup: every ingredient and every candidate) or takes many MEHL 
 split computes the prefix's output once and afterwards runs only the rest of the network; finetune.py
 computes its frozen blocks' activations once per zoo.
 
-Using it is a step each recipe takes: `inputs` (learning on the held-out split) and `evaluation_inputs`
-(evaluating) give what to run, `Inputs`: a data set and the module that maps its items to the model's
-logits, either the data set and the whole model or the prefix's outputs and the rest of the model.
+Using it is a step each recipe takes (utils/run/inputs.py): `standing_in` gives the prefix's outputs
+and the rest of the model (`Tail`) when the prefix may stand for the model, else nothing.
 
 The prefix stands for the model only when it computes what the whole model would:
 - the architecture declares where its prefix ends (utils/archs: `register_split`; today
@@ -66,7 +65,7 @@ _DISK = {"folder": None, "warned": False}   # the on-disk cache (configure); Non
 # ------------------------------------------------------------------------ what a recipe runs
 class Tail(nn.Module):
     """The model after its frozen prefix, as a module: its parameters are the model's under `model.`, so
-    that `functional_call` can put a soup's parameters in (`Inputs.key_prefix`)."""
+    that `functional_call` can put a soup's parameters in (utils/run/inputs.py `Inputs.key_prefix`)."""
 
     def __init__(self, model, tail):
         super().__init__()
@@ -76,46 +75,19 @@ class Tail(nn.Module):
         return self.tail(h)
 
 
-@dataclass(frozen=True)
-class Inputs:
-    """What to run on one data set: `forward` on the items of `dataset` gives the model's logits of the
-    original items, in their order."""
-    dataset: object
-    forward: nn.Module  # the model, or `Tail` when the items are the prefix's outputs
-    workers: int        # data loader processes (0 for outputs already in memory)
-
-    @property
-    def prefixed(self):
-        return isinstance(self.forward, Tail)
-
-    @property
-    def key_prefix(self):
-        """What `forward`'s state-dict keys put before the model's."""
-        return "model." if self.prefixed else ""
-
-
-def inputs(model, dataset, device, batch_size, workers, learned=(), desc="prefix", split=None):
-    """Inputs for running `model` on `dataset` now: the prefix's outputs (computed once per data set)
-    and the rest of the model when the prefix stands for the model (see the module's docstring) and
-    holds none of the `learned` tensors, else the data set and the whole model. Ask at each use: the
+def standing_in(model, dataset, device, batch_size, learned=(), desc="prefix", split=None):
+    """(the prefix's outputs on `dataset` as a data set, `Tail`) when the prefix stands for the model (see
+    the module's docstring) and holds none of the `learned` tensors, else None. Ask at each use: the
     prefix tensors are checked when it is called. `split`: a Split of the model (utils/archs), default
-    the one its architecture declares."""
+    the one its architecture declares. utils/run/inputs.py is where a recipe asks."""
     split = split_of(model) if split is None else split
-    if split is not None and not set(split.keys) & set(learned):
-        found = outputs(model, dataset, device, batch_size, desc, split)
-        if found is not None:
-            _, h, y = found
-            return Inputs(TensorDataset(h, y), Tail(model, split.tail), 0)
-    return Inputs(dataset, model, workers)
-
-
-def evaluation_inputs(model, device, batch_size, workers, split=None):
-    """A recipe's evaluations of `model`: a function (dataset, desc) -> Inputs that puts the model in
-    eval mode and gives `inputs` of it (for utils/run/evaluation.py)."""
-    def inputs_of(dataset, desc="eval"):
-        model.eval()
-        return inputs(model, dataset, device, batch_size, workers, desc=desc, split=split)
-    return inputs_of
+    if split is None or set(split.keys) & set(learned):
+        return None
+    found = outputs(model, dataset, device, batch_size, desc, split)
+    if found is None:
+        return None
+    _, h, y = found
+    return TensorDataset(h, y), Tail(model, split.tail)
 
 
 # -------------------------------------------------------------------------- the outputs, once
