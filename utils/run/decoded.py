@@ -60,6 +60,7 @@ from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 from utils.archs import to_rgb
+from utils.files import identity
 from utils.runtime import distributed
 from utils.runtime.errors import UserError
 
@@ -303,9 +304,8 @@ def _entry(folder, dataset, plan):
     for part in (f"format {FORMAT}", torch.__version__, torchvision.__version__, PIL.__version__,
                  plan.description, f"border {getattr(dataset, 'border', 0)}", len(dataset)):
         digest.update(str(part).encode() + b"\0")
-    for p in dataset.paths:
-        st = os.stat(p)
-        digest.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    for p in dataset.paths:  # each image file by its identity: a rewritten file names another entry
+        digest.update(f"{os.path.abspath(p)}\0{identity.stamp(p)}\0".encode())
     key = digest.hexdigest()
     return _Entry(folder / f"{key}.npy", folder / f"{key}.json", key, (len(dataset), *plan.shape))
 
