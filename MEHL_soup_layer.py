@@ -51,11 +51,11 @@ import torch
 from tqdm import tqdm
 
 import datasets
-from utils.files import mehl_state, results
+from utils.files import mehl_state
 from utils.files.ingredients import index_of
 from utils.files.soup_io import buffer_coefficients, sidecar
 from utils.files.state_dicts import atomic_write
-from utils.run import cli, individual, inputs, mehl
+from utils.run import cli, individual, inputs, mehl, outputs
 from utils.run.batchnorm import batchnorm_statistics, check_batch_statistics, reestimate, rule, set_mode
 from utils.run.evaluation import evaluate_all
 from utils.run.layout import Layout, make_layout, state_buffers
@@ -329,7 +329,7 @@ def learn(run, progress):
 # ---------------------------------------------------------------------------------- outputs
 def finish(run, progress):
     """Re-estimate BatchNorm statistics when they differ, evaluate, and write the alpha sidecar, the
-    soup with its recipe, and the results line (`results.write_outputs`; a kill before the line
+    soup with its recipe, and the results line (`outputs.write_outputs`; a kill before the line
     leaves the state file, from which --resume redoes only this)."""
     args, setup, layout = run.args, run.setup, run.layout
     reestimated = not layout.frozen_stats
@@ -350,8 +350,8 @@ def finish(run, progress):
     batchnorm = rule(setup.model, reestimated)
     alpha_doc = {"ingredients": [str(p) for p in run.paths], "blocks": layout.blocks, "alpha": alpha,
                  "summary": summary}
-    record = results.write_outputs(
-        args, setup, run.output, run.method, run.paths, scores, soup_sd, sidecars={"alpha": alpha_doc},
+    record = outputs.write_outputs(
+        setup, run.output, run.method, run.paths, scores, soup_sd, sidecars={"alpha": alpha_doc},
         coefficients=coefficients, recipe={"batchnorm": batchnorm},
         blocks=layout.num_blocks, model_batch=args.model_batch, groups=progress.groups,
         alpha_summary=summary, identical_parameters=layout.identical, identical_numbers=identical_numbers,
@@ -399,7 +399,7 @@ def main(argv=None):
     finished_line, setup, _ = cli.begin(args, None, METHODS, data=datasets.build_dataset)
     if finished_line is not None:
         return finished_line
-    paths = individual.souped_paths(args, setup)
+    paths = individual.souped_paths(setup, args.exclude_top)
     reset_peak(setup.device)
 
     layout, base = make_layout(paths, setup.model, setup.reference, args.layer_size)
@@ -423,7 +423,7 @@ def main(argv=None):
     if state is not None:
         soup.theta.copy_(state["soup"].to(soup.theta.device))
     log_start(args, method, setup, layout, len(paths))
-    wandb = results.Wandb(args.wandb, "model-soups", results.record_args(args),
+    wandb = outputs.Wandb(args.wandb, "model-soups", setup.arguments,
                           output.path.parent if output.path else Path("runs"))
     run = Run(args, method, setup, output, layout, paths, soup, state_path, config, wandb)
     progress = Progress.start(args.randomseed, state)

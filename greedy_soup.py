@@ -23,9 +23,8 @@ import torch
 from tqdm import tqdm
 
 import datasets
-from utils.files import results
 from utils.files.ingredients import index_of, load_checked
-from utils.run import cli, individual, inputs
+from utils.run import cli, individual, inputs, outputs
 from utils.run.evaluation import accuracy, evaluate_all
 from utils.runtime import distributed
 from utils.runtime.errors import run_main
@@ -75,7 +74,7 @@ def main(argv=None):
     if finished_line is not None:
         return finished_line
 
-    ranking = individual.heldout_ranking(args, setup)
+    ranking = individual.heldout_ranking(setup)
     ranking = ranking[args.exclude_top:]
     # every candidate shares the frozen prefix of its ingredients: it runs once per data set
     # (utils/run/prefix.py; checked at each evaluation)
@@ -93,8 +92,8 @@ def main(argv=None):
 
     path_of = {index_of(p): p for _, p, _ in ranking}
     order = [i for i, _, _ in ranking]
-    record = results.write_outputs(
-        args, setup, output, METHOD, [path_of[i] for i in kept], scores, soup,
+    record = outputs.write_outputs(
+        setup, output, METHOD, [path_of[i] for i in kept], scores, soup,
         recipe={"order": order, "steps": steps}, order=order,
         heldout_steps=[s["heldout"] for s in steps], steps=steps,
         excluded=sorted(set(index_of(p) for p in setup.paths) - set(path_of)))

@@ -22,18 +22,16 @@ above the best ingredient's; the coefficients and temperature are written to <so
 import logging
 import math
 import os
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import datasets
-from utils.files import results
 from utils.files.ingredients import index_of, stream
 from utils.files.soup_io import buffer_coefficients
 from utils.files.state_dicts import param_names
-from utils.run import batchnorm, cli, individual, inputs
+from utils.run import batchnorm, cli, individual, inputs, outputs
 from utils.run.evaluation import evaluate_all
 from utils.run.layout import Differences, state_buffers
 from utils.runtime import distributed
@@ -218,7 +216,7 @@ def main(argv=None):
     if finished_line is not None:
         return finished_line
     need, have = check_memory(args, setup, len(setup.paths) - args.exclude_top)
-    paths = individual.souped_paths(args, setup)
+    paths = individual.souped_paths(setup, args.exclude_top)
     torch.manual_seed(args.seed)
     reset_peak(setup.device)  # again: leave the individual evaluations of --exclude-top out of the peak
     model = setup.model
@@ -239,7 +237,7 @@ def main(argv=None):
                  "are; BatchNorm statistics %s", method, len(paths), len(names), len(blocks), len(identical),
                  "frozen (eval mode)" if frozen_stats else "differ (train mode, re-estimated at the end)")
 
-    wandb = results.Wandb(args.wandb, "model-soups", results.record_args(args), Path(args.results_db).parent)
+    wandb = outputs.Wandb(args.wandb, "model-soups", setup.arguments, setup.results_db.parent)
     raw, beta, losses = learn(args, setup, stacked, blocks, frozen_stats, wandb)
 
     alpha = torch.softmax(raw, dim=1)
@@ -265,8 +263,8 @@ def main(argv=None):
     reestimated = batchnorm.batchnorm_statistics(model, state_buffers(model, floating=False)) if bn_differ else []
     coefficients = {"names": names, "blocks": blocks, "alpha": alpha_list, "identical_parameters": identical,
                     **buffer_coefficients(soup, differ, reestimated)}
-    record = results.write_outputs(
-        args, setup, output, method, paths, scores, soup,
+    record = outputs.write_outputs(
+        setup, output, method, paths, scores, soup,
         sidecars={"coefficients": coefficients_doc(paths, blocks, alpha_list, beta.item())},
         coefficients=coefficients, recipe={"temperature": beta.item(), "batchnorm": rule}, **fields)
     wandb.log({"heldout": scores["heldout"], "test": scores["test"]})

@@ -4,7 +4,7 @@ One ingredient is in memory at a time beside a float64 accumulator; the mean is 
 ingredients' dtype. Integer tensors (BatchNorm's num_batches_tracked) come from the first ingredient;
 BatchNorm running statistics are averaged like parameters (README, "Rules that decide what a soup is").
 The soup is evaluated on the held-out split, the test set and every shift; the soup is saved with its
-recipe and one results line is appended (`utils.files.results.write_outputs`).
+recipe and one results line is appended (`utils.run.outputs.write_outputs`).
 
     python uniform_soup.py --model-location zoo/fashion_mnist --arch efficientnet-lite0
     torchrun --nproc_per_node=2 uniform_soup.py --model-location zoo/fashion_mnist
@@ -18,9 +18,8 @@ leaves out the best k.
 import logging
 
 import datasets
-from utils.files import results
 from utils.files.ingredients import average, stream
-from utils.run import cli, individual, inputs
+from utils.run import cli, individual, inputs, outputs
 from utils.run.evaluation import evaluate_all
 from utils.runtime import distributed
 from utils.runtime.errors import run_main
@@ -39,7 +38,7 @@ def main(argv=None):
     finished_line, setup, output = cli.begin(args, METHOD, data=datasets.build_dataset)
     if finished_line is not None:
         return finished_line
-    paths = individual.souped_paths(args, setup)
+    paths = individual.souped_paths(setup, args.exclude_top)
 
     soup = average((sd for _, _, sd in stream(paths, setup.reference, desc="averaging")), setup.reference)
     setup.model.load_state_dict(soup)
@@ -47,7 +46,7 @@ def main(argv=None):
     evaluated = inputs.evaluation(setup.model, setup.device, args.batch_size, args.workers, args.precision)
     scores = evaluate_all(evaluated, setup.bundle, setup.device, args.batch_size, shifts=not args.no_shifts)
 
-    record = results.write_outputs(args, setup, output, METHOD, paths, scores, soup)
+    record = outputs.write_outputs(setup, output, METHOD, paths, scores, soup)
     if distributed.is_primary():
         log.info("uniform soup of %d: held-out %.2f, test %.2f, shift mean %s", len(paths),
                  scores["heldout"], scores["test"], scores.get("shift_mean"))

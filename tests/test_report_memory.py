@@ -3,7 +3,7 @@ stand-in ingredients exceeds its peak with 6 by at most one ingredient.
 
 The stand-ins are plain state dicts of 4.2 M float32 numbers (16.8 MB), big enough to stand out from
 the noise of a process's resident set; the soups, recipes and results lines are written by the code the
-soup scripts use (`soup_io.save_soup`, `results.result_record`, `results.append`). Each peak is the
+soup scripts use (`soup_io.save_soup`, `outputs.result_record`, `results.append`). Each peak is the
 process's own high-water mark (VmHWM), measured in a fresh process."""
 import os
 import re
@@ -18,6 +18,7 @@ import torch
 from tests.conftest import ROOT
 from utils.files import results
 from utils.files.soup_io import save_soup
+from utils.run import outputs
 
 SHAPES = {"enc.weight": (2048, 1024), "enc.bias": (2048,), "dec.weight": (2048, 1024), "dec.bias": (2048,)}
 INGREDIENT_BYTES = 4 * sum(torch.Size(s).numel() for s in SHAPES.values())
@@ -41,18 +42,18 @@ def soups_over(folder, zoo, n, base):
     folder.mkdir()
     paths = [zoo / f"model_{i}.pt" for i in range(n)]
     db = folder / "results.jsonl"
-    args = SimpleNamespace(datasets="FashionMNIST", arch="standin", model_location=str(zoo), results_db=str(db),
-                           randomseed=1, exclude_top=0)
     setup = SimpleNamespace(bundle=SimpleNamespace(split={"heldout": "drawn", "per_class": 5}),
-                            started=time.time(), device=torch.device("cpu"), paths=paths)
+                            started=time.time(), device=torch.device("cpu"), paths=paths, dataset="FashionMNIST",
+                            arch="standin", model_location=str(zoo), results_db=db,
+                            arguments={"randomseed": 1, "exclude_top": 0})
     for k, (method, blocks) in enumerate(BLOCKS.items()):
         soup = {name: v + 0.05 * (k + 1) for name, v in base.items()}
         alpha = [[(i % 3) - 0.5 for i in range(n)] for _ in blocks]
         out = SimpleNamespace(path=folder / f"{method}.pt")
-        save_soup(soup, out.path, method, paths, results.record_args(args),
+        save_soup(soup, out.path, method, paths, setup.arguments,
                   coefficients={"names": list(SHAPES), "blocks": blocks, "alpha": alpha})
         scores = {"heldout": 80.0, "test": 79.0, "shifts": {}, "shift_mean": None, "missing_shifts": []}
-        results.append(db, results.result_record(args, setup, out, method, paths, scores, blocks=len(blocks)))
+        results.append(db, outputs.result_record(setup, out, method, paths, scores, blocks=len(blocks)))
     return db
 
 

@@ -1,7 +1,6 @@
-"""Results: one JSON line per evaluated model or soup, appended, never truncated (README, "The four
-recipes"). Every results line is written here: a soup's by `write_outputs`, the end of every soup run
-(sidecar files, recipe, soup, and the results line last), whose fields `result_record` lists; an
-ingredient's by `append` (utils/run/individual.py).
+"""Results files: one JSON line per evaluated model or soup, appended, never truncated (README, "The four
+recipes"). Every line goes through `append`: a soup's at the end of its run (utils/run/outputs.py, after
+its sidecar files, recipe and soup), an ingredient's when it is evaluated (utils/run/individual.py).
 
 Lines are written with a single `write` on a file opened in append mode and flushed + fsynced, so a
 kill leaves whole lines only. The file is not trusted when read: a line that is torn (a power loss, a
@@ -15,8 +14,7 @@ import stat
 import time
 from pathlib import Path
 
-from utils.files import identity, ingredients, soup_io
-from utils.runtime import distributed, memory
+from utils.runtime import distributed
 from utils.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -91,50 +89,6 @@ def append(path, record):
     return record
 
 
-# ------------------------------------------------------------------------------- the end of a run
-def write_outputs(args, setup, output, method, paths, scores, soup, *, sidecars=None,
-                  coefficients=None, recipe=None, **fields):
-    """The end of every soup run, in the order README's guarantees state: the sidecar files
-    (`sidecars` {kind: JSON document}, named by `soup_io.sidecar`), the recipe and the soup, replaced as
-    one set (`soup_io.save_soup`; primary rank; nothing when `output.path` is None), and last the
-    results line, which marks the run as finished: a kill before it leaves no line, and a rerun makes
-    the soup again. `coefficients` and `recipe` go into the recipe (see `soup_io.save_soup`), `fields`
-    into the results line. Returns the line."""
-    soup_io.save_soup(soup, output.path, method, paths, record_args(args), coefficients=coefficients,
-                      extra=recipe, overwrite=output.replace, sidecars=sidecars)
-    return append(args.results_db, result_record(args, setup, output, method, paths, scores, **fields))
-
-
-def record_args(args):
-    """The arguments as they go into a results line and a recipe."""
-    return {k: v for k, v in vars(args).items() if k not in ("local_rank", "local-rank")}
-
-
-def result_record(args, setup, output, method, paths, scores, **fields):
-    """A soup's results line: method, dataset, architecture, the souped ingredients (`paths`), held-out
-    / test / shift accuracies (`scores`), the split, seconds, peak memory, the soup file, the range's
-    fingerprints (which make a rerun of this command find the line), the recipe's own `fields`, and the
-    arguments. Learned and MEHL soups share the field names `blocks`, `identical_parameters`,
-    `identical_numbers` and `batchnorm`."""
-    return {
-        "method": method,
-        "dataset": args.datasets,
-        "arch": args.arch,
-        "ingredients": [ingredients.index_of(p) for p in paths],
-        "model_location": str(Path(args.model_location).resolve()),
-        **scores,
-        "split": setup.bundle.split,
-        "seconds": round(time.time() - setup.started, 2),
-        "peak_memory_bytes": memory.peak_bytes(setup.device),
-        "device": str(setup.device),
-        "world_size": distributed.world_size(),
-        "soup_file": None if output.path is None else str(output.path),
-        "range_fingerprints": [identity.stamp(p) for p in setup.paths],  # a rewritten ingredient: another run
-        **fields,
-        "args": record_args(args),
-    }
-
-
 def latest(records, match, absent=None):
     """The last of `records` whose fields equal those of `match` (None when there is none). `absent`:
     the value a field has in lines written before it existed ({field: value})."""
@@ -149,25 +103,3 @@ def _jsonable(obj):
     if isinstance(obj, Path):
         return str(obj)
     return str(obj)
-
-
-class Wandb:
-    """Optional Weights & Biases logging (`--wandb`): offline unless the user configured wandb
-    (WANDB_API_KEY or WANDB_MODE set). A no-op on non-primary ranks and when disabled."""
-
-    def __init__(self, enabled, project, config, run_dir):
-        self.run = None
-        if not (enabled and distributed.is_primary()):
-            return
-        import wandb
-        if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
-            os.environ["WANDB_MODE"] = "offline"
-        self.run = wandb.init(project=project, config=config, dir=str(run_dir))
-
-    def log(self, data, step=None):
-        if self.run is not None:
-            self.run.log(data, step=step)
-
-    def finish(self):
-        if self.run is not None:
-            self.run.finish()

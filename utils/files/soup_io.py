@@ -2,7 +2,7 @@
 (`save_soup`: the state dict, and beside it `<name>.recipe.json` holding the soup file's sha256, the
 ingredient paths with their sha256, the coefficients (when learned) and the arguments), and `rebuild`,
 which makes the soup again from its recipe without learning. The end of a run, which calls these in order, is
-`utils.files.results.write_outputs`."""
+`utils.run.outputs.write_outputs`."""
 import json
 from pathlib import Path
 

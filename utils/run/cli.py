@@ -289,6 +289,8 @@ def _find_finished(args, methods):
 
 @dataclass
 class Setup:
+    """What a run uses, decided at its start: the objects, and the values of the arguments that library
+    code needs (the argparse namespace stops here)."""
     device: object
     spec: archs.ArchSpec
     bundle: object
@@ -296,6 +298,20 @@ class Setup:
     reference: dict           # the architecture's state dict (names, shapes, dtypes)
     paths: list               # ingredient paths of the range
     started: float
+    arguments: dict           # every argument, as a results line and a recipe record them
+    results_db: Path
+    dataset: str              # --datasets as given
+    arch: str                 # --arch as given
+    model_location: str       # resolved
+    batch_size: int
+    workers: int
+    precision: str
+    test_size: object         # --test-size (None: all)
+
+
+def recorded(args):
+    """The arguments as a results line and a recipe record them."""
+    return {k: v for k, v in vars(args).items() if k not in ("local_rank", "local-rank")}
 
 
 def prepare(args, method=None, check_ingredients=True, *, data):
@@ -323,7 +339,9 @@ def prepare(args, method=None, check_ingredients=True, *, data):
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if check_ingredients:
         ingredients.preflight(paths, reference)
-    return Setup(device, spec, bundle, model.to(device), reference, paths, started)
+    return Setup(device, spec, bundle, model.to(device), reference, paths, started, recorded(args),
+                 Path(args.results_db), args.datasets, args.arch, str(Path(args.model_location).resolve()),
+                 args.batch_size, args.workers, args.precision, args.test_size)
 
 
 def prefix_folder(flag):
@@ -367,7 +385,7 @@ def begin(args, method, methods=None, *, data):
     elif args.save_soup is not None:
         lock_output(soup_output(args, None).path)
     setup = prepare(args, method, data=data)
-    individual.check_exclude_top(args, setup)
+    individual.check_exclude_top(setup, args.exclude_top)
     memory.reset_peak(setup.device)
     return None, setup, output
 

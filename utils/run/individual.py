@@ -18,61 +18,61 @@ log = logging.getLogger(__name__)
 METHOD = "individual"
 
 
-def cache_key(args, setup, path):
-    """The fields a cached line must match to stand for `path` under this configuration."""
+def cache_key(setup, path):
+    """The fields a cached line must match to stand for `path` in this run."""
     key = {
         "method": METHOD,
         "index": index_of(path),
         "path": str(Path(path).resolve()),
         "fingerprint": identity.stamp(path),  # a rewritten file is evaluated again
-        "dataset": args.datasets,
+        "dataset": setup.dataset,
         "arch": setup.spec.name,
         "split": setup.bundle.split,
-        "test_size": args.test_size,
-        "precision": args.precision,
+        "test_size": setup.test_size,
+        "precision": setup.precision,
     }
     return json.loads(json.dumps(key, default=str))  # compared with lines read back from JSON
 
 
-def evaluate_individuals(args, setup, paths=None):
+def evaluate_individuals(setup, paths=None):
     """Records (dicts with "heldout", "test", "shifts", ...) of every ingredient in `paths` (default:
     the whole range), in the order of `paths`; missing ones are evaluated and appended to the results.
 
     The primary rank reads the results file and tells the others what is cached, so every rank
     evaluates the same ingredients (each over its share of the data)."""
     paths = setup.paths if paths is None else paths
-    keys = [cache_key(args, setup, p) for p in paths]
+    keys = [cache_key(setup, p) for p in paths]
     cached = None
     if distributed.is_primary():
-        existing = results.read(args.results_db)
+        existing = results.read(setup.results_db)
         # lines written before --precision existed were evaluated in fp32
         cached = [results.latest(existing, k, absent={"precision": precision.DEFAULT}) for k in keys]
     cached = distributed.broadcast_object(cached)
     todo = [i for i, c in enumerate(cached) if c is None]
     if len(todo) < len(paths):
         log.info("individual accuracies: %d of %d ingredients taken from %s",
-                 len(paths) - len(todo), len(paths), args.results_db)
+                 len(paths) - len(todo), len(paths), setup.results_db)
     out = list(cached)
     # the ingredients' shared frozen prefix runs once per data set (utils/run/prefix.py)
-    evaluated = inputs.evaluation(setup.model, setup.device, args.batch_size, args.workers, args.precision)
+    evaluated = inputs.evaluation(setup.model, setup.device, setup.batch_size, setup.workers, setup.precision)
     for i in todo:
         sd = load_checked(paths[i], setup.reference)
         setup.model.load_state_dict(sd)
         del sd
-        scores = evaluate_all(evaluated, setup.bundle, setup.device, args.batch_size)
+        scores = evaluate_all(evaluated, setup.bundle, setup.device, setup.batch_size)
         record = {**keys[i], **scores, "device": str(setup.device),
                   "world_size": distributed.world_size()}
-        out[i] = results.append(args.results_db, record)
+        out[i] = results.append(setup.results_db, record)
         log.info("ingredient %d (%s): held-out %.2f, test %.2f", keys[i]["index"], paths[i].name,
                  scores["heldout"], scores["test"])
     return out
 
 
-def heldout_ranking(args, setup, paths=None):
+def heldout_ranking(setup, paths=None):
     """[(index, path, held-out accuracy)] sorted by held-out accuracy, best first; ties: lower
     ingredient index first (the order greedy soup tries them in)."""
     paths = setup.paths if paths is None else paths
-    records = evaluate_individuals(args, setup, paths)
+    records = evaluate_individuals(setup, paths)
     ranking = [(index_of(p), p, r["heldout"]) for p, r in zip(paths, records)]
     return sorted(ranking, key=lambda t: (-t[2], t[0]))
 
@@ -87,15 +87,14 @@ def exclude_top(paths, ranking, k):
     return [p for p in paths if index_of(p) not in dropped]
 
 
-def check_exclude_top(args, setup):
-    """Fail early (before any evaluation) when --exclude-top would leave nothing to soup."""
-    if args.exclude_top >= len(setup.paths):
-        raise UserError(f"--exclude-top {args.exclude_top} leaves no ingredient: the range holds "
-                        f"{len(setup.paths)}")
+def check_exclude_top(setup, k):
+    """Fail early (before any evaluation) when --exclude-top k would leave nothing to soup."""
+    if k >= len(setup.paths):
+        raise UserError(f"--exclude-top {k} leaves no ingredient: the range holds {len(setup.paths)}")
 
 
-def souped_paths(args, setup):
-    """The ingredients a soup is made of: the range less the --exclude-top best by held-out."""
-    if not args.exclude_top:
+def souped_paths(setup, k):
+    """The ingredients a soup is made of: the range less the k best by held-out (--exclude-top)."""
+    if not k:
         return list(setup.paths)
-    return exclude_top(setup.paths, heldout_ranking(args, setup), args.exclude_top)
+    return exclude_top(setup.paths, heldout_ranking(setup), k)
