@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -230,8 +231,8 @@ def notes_of(log_path):
     Learned-Soup+ did not run, and MEHL's memory plan."""
     keep = []
     for line in log_path.read_text(errors="replace").splitlines():
-        line = line.split("\r")[-1].strip()
-        if line.startswith("error:") or "did not run" in line or " plan: " in line or line.startswith("plan:"):
+        line = re.sub(r"^\d\d:\d\d:\d\d \w+ ", "", line.split("\r")[-1].strip())  # logging's time, level
+        if line.startswith(("error:", "plan:")) or "did not run" in line:
             keep.append(line)
     return keep
 
@@ -291,7 +292,7 @@ def extrapolate(processes, seconds, counts):
             data += sum(b[0] + b[1] for b in p["batches"])
             start = max(0.0, p["batches"][0][0] - wait)
             name, ratio = set_of(p["dataset_len"], counts)
-            items = sum(b[2] for b in p["batches"]) * ratio
+            items = round(sum(b[2] for b in p["batches"]) * ratio)
             by_set[name] = by_set.get(name, 0.0) + start + math.ceil(items / batch_of(p)) * (wait + body)
     fixed = max(0.0, seconds - data)
     return data, fixed, fixed + sum(by_set.values()), {k: round(v, 1) for k, v in by_set.items()}
@@ -312,8 +313,8 @@ def table(entries, setup):
         lines.append(f"{e['name']:38} {e['exit_code']:>4} {e['seconds']:8.1f} {e['data_seconds']:8.1f} "
                      f"{e['fixed_seconds']:8.1f} {gib(e['peak_rss_bytes']):>9} {gib(e['peak_gpu_bytes']):>9} "
                      f"{e['extrapolated_seconds']:15.0f}")
-        for note in e["notes"][-3:]:
-            lines.append(f"    {note[:150]}")
+        for note in e["notes"][:4]:
+            lines.append(f"    {note[:200]}")
     lines.append("(seconds: wall time of the step; data: its passes over data loaders; fixed: the rest; peak "
                  "RSS: largest VmHWM of its processes, GiB; peak GPU: torch.cuda.max_memory_allocated, GiB; "
                  "at paper counts: fixed + each pass at the paper's image counts in full batches)")
