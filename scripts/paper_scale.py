@@ -59,8 +59,9 @@ PRESETS = {
     "cpu-small": dict(arch="tiny-clip", n=6, classes=4, heldout_per_class=6, fraction=0.0004, workers=0,
                       memory_limit=None, k="18"),
     # the paper's zoo: 72 ViT-B/32 on 10 classes (26 held-out each: 1 % of the paper's held-out split) and
-    # 1 % of val and of each shift; Learned-Soup+ and MEHL's plan against the launcher's 24 GB card
-    "gpu": dict(arch="clip-vit-b32", n=72, classes=10, heldout_per_class=26, fraction=0.01, workers=12,
+    # 1 % of val and of each shift; the launcher's 8 workers; Learned-Soup+ and MEHL's plan against the
+    # launcher's 24 GB card
+    "gpu": dict(arch="clip-vit-b32", n=72, classes=10, heldout_per_class=26, fraction=0.01, workers=8,
                 memory_limit=24, k="18"),
 }
 
