@@ -425,11 +425,11 @@ def footprint(run, batch):
     rank's share of a batch), measured; the model's buffers (BatchNorm statistics that a train-mode
     forward updates) and the gradient are put back as they were, so the run is unchanged."""
     args, setup, layout, soup = run.args, run.setup, run.layout, run.soup
+    saved = [b.detach().clone() for b in setup.model.buffers()]
+    set_mode(setup.model, layout.frozen_stats)  # as learning runs it: a frozen prefix is used only in eval mode
     data, forward, _ = heldout_inputs(run)
     inputs = default_collate([data[i] for i in range(min(batch, len(data)))])
     batch = len(inputs[1])
-    saved = [b.detach().clone() for b in setup.model.buffers()]
-    set_mode(setup.model, layout.frozen_stats)
     before = plan.so_far(setup.device)
     peak, resident = plan.measure(
         lambda: mehl.gradient(forward, soup, inputs, args.batch_size, args.labelsmooth), setup.device)
