@@ -61,8 +61,10 @@ def run(script, inputs, out, n, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["individual", "uniform", "greedy", "mehl"])
+@pytest.mark.parametrize("script", ["uniform", "greedy", "mehl"])
 def test_peak_with_24_ingredients_is_at_most_one_above_6(script, inputs, tmp_path):
+    """Greedy soup starts from a fresh results file, so its run holds the individual evaluations too
+    (what scripts/individual.py runs: 1039.0 / 1039.5 MiB with 6 / 24 when measured alone)."""
     one = ingredient_bytes(inputs / "zoo")
     peaks = {}
     for n in (6, 24):
