@@ -421,12 +421,13 @@ def chosen_k(state, path):
 
 
 def footprint(run, batch):
-    """The run's `plan.Footprint` and the batch it measured: one plain forward/backward on the first `batch` held-out items (the
-    rank's share of a batch), measured; the model's buffers (BatchNorm statistics that a train-mode
-    forward updates) and the gradient are put back as they were, so the run is unchanged."""
+    """The run's `plan.Footprint` and the batch it measured: one plain forward/backward on the first
+    `batch` held-out items (the rank's share of a batch), measured; the model's buffers (BatchNorm
+    statistics that a train-mode forward updates) and the gradient are put back as they were, so the
+    run is unchanged."""
     args, setup, layout, soup = run.args, run.setup, run.layout, run.soup
     saved = [b.detach().clone() for b in setup.model.buffers()]
-    set_mode(setup.model, layout.frozen_stats)  # as learning runs it: a frozen prefix is used only in eval mode
+    set_mode(setup.model, layout.frozen_stats)  # as learning: a frozen prefix stands in only in eval mode
     data, forward, _ = heldout_inputs(run)
     inputs = default_collate([data[i] for i in range(min(batch, len(data)))])
     batch = len(inputs[1])
@@ -475,17 +476,18 @@ def settle_model_batch(run, resumed_k):
     elif fits:
         k, how = fits, "--model_batch auto: the largest that fits"
     else:
+        limited = " (--memory-limit)" if args.memory_limit is not None else ""
         raise UserError(f"--model_batch auto: not even K = 1 fits: its predicted peak is "
-                        f"{plan.gib(plan.predicted_peak(fp, 1, world))}, {plan.gib(capacity)} is available "
-                        f"(--memory-limit {args.memory_limit}); free memory, use bfloat16 directions "
-                        "(--directions-dtype), a smaller --batch-size or more processes (torchrun)")
+                        f"{plan.gib(plan.predicted_peak(fp, 1, world))}, {plan.gib(capacity)} is available"
+                        f"{limited}; free memory, use bfloat16 directions (--directions-dtype), a smaller "
+                        "--batch-size or more processes (torchrun)")
     if distributed.is_primary():
         for line in plan.describe(fp, k, how, n, world, setup.device, capacity, fits, run.layout.numel,
                                   args.directions_dtype, batch):
             log.info("plan: %s", line)
         if capacity is not None and plan.step_peak(fp, min(k, n), world) > capacity * (1 - plan.MARGIN):
-            log.warning("plan: K = %d is predicted to need more than the %s available (K = %d would fit)",
-                        k, plan.gib(capacity), fits)
+            log.warning("plan: K = %d is predicted to need more than the %s available (%s)", k,
+                        plan.gib(capacity), f"K = {fits} would fit" if fits else "not even K = 1 fits")
     if args.model_batch == "auto":
         args.requested = {"model_batch": "auto"}
         args.model_batch = k

@@ -52,7 +52,8 @@ def run(script, inputs, out, n, *extra):
             *OWN[script], *extra]
     if script != "individual":
         args += ["--save-soup", out / "soup.pt"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PAPER_SCALE_STATS": str(stats), "MALLOC_MMAP_THRESHOLD_": "1048576",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PAPER_SCALE_STATS": str(stats),
+           "MALLOC_MMAP_THRESHOLD_": "1048576",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "scripts" / "paper_scale_hook"), str(ROOT)])}
     done = subprocess.run([sys.executable, str(ROOT / SCRIPTS[script]), *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)

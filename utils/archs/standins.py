@@ -90,7 +90,8 @@ def jpeg_pool(count=JPEG_POOL, size=JPEG_SIZE, quality=JPEG_QUALITY, seed=0):
     pool = []
     for j in range(count):
         w, h = size if j % 4 else size[::-1]
-        field = Image.fromarray(rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+        coarse = rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
+        field = Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
         pixels = np.asarray(field, dtype=np.float32) + rng.normal(0, JPEG_NOISE, size=(h, w, 3))
         buffer = io.BytesIO()
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=quality)
@@ -174,7 +175,8 @@ def write_objectnet(base, num_classes, total, writer):
     mappings = base / "mappings"
     mappings.mkdir(parents=True, exist_ok=True)
     (mappings / "imagenet_to_label_2012_v2").write_text("\n".join(lines) + "\n")
-    (mappings / "pytorch_to_imagenet_2012_id.json").write_text(json.dumps({str(c): int(i) for c, i in enumerate(perm)}))
+    (mappings / "pytorch_to_imagenet_2012_id.json").write_text(
+        json.dumps({str(c): int(i) for c, i in enumerate(perm)}))
     (mappings / "folder_to_objectnet_label.json").write_text(json.dumps(label))
     (mappings / "objectnet_to_imagenet_1k.json").write_text(json.dumps(
         {label[f]: "; ".join(class_names[c] for c in g) for f, g in groups.items()}))
