@@ -41,6 +41,7 @@ define the result) is written atomically to --resume's file (default: `<soup>.st
 state file is kept after success (it also records the finished run); a new run over it needs
 --resume or --overwrite.
 """
+import argparse
 import logging
 import math
 import time
@@ -48,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.data import default_collate
 from tqdm import tqdm
 
 import datasets
@@ -55,7 +57,7 @@ from utils.files import mehl_state
 from utils.files.ingredients import index_of
 from utils.files.soup_io import buffer_coefficients, sidecar
 from utils.files.state_dicts import atomic_write
-from utils.run import cli, individual, inputs, mehl, outputs
+from utils.run import cli, individual, inputs, mehl, outputs, plan
 from utils.run.batchnorm import batchnorm_statistics, check_batch_statistics, reestimate, rule, set_mode
 from utils.run.evaluation import evaluate_all
 from utils.run.layout import Layout, make_layout, state_buffers
@@ -87,9 +89,13 @@ def parse_args(argv=None):
                    help="optimizer of X, fresh for each group (sgd: momentum 0.9)")
     g.add_argument("--randomseed", type=int, default=1,
                    help="seed of the ingredient order and of the held-out order")
-    g.add_argument("--model_batch", "--model-batch", type=int, default=18,
+    g.add_argument("--model_batch", "--model-batch", type=model_batch_value, default=18,
                    help="K: ingredients per group (memory ~ K / world size ingredients per process); "
-                   "larger than the range means one group")
+                   "larger than the range means one group. 'auto': the largest K whose predicted peak "
+                   "fits the device (or --memory-limit); the plan is printed before learning either way")
+    g.add_argument("--memory-limit", type=float, default=None,
+                   help="GiB this process may peak at, for the plan and --model_batch auto (a shared "
+                   "device); default: the device's free memory (CPU: MemAvailable)")
     g.add_argument("--models_epochs", "--models-epochs", type=int, default=1,
                    help="passes over the reshuffled ingredients")
     g.add_argument("--layer-size", "--layer_size", type=int, default=0,
@@ -111,9 +117,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def model_batch_value(text):
+    """--model_batch: a whole number, or 'auto'."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a whole number or 'auto', got {text!r}") from None
+
+
 def check_args(args):
-    if args.model_batch < 1:
+    if args.model_batch != "auto" and args.model_batch < 1:
         raise UserError(f"--model_batch must be >= 1, got {args.model_batch}")
+    if args.memory_limit is not None and not 0 < args.memory_limit < math.inf:
+        raise UserError(f"--memory-limit must be a finite number of GiB > 0, got {args.memory_limit}")
     for flag, value in (("--epochs", args.epochs), ("--models_epochs", args.models_epochs)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
@@ -390,6 +408,92 @@ def log_start(args, method, setup, layout, n):
              "train mode, re-estimated at the end")
 
 
+# ------------------------------------------------------------------------------- memory plan
+def chosen_k(state, path):
+    """The K that --model_batch auto chose when the resumed run started (a resume continues with it)."""
+    k = state["config"].get("model_batch_chosen")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise UserError(f"--resume {path}: its configuration records no K chosen by --model_batch auto "
+                        f"(found {k!r}); start again with --overwrite")
+    return k
+
+
+def footprint(run, batch):
+    """The run's `plan.Footprint` and the batch it measured: one plain forward/backward on the first
+    `batch` held-out items (the rank's share of a batch), measured; the model's buffers (BatchNorm
+    statistics that a train-mode forward updates) and the gradient are put back as they were, so the
+    run is unchanged."""
+    args, setup, layout, soup = run.args, run.setup, run.layout, run.soup
+    saved = [b.detach().clone() for b in setup.model.buffers()]
+    set_mode(setup.model, layout.frozen_stats)  # as learning: a frozen prefix stands in only in eval mode
+    held = inputs.learning(setup.model, setup.bundle.heldout, setup.device, args.batch_size, args.workers,
+                           layout.names, args.precision)
+    items = default_collate([held.dataset[i] for i in range(min(batch, len(held.dataset)))])
+    batch = len(items[1])
+    before = plan.so_far(setup.device)
+    peak, resident = plan.measure(
+        lambda: mehl.gradient(held.forward, soup, items, args.batch_size, args.labelsmooth), setup.device)
+    with torch.no_grad():
+        for b, value in zip(setup.model.buffers(), saved):
+            b.copy_(value)
+        soup.grad.zero_()
+    checkpoint = 0
+    if setup.device.type == "cpu":  # read into host memory: on a GPU it is not on the device
+        checkpoint = max(sum(v.numel() * v.element_size() for v in setup.reference.values()),
+                         max(Path(p).stat().st_size for p in run.paths))
+    dtype = mehl.DTYPES[args.directions_dtype]
+    return plan.Footprint(plain_peak=peak, resident=resident, row=layout.numel * dtype.itemsize,
+                          center=layout.numel * soup.theta.element_size(), checkpoint=checkpoint,
+                          halved=dtype.itemsize < soup.theta.element_size(), so_far=before), batch
+
+
+def agreed_minimum(k, n, device):
+    """The smallest of every rank's `k` (in [0, n])."""
+    if not distributed.is_distributed():
+        return k
+    votes = torch.zeros(n + 1, dtype=torch.float64, device=device)
+    votes[k] = 1
+    distributed.all_reduce_sum(votes)
+    return int(torch.nonzero(votes)[0])
+
+
+def settle_model_batch(run, resumed_k):
+    """Measure the plain step, fix K and print the plan. K is --model_batch as given; with 'auto', the
+    resumed state's K (a run continues with the K it started with) or the largest that fits. 'auto'
+    stays what defines the run (a rerun of the same command finds its line: `cli.run_key` reads
+    `args.requested`); the K chosen goes into the results line's arguments and the state."""
+    args, setup = run.args, run.setup
+    n, world = len(run.paths), distributed.world_size()
+    batch = -(-args.batch_size // world)
+    fp, batch = footprint(run, batch)
+    capacity = plan.capacity_bytes(setup.device, args.memory_limit, plan.local_world_size())
+    fits = agreed_minimum(n if capacity is None else plan.largest_k(fp, capacity, n, world), n, setup.device)
+    if args.model_batch != "auto":
+        k, how = args.model_batch, "--model_batch as given"
+    elif resumed_k is not None:
+        k, how = resumed_k, "chosen by --model_batch auto when this run started, from its state"
+    elif fits:
+        k, how = fits, "--model_batch auto: the largest that fits"
+    else:
+        limited = " (--memory-limit)" if args.memory_limit is not None else ""
+        raise UserError(f"--model_batch auto: not even K = 1 fits: its predicted peak is "
+                        f"{plan.gib(plan.predicted_peak(fp, 1, world))}, {plan.gib(capacity)} is available"
+                        f"{limited}; free memory, use bfloat16 directions (--directions-dtype), a smaller "
+                        "--batch-size or more processes (torchrun)")
+    if distributed.is_primary():
+        for line in plan.describe(fp, k, how, n, world, setup.device, capacity, fits, run.layout.numel,
+                                  args.directions_dtype, batch):
+            log.info("plan: %s", line)
+        if capacity is not None and plan.step_peak(fp, min(k, n), world) > capacity * (1 - plan.MARGIN):
+            log.warning("plan: K = %d is predicted to need more than the %s available (%s)", k,
+                        plan.gib(capacity), f"K = {fits} would fit" if fits else "not even K = 1 fits")
+    if args.model_batch == "auto":
+        args.requested = {"model_batch": "auto"}
+        args.model_batch = k
+        run.config["model_batch_chosen"] = k
+        setup.arguments = cli.recorded(args)  # the results line and recipe record the K chosen
+
+
 # -------------------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
@@ -411,9 +515,10 @@ def main(argv=None):
     state_path = state_file(args, method)
     cli.lock_output(cli.soup_target(args, method), state_path)
     state = load_state(state_path, args, config)
+    resumed_k = chosen_k(state, state_path) if state is not None and args.model_batch == "auto" else None
     if state is not None:
         mehl_state.check_contents(state, state_path, n=len(paths), numel=layout.numel,
-                                  blocks=layout.num_blocks, model_batch=args.model_batch,
+                                  blocks=layout.num_blocks, model_batch=resumed_k or args.model_batch,
                                   models_epochs=args.models_epochs,
                                   dtype=setup.reference[layout.names[0]].dtype)
     # --resume replaces an existing soup only when its own state is continued.
@@ -422,10 +527,12 @@ def main(argv=None):
     del base  # the model holds it now: a second full copy would cost memory all run long
     if state is not None:
         soup.theta.copy_(state["soup"].to(soup.theta.device))
+    run = Run(args, method, setup, output, layout, paths, soup, state_path, config, wandb=None)
+    settle_model_batch(run, resumed_k)
     log_start(args, method, setup, layout, len(paths))
-    wandb = outputs.Wandb(args.wandb, "model-soups", setup.arguments,
-                          output.path.parent if output.path else Path("runs"))
-    run = Run(args, method, setup, output, layout, paths, soup, state_path, config, wandb)
+    run.wandb = outputs.Wandb(args.wandb, "model-soups", setup.arguments,
+                              output.path.parent if output.path else Path("runs"))
+    wandb = run.wandb
     progress = Progress.start(args.randomseed, state)
 
     record = None

@@ -239,9 +239,13 @@ ADDED_DEFAULTS = {"precision": precision.DEFAULT}
 
 
 def run_key(args_dict):
-    """The defining arguments of a run (from `vars(args)` or a results line's "args"), JSON-normalised."""
-    return json.loads(json.dumps({k: v for k, v in args_dict.items() if k not in NOT_DEFINING
-                                  and not (k in ADDED_DEFAULTS and v == ADDED_DEFAULTS[k])}, default=str))
+    """The defining arguments of a run (from `vars(args)` or a results line's "args"), JSON-normalised.
+    A value a script resolved (MEHL's --model_batch auto becomes a K) is keyed as the user gave it
+    (`requested`), so that rerunning the same command finds its line."""
+    key = {k: v for k, v in args_dict.items()
+           if k not in NOT_DEFINING and not (k in ADDED_DEFAULTS and v == ADDED_DEFAULTS[k])}
+    key.update(key.pop("requested", None) or {})
+    return json.loads(json.dumps(key, default=str))
 
 
 def finished(args, methods):

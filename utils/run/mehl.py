@@ -87,12 +87,15 @@ def load_rows(paths, members, names, sizes, reference, dtype, device, center=Non
 
 def group_mean(rows, count):
     """The mean of the group's rows over every rank (`count` rows in all), accumulated in float64 one
-    slice at a time."""
+    slice at a time, row by row: `rows[:, s:e].sum(0, dtype=float64)` would first copy all the rows'
+    slices to float64 (K x 32 MB)."""
     center = torch.empty(rows.shape[1], dtype=rows.dtype, device=rows.device)
     for s in range(0, rows.shape[1], MEAN_SLICE):
         e = min(s + MEAN_SLICE, rows.shape[1])
-        acc = distributed.all_reduce_sum(rows[:, s:e].sum(0, dtype=torch.float64))
-        center[s:e] = acc / count
+        acc = torch.zeros(e - s, dtype=torch.float64, device=rows.device)
+        for row in rows:
+            acc += row[s:e]
+        center[s:e] = distributed.all_reduce_sum(acc) / count
     return center
 
 

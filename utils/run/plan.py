@@ -1,0 +1,192 @@
+"""MEHL-Soup's memory plan: the peak a run will reach for a given K (--model_batch), and the largest K
+that fits the device (`--model_batch auto`).
+
+What a step holds (utils/run/mehl.py lists every tensor): above a plain forward/backward of the same
+model, the K rows of directions of this rank (ceil(K / world size) under torchrun) in the directions'
+dtype, and the group's center in the soup's dtype: K + 1 ingredients' learned parameters (K / 2 + 1
+with bfloat16 directions). While a row loads, the checkpoint being read sits beside the rows; it is read
+into host memory, so it counts on a CPU and not on a GPU. With half-precision rows the center is made
+before the rows (it is subtracted while they load), so it is held during loading too.
+
+The plain step's own peak is measured, not estimated: its activations depend on the architecture, the
+batch, the kernels and the allocator, which no formula here knows. One forward/backward on one held-out
+batch of the run's size (this rank's share) is run before learning: on CUDA its peak is
+`torch.cuda.max_memory_allocated` after a reset; on a CPU it is the process's resident memory, its
+VmHWM when the step raised it, otherwise the largest VmRSS sampled while the step ran (the process's
+high-water mark may come from reading the ingredients earlier, which says nothing about the step).
+"""
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from utils.runtime.memory import resident_peak_bytes
+
+MARGIN = 0.05                 # of the capacity kept free: allocator fragmentation, other processes
+CARD_BYTES = 24 * 2**30       # the launchers' 24 GB card ...
+CARD_CONTEXT_BYTES = 2**29    # ... less what the CUDA context and the kernels take before any tensor
+SAMPLE_SECONDS = 0.0005
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes a MEHL run holds, from which its peak follows for any K."""
+    plain_peak: int           # one plain forward/backward, measured
+    resident: int             # what the process holds between steps (after the plain step)
+    row: int                  # one row of directions (D numbers in the directions' dtype)
+    center: int               # the group's center (D numbers in the soup's dtype)
+    checkpoint: int           # one checkpoint being read into this device's memory (0 on a GPU)
+    halved: bool              # rows in half precision: the center is held while they load
+    so_far: int = 0           # the process's peak before learning (a run never peaks lower)
+
+
+def rows_per_rank(k, world):
+    """The most rows one rank holds: the first K mod world ranks take one more."""
+    return -(-k // world)
+
+
+def step_peak(fp, k, world=1):
+    """The peak of learning with groups of K: the larger of a step (plain + rows + center) and of
+    loading a row (what stays resident + rows + the checkpoint being read, with the center)."""
+    rows = rows_per_rank(k, world) * fp.row
+    learning = fp.plain_peak + rows + fp.center
+    beside = fp.center + fp.checkpoint if fp.halved else max(fp.center, fp.checkpoint)
+    return max(learning, fp.resident + rows + beside)
+
+
+def predicted_peak(fp, k, world=1):
+    """The process's predicted peak for the run: the step's, or an earlier one if that was higher."""
+    return max(fp.so_far, step_peak(fp, k, world))
+
+
+def largest_k(fp, capacity, n, world=1, margin=MARGIN):
+    """The largest K in [1, n] whose step peak fits `capacity` bytes less the margin; 0 when even
+    K = 1 does not fit (a larger K than n is one group of all n: no more memory, no other result)."""
+    budget = capacity * (1 - margin)
+    best = 0
+    for k in range(1, n + 1):
+        if step_peak(fp, k, world) > budget:
+            break
+        best = k
+    return best
+
+
+def card_k(fp, n, world=1):
+    """The K that the launchers' 24 GB card would take, with this run's plain step."""
+    return largest_k(fp, CARD_BYTES - CARD_CONTEXT_BYTES, n, world)
+
+
+# ------------------------------------------------------------------------------------- devices
+def status_bytes(field):
+    """A `/proc/self/status` field in bytes (VmRSS, VmHWM), or None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def mem_available():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def capacity_bytes(device, limit_gib=None, local_world=1):
+    """What this process may peak at: on CUDA the device's free memory plus what this process's
+    allocator already holds; on a CPU its share of MemAvailable (processes of one host share it) plus
+    what it holds; at most `limit_gib` (--memory-limit). None when nothing is known."""
+    if device.type == "cuda":
+        have = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+    else:
+        available, rss = mem_available(), status_bytes("VmRSS")
+        have = None if available is None else available // max(1, local_world) + (rss or 0)
+    if limit_gib is not None:
+        limit = int(limit_gib * 2**30)
+        have = limit if have is None else min(have, limit)
+    return have
+
+
+class _Sampler(threading.Thread):
+    """The largest VmRSS seen while it runs (torch releases the GIL inside its kernels)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self.done = status_bytes("VmRSS") or 0, threading.Event()
+
+    def run(self):
+        while not self.done.wait(SAMPLE_SECONDS):
+            self.peak = max(self.peak, status_bytes("VmRSS") or 0)
+
+
+def measure(step, device):
+    """(peak, resident) bytes of running `step()` once: the peak while it ran and what is held
+    after it (see the module's docstring for how each device measures)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device), torch.cuda.memory_allocated(device)
+    before = resident_peak_bytes()
+    sampler = _Sampler()
+    sampler.start()
+    try:
+        step()
+    finally:
+        sampler.done.set()
+        sampler.join()
+    resident = status_bytes("VmRSS") or 0
+    after = resident_peak_bytes()
+    return (after if after > before else max(sampler.peak, resident)), resident
+
+
+def so_far(device):
+    """The process's peak until now, before `measure` resets CUDA's."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resident_peak_bytes()
+
+
+def local_world_size():
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+# --------------------------------------------------------------------------------------- report
+def gib(n):
+    """Bytes for a reader: GiB, or MiB below one GiB."""
+    return f"{n / 2**30:.3f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def describe(fp, k, how, n, world, device, capacity, fits, numel, dtype, batch):
+    """The plan's lines, as printed before learning."""
+    rows = rows_per_rank(min(k, n), world)
+    where = "host memory: counted" if fp.checkpoint else "read into host memory: not on this device"
+    lines = [
+        f"K = {k} ({how}); predicted peak {gib(predicted_peak(fp, min(k, n), world))} "
+        f"({predicted_peak(fp, min(k, n), world)} bytes) on {device}",
+        f"a plain forward/backward on one held-out batch of {batch}, measured before learning: "
+        f"{gib(fp.plain_peak)}; a step holds {rows} row(s) of directions above it ({numel / 1e6:.2f} M "
+        f"learned numbers in {dtype}: {gib(fp.row)} each{'' if world == 1 else f', this rank of {world}'}) "
+        f"and the group's center ({gib(fp.center)}); while a row loads, the checkpoint being read ({where}"
+        f"{', ' + gib(fp.checkpoint) if fp.checkpoint else ''})",
+    ]
+    if capacity is None:
+        lines.append("available memory unknown: no K is ruled out")
+    else:
+        lines.append(f"available {gib(capacity)} ({int(MARGIN * 100)} % kept free): "
+                     + (f"K up to {fits} of {n} fits" if fits else "not even K = 1 fits"))
+    card = card_k(fp, n, world)
+    lines.append(f"a 24 GB card ({gib(CARD_BYTES - CARD_CONTEXT_BYTES)} usable, {int(MARGIN * 100)} % kept free) "
+                 f"would take K = {card or 'none: not even K = 1'}"
+                 + ("" if device.type == "cuda" else " (with this device's plain step: a GPU's differs)"))
+    return lines
