@@ -258,15 +258,15 @@ def learn_group(run, group, progress):
     for epoch in range(args.epochs):
         set_mode(setup.model, layout.frozen_stats)
         heldout, forward, workers = heldout_inputs(run)
-        epoch_loss = 0.0
+        epoch_loss, steps = 0.0, mehl.StepLog(state, label, args.lr)
         for n_global, batch in sampling.rank_batches(heldout, args.batch_size, progress.data_rng, workers):
             loss = mehl.step(forward, run.soup, state, layout.bounds, batch, n_global,
                              args.labelsmooth, clip=setup.spec.is_vit)
-            mehl_state.check_finite(run.soup.theta, label, state.step, args.lr)
-            epoch_loss += loss * n_global
+            steps.add(loss, n_global, schedule(state.step - 1))
             bar.update()
-            bar.set_postfix(loss=f"{loss:.4f}")
-            run.wandb.log({"loss": loss, "lr": schedule(state.step - 1)})
+            if steps.due():  # losses and the non-finite flag are read every mehl.LOG_EVERY steps
+                epoch_loss += steps.read(bar, run.wandb)
+        epoch_loss += steps.read(bar, run.wandb)
         state.losses.append(epoch_loss / len(setup.bundle.heldout))
         if not args.no_epoch_test:  # logged only, never used to choose anything
             tests.append(accuracy(setup.model, setup.bundle.test.dataset, setup.device, args.batch_size,

@@ -1,0 +1,74 @@
+"""Triton sources of the block products of `utils.soup.segmented`, kept as plain functions: that module
+compiles them with `triton.jit` when first used, so the same source runs compiled on CUDA and
+interpreted on CPU tensors (TRITON_INTERPRET=1, in tests).
+
+The flat vector of D numbers is cut into chunks of COLS columns, and each chunk into segments where a
+block boundary falls inside it; `chunk_first[c]` is the first segment of chunk c, `seg_stop[s]` the end
+of segment s, `seg_block[s]` its block, `block_first[b]` the first segment of block b (a block's
+segments are consecutive). One program reads a tile of rows x COLS columns of P once, in P's own dtype,
+and accumulates in float32.
+"""
+import triton.language as tl
+
+
+def project_partials(P, g, partials, chunk_first, seg_stop, n_rows, n_cols, row_stride, n_segs,
+                     ROWS: tl.constexpr, COLS: tl.constexpr):
+    """partials[i, s] = sum over the columns j of segment s of P[i, j] * g[j]; one program per column
+    chunk and tile of ROWS rows."""
+    chunk = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    cols = chunk * COLS + tl.arange(0, COLS)
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    tile = tl.load(P + rows.to(tl.int64)[:, None] * row_stride + cols[None, :],
+                   mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    prod = tile * tl.load(g + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    start = chunk * COLS
+    for s in range(tl.load(chunk_first + chunk), tl.load(chunk_first + chunk + 1)):
+        stop = tl.load(seg_stop + s)
+        inside = (cols >= start) & (cols < stop)
+        part = tl.sum(tl.where(inside[None, :], prod, 0.0), axis=1)
+        tl.store(partials + rows.to(tl.int64) * n_segs + s, part, mask=row_ok)
+        start = stop
+
+
+def project_blocks(partials, dX, block_first, scale, n_rows, n_segs, n_blocks,
+                   ROWS: tl.constexpr, SEGS: tl.constexpr):
+    """dX[i, b] = scale * (sum of partials[i, s] over the segments s of block b); one program per block
+    and tile of ROWS rows. Deterministic: no atomics."""
+    block = tl.program_id(0)
+    rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    last = tl.load(block_first + block + 1)
+    acc = tl.zeros((ROWS,), dtype=tl.float32)
+    for s0 in range(tl.load(block_first + block), last, SEGS):
+        segs = s0 + tl.arange(0, SEGS)
+        acc += tl.sum(tl.load(partials + rows.to(tl.int64)[:, None] * n_segs + segs[None, :],
+                              mask=row_ok[:, None] & (segs < last)[None, :], other=0.0), axis=1)
+    tl.store(dX + rows * n_blocks + block, acc * tl.load(scale).to(tl.float32), mask=row_ok)
+
+
+def combine(P, X, out, chunk_first, seg_stop, seg_block, n_rows, n_cols, row_stride, n_blocks,
+            ACCUMULATE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """out[j] (+)= sum_i X[i, block(j)] * P[i, j]; one program per column chunk, looping over tiles of
+    ROWS rows."""
+    chunk = tl.program_id(0).to(tl.int64)
+    cols = chunk * COLS + tl.arange(0, COLS)
+    col_ok = cols < n_cols
+    block = tl.zeros((COLS,), dtype=tl.int32)
+    start = chunk * COLS
+    for s in range(tl.load(chunk_first + chunk), tl.load(chunk_first + chunk + 1)):
+        stop = tl.load(seg_stop + s)
+        block = tl.where((cols >= start) & (cols < stop), tl.load(seg_block + s), block)
+        start = stop
+    acc = tl.zeros((COLS,), dtype=tl.float32)
+    for r0 in range(0, n_rows, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        ok = (rows < n_rows)[:, None] & col_ok[None, :]
+        tile = tl.load(P + rows.to(tl.int64)[:, None] * row_stride + cols[None, :], mask=ok,
+                       other=0.0).to(tl.float32)
+        x = tl.load(X + rows[:, None] * n_blocks + block[None, :], mask=ok, other=0.0).to(tl.float32)
+        acc += tl.sum(tile * x, axis=0)
+    if ACCUMULATE:
+        acc += tl.load(out + cols, mask=col_ok, other=0.0)
+    tl.store(out + cols, acc, mask=col_ok)
