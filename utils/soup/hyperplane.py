@@ -87,8 +87,8 @@ def combine(X, P, bounds, out=None, accumulate=False):
         if accumulate:
             raise ValueError("combine: accumulate needs out")
         out = torch.empty(P.shape[1], dtype=dtype, device=P.device)
-    if segmented.supports(P, out, bounds):
-        return segmented.combine(X, P, bounds, out, accumulate)
+    if segmented.supports(P, out, bounds) and segmented.combine(X, P, bounds, out, accumulate) is not None:
+        return out
     return combine_blocks(X, P, bounds, out, accumulate)
 
 
@@ -116,9 +116,8 @@ def soup(center, X, P, bounds):
 def project(P, g, bounds, scale=None):
     """The gradient with respect to X: dX[i, b] = <P[i, b], g_b>, shape (n, B); times `scale` (a
     0-dim tensor, e.g. a gradient clip factor, kept on the device) when given."""
-    if segmented.supports(P, g, bounds):
-        return segmented.project(P, g, bounds, scale)
-    return project_blocks(P, g, bounds, scale)
+    dX = segmented.project(P, g, bounds, scale) if segmented.supports(P, g, bounds) else None
+    return project_blocks(P, g, bounds, scale) if dX is None else dX
 
 
 def project_blocks(P, g, bounds, scale=None):

@@ -15,14 +15,18 @@ loop stays in use: a BLAS `mv` per block reads the rows at the memory's bandwidt
 microseconds, not a launch. Rows in float32, bfloat16 or float16; the vector and output in float32.
 """
 import functools
+import logging
 import os
 
 import torch
+
+log = logging.getLogger(__name__)
 
 COLS = 1024       # columns per program
 MAX_ROWS = 16     # rows per tile of a program
 SEGS = 256        # partial sums read at once by a block's program
 ROW_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+failure = None    # why the kernels could not run in this process (then the per-block loop runs)
 
 
 def interpreting():
@@ -39,7 +43,8 @@ def _kernels(interpret):
         from utils.soup import segmented_kernels as src
     except ImportError:
         return None
-    return {name: triton.jit(getattr(src, name)) for name in ("project_partials", "project_blocks", "combine")}
+    return {name: triton.jit(getattr(src, name))
+            for name in ("project_partials", "project_blocks", "combine")}
 
 
 def _on_device(t):
@@ -58,7 +63,25 @@ def supports(P, vector, bounds):
     if any(stop < start for start, stop in bounds) or \
             any(bounds[b][1] != bounds[b + 1][0] for b in range(len(bounds) - 1)):
         return False
-    return _kernels(interpreting()) is not None
+    return failure is None and _kernels(interpreting()) is not None
+
+
+def _launch(name, grid, *args, **meta):
+    """Launch one kernel; when Triton cannot compile or run it here, say so once, note why in `failure`
+    and return False (the caller falls back to the per-block loop). A compile error comes before the
+    kernel writes anything."""
+    global failure
+    try:
+        _kernels(interpreting())[name][grid](*args, **meta)
+        return True
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as err:  # a Triton version or device these kernels do not compile for
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        failure = f"{name}: {type(err).__name__}: {first_line}"
+        log.warning("the fixed-launch block products are off in this process (%s); the per-block loop "
+                    "runs instead", failure)
+        return False
 
 
 @functools.lru_cache(maxsize=16)
@@ -85,32 +108,32 @@ def _rows_per_tile(n):
 
 def project(P, g, bounds, scale=None):
     """dX[i, b] = <P[i, b], g_b> as an (n, B) float32 tensor, times the device scalar `scale` when given
-    (the ViT clip factor: the projection is linear, so clipping g and scaling dX agree). Two launches."""
+    (the ViT clip factor: the projection is linear, so clipping g and scaling dX agree). Two launches.
+    None when the kernels cannot run here (see `_launch`)."""
     n, D = P.shape
     plan = _plan(tuple(map(tuple, bounds)), D, P.device)
-    k = _kernels(interpreting())
     rows = _rows_per_tile(n)
     partials = torch.empty(n, plan["n_segs"], dtype=torch.float32, device=P.device)
     dX = torch.empty(n, len(bounds), dtype=torch.float32, device=P.device)
     if scale is None:
         scale = torch.ones(1, dtype=torch.float32, device=P.device)
     with torch.profiler.record_function("segmented.project"):
-        k["project_partials"][(plan["n_chunks"], -(-n // rows))](
-            P, g, partials, plan["chunk_first"], plan["seg_stop"], n, D, P.stride(0), plan["n_segs"],
-            ROWS=rows, COLS=COLS, num_warps=8)
-        k["project_blocks"][(len(bounds), -(-n // rows))](
-            partials, dX, plan["block_first"], scale.reshape(1), n, plan["n_segs"], len(bounds),
-            ROWS=rows, SEGS=SEGS, num_warps=4)
-    return dX
+        done = _launch("project_partials", (plan["n_chunks"], -(-n // rows)), P, g, partials,
+                       plan["chunk_first"], plan["seg_stop"], n, D, P.stride(0), plan["n_segs"],
+                       ROWS=rows, COLS=COLS, num_warps=8) and \
+            _launch("project_blocks", (len(bounds), -(-n // rows)), partials, dX, plan["block_first"],
+                    scale.reshape(1), n, plan["n_segs"], len(bounds), ROWS=rows, SEGS=SEGS, num_warps=4)
+    return dX if done else None
 
 
 def combine(X, P, bounds, out, accumulate=False):
-    """out[j] = sum_i X[i, b] P[i, j] for j in block b, added to out when `accumulate`. One launch."""
+    """out[j] = sum_i X[i, b] P[i, j] for j in block b, added to out when `accumulate`. One launch.
+    None when the kernels cannot run here (see `_launch`)."""
     n, D = P.shape
     plan = _plan(tuple(map(tuple, bounds)), D, P.device)
     X = X.detach().to(device=P.device, dtype=torch.float32).contiguous()
     with torch.profiler.record_function("segmented.combine"):
-        _kernels(interpreting())["combine"][(plan["n_chunks"],)](
-            P, X, out, plan["chunk_first"], plan["seg_stop"], plan["seg_block"], n, D, P.stride(0),
-            len(bounds), ACCUMULATE=accumulate, ROWS=_rows_per_tile(n), COLS=COLS, num_warps=8)
-    return out
+        done = _launch("combine", (plan["n_chunks"],), P, X, out, plan["chunk_first"], plan["seg_stop"],
+                       plan["seg_block"], n, D, P.stride(0), len(bounds), ACCUMULATE=accumulate,
+                       ROWS=_rows_per_tile(n), COLS=COLS, num_warps=8)
+    return out if done else None

@@ -10,6 +10,12 @@ and accumulates in float32.
 """
 import triton.language as tl
 
+# Only Triton's builtins here (tl.full, tl.reduce with tl.sum's own combine function, which the
+# interpreter runs with numpy), not its library functions (tl.sum, tl.zeros): those are made when Triton
+# is imported, compiled or interpreted as TRITON_INTERPRET said then, while these kernels are made when
+# first used, so they also interpret in a process that imported Triton before (torch.optim does).
+SUM = tl.standard._sum_combine
+
 
 def project_partials(P, g, partials, chunk_first, seg_stop, n_rows, n_cols, row_stride, n_segs,
                      ROWS: tl.constexpr, COLS: tl.constexpr):
@@ -27,7 +33,7 @@ def project_partials(P, g, partials, chunk_first, seg_stop, n_rows, n_cols, row_
     for s in range(tl.load(chunk_first + chunk), tl.load(chunk_first + chunk + 1)):
         stop = tl.load(seg_stop + s)
         inside = (cols >= start) & (cols < stop)
-        part = tl.sum(tl.where(inside[None, :], prod, 0.0), axis=1)
+        part = tl.reduce(tl.where(inside[None, :], prod, 0.0), 1, SUM)
         tl.store(partials + rows.to(tl.int64) * n_segs + s, part, mask=row_ok)
         start = stop
 
@@ -40,11 +46,11 @@ def project_blocks(partials, dX, block_first, scale, n_rows, n_segs, n_blocks,
     rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
     last = tl.load(block_first + block + 1)
-    acc = tl.zeros((ROWS,), dtype=tl.float32)
+    acc = tl.full((ROWS,), 0.0, tl.float32)
     for s0 in range(tl.load(block_first + block), last, SEGS):
         segs = s0 + tl.arange(0, SEGS)
-        acc += tl.sum(tl.load(partials + rows.to(tl.int64)[:, None] * n_segs + segs[None, :],
-                              mask=row_ok[:, None] & (segs < last)[None, :], other=0.0), axis=1)
+        acc += tl.reduce(tl.load(partials + rows.to(tl.int64)[:, None] * n_segs + segs[None, :],
+                                 mask=row_ok[:, None] & (segs < last)[None, :], other=0.0), 1, SUM)
     tl.store(dX + rows * n_blocks + block, acc * tl.load(scale).to(tl.float32), mask=row_ok)
 
 
@@ -55,20 +61,20 @@ def combine(P, X, out, chunk_first, seg_stop, seg_block, n_rows, n_cols, row_str
     chunk = tl.program_id(0).to(tl.int64)
     cols = chunk * COLS + tl.arange(0, COLS)
     col_ok = cols < n_cols
-    block = tl.zeros((COLS,), dtype=tl.int32)
+    block = tl.full((COLS,), 0, tl.int32)
     start = chunk * COLS
     for s in range(tl.load(chunk_first + chunk), tl.load(chunk_first + chunk + 1)):
         stop = tl.load(seg_stop + s)
         block = tl.where((cols >= start) & (cols < stop), tl.load(seg_block + s), block)
         start = stop
-    acc = tl.zeros((COLS,), dtype=tl.float32)
+    acc = tl.full((COLS,), 0.0, tl.float32)
     for r0 in range(0, n_rows, ROWS):
         rows = r0 + tl.arange(0, ROWS)
         ok = (rows < n_rows)[:, None] & col_ok[None, :]
         tile = tl.load(P + rows.to(tl.int64)[:, None] * row_stride + cols[None, :], mask=ok,
                        other=0.0).to(tl.float32)
         x = tl.load(X + rows[:, None] * n_blocks + block[None, :], mask=ok, other=0.0).to(tl.float32)
-        acc += tl.sum(tile * x, axis=0)
+        acc += tl.reduce(tile * x, 0, SUM)
     if ACCUMULATE:
         acc += tl.load(out + cols, mask=col_ok, other=0.0)
     tl.store(out + cols, acc, mask=col_ok)
