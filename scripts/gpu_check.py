@@ -5,8 +5,8 @@ With --mehl, check instead the MEHL step's block products on the arch's learned 
 K = --rows): the fixed-launch fast path (utils/soup/segmented.py) against the per-block loop for
 float32, bfloat16 and float16 rows; the time of a projection + combine by each; the kernels one step
 launches with 14 blocks and with one block per tensor, by each path; that the step's non-finite check
-sees a NaN there; and, on CUDA, that a step makes no host sync (torch.cuda.set_sync_debug_mode). Exits
-with status 1 when a check fails.
+sees NaN and Inf there; and, on CUDA, that a step makes no host sync (torch.cuda.set_sync_debug_mode).
+Exits with status 1 when a check fails.
 
     python scripts/gpu_check.py                                  # CUDA, batch 128, 10 timed iterations
     python scripts/gpu_check.py --mehl                           # CUDA, K = 18
@@ -15,7 +15,6 @@ with status 1 when a check fails.
 Matmuls run in exact fp32 unless --tf32. On CPU the memory printed is the process's peak resident set.
 """
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -167,11 +166,11 @@ def mehl_check(args, model, device):
               f"{counts[0]} with {len(fourteen)} blocks, {counts[1]} with {len(per_tensor)} blocks")
         if fast and fast_here and counts[0] != counts[1]:
             failures.append("the fast path's kernel count depends on the blocks")
-    flag = torch.linalg.vector_norm(torch.tensor([1.0, float("nan"), 2.0], device=device), ord=math.inf)
-    ok = bool(torch.isnan(flag))
-    print(f"  the step's non-finite check sees a NaN on {device.type}: {'ok' if ok else 'FAIL'}")
+    ok = all(not torch.isfinite(torch.stack(torch.aminmax(torch.tensor(v, device=device)))).all()
+             for v in ([1.0, float("nan"), 2.0], [float("inf"), 0.0], [0.0, -float("inf")]))
+    print(f"  the step's non-finite check sees NaN and Inf on {device.type}: {'ok' if ok else 'FAIL'}")
     if not ok:
-        failures.append("NaN not seen")
+        failures.append("NaN or Inf not seen")
     if device.type == "cuda":
         _, group, soup = count_step(model, names, per_tensor, device, x, y, clip, True)
         torch.cuda.set_sync_debug_mode("error")

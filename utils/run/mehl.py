@@ -4,20 +4,37 @@ puts it on a model.
 Memory of a step, in full-model-sized tensors of the learned parameters (D numbers each):
 
 - the model's own parameters, which *are* the soup: `FlatSoup` makes them views of one flat vector,
-  so the soup is written in place by the combine and never copied into the model;
+  and the step adds its move into it in place, so the soup is never copied into the model;
 - their gradients, views of one flat vector: the backward pass accumulates into it, so the gradient
   is read in place by the projection (no concatenation);
 - the K rows of directions of this rank (K / world size under torchrun), each ingredient loaded
-  straight into its slot, tensor by tensor;
-- the group's center (the soup when the group started; the first group's mean).
+  straight into its slot, tensor by tensor.
 
-The first two are what a plain forward/backward holds too, so a MEHL step holds K + 1 ingredients more
-than a plain step, plus, while a row is loaded, the checkpoint being read (one ingredient, with the
-tensors that are not learned). Block products read the rows in place (no (K, D) temporary); with
-directions stored in bfloat16 or float16 they read slices of at most `hyperplane.SLICE` numbers per
-row cast to float32. Nothing else of size D is allocated per step.
+No center is kept. A group starts with the soup at its center and X at 0 (the first group's mean is
+written straight into the soup, a later group's center is the soup as it is), and each step adds
+sum_i (X_new - X_old)[i, b] P[i, b] to the soup, so it stays center + sum_i X[i, b] P[i, b] without the
+center being held: the float32 additions drift from that sum by about sqrt(steps) roundings (1e-6
+relative after hundreds of steps). Under torchrun each rank's share of the move is summed through the
+gradient's buffer, which is free between the projection and the next backward pass.
+
+So a step holds K ingredients more than a plain forward/backward that keeps its gradients (K + 1.0 was
+measured on a CPU with a center kept), and K + 1 more where a plain step's peak comes before its
+gradients exist: on a GPU at batch 128 a plain step peaks early in the backward pass, with its
+activations still alive and few of its gradients made (each is made as activations are freed), while
+the flat gradient here exists from the start (K + 2.0 was measured on an H200 with a center kept). That
+gradient stays: the projection reads it as one vector, for all blocks in a fixed number of kernels;
+projecting each tensor's gradient as the backward pass makes it (a hook per tensor) would drop it, at
+the cost of a kernel per tensor. While a row is loaded the checkpoint being read is held too (one
+ingredient, with the tensors that are not learned). Block products read the rows in place (no (K, D)
+temporary): on CUDA the fast path (`utils.soup.segmented`) keeps per-chunk partial sums, K x D / 1024
+numbers; the per-block loop with directions stored in bfloat16 or float16 reads slices of at most
+`hyperplane.SLICE` numbers per row cast to float32. Nothing else of size D is allocated per step
+(tests/test_mehl_step.py counts).
+
+A step reads nothing back from the device (no host sync): the loss is returned as a device tensor, the
+ViT clip factor stays one (`clip_factor`), and the non-finite check is a device flag; `StepLog` reads
+the losses and the flag together every `LOG_EVERY` steps and at the end of an epoch.
 """
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -182,7 +199,8 @@ def step(model, soup, group, bounds, batch, n_global, labelsmooth=0.0, clip=Fals
             soup.theta.add_(distributed.all_reduce_sum(soup.grad))
         else:
             hyperplane.combine(move, group.P, bounds, out=soup.theta, accumulate=True)
-        bad = ~torch.isfinite(torch.linalg.vector_norm(soup.theta, ord=math.inf))
+        # NaN propagates through min and max (documented), and an Inf is one of them: exact, one pass
+        bad = ~torch.isfinite(torch.stack(torch.aminmax(soup.theta))).all()
         group.first_bad = torch.where(bad & (group.first_bad == 0), group.step, group.first_bad)
     return loss
 
