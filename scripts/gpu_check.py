@@ -114,6 +114,26 @@ def check_agreement(P, bounds, device, failures):
           f"({traffic / ms_loop * 1e3:.0f} GB/s)")
 
 
+def sweep_tiles(P, bounds, device):
+    """Time the fast path's projection + combine for a few tile shapes (columns x rows per program), so a
+    later change of segmented.COLS / MAX_ROWS rests on a measurement."""
+    gen = torch.Generator(device=device).manual_seed(2)
+    g = torch.randn(P.shape[1], device=device, generator=gen)
+    X = torch.randn(P.shape[0], len(bounds), device=device, generator=gen)
+    out = torch.zeros(P.shape[1], device=device)
+    saved = segmented.COLS, segmented.MAX_ROWS
+    cells = []
+    try:
+        for cols, rows in ((1024, 16), (512, 32), (2048, 8), (1024, 32), (512, 16)):
+            segmented.COLS, segmented.MAX_ROWS = cols, rows
+            ms = timed_ms(lambda: (segmented.project(P, g, bounds),
+                                   segmented.combine(X, P, bounds, out, accumulate=True)), device)
+            cells.append(f"{cols}x{rows} {ms:.2f} ms")
+    finally:
+        segmented.COLS, segmented.MAX_ROWS = saved
+    print(f"  {str(P.dtype)[6:]:>8} rows, tile shapes (columns x rows): " + ", ".join(cells))
+
+
 def count_step(model, names, bounds, device, x, y, clip, fast):
     """Kernels (CUDA) or ops (CPU) the profiler records for one MEHL step with 2 random rows."""
     soup = mehl.FlatSoup(model, names)
@@ -154,6 +174,8 @@ def mehl_check(args, model, device):
     else:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             check_agreement(P if dtype == torch.float32 else P.to(dtype), per_tensor, device, failures)
+        if device.type == "cuda":
+            sweep_tiles(P, per_tensor, device)
     del P
     x = torch.randn(min(args.batch_size, 8), 3, args.image_size, args.image_size, device=device)
     y = torch.randint(0, args.num_classes, (len(x),), device=device)

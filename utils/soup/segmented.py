@@ -85,12 +85,12 @@ def _launch(name, grid, *args, **meta):
 
 
 @functools.lru_cache(maxsize=16)
-def _plan(bounds, n_cols, device):
+def _plan(bounds, n_cols, device, cols):
     """Segment tables (see segmented_kernels.py) of a layout: a segment starts at every chunk start and
     at every block start, and belongs to the last block starting at or before it (empty blocks own
     none)."""
     starts = torch.tensor([s for s, _ in bounds], dtype=torch.int64)
-    chunk_starts = torch.arange(0, n_cols, COLS, dtype=torch.int64)
+    chunk_starts = torch.arange(0, n_cols, cols, dtype=torch.int64)
     seg_start = torch.unique(torch.cat([starts[starts < n_cols], chunk_starts]))  # sorted
     seg_stop = torch.cat([seg_start[1:], torch.tensor([n_cols])])
     seg_block = (torch.searchsorted(starts, seg_start, right=True) - 1).to(torch.int32)
@@ -111,7 +111,7 @@ def project(P, g, bounds, scale=None):
     (the ViT clip factor: the projection is linear, so clipping g and scaling dX agree). Two launches.
     None when the kernels cannot run here (see `_launch`)."""
     n, D = P.shape
-    plan = _plan(tuple(map(tuple, bounds)), D, P.device)
+    plan = _plan(tuple(map(tuple, bounds)), D, P.device, COLS)
     rows = _rows_per_tile(n)
     partials = torch.empty(n, plan["n_segs"], dtype=torch.float32, device=P.device)
     dX = torch.empty(n, len(bounds), dtype=torch.float32, device=P.device)
@@ -130,7 +130,7 @@ def combine(X, P, bounds, out, accumulate=False):
     """out[j] = sum_i X[i, b] P[i, j] for j in block b, added to out when `accumulate`. One launch.
     None when the kernels cannot run here (see `_launch`)."""
     n, D = P.shape
-    plan = _plan(tuple(map(tuple, bounds)), D, P.device)
+    plan = _plan(tuple(map(tuple, bounds)), D, P.device, COLS)
     X = X.detach().to(device=P.device, dtype=torch.float32).contiguous()
     with torch.profiler.record_function("segmented.combine"):
         done = _launch("combine", (plan["n_chunks"],), P, X, out, plan["chunk_first"], plan["seg_stop"],
