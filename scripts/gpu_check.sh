@@ -50,7 +50,8 @@ stage() {
     return
   fi
   echo "== $name (at most $max s)"
-  { timeout "$max" "$@" 2>&1; echo $? > "$OUT/.status"; } | grep --line-buffered -v Warning | tee "$OUT/$log"
+  { timeout "$max" "$@" 2>&1; echo $? > "$OUT/.status"; } | tr '\r' '\n' |
+    grep --line-buffered -v 'Warning\|it/s\]\|s/it\]\|^ *$' | tee "$OUT/$log"
   status=$(cat "$OUT/.status")
   if [ "$status" != 0 ]; then
     echo "== $name: FAILED (status $status$( [ "$status" = 124 ] && echo ', timed out'))"
@@ -108,6 +109,11 @@ if [ -s "$OUT/results.jsonl" ]; then
   "$PY" -c "import json; r = [json.loads(l) for l in open('$OUT/results.jsonl')][-1]; print('MEHL under torchrun:', r['method'], 'world', r['world_size'], 'peak GiB', round(r['peak_memory_bytes'] / 2**30, 2), 'seconds', r['seconds'])"
 fi
 rm -f "$OUT/.status"
+echo "== summary (also in $OUT)"
+for f in mehl_check.txt bench_mehl_float32.txt bench_mehl_bfloat16.txt; do
+  [ -s "$OUT/$f" ] && cat "$OUT/$f"
+done
+[ -s "$OUT/profiles/profile_project_k$K.txt" ] && head -22 "$OUT/profiles/profile_project_k$K.txt"
 echo "== done in $SECONDS s: outputs in $OUT"
 if (( ${#failed[@]} )); then
   printf '== failed: %s\n' "${failed[@]}"

@@ -198,3 +198,32 @@ def test_kernels_that_cannot_run_hand_over_to_the_loop(interpreted, monkeypatch,
     assert "per-block loop runs instead" in caplog.text
     assert not segmented.supports(P, g, bounds)
     assert_close(hyperplane.combine(X, P, bounds), hyperplane.combine_blocks(X, P, bounds, torch.empty(10)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_groups_center_is_the_soup_itself(tmp_path, dtype):
+    """No center of the model's size is kept: the first group's mean is written into the soup, a later
+    group's center is the soup as it is; the rows are unit directions from it."""
+    from tests.conftest import make_zoo
+    from utils.archs import get_arch
+    from utils.files.state_dicts import flatten
+    from utils.run.layout import make_layout
+
+    zoo = make_zoo(tmp_path / "zoo", 3)
+    paths = [zoo / f"model_{i}.pt" for i in range(3)]
+    model = get_arch("tiny-cnn").build(10)
+    reference = model.state_dict()
+    layout, base = make_layout(paths, model, reference, 0)
+    model.load_state_dict(base)
+    soup = mehl.FlatSoup(model, layout.names)
+    rows = torch.stack([flatten(torch.load(p, weights_only=True), layout.names) for p in paths])
+    for first, members in ((True, [0, 1]), (False, [2])):
+        before = soup.theta.clone()
+        center, P, inv_norms = mehl.directions(paths, members, len(members), layout, reference, soup,
+                                               dtype, first)
+        assert center is soup.theta
+        expected = rows[members].double().mean(0).float() if first else before
+        assert_close(soup.theta, expected, atol=1e-6, rtol=1e-6)
+        assert P.dtype == dtype and P.shape == (len(members), soup.theta.numel())
+        direction, _ = hyperplane.directions(rows[members], expected, layout.bounds)
+        assert_close(P.float(), direction, atol=1e-2 if dtype == torch.bfloat16 else 1e-6, rtol=1e-2)
