@@ -115,23 +115,24 @@ def check_agreement(P, bounds, device, failures):
 
 
 def sweep_tiles(P, bounds, device):
-    """Time the fast path's projection + combine for a few tile shapes (columns x rows per program), so a
-    later change of segmented.COLS / MAX_ROWS rests on a measurement."""
+    """Time the fast path's projection + combine for a few tile shapes (columns x rows per program, warps),
+    so that a later change of segmented.COLS / MAX_ROWS / WARPS rests on a measurement."""
     gen = torch.Generator(device=device).manual_seed(2)
     g = torch.randn(P.shape[1], device=device, generator=gen)
     X = torch.randn(P.shape[0], len(bounds), device=device, generator=gen)
     out = torch.zeros(P.shape[1], device=device)
-    saved = segmented.COLS, segmented.MAX_ROWS
+    saved = segmented.COLS, segmented.MAX_ROWS, segmented.WARPS
     cells = []
     try:
-        for cols, rows in ((1024, 16), (512, 32), (2048, 8), (1024, 32), (512, 16)):
-            segmented.COLS, segmented.MAX_ROWS = cols, rows
+        shapes = (1024, 16, 16), (1024, 16, 8), (1024, 8, 8), (512, 16, 8), (2048, 8, 16), (512, 32, 16)
+        for shape in shapes:
+            segmented.COLS, segmented.MAX_ROWS, segmented.WARPS = shape
             ms = timed_ms(lambda: (segmented.project(P, g, bounds),
                                    segmented.combine(X, P, bounds, out, accumulate=True)), device)
-            cells.append(f"{cols}x{rows} {ms:.2f} ms")
+            cells.append("{}x{}/{} {:.2f} ms".format(*shape, ms))
     finally:
-        segmented.COLS, segmented.MAX_ROWS = saved
-    print(f"  {str(P.dtype)[6:]:>8} rows, tile shapes (columns x rows): " + ", ".join(cells))
+        segmented.COLS, segmented.MAX_ROWS, segmented.WARPS = saved
+    print(f"  {str(P.dtype)[6:]:>8} rows, tile shapes (columns x rows / warps): " + ", ".join(cells))
 
 
 def count_step(model, names, bounds, device, x, y, clip, fast):
@@ -176,6 +177,7 @@ def mehl_check(args, model, device):
             check_agreement(P if dtype == torch.float32 else P.to(dtype), per_tensor, device, failures)
         if device.type == "cuda":
             sweep_tiles(P, per_tensor, device)
+            sweep_tiles(P.to(torch.bfloat16), per_tensor, device)
     del P
     x = torch.randn(min(args.batch_size, 8), 3, args.image_size, args.image_size, device=device)
     y = torch.randint(0, args.num_classes, (len(x),), device=device)

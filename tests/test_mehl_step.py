@@ -227,3 +227,39 @@ def test_a_groups_center_is_the_soup_itself(tmp_path, dtype):
         assert P.dtype == dtype and P.shape == (len(members), soup.theta.numel())
         direction, _ = hyperplane.directions(rows[members], expected, layout.bounds)
         assert_close(P.float(), direction, atol=1e-2 if dtype == torch.bfloat16 else 1e-6, rtol=1e-2)
+
+
+def test_the_kernels_compile_for_a_cuda_gpu():
+    """Triton's whole pipeline down to the GPU's machine code (its bundled ptxas) runs without a GPU:
+    the kernels the fast path launches on CUDA compile for sm_90 (H100, H200), rows in float32 and
+    bfloat16, at the tile shape used."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from utils.soup import segmented_kernels
+
+    def compiled(name, signature, constants):
+        source = ASTSource(fn=triton.jit(getattr(segmented_kernels, name)), signature=signature,
+                           constexprs=constants)
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": segmented.WARPS})
+
+    tile = {"ROWS": segmented.MAX_ROWS, "COLS": segmented.COLS}
+    for rows in ("*fp32", "*bf16"):
+        kernels = [
+            compiled("project_partials", {"P": rows, "g": "*fp32", "partials": "*fp32",
+                                          "chunk_first": "*i64", "seg_stop": "*i64", "n_rows": "i32",
+                                          "n_cols": "i32", "row_stride": "i32", "n_segs": "i32",
+                                          "ROWS": "constexpr", "COLS": "constexpr"}, tile),
+            compiled("combine", {"P": rows, "X": "*fp32", "out": "*fp32", "chunk_first": "*i64",
+                                 "seg_stop": "*i64", "seg_block": "*i32", "n_rows": "i32",
+                                 "n_cols": "i32", "row_stride": "i32", "n_blocks": "i32",
+                                 "ACCUMULATE": "constexpr",
+                                 "ROWS": "constexpr", "COLS": "constexpr"}, {"ACCUMULATE": True, **tile})]
+        assert all(len(k.asm["cubin"]) > 1000 for k in kernels)
+    blocks = compiled("project_blocks", {"partials": "*fp32", "dX": "*fp32", "block_first": "*i64",
+                                         "scale": "*fp32", "n_rows": "i32", "n_segs": "i32",
+                                         "n_blocks": "i32", "ROWS": "constexpr", "SEGS": "constexpr"},
+                      {"ROWS": segmented.MAX_ROWS, "SEGS": segmented.SEGS})
+    assert len(blocks.asm["cubin"]) > 1000

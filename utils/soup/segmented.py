@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 COLS = 1024       # columns per program
 MAX_ROWS = 16     # rows per tile of a program
+WARPS = 16        # warps per program: 16 x 1024 float32 tiles in about 76 registers a thread (ptxas, sm_90)
 SEGS = 256        # partial sums read at once by a block's program
 ROW_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 failure = None    # why the kernels could not run in this process (then the per-block loop runs)
@@ -120,7 +121,7 @@ def project(P, g, bounds, scale=None):
     with torch.profiler.record_function("segmented.project"):
         done = _launch("project_partials", (plan["n_chunks"], -(-n // rows)), P, g, partials,
                        plan["chunk_first"], plan["seg_stop"], n, D, P.stride(0), plan["n_segs"],
-                       ROWS=rows, COLS=COLS, num_warps=8) and \
+                       ROWS=rows, COLS=COLS, num_warps=WARPS) and \
             _launch("project_blocks", (len(bounds), -(-n // rows)), partials, dX, plan["block_first"],
                     scale.reshape(1), n, plan["n_segs"], len(bounds), ROWS=rows, SEGS=SEGS, num_warps=4)
     return dX if done else None
@@ -135,5 +136,5 @@ def combine(X, P, bounds, out, accumulate=False):
     with torch.profiler.record_function("segmented.combine"):
         done = _launch("combine", (plan["n_chunks"],), P, X, out, plan["chunk_first"], plan["seg_stop"],
                        plan["seg_block"], n, D, P.stride(0), len(bounds), ACCUMULATE=accumulate,
-                       ROWS=_rows_per_tile(n), COLS=COLS, num_warps=8)
+                       ROWS=_rows_per_tile(n), COLS=COLS, num_warps=WARPS)
     return out if done else None

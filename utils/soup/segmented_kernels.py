@@ -57,8 +57,7 @@ def project_blocks(partials, dX, block_first, scale, n_rows, n_segs, n_blocks,
 def combine(P, X, out, chunk_first, seg_stop, seg_block, n_rows, n_cols, row_stride, n_blocks,
             ACCUMULATE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     """out[j] (+)= sum_i X[i, block(j)] * P[i, j]; one program per column chunk, looping over tiles of
-    ROWS rows. Each segment's coefficients are loaded once per tile and spread over its columns (no
-    gather per column)."""
+    ROWS rows, and over the chunk's segments, each with its own coefficients (no gather per column)."""
     chunk = tl.program_id(0).to(tl.int64)
     cols = chunk * COLS + tl.arange(0, COLS)
     col_ok = cols < n_cols
@@ -70,14 +69,13 @@ def combine(P, X, out, chunk_first, seg_stop, seg_block, n_rows, n_cols, row_str
         row_ok = rows < n_rows
         tile = tl.load(P + rows.to(tl.int64)[:, None] * row_stride + cols[None, :],
                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        x = tl.full((ROWS, COLS), 0.0, tl.float32)
         start = chunk * COLS
         for s in range(first, last):
             stop = tl.load(seg_stop + s)
             coef = tl.load(X + rows * n_blocks + tl.load(seg_block + s), mask=row_ok, other=0.0)
-            x = tl.where(((cols >= start) & (cols < stop))[None, :], coef.to(tl.float32)[:, None], x)
+            inside = (cols >= start) & (cols < stop)
+            acc += tl.reduce(tl.where(inside[None, :], tile * coef.to(tl.float32)[:, None], 0.0), 0, SUM)
             start = stop
-        acc += tl.reduce(tile * x, 0, SUM)
     if ACCUMULATE:
         acc += tl.load(out + cols, mask=col_ok, other=0.0)
     tl.store(out + cols, acc, mask=col_ok)
