@@ -124,7 +124,7 @@ def sweep_tiles(P, bounds, device):
     saved = segmented.COLS, segmented.MAX_ROWS, segmented.WARPS
     cells = []
     try:
-        shapes = (1024, 16, 16), (1024, 16, 8), (1024, 8, 8), (512, 16, 8), (2048, 8, 16), (512, 32, 16)
+        shapes = (1024, 16, 16), (1024, 16, 8), (1024, 8, 8), (512, 16, 8), (2048, 8, 16)
         for shape in shapes:
             segmented.COLS, segmented.MAX_ROWS, segmented.WARPS = shape
             ms = timed_ms(lambda: (segmented.project(P, g, bounds),
@@ -177,7 +177,6 @@ def mehl_check(args, model, device):
             check_agreement(P if dtype == torch.float32 else P.to(dtype), per_tensor, device, failures)
         if device.type == "cuda":
             sweep_tiles(P, per_tensor, device)
-            sweep_tiles(P.to(torch.bfloat16), per_tensor, device)
     del P
     x = torch.randn(min(args.batch_size, 8), 3, args.image_size, args.image_size, device=device)
     y = torch.randint(0, args.num_classes, (len(x),), device=device)
