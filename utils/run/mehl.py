@@ -74,8 +74,10 @@ class FlatSoup:
 
 @dataclass
 class Group:
-    """One group's learning state on this rank: its center, this rank's directions P and their
-    inverse norms, the coefficients X with their optimizer, and the lr schedule."""
+    """One group's learning state on this rank: its center (the soup where the group starts; from
+    `directions`, the soup's own vector, so no copy is held), this rank's directions P and their inverse
+    norms, the coefficients X with their optimizer, the lr schedule, and the first step after which the
+    soup was not finite."""
     center: torch.Tensor
     P: torch.Tensor
     inv_norms: torch.Tensor
