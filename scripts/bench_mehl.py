@@ -146,15 +146,92 @@ def profile_step(fn, device, path):
     return count
 
 
+def learned_only(model, layout, base):
+    """The model at the first ingredient (`base`), gradients for the learned parameters only."""
+    from utils.run.batchnorm import set_mode
+    model.load_state_dict(base)
+    learned = set(layout.names)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in learned)
+    set_mode(model, layout.frozen_stats)
+
+
+def released_setup(args, setup, layout, batch, params):
+    """(step, None): the released step on the first K ingredients, the model moved to their mean."""
+    import torch
+    from utils.run import mehl
+    from utils.runtime import memory
+    from utils.soup import hyperplane
+    from utils.soup.schedules import constant
+    k, device = args.worker, setup.device
+    memory.reset_peak(device)
+    rows = mehl.load_rows(setup.paths, list(range(k)), layout.names, layout.sizes, setup.reference,
+                          torch.float32, device)
+    center = mehl.group_mean(rows, k, out=torch.empty(layout.numel, device=device))
+    P, inv_norms = hyperplane.directions_(rows, center, layout.bounds)
+    with torch.no_grad():
+        for p, piece in zip(params, center.split(layout.sizes)):
+            p.copy_(piece.view_as(p))
+    X = torch.zeros(k, layout.num_blocks, device=device, requires_grad=True)
+    group = mehl.Group(center, P, inv_norms, X, torch.optim.AdamW([X], lr=0.01, weight_decay=0.0),
+                       constant(0.01))
+    return (lambda: released_step(setup.model, params, group, layout.bounds, batch, setup.spec.is_vit)), None
+
+
+def project_setup(args, setup, layout, batch, params, soup):
+    """(step, prepare): this project's step on the first K ingredients as MEHL_soup_layer.py makes it,
+    on the flat `soup`; `prepare` points the gradients at the flat vector again after a plain step set
+    them to None."""
+    import torch
+    from utils.run import mehl
+    from utils.runtime import memory
+    from utils.soup.schedules import constant
+    k, device, model = args.worker, setup.device, setup.model
+    memory.reset_peak(device)
+    center, P, inv_norms = mehl.directions(setup.paths, list(range(k)), k, layout, setup.reference, soup,
+                                           mehl.DTYPES[args.directions_dtype], first=True)
+    X = torch.zeros(k, layout.num_blocks, device=device, requires_grad=True)
+    group = mehl.Group(center, P, inv_norms, X, torch.optim.AdamW([X], lr=0.01, weight_decay=0.0),
+                       constant(0.01))
+    views = [v.view_as(p) for v, p in zip(soup.grad.split(layout.sizes), params)]
+
+    def prepare():
+        for p, v in zip(params, views):
+            p.grad = v
+
+    def step():
+        mehl.step(model, soup, group, layout.bounds, batch, len(batch[1]), clip=setup.spec.is_vit)
+    return step, prepare
+
+
+def timed(args, sync, *fns):
+    """Median wall-clock and CPU seconds (this process, all its threads) of each function over --steps
+    rounds, the functions alternating within a round (after one warm-up round), so that a busy machine
+    slows them alike; CPU seconds do not count time spent waiting for a core. A function given as
+    (prepare, run) times `run` only."""
+    fns = [fn if isinstance(fn, tuple) else (None, fn) for fn in fns]
+    wall, cpu = [[] for _ in fns], [[] for _ in fns]
+    for round_ in range(args.steps + 1):
+        for j, (prepare, fn) in enumerate(fns):
+            if prepare:
+                prepare()
+            sync()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            sync()
+            if round_:
+                wall[j].append(time.perf_counter() - start)
+                cpu[j].append(time.process_time() - start_cpu)
+    return [(statistics.median(w), statistics.median(c)) for w, c in zip(wall, cpu)]
+
+
 def worker(args):
     import torch
     import MEHL_soup_layer as recipe
-    from utils.run import cli, mehl
-    from utils.runtime import memory
+    from utils.run import cli
     from utils.run.batchnorm import set_mode
     from utils.run.layout import make_layout
-    from utils.soup import hyperplane
-    from utils.soup.schedules import constant
+    from utils.runtime import memory
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -165,8 +242,7 @@ def worker(args):
              str(max(1, -(-args.batch_size // args.num_classes)))]
     if args.data_location:
         flags += ["--data-location", args.data_location]
-    margs = recipe.parse_args(flags)
-    setup = cli.prepare(margs, check_ingredients=False)
+    setup = cli.prepare(recipe.parse_args(flags), check_ingredients=False)
     layout, base = make_layout(setup.paths, setup.model, setup.reference, args.layer_size)
     model, device = setup.model, setup.device
     x, y = next(iter(torch.utils.data.DataLoader(setup.bundle.heldout, batch_size=args.batch_size)))
@@ -174,86 +250,32 @@ def worker(args):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     params = [dict(model.named_parameters())[n] for n in layout.names]
 
-    def timed(*fns):
-        """Median wall-clock and CPU seconds (this process, all its threads) of each function over
-        --steps rounds, the functions alternating within a round (after one warm-up round), so that a
-        busy machine slows them alike; CPU seconds do not count time spent waiting for a core. A
-        function given as (prepare, run) times `run` only."""
-        fns = [fn if isinstance(fn, tuple) else (None, fn) for fn in fns]
-        wall, cpu = [[] for _ in fns], [[] for _ in fns]
-        for round_ in range(args.steps + 1):
-            for j, (prepare, fn) in enumerate(fns):
-                if prepare:
-                    prepare()
-                sync()
-                start, start_cpu = time.perf_counter(), time.process_time()
-                fn()
-                sync()
-                if round_:
-                    wall[j].append(time.perf_counter() - start)
-                    cpu[j].append(time.process_time() - start_cpu)
-        return [(statistics.median(w), statistics.median(c)) for w, c in zip(wall, cpu)]
-
     def plain():
         model.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
 
-    if k == 0:
-        model.load_state_dict(base)
-        del base
-        learned = set(layout.names)
-        for name, p in model.named_parameters():
-            p.requires_grad_(name in learned)
+    if k and args.step == "project":
+        soup = recipe.start_model(model, layout, base)
         set_mode(model, layout.frozen_stats)
+    else:
+        learned_only(model, layout, base)
+    del base  # before the rows load: the model holds it now
+    if k == 0:
         step, prepare = plain, None
     elif args.step == "released":
-        model.load_state_dict(base)
-        del base
-        learned = set(layout.names)
-        for name, p in model.named_parameters():
-            p.requires_grad_(name in learned)
-        set_mode(model, layout.frozen_stats)
-        memory.reset_peak(device)
-        rows = mehl.load_rows(setup.paths, list(range(k)), layout.names, layout.sizes, setup.reference,
-                              torch.float32, device)
-        center = mehl.group_mean(rows, k, out=torch.empty(layout.numel, device=device))
-        P, inv_norms = hyperplane.directions_(rows, center, layout.bounds)
-        with torch.no_grad():
-            for p, piece in zip(params, center.split(layout.sizes)):
-                p.copy_(piece.view_as(p))
-        X = torch.zeros(k, layout.num_blocks, device=device, requires_grad=True)
-        group = mehl.Group(center, P, inv_norms, X, torch.optim.AdamW([X], lr=0.01, weight_decay=0.0),
-                           constant(0.01))
-        step, prepare = (lambda: released_step(model, params, group, layout.bounds, batch,
-                                               setup.spec.is_vit)), None
+        step, prepare = released_setup(args, setup, layout, batch, params)
     else:
-        soup = recipe.start_model(model, layout, base)
-        del base
-        set_mode(model, layout.frozen_stats)
-        memory.reset_peak(device)
-        center, P, inv_norms = mehl.directions(setup.paths, list(range(k)), k, layout, setup.reference, soup,
-                                               mehl.DTYPES[args.directions_dtype], first=True)
-        X = torch.zeros(k, layout.num_blocks, device=device, requires_grad=True)
-        group = mehl.Group(center, P, inv_norms, X, torch.optim.AdamW([X], lr=0.01, weight_decay=0.0),
-                           constant(0.01))
-        views = [v.view_as(p) for v, p in zip(soup.grad.split(layout.sizes), params)]
-
-        def prepare():  # the step's gradient is the flat vector's views again (plain set them to None)
-            for p, v in zip(params, views):
-                p.grad = v
-
-        def step():
-            mehl.step(model, soup, group, layout.bounds, batch, len(batch[1]), clip=setup.spec.is_vit)
+        step, prepare = project_setup(args, setup, layout, batch, params, soup)
     if prepare:
         prepare()
     step()  # the step's memory: read before any plain step (which makes gradients of its own) runs
     sync()
     peak = memory.peak_bytes(device)
     if k == 0:
-        (seconds, cpu), = timed(plain)
+        (seconds, cpu), = timed(args, sync, plain)
         plain_here, plain_cpu = seconds, cpu
     else:
-        (plain_here, plain_cpu), (seconds, cpu) = timed(plain, (prepare, step))
+        (plain_here, plain_cpu), (seconds, cpu) = timed(args, sync, plain, (prepare, step))
     kernels = None
     if args.profile:
         if prepare:
