@@ -261,7 +261,8 @@ def worker(args):
         learned_only(model, layout, base)
     del base  # before the rows load: the model holds it now
     if k == 0:
-        step, prepare = plain, None
+        memory.reset_peak(device)  # as the other runs do before their rows load: the set-up's own peak
+        step, prepare = plain, None  # is not the step's
     elif args.step == "released":
         step, prepare = released_setup(args, setup, layout, batch, params)
     else:
