@@ -286,17 +286,17 @@ def learn_group(run, group, progress):
         # are decoded once, all in --precision (utils/run/inputs.py)
         heldout = inputs.learning(setup.model, setup.bundle.heldout, setup.device, args.batch_size, args.workers,
                                   layout.names, args.precision)
-        epoch_loss = 0.0
+        epoch_loss, steps = 0.0, mehl.StepLog(state, label, args.lr)
         for n_global, batch in sampling.rank_batches(heldout.dataset, args.batch_size, progress.data_rng,
                                                      distributed.world_size(), distributed.rank(),
                                                      heldout.workers):
             loss = mehl.step(heldout.forward, run.soup, state, layout.bounds, batch, n_global,
                              args.labelsmooth, clip=setup.spec.is_vit)
-            mehl_state.check_finite(run.soup.theta, label, state.step, args.lr)
-            epoch_loss += loss * n_global
+            steps.add(loss, n_global, schedule(state.step - 1))
             bar.update()
-            bar.set_postfix(loss=f"{loss:.4f}")
-            run.wandb.log({"loss": loss, "lr": schedule(state.step - 1)})
+            if steps.due():  # losses and the non-finite flag are read every mehl.LOG_EVERY steps
+                epoch_loss += steps.read(bar, run.wandb)
+        epoch_loss += steps.read(bar, run.wandb)
         state.losses.append(epoch_loss / len(setup.bundle.heldout))
         if not args.no_epoch_test:  # logged only, never used to choose anything
             test = inputs.evaluation(setup.model, setup.device, args.batch_size, args.workers, args.precision)
@@ -443,7 +443,7 @@ def footprint(run, batch):
                          max(Path(p).stat().st_size for p in run.paths))
     dtype = mehl.DTYPES[args.directions_dtype]
     return plan.Footprint(plain_peak=peak, resident=resident, row=layout.numel * dtype.itemsize,
-                          center=layout.numel * soup.theta.element_size(), checkpoint=checkpoint,
+                          soup_row=layout.numel * soup.theta.element_size(), checkpoint=checkpoint,
                           halved=dtype.itemsize < soup.theta.element_size(), so_far=before), batch
 
 

@@ -1,7 +1,15 @@
 """Check a device can run the paper's model: the clip-vit-b32 wrapper (random weights), forward +
 backward at batch 128, 224 px; prints peak memory and images per second.
 
+With --mehl, check instead the MEHL step's block products on the arch's learned tensors (random rows,
+K = --rows): the fixed-launch fast path (utils/soup/segmented.py) against the per-block loop for
+float32, bfloat16 and float16 rows; the time of a projection + combine by each; the kernels one step
+launches with 14 blocks and with one block per tensor, by each path; that the step's non-finite check
+sees NaN and Inf there; and, on CUDA, that a step makes no host sync (torch.cuda.set_sync_debug_mode).
+Exits with status 1 when a check fails.
+
     python scripts/gpu_check.py                                  # CUDA, batch 128, 10 timed iterations
+    python scripts/gpu_check.py --mehl                           # CUDA, K = 18
     python scripts/gpu_check.py --device cpu --batch-size 2 --iters 1 --warmup 1   # CPU smoke test
 
 Matmuls run in exact fp32 unless --tf32. On CPU the memory printed is the process's peak resident set.
@@ -13,10 +21,15 @@ from pathlib import Path
 
 import torch
 from torch.nn import functional as F
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.archs import get_arch  # noqa: E402
+from utils.run import mehl  # noqa: E402
 from utils.runtime.memory import gib, peak_bytes, reset_peak  # noqa: E402
+from utils.soup import hyperplane, segmented  # noqa: E402
+from utils.soup.blocks import block_bounds, make_blocks  # noqa: E402
+from utils.soup.schedules import constant  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -29,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default: 3)")
     p.add_argument("--iters", type=int, default=10, help="timed iterations (default: 10)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA (default: exact fp32)")
+    p.add_argument("--mehl", action="store_true",
+                   help="check the MEHL step's block products instead (see above)")
+    p.add_argument("--rows", type=int, default=18, help="K, rows of directions for --mehl (default: 18)")
     return p.parse_args(argv)
 
 
@@ -44,6 +60,159 @@ def step(model, x, y):
     return loss
 
 
+def learned_layouts(model):
+    """(names, bounds with one block per tensor, bounds with 14 blocks or as near as --layer-size gets)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    sizes = [p.numel() for p in model.parameters() if p.requires_grad]
+    low, high = 0, sum(sizes)  # the fewest blocks a layer size gives is 1, the most len(sizes)
+    while low < high:          # the smallest layer size giving at most 14 blocks
+        mid = (low + high) // 2
+        low, high = (low, mid) if len(make_blocks(sizes, mid)) <= 14 else (mid + 1, high)
+    return names, block_bounds(sizes, make_blocks(sizes, 0)), block_bounds(sizes, make_blocks(sizes, low))
+
+
+def timed_ms(fn, device, repeat=10):
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def check_agreement(P, bounds, device, failures):
+    """The fast path against the per-block loop for one dtype of rows; appends to `failures`."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    D, n = P.shape[1], P.shape[0]
+    g = torch.randn(D, device=device, generator=gen)
+    X = torch.randn(n, len(bounds), device=device, generator=gen)
+    scale = torch.tensor(0.5, device=device)
+    fast, loop = segmented.project(P, g, bounds, scale), hyperplane.project_blocks(P, g, bounds, scale)
+    if fast is None:
+        failures.append(f"fast path failed: {segmented.failure}")
+        return
+    err_p = float((fast - loop).abs().max() / loop.abs().max())
+    start = torch.randn(D, device=device, generator=gen)
+    fast = segmented.combine(X, P, bounds, start.clone(), accumulate=True)
+    loop = hyperplane.combine_blocks(X, P, bounds, start.clone(), accumulate=True)
+    err_c = float((fast - loop).abs().max() / loop.abs().max())
+    ok = err_p < 1e-4 and err_c < 1e-4
+    print(f"  {str(P.dtype)[6:]:>8} rows: largest difference from the per-block loop, relative to its "
+          f"largest value: projection {err_p:.1e}, combine {err_c:.1e}: {'ok' if ok else 'FAIL'}")
+    if not ok:
+        failures.append(f"{P.dtype} rows disagree")
+    traffic = 2 * P.numel() * P.element_size() / 1e9
+    ms_fast = timed_ms(lambda: (segmented.project(P, g, bounds),
+                                segmented.combine(X, P, bounds, start, accumulate=True)), device)
+    ms_loop = timed_ms(lambda: (hyperplane.project_blocks(P, g, bounds),
+                                hyperplane.combine_blocks(X, P, bounds, start, accumulate=True)), device)
+    print(f"  {'':>8}       projection + combine: fast path {ms_fast:.2f} ms "
+          f"({traffic / ms_fast * 1e3:.0f} GB/s of rows), per-block loop {ms_loop:.2f} ms "
+          f"({traffic / ms_loop * 1e3:.0f} GB/s)")
+
+
+def sweep_tiles(P, bounds, device):
+    """Time the fast path's projection + combine for a few tile shapes (columns x rows per program, warps),
+    so that a later change of segmented.COLS / MAX_ROWS / WARPS rests on a measurement."""
+    gen = torch.Generator(device=device).manual_seed(2)
+    g = torch.randn(P.shape[1], device=device, generator=gen)
+    X = torch.randn(P.shape[0], len(bounds), device=device, generator=gen)
+    out = torch.zeros(P.shape[1], device=device)
+    saved = segmented.COLS, segmented.MAX_ROWS, segmented.WARPS
+    cells = []
+    try:
+        shapes = (1024, 16, 16), (1024, 16, 8), (1024, 8, 8), (512, 16, 8), (2048, 8, 16)
+        for shape in shapes:
+            segmented.COLS, segmented.MAX_ROWS, segmented.WARPS = shape
+            ms = timed_ms(lambda: (segmented.project(P, g, bounds),
+                                   segmented.combine(X, P, bounds, out, accumulate=True)), device)
+            cells.append("{}x{}/{} {:.2f} ms".format(*shape, ms))
+    finally:
+        segmented.COLS, segmented.MAX_ROWS, segmented.WARPS = saved
+    print(f"  {str(P.dtype)[6:]:>8} rows, tile shapes (columns x rows / warps): " + ", ".join(cells))
+
+
+def count_step(model, names, bounds, device, x, y, clip, fast):
+    """Kernels (CUDA) or ops (CPU) the profiler records for one MEHL step with 2 random rows."""
+    soup = mehl.FlatSoup(model, names)
+    P, inv = hyperplane.directions(soup.theta + torch.randn(2, soup.theta.numel(), device=device),
+                                   soup.theta, bounds)
+    X = torch.zeros(2, len(bounds), device=device, requires_grad=True)
+    group = mehl.Group(soup.theta, P, inv, X, torch.optim.AdamW([X], lr=0.01), constant(0.01))
+    saved = segmented.failure
+    segmented.failure = saved if fast else "off for the comparison"
+    try:
+        mehl.step(model, soup, group, bounds, (x, y), len(y), clip=clip)
+        sync(device)
+        cuda = device.type == "cuda"
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            mehl.step(model, soup, group, bounds, (x, y), len(y), clip=clip)
+            sync(device)
+    finally:
+        segmented.failure = saved
+    events = prof.events()
+    if cuda:
+        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA), group, soup
+    return len(events), group, soup
+
+
+def mehl_check(args, model, device):
+    failures = []
+    names, per_tensor, fourteen = learned_layouts(model)
+    D = sum(stop - start for start, stop in per_tensor)
+    print(f"MEHL block products on {args.arch}: {D} learned numbers, {len(per_tensor)} tensors, "
+          f"K = {args.rows}, {device}")
+    gen = torch.Generator(device=device).manual_seed(0)
+    P = torch.randn(args.rows, D, device=device, generator=gen)
+    fast_here = segmented.supports(P, P[0], per_tensor)
+    if not fast_here:
+        why = segmented.failure or "the per-block loop runs"
+        print(f"  fast path: not used on {device.type} here ({why})")
+    else:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            check_agreement(P if dtype == torch.float32 else P.to(dtype), per_tensor, device, failures)
+        if device.type == "cuda":
+            sweep_tiles(P, per_tensor, device)
+    del P
+    x = torch.randn(min(args.batch_size, 8), 3, args.image_size, args.image_size, device=device)
+    y = torch.randint(0, args.num_classes, (len(x),), device=device)
+    clip = get_arch(args.arch).is_vit
+    what = "CUDA kernels" if device.type == "cuda" else "ops"
+    for fast in (True, False):
+        counts = [count_step(model, names, bounds, device, x, y, clip, fast)[0]
+                  for bounds in (fourteen, per_tensor)]
+        fast = fast and fast_here and segmented.failure is None
+        print(f"  {what} in one step ({'fast path' if fast else 'per-block loop'}): "
+              f"{counts[0]} with {len(fourteen)} blocks, {counts[1]} with {len(per_tensor)} blocks")
+        if fast and counts[0] != counts[1]:
+            failures.append("the fast path's kernel count depends on the blocks")
+    ok = all(not torch.isfinite(torch.stack(torch.aminmax(torch.tensor(v, device=device)))).all()
+             for v in ([1.0, float("nan"), 2.0], [float("inf"), 0.0], [0.0, -float("inf")]))
+    print(f"  the step's non-finite check sees NaN and Inf on {device.type}: {'ok' if ok else 'FAIL'}")
+    if not ok:
+        failures.append("NaN or Inf not seen")
+    if device.type == "cuda":
+        _, group, soup = count_step(model, names, per_tensor, device, x, y, clip, True)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            mehl.step(model, soup, group, per_tensor, (x, y), len(y), clip=clip)
+            print("  no host sync in a step (torch.cuda.set_sync_debug_mode): ok")
+        except RuntimeError as err:
+            print(f"  a step synchronised with the host: FAIL ({str(err).splitlines()[0]})")
+            failures.append("host sync")
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    if failures:
+        print("MEHL check FAILED: " + "; ".join(failures))
+        return 1
+    print("MEHL check passed")
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -51,6 +220,9 @@ def main(argv=None):
         sys.exit("error: CUDA is not available here (use --device cpu for a smoke test)")
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
+    if args.mehl:
+        model = get_arch(args.arch).build(args.num_classes, pretrained=False).to(device).train()
+        return mehl_check(args, model, device)
     model = get_arch(args.arch).build(args.num_classes, pretrained=False).to(device).train()
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
@@ -75,4 +247,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

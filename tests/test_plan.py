@@ -25,22 +25,22 @@ argv = partial(helpers.argv, heldout=4, batch_size=15, device=None,
 
 
 # ------------------------------------------------------------------------------------ arithmetic
-def test_a_step_holds_k_plus_one_rows_above_plain_and_loading_holds_the_checkpoint():
-    fp = plan.Footprint(plain_peak=100, resident=80, row=10, center=10, checkpoint=5, halved=False)
-    assert plan.step_peak(fp, 3) == 100 + 3 * 10 + 10
-    big_checkpoint = plan.Footprint(plain_peak=100, resident=80, row=10, center=10, checkpoint=70, halved=False)
+def test_a_step_holds_k_rows_above_plain_and_loading_holds_the_checkpoint():
+    fp = plan.Footprint(plain_peak=100, resident=80, row=10, soup_row=10, checkpoint=5, halved=False)
+    assert plan.step_peak(fp, 3) == 100 + 3 * 10
+    big_checkpoint = plan.Footprint(plain_peak=100, resident=80, row=10, soup_row=10, checkpoint=70, halved=False)
     assert plan.step_peak(big_checkpoint, 3) == 80 + 3 * 10 + 70
-    # half-precision rows are made with the center already held: both sit beside a loading row
-    halved = plan.Footprint(plain_peak=100, resident=80, row=5, center=10, checkpoint=30, halved=True)
+    # half-precision rows: the first group's mean is summed a soup-dtype row at a time, beside the checkpoint
+    halved = plan.Footprint(plain_peak=100, resident=80, row=5, soup_row=10, checkpoint=30, halved=True)
     assert plan.step_peak(halved, 3) == 80 + 3 * 5 + 10 + 30
     # under torchrun a rank holds ceil(K / world) rows; the process's peak is never below its past
-    assert plan.rows_per_rank(18, 4) == 5 and plan.step_peak(fp, 18, world=4) == 100 + 5 * 10 + 10
+    assert plan.rows_per_rank(18, 4) == 5 and plan.step_peak(fp, 18, world=4) == 100 + 5 * 10
     assert plan.predicted_peak(plan.Footprint(100, 80, 10, 10, 5, False, so_far=500), 3) == 500
 
 
 def test_largest_k_is_the_largest_that_fits_the_capacity_less_the_margin():
-    fp = plan.Footprint(plain_peak=100, resident=80, row=10, center=10, checkpoint=0, halved=False)
-    capacity = (100 + 4 * 10 + 10) / (1 - plan.MARGIN)
+    fp = plan.Footprint(plain_peak=100, resident=80, row=10, soup_row=10, checkpoint=0, halved=False)
+    capacity = (100 + 4 * 10) / (1 - plan.MARGIN)
     assert plan.largest_k(fp, capacity, n=72) == 4
     assert plan.largest_k(fp, capacity - 1, n=72) == 3
     assert plan.largest_k(fp, capacity, n=2) == 2          # a larger K is one group of all n
@@ -51,11 +51,12 @@ def test_largest_k_is_the_largest_that_fits_the_capacity_less_the_margin():
 
 def test_the_issue_h200_numbers():
     """ViT-B/32 (87.85 M learned numbers), batch 128, on the H200 of issue 22: a plain step peaked at
-    5.41 GiB; K = 18 at 11.94 GiB (float32 directions) and 9.00 GiB (bfloat16). The plan predicts
-    11.63 and 8.68 GiB (2.6 % and 3.6 % under: the GPU then held one ingredient more than K + 1), and
-    a 24 GB card taking K = 50 (float32) or all 72 (bfloat16)."""
+    5.41 GiB before its gradients existed; the plan measures its plain step with MEHL's flat gradient
+    allocated (5.41 GiB + one ingredient). K = 18 peaked at 11.94 GiB (float32 directions) and 9.00 GiB
+    (bfloat16) with the step of that time, which held a center too. The plan predicts 11.63 and 8.68 GiB
+    (2.6 % and 3.6 % under: that center), and a 24 GB card taking K = 50 (float32) or all 72 (bfloat16)."""
     D = 87_854_346
-    gpu = dict(plain_peak=int(5.41 * GiB), resident=int(2.5 * GiB), center=4 * D, checkpoint=0)
+    gpu = dict(plain_peak=int(5.41 * GiB) + 4 * D, resident=int(2.5 * GiB), soup_row=4 * D, checkpoint=0)
     fp32 = plan.Footprint(row=4 * D, halved=False, **gpu)
     bf16 = plan.Footprint(row=2 * D, halved=True, **gpu)
     for fp, measured in ((fp32, 11.94), (bf16, 9.00)):

@@ -5,7 +5,7 @@ interrupted or is refused in one line.
 A state holds: version, config (the defining arguments, and `ingredient_files`: each ingredient's
 path, size, modification time and sha256), models_epoch, next_group, order, soup, alpha, the two
 generator states, groups (the log of finished groups) and seconds. Also here: the check that stops a
-run whose soup went non-finite (a too large --lr) before anything is written."""
+run whose soup went non-finite (a too large --lr) before anything of its group is written."""
 import json
 import math
 
@@ -121,11 +121,13 @@ def _show(x):
     return text if len(text) <= 40 else text[:40] + "..."
 
 
-def check_finite(soup, group, step, lr):
-    """Stop (one line) as soon as the learned soup holds a NaN or Inf: it would be saved otherwise.
-    Checked a slice at a time, so the check allocates nothing of the soup's size."""
-    flat, chunk = soup.reshape(-1), 1 << 20
-    if not all(bool(torch.isfinite(flat[s:s + chunk]).all()) for s in range(0, flat.numel(), chunk)):
-        raise UserError(f"the soup became non-finite (NaN or Inf) in group {group}, step {step}: the "
-                        f"coefficients diverged; try a smaller --lr (now {lr:g}); nothing was written "
+def check_finite(first_bad_step, group, lr):
+    """Stop (one line) when a step of the group left the soup holding a NaN or Inf: it would be saved
+    otherwise. `first_bad_step` is the first such step (1 for the group's first step), 0 when none: the
+    step keeps it on the device, and it is read once per logging interval and at the end of every
+    epoch, so a run stops at the first read after the soup went non-finite, before anything of the
+    group is written."""
+    if first_bad_step:
+        raise UserError(f"the soup became non-finite (NaN or Inf) in group {group}, step {first_bad_step}: "
+                        f"the coefficients diverged; try a smaller --lr (now {lr:g}); nothing was written "
                         "for this group")

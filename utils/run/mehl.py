@@ -4,18 +4,36 @@ puts it on a model.
 Memory of a step, in full-model-sized tensors of the learned parameters (D numbers each):
 
 - the model's own parameters, which *are* the soup: `FlatSoup` makes them views of one flat vector,
-  so the soup is written in place by the combine and never copied into the model;
+  and the step adds its move into it in place, so the soup is never copied into the model;
 - their gradients, views of one flat vector: the backward pass accumulates into it, so the gradient
   is read in place by the projection (no concatenation);
 - the K rows of directions of this rank (K / world size under torchrun), each ingredient loaded
-  straight into its slot, tensor by tensor;
-- the group's center (the soup when the group started; the first group's mean).
+  straight into its slot, tensor by tensor.
 
-The first two are what a plain forward/backward holds too, so a MEHL step holds K + 1 ingredients more
-than a plain step, plus, while a row is loaded, the checkpoint being read (one ingredient, with the
-tensors that are not learned). Block products read the rows in place (no (K, D) temporary); with
-directions stored in bfloat16 or float16 they read slices of at most `hyperplane.SLICE` numbers per
-row cast to float32. Nothing else of size D is allocated per step.
+No center is kept. A group starts with the soup at its center and X at 0 (the first group's mean is
+written straight into the soup, a later group's center is the soup as it is), and each step adds
+sum_i (X_new - X_old)[i, b] P[i, b] to the soup, so it stays center + sum_i X[i, b] P[i, b] without the
+center being held: the float32 additions drift from that sum by about sqrt(steps) roundings (1e-6
+relative after hundreds of steps). Under torchrun each rank's share of the move is summed through the
+gradient's buffer, which is free between the projection and the next backward pass.
+
+So a step holds K ingredients more than a plain forward/backward that keeps its gradients (K + 1.0 was
+measured on a CPU with a center kept), and K + 1 more where a plain step's peak comes before its
+gradients exist: on a GPU at batch 128 a plain step peaks early in the backward pass, with its
+activations still alive and few of its gradients made (each is made as activations are freed), while
+the flat gradient here exists from the start (K + 2.0 was measured on an H200 with a center kept). That
+gradient stays: the projection reads it as one vector, for all blocks in a fixed number of kernels;
+projecting each tensor's gradient as the backward pass makes it (a hook per tensor) would drop it, at
+the cost of a kernel per tensor. While a row is loaded the checkpoint being read is held too (one
+ingredient, with the tensors that are not learned). Block products read the rows in place (no (K, D)
+temporary): on CUDA the fast path (`utils.soup.segmented`) keeps per-chunk partial sums, K x D / 1024
+numbers; the per-block loop with directions stored in bfloat16 or float16 reads slices of at most
+`hyperplane.SLICE` numbers per row cast to float32. Nothing else of size D is allocated per step
+(tests/test_mehl_step.py counts).
+
+A step reads nothing back from the device (no host sync): the loss is returned as a device tensor, the
+ViT clip factor stays one (`clip_factor`), and the non-finite check is a device flag; `StepLog` reads
+the losses and the flag together every `LOG_EVERY` steps and at the end of an epoch.
 """
 from dataclasses import dataclass, field
 from typing import Callable
@@ -23,6 +41,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from utils.files import mehl_state
 from utils.files.ingredients import load_checked
 from utils.runtime import distributed
 from utils.soup import hyperplane
@@ -30,6 +49,7 @@ from utils.soup.schedules import set_lr
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MEAN_SLICE = 1 << 22  # numbers per all-reduce when the first center is averaged over ranks
+LOG_EVERY = 20  # steps between reads of the loss and the non-finite flag (each read waits for the device)
 
 
 class FlatSoup:
@@ -54,8 +74,10 @@ class FlatSoup:
 
 @dataclass
 class Group:
-    """One group's learning state on this rank: its center, this rank's directions P and their
-    inverse norms, the coefficients X with their optimizer, and the lr schedule."""
+    """One group's learning state on this rank: its center (the soup where the group starts; from
+    `directions`, the soup's own vector, so no copy is held), this rank's directions P and their inverse
+    norms, the coefficients X with their optimizer, the lr schedule, and the first step after which the
+    soup was not finite."""
     center: torch.Tensor
     P: torch.Tensor
     inv_norms: torch.Tensor
@@ -64,6 +86,11 @@ class Group:
     schedule: Callable
     step: int = 0
     losses: list = field(default_factory=list)
+    first_bad: torch.Tensor = None  # the first step after which the soup was not finite (0: none)
+
+    def __post_init__(self):
+        if self.first_bad is None:
+            self.first_bad = torch.zeros((), dtype=torch.int64, device=self.X.device)
 
 
 def load_rows(paths, members, names, sizes, reference, dtype, device, center=None):
@@ -85,73 +112,135 @@ def load_rows(paths, members, names, sizes, reference, dtype, device, center=Non
     return rows
 
 
-def group_mean(rows, count):
+def group_mean(rows, count, out):
     """The mean of the group's rows over every rank (`count` rows in all), accumulated in float64 one
-    slice at a time, row by row: `rows[:, s:e].sum(0, dtype=float64)` would first copy all the rows'
-    slices to float64 (K x 32 MB)."""
-    center = torch.empty(rows.shape[1], dtype=rows.dtype, device=rows.device)
+    slice at a time, row by row (`rows[:, s:e].sum(0, dtype=float64)` would first copy all the rows'
+    slices to float64: K x 32 MB), written into `out`."""
     for s in range(0, rows.shape[1], MEAN_SLICE):
         e = min(s + MEAN_SLICE, rows.shape[1])
         acc = torch.zeros(e - s, dtype=torch.float64, device=rows.device)
         for row in rows:
             acc += row[s:e]
-        center[s:e] = distributed.all_reduce_sum(acc) / count
-    return center
+        out[s:e] = distributed.all_reduce_sum(acc) / count
+    return out
 
 
-def streamed_mean(paths, members, names, sizes, reference, count, like):
-    """The group's mean without holding its rows: this rank's ingredients summed one at a time."""
-    total = torch.zeros_like(like)
+def streamed_mean(paths, members, names, sizes, reference, count, out):
+    """The group's mean without holding its rows: this rank's ingredients summed one at a time into
+    `out`."""
+    out.zero_()
     for i in members:
-        total += load_rows(paths, [i], names, sizes, reference, like.dtype, like.device)[0]
-    return distributed.all_reduce_sum(total).div_(count)
+        out += load_rows(paths, [i], names, sizes, reference, out.dtype, out.device)[0]
+    return distributed.all_reduce_sum(out).div_(count)
 
 
 def directions(paths, members, count, layout, reference, soup, dtype, first):
-    """(center, P, inv_norms) of a group: the center is the current soup, or the group's mean for the
-    first group; P holds this rank's unit directions in `dtype`."""
+    """(center, P, inv_norms) of a group. The center is the soup itself (`soup.theta`, returned as it
+    is): the current soup, or for the first group the group's mean, written into the soup. P holds this
+    rank's unit directions in `dtype`."""
     args = (paths, members, layout.names, layout.sizes, reference)
-    if dtype == soup.theta.dtype:
-        rows = load_rows(*args, dtype, soup.theta.device)
-        center = group_mean(rows, count) if first else soup.theta.clone()
+    center = soup.theta
+    if dtype == center.dtype:
+        rows = load_rows(*args, dtype, center.device)
+        if first:
+            group_mean(rows, count, out=center)
         P, inv_norms = hyperplane.directions_(rows, center, layout.bounds)
         return center, P, inv_norms
-    center = streamed_mean(*args, count, soup.theta) if first else soup.theta.clone()
-    P = load_rows(*args, dtype, soup.theta.device, center=center)
+    if first:
+        streamed_mean(*args, count, out=center)
+    P = load_rows(*args, dtype, center.device, center=center)
     return center, P, hyperplane.normalise_(P, layout.bounds)
 
 
 def gradient(model, soup, batch, n_global, labelsmooth):
     """Fill `soup.grad` with the gradient of the mean loss over the global batch, summed over ranks
-    (each rank's loss is a sum over its examples divided by the global batch size); returns the loss.
-    `model` is the model, or a function of the batch's inputs giving its logits (MEHL passes the rest
-    of the model when the inputs are a frozen prefix's outputs, utils/run/prefix.py)."""
+    (each rank's loss is a sum over its examples divided by the global batch size); returns the loss,
+    summed over ranks, as a 1-element tensor on the device (read it once per logging interval, not per
+    step: reading it waits for the device). `model` is the model, or a function of the batch's inputs
+    giving its logits (MEHL passes the rest of the model when the inputs are a frozen prefix's outputs,
+    utils/run/prefix.py)."""
     soup.grad.zero_()
-    loss = torch.zeros(1, device=soup.theta.device)
-    if batch is not None:
+    if batch is None:
+        loss = torch.zeros(1, device=soup.theta.device)
+    else:
         x, y = batch
         logits = model(x.to(soup.theta.device, non_blocking=True))
         batch_loss = F.cross_entropy(logits, y.to(soup.theta.device), label_smoothing=labelsmooth,
                                      reduction="sum") / n_global
         batch_loss.backward()
-        loss += batch_loss.detach()
+        loss = batch_loss.detach().reshape(1)
     distributed.all_reduce_sum(soup.grad)
-    return float(distributed.all_reduce_sum(loss))
+    return distributed.all_reduce_sum(loss)
+
+
+def clip_factor(grad, max_norm=1.0):
+    """min(1, max_norm / (||grad|| + 1e-6)), the factor of `clip_grad_norm_`, as a device scalar."""
+    return (max_norm / (torch.linalg.vector_norm(grad) + 1e-6)).clamp_(max=1.0)
 
 
 def step(model, soup, group, bounds, batch, n_global, labelsmooth=0.0, clip=False):
     """One MEHL step: the gradient at the soup (the model's parameters), clipped to norm 1 for ViTs as
-    released, projected onto the directions, an optimizer step on X at the schedule's lr, and the new
-    soup center + sum_i X[i, b] P[i, b] written into the model. Returns the batch loss."""
+    released, projected onto the directions, an optimizer step on X at the schedule's lr, and the soup
+    moved by sum_i (X_new - X_old)[i, b] P[i, b] in place (it starts at the center, X at 0, so it stays
+    center + sum_i X[i, b] P[i, b] up to float rounding). No value is read back from the device: returns
+    the batch loss as a device tensor, and records the first step after which the soup was not finite
+    in `group.first_bad` (read both with `StepLog`)."""
+    if group.step == 0 and group.center is not soup.theta:
+        with torch.no_grad():
+            soup.theta.copy_(group.center)
     loss = gradient(model, soup, batch, n_global, labelsmooth)
-    if clip:
-        soup.grad.mul_(min(1.0, 1.0 / (float(soup.grad.norm()) + 1e-6)))
-    group.X.grad = hyperplane.project(group.P, soup.grad, bounds).to(group.X.dtype)
+    dX = hyperplane.project(group.P, soup.grad, bounds, scale=clip_factor(soup.grad) if clip else None)
+    group.X.grad = dX.to(group.X.dtype)
     set_lr(group.optimizer, group.schedule(group.step))
+    before = group.X.detach().clone()
     group.optimizer.step()
     group.step += 1
     with torch.no_grad():
-        hyperplane.combine(group.X, group.P, bounds, out=soup.theta)
-        distributed.all_reduce_sum(soup.theta)
-        soup.theta.add_(group.center)
+        move = group.X.detach() - before
+        if distributed.is_distributed():
+            # each rank holds its own rows: their sum goes through the gradient's buffer, free until
+            # the next backward pass
+            hyperplane.combine(move, group.P, bounds, out=soup.grad)
+            soup.theta.add_(distributed.all_reduce_sum(soup.grad))
+        else:
+            hyperplane.combine(move, group.P, bounds, out=soup.theta, accumulate=True)
+        # NaN propagates through min and max (documented), and an Inf is one of them: exact, one pass
+        bad = ~torch.isfinite(torch.stack(torch.aminmax(soup.theta))).all()
+        group.first_bad = torch.where(bad & (group.first_bad == 0), group.step, group.first_bad)
     return loss
+
+
+class StepLog:
+    """The losses of a group's steps, kept on the device and read every `every` steps and at the end of
+    an epoch (`read`), together with the group's non-finite flag: one host sync per read, none per
+    step."""
+
+    def __init__(self, group, label, lr, every=None):
+        self.group, self.label, self.lr = group, label, lr
+        self.every = every or LOG_EVERY
+        self.pending = []
+
+    def add(self, loss, n_global, lr):
+        self.pending.append((loss.reshape(1), n_global, lr))
+
+    def due(self):
+        return len(self.pending) >= self.every
+
+    def read(self, bar=None, wandb=None):
+        """Log the pending steps (the bar's postfix, one wandb line per step) and return the sum of
+        loss x global batch size over them. Raises a one-line UserError when the soup went non-finite
+        (`mehl_state.check_finite`)."""
+        if not self.pending:
+            return 0.0
+        values = torch.cat([torch.cat([loss for loss, _, _ in self.pending]).double(),
+                            self.group.first_bad.reshape(1).double()]).tolist()
+        mehl_state.check_finite(int(values[-1]), self.label, self.lr)
+        total = 0.0
+        for value, (_, n, lr) in zip(values, self.pending):
+            total += value * n
+            if wandb is not None:
+                wandb.log({"loss": value, "lr": lr})
+        if bar is not None:
+            bar.set_postfix(loss=f"{values[-2]:.4f}")
+        self.pending = []
+        return total

@@ -2,11 +2,12 @@
 that fits the device (`--model_batch auto`).
 
 What a step holds (utils/run/mehl.py lists every tensor): above a plain forward/backward of the same
-model, the K rows of directions of this rank (ceil(K / world size) under torchrun) in the directions'
-dtype, and the group's center in the soup's dtype: K + 1 ingredients' learned parameters (K / 2 + 1
-with bfloat16 directions). While a row loads, the checkpoint being read sits beside the rows; it is read
-into host memory, so it counts on a CPU and not on a GPU. With half-precision rows the center is made
-before the rows (it is subtracted while they load), so it is held during loading too.
+model whose gradient is one flat vector from the start (MEHL's `FlatSoup`, as measured here), the K rows
+of directions of this rank (ceil(K / world size) under torchrun) in the directions' dtype: K ingredients'
+learned parameters (K / 2 with bfloat16 directions). No center is held (the soup is the center). While a
+row loads, the checkpoint being read sits beside the rows; it is read into host memory, so it counts on
+a CPU and not on a GPU. With half-precision rows the first group's mean is summed one ingredient at a
+time, each loaded as a row of the soup's dtype: that row is held while they load too.
 
 The plain step's own peak is measured, not estimated: its activations depend on the architecture, the
 batch, the kernels and the allocator, which no formula here knows. One forward/backward on one held-out
@@ -35,9 +36,9 @@ class Footprint:
     plain_peak: int           # one plain forward/backward, measured
     resident: int             # what the process holds between steps (after the plain step)
     row: int                  # one row of directions (D numbers in the directions' dtype)
-    center: int               # the group's center (D numbers in the soup's dtype)
+    soup_row: int             # one row in the soup's dtype (D numbers), summed into the first group's mean
     checkpoint: int           # one checkpoint being read into this device's memory (0 on a GPU)
-    halved: bool              # rows in half precision: the center is held while they load
+    halved: bool              # rows in half precision: the first group's mean is summed row by row
     so_far: int = 0           # the process's peak before learning (a run never peaks lower)
 
 
@@ -47,12 +48,12 @@ def rows_per_rank(k, world):
 
 
 def step_peak(fp, k, world=1):
-    """The peak of learning with groups of K: the larger of a step (plain + rows + center) and of
-    loading a row (what stays resident + rows + the checkpoint being read, with the center)."""
+    """The peak of learning with groups of K: the larger of a step (plain + rows) and of loading a row
+    (what stays resident + rows + the checkpoint being read, and with half-precision rows the row of
+    the soup's dtype being summed)."""
     rows = rows_per_rank(k, world) * fp.row
-    learning = fp.plain_peak + rows + fp.center
-    beside = fp.center + fp.checkpoint if fp.halved else max(fp.center, fp.checkpoint)
-    return max(learning, fp.resident + rows + beside)
+    beside = fp.checkpoint + (fp.soup_row if fp.halved else 0)
+    return max(fp.plain_peak + rows, fp.resident + rows + beside)
 
 
 def predicted_peak(fp, k, world=1):
@@ -177,8 +178,8 @@ def describe(fp, k, how, n, world, device, capacity, fits, numel, dtype, batch):
         f"a plain forward/backward on one held-out batch of {batch}, measured before learning: "
         f"{gib(fp.plain_peak)}; a step holds {rows} row(s) of directions above it ({numel / 1e6:.2f} M "
         f"learned numbers in {dtype}: {gib(fp.row)} each{'' if world == 1 else f', this rank of {world}'}) "
-        f"and the group's center ({gib(fp.center)}); while a row loads, the checkpoint being read ({where}"
-        f"{', ' + gib(fp.checkpoint) if fp.checkpoint else ''})",
+        f"; while a row loads, the checkpoint being read ({where}{', ' + gib(fp.checkpoint) if fp.checkpoint else ''})"
+        + (f" and a row of the soup's dtype ({gib(fp.soup_row)})" if fp.halved else ""),
     ]
     if capacity is None:
         lines.append("available memory unknown: no K is ruled out")

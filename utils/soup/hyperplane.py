@@ -11,9 +11,13 @@ and block b:
 
 Because a block is a slice, each of these is a dense matrix-vector product over `P[:, start:stop]`:
 the rows are read once per call and nothing is scattered over D (memory-bandwidth cost, on CPU and on
-CUDA alike). Directions may be stored in a lower precision than the gradient (bfloat16, float16):
-products then read the rows in slices of at most `SLICE` numbers per row, cast to the gradient's dtype,
-so every sum accumulates in float32 and the temporaries stay small.
+CUDA alike). `project` and `combine` run as a fixed number of kernels whatever the number of blocks
+where `utils.soup.segmented` supports the tensors (CUDA with Triton); elsewhere, and as the reference
+the fast path is tested against, they loop over the blocks (`project_blocks`, `combine_blocks`).
+Directions may be stored in a lower precision than the gradient (bfloat16, float16): the fast path
+loads them as they are and accumulates in float32; the loop reads the rows in slices of at most
+`SLICE` numbers per row, cast to the gradient's dtype, so its sums accumulate in float32 too and its
+temporaries stay small.
 
 Coefficients over the N ingredients of the whole range (alpha, B x N, rows sum to 1) are tracked
 exactly: in coefficient space P[i, b] = (e_i - alpha_center[b]) / norm[i, b], so
@@ -21,6 +25,8 @@ exactly: in coefficient space P[i, b] = (e_i - alpha_center[b]) / norm[i, b], so
     alpha[b] = alpha_center[b] + sum_i X[i, b] (e_i - alpha_center[b]) / norm[i, b].
 """
 import torch
+
+from utils.soup import segmented
 
 SLICE = 1 << 20  # numbers per row read at once when directions are stored in a lower precision
 
@@ -72,17 +78,31 @@ def directions(rows, center, bounds):
     return directions_(rows.clone(), center, bounds)
 
 
-def combine(X, P, bounds, out=None):
+def combine(X, P, bounds, out=None, accumulate=False):
     """sum_i X[i, b] P[i, b] as a flat (D,) vector: the move of the soup away from its center, written
-    into `out` when given. Under torchrun each rank passes its own rows and the results are summed."""
+    into `out` when given (added to it with `accumulate`). Under torchrun each rank passes its own rows
+    and the results are summed."""
     dtype = _compute_dtype(P.dtype, X.dtype)
     if out is None:
+        if accumulate:
+            raise ValueError("combine: accumulate needs out")
         out = torch.empty(P.shape[1], dtype=dtype, device=P.device)
+    if segmented.supports(P, out, bounds) and segmented.combine(X, P, bounds, out, accumulate) is not None:
+        return out
+    return combine_blocks(X, P, bounds, out, accumulate)
+
+
+def combine_blocks(X, P, bounds, out, accumulate=False):
+    """`combine` one block at a time (the reference, and the path off CUDA)."""
+    dtype = _compute_dtype(P.dtype, X.dtype)
     X = X.detach().to(dtype)
     for b, (start, stop) in enumerate(bounds):
         for s, e in _pieces(start, stop, P.dtype, dtype):
             if P.shape[0] == 0:
-                out[s:e].zero_()
+                if not accumulate:
+                    out[s:e].zero_()
+            elif accumulate:
+                out[s:e].addmv_(P[:, s:e].to(dtype).T, X[:, b])
             else:
                 torch.mv(P[:, s:e].to(dtype).T, X[:, b], out=out[s:e])
     return out
@@ -93,8 +113,15 @@ def soup(center, X, P, bounds):
     return combine(X, P, bounds).add_(center)
 
 
-def project(P, g, bounds):
-    """The gradient with respect to X: dX[i, b] = <P[i, b], g_b>, shape (n, B)."""
+def project(P, g, bounds, scale=None):
+    """The gradient with respect to X: dX[i, b] = <P[i, b], g_b>, shape (n, B); times `scale` (a
+    0-dim tensor, e.g. a gradient clip factor, kept on the device) when given."""
+    dX = segmented.project(P, g, bounds, scale) if segmented.supports(P, g, bounds) else None
+    return project_blocks(P, g, bounds, scale) if dX is None else dX
+
+
+def project_blocks(P, g, bounds, scale=None):
+    """`project` one block at a time (the reference, and the path off CUDA)."""
     dtype = _compute_dtype(P.dtype, g.dtype)
     dX = torch.zeros(P.shape[0], len(bounds), dtype=dtype, device=P.device)
     if P.shape[0] == 0:
@@ -103,7 +130,7 @@ def project(P, g, bounds):
     for b, (start, stop) in enumerate(bounds):
         for s, e in _pieces(start, stop, P.dtype, dtype):
             dX[:, b] += torch.mv(P[:, s:e].to(dtype), g[s:e])
-    return dX
+    return dX if scale is None else dX.mul_(scale)
 
 
 # ------------------------------------------------------------------------------ coefficients

@@ -1,0 +1,140 @@
+"""The block products of `utils.soup.hyperplane` in a fixed number of kernel launches, whatever the
+number of blocks: a segmented matrix-vector product in Triton (`utils/soup/segmented_kernels.py`).
+
+Why: on a GPU, the per-block loop launches one `mv` per block and per product (2 x 154 for ViT-B/32
+with one block per tensor, plus a `dX[:, b] +=` each): a fixed cost per step that does not shrink with
+the rows. Here `project` is two launches (per-chunk partial sums, then per-block sums of the partials:
+no atomics, so the result is the same from run to run) and `combine` one; rows stored in bfloat16 or
+float16 are loaded as they are and converted in registers, so every sum accumulates in float32 and no
+cast copy is made. The launch grid is over column chunks, each with a small table of the blocks that
+cut it (`_plan`, built once per layout and device).
+
+Where it runs: CUDA tensors when Triton is importable, and CPU tensors when Triton interprets its
+kernels (TRITON_INTERPRET=1: tests compare it with the per-block loop there). On a CPU the per-block
+loop stays in use: a BLAS `mv` per block reads the rows at the memory's bandwidth, and an op costs
+microseconds, not a launch. Rows in float32, bfloat16 or float16; the vector and output in float32.
+"""
+import functools
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+COLS = 1024       # columns per program
+MAX_ROWS = 16     # rows per tile of a program
+WARPS = 16        # warps per program: 16 x 1024 float32 tiles in about 76 registers a thread (ptxas, sm_90)
+SEGS = 256        # partial sums read at once by a block's program
+ROW_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+failure = None    # why the kernels could not run in this process (then the per-block loop runs)
+
+
+def interpreting():
+    """Whether Triton interprets its kernels on the CPU (its own switch, TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(interpret):
+    """The compiled (or, with `interpret`, interpreted) kernels; None without Triton. `triton.jit`
+    decides between the two when it is called, from TRITON_INTERPRET, hence the cache key."""
+    try:
+        import triton
+        from utils.soup import segmented_kernels as src
+    except ImportError:
+        return None
+    return {name: triton.jit(getattr(src, name))
+            for name in ("project_partials", "project_blocks", "combine")}
+
+
+def _on_device(t):
+    return t.device.type == "cuda" or (t.device.type == "cpu" and interpreting())
+
+
+def supports(P, vector, bounds):
+    """Whether the fast path can take rows P (n, D) with `vector` (the gradient, or the combine's output)
+    and `bounds`: the device (above), dtypes, unit column strides, and blocks that tile [0, D) in order."""
+    if not (_on_device(P) and vector.device == P.device and P.dim() == 2 and P.shape[0] > 0
+            and P.dtype in ROW_DTYPES and vector.dtype == torch.float32 and P.stride(1) == 1
+            and vector.dim() == 1 and vector.is_contiguous() and vector.numel() == P.shape[1] > 0):
+        return False
+    if not bounds or bounds[0][0] != 0 or bounds[-1][1] != P.shape[1]:
+        return False
+    if any(stop < start for start, stop in bounds) or \
+            any(bounds[b][1] != bounds[b + 1][0] for b in range(len(bounds) - 1)):
+        return False
+    return failure is None and _kernels(interpreting()) is not None
+
+
+def _launch(name, grid, *args, **meta):
+    """Launch one kernel; when Triton cannot compile or run it here, say so once, note why in `failure`
+    and return False (the caller falls back to the per-block loop). A compile error comes before the
+    kernel writes anything."""
+    global failure
+    try:
+        _kernels(interpreting())[name][grid](*args, **meta)
+        return True
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as err:  # a Triton version or device these kernels do not compile for
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        failure = f"{name}: {type(err).__name__}: {first_line}"
+        log.warning("the fixed-launch block products are off in this process (%s); the per-block loop "
+                    "runs instead", failure)
+        return False
+
+
+@functools.lru_cache(maxsize=16)
+def _plan(bounds, n_cols, device, cols):
+    """Segment tables (see segmented_kernels.py) of a layout: a segment starts at every chunk start and
+    at every block start, and belongs to the last block starting at or before it (empty blocks own
+    none)."""
+    starts = torch.tensor([s for s, _ in bounds], dtype=torch.int64)
+    chunk_starts = torch.arange(0, n_cols, cols, dtype=torch.int64)
+    seg_start = torch.unique(torch.cat([starts[starts < n_cols], chunk_starts]))  # sorted
+    seg_stop = torch.cat([seg_start[1:], torch.tensor([n_cols])])
+    seg_block = (torch.searchsorted(starts, seg_start, right=True) - 1).to(torch.int32)
+    ends = torch.tensor([n_cols])
+    chunk_first = torch.searchsorted(seg_start, torch.cat([chunk_starts, ends]))
+    block_first = torch.searchsorted(seg_start, torch.cat([starts, ends]))
+    return {"n_segs": len(seg_start), "n_chunks": len(chunk_starts),
+            **{k: v.to(device) for k, v in (("seg_stop", seg_stop), ("seg_block", seg_block),
+                                            ("chunk_first", chunk_first), ("block_first", block_first))}}
+
+
+def _rows_per_tile(n):
+    return min(MAX_ROWS, max(2, 1 << (n - 1).bit_length()))
+
+
+def project(P, g, bounds, scale=None):
+    """dX[i, b] = <P[i, b], g_b> as an (n, B) float32 tensor, times the device scalar `scale` when given
+    (the ViT clip factor: the projection is linear, so clipping g and scaling dX agree). Two launches.
+    None when the kernels cannot run here (see `_launch`)."""
+    n, D = P.shape
+    plan = _plan(tuple(map(tuple, bounds)), D, P.device, COLS)
+    rows = _rows_per_tile(n)
+    partials = torch.empty(n, plan["n_segs"], dtype=torch.float32, device=P.device)
+    dX = torch.empty(n, len(bounds), dtype=torch.float32, device=P.device)
+    if scale is None:
+        scale = torch.ones(1, dtype=torch.float32, device=P.device)
+    with torch.profiler.record_function("segmented.project"):
+        done = _launch("project_partials", (plan["n_chunks"], -(-n // rows)), P, g, partials,
+                       plan["chunk_first"], plan["seg_stop"], n, D, P.stride(0), plan["n_segs"],
+                       ROWS=rows, COLS=COLS, num_warps=WARPS) and \
+            _launch("project_blocks", (len(bounds), -(-n // rows)), partials, dX, plan["block_first"],
+                    scale.reshape(1), n, plan["n_segs"], len(bounds), ROWS=rows, SEGS=SEGS, num_warps=4)
+    return dX if done else None
+
+
+def combine(X, P, bounds, out, accumulate=False):
+    """out[j] = sum_i X[i, b] P[i, j] for j in block b, added to out when `accumulate`. One launch.
+    None when the kernels cannot run here (see `_launch`)."""
+    n, D = P.shape
+    plan = _plan(tuple(map(tuple, bounds)), D, P.device, COLS)
+    X = X.detach().to(device=P.device, dtype=torch.float32).contiguous()
+    with torch.profiler.record_function("segmented.combine"):
+        done = _launch("combine", (plan["n_chunks"],), P, X, out, plan["chunk_first"], plan["seg_stop"],
+                       plan["seg_block"], n, D, P.stride(0), len(bounds), ACCUMULATE=accumulate,
+                       ROWS=_rows_per_tile(n), COLS=COLS, num_warps=WARPS)
+    return out if done else None
