@@ -53,9 +53,9 @@ from torch.utils.data import default_collate
 from tqdm import tqdm
 
 import datasets
-from utils.files import mehl_state
+from utils.files import mehl_state, soup_io
 from utils.files.ingredients import index_of
-from utils.files.soup_io import buffer_coefficients, sidecar
+from utils.files.soup_io import sidecar
 from utils.files.state_dicts import atomic_write
 from utils.run import cli, individual, inputs, mehl, outputs, plan
 from utils.run.batchnorm import batchnorm_statistics, check_batch_statistics, reestimate, rule, set_mode
@@ -128,21 +128,15 @@ def model_batch_value(text):
 
 
 def check_args(args):
+    """MEHL's own flags (--lr, --wd, --layer-size and --memory-limit: `cli.check_learning`, with the
+    shared ones)."""
     if args.model_batch != "auto" and args.model_batch < 1:
         raise UserError(f"--model_batch must be >= 1, got {args.model_batch}")
-    if args.memory_limit is not None and not 0 < args.memory_limit < math.inf:
-        raise UserError(f"--memory-limit must be a finite number of GiB > 0, got {args.memory_limit}")
     for flag, value in (("--epochs", args.epochs), ("--models_epochs", args.models_epochs)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
-    if not 0 < args.lr < math.inf:
-        raise UserError(f"--lr must be a finite number > 0, got {args.lr}")
-    if not 0 <= args.wd < math.inf:
-        raise UserError(f"--wd must be a finite number >= 0, got {args.wd}")
     if not 0 <= args.labelsmooth < 1:
         raise UserError(f"--labelsmooth must be in [0, 1), got {args.labelsmooth}")
-    if args.layer_size < 0:
-        raise UserError(f"--layer-size must be >= 0, got {args.layer_size}")
     if args.stop_after_groups is not None and args.stop_after_groups < 1:
         raise UserError(f"--stop-after-groups must be >= 1, got {args.stop_after_groups}")
 
@@ -362,9 +356,7 @@ def finish(run, progress):
     itemsize = run.soup.theta.element_size()
     soup_sd = {k: v.detach().cpu().clone() for k, v in setup.model.state_dict().items()}
     statistics = batchnorm_statistics(setup.model, state_buffers(setup.model, floating=False)) if reestimated else []
-    coefficients = {"names": layout.names, "blocks": layout.blocks, "alpha": alpha,
-                    "identical_parameters": layout.identical,
-                    **buffer_coefficients(soup_sd, layout.differing_buffers, statistics)}
+    coefficients = soup_io.coefficients(layout, alpha, soup_sd, statistics)
     batchnorm = rule(setup.model, reestimated)
     alpha_doc = {"ingredients": [str(p) for p in run.paths], "blocks": layout.blocks, "alpha": alpha,
                  "summary": summary}

@@ -24,21 +24,19 @@ import math
 import os
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import datasets
-from utils.files.ingredients import index_of, stream
-from utils.files.soup_io import buffer_coefficients
+from utils.files import soup_io
+from utils.files.ingredients import index_of
 from utils.files.state_dicts import param_names
 from utils.run import batchnorm, cli, individual, inputs, outputs
 from utils.run.evaluation import evaluate_all
-from utils.run.layout import Differences, state_buffers
+from utils.run.layout import make_layout, state_buffers
 from utils.runtime import distributed
 from utils.runtime.errors import UserError, run_main
-from utils.runtime.memory import gib, reset_peak
+from utils.runtime.memory import gib, mem_available, reset_peak
 from utils.soup import learned, sampling
-from utils.soup.blocks import coefficient_blocks
 
 log = logging.getLogger("learned_soup")
 MARGIN_BYTES = 512 * 2**20  # activations of one batch, the optimizer, the runtime
@@ -80,28 +78,16 @@ def block_size(args):
 
 
 def check_learning_args(args):
-    if not 0 < args.lr < math.inf:
-        raise UserError(f"--lr must be a finite number > 0, got {args.lr}")
-    if not 0 <= args.wd < math.inf:
-        raise UserError(f"--wd must be a finite number >= 0, got {args.wd}")
-    if args.memory_limit is not None and not 0 < args.memory_limit < math.inf:
-        raise UserError(f"--memory-limit must be a finite number of GiB > 0, got {args.memory_limit}")
+    """Learned-Soup's own flags (--lr, --wd, --layer-size and --memory-limit: `cli.check_learning`, with
+    the shared ones)."""
     if args.epochs < 0:
         raise UserError(f"--epochs must be >= 0, got {args.epochs}")
-    if args.layer_size is not None and args.layer_size < 0:
-        raise UserError(f"--layer-size must be >= 0, got {args.layer_size}")
 
 
 # ------------------------------------------------------------------------------------------ memory
 def available_bytes(device):
     """Free memory where the ingredients will live: CUDA free memory, or MemAvailable on the host."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return None
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else mem_available()
 
 
 def check_memory(args, setup, n):
@@ -123,88 +109,91 @@ def check_memory(args, setup, n):
 
 
 # ------------------------------------------------------------------------------------- ingredients
-def load_resident(paths, setup):
-    """Stack the parameters that differ across the ingredients: {name: (N, *shape)} on the device, in
-    `named_parameters()` order. A parameter is stacked only once an ingredient differs from the first,
-    so parameters identical in all (CLIP's text leftovers) never take N copies. The model gets the first
-    ingredient (integer tensors and identical parameters come from it), with the float buffers that
-    differ set to their mean. Returns (stacked, identical parameter names, differing buffer names)."""
-    model, device = setup.model, setup.device
-    stacked, diff = {}, None
-    for i, _, sd in stream(paths, setup.reference, desc="loading ingredients"):
-        if diff is None:
-            diff = Differences(sd, param_names(model), state_buffers(model))
-            continue
-        for k in diff.add(sd):
-            if k in diff.params:
-                stacked[k] = torch.empty((len(paths), *sd[k].shape), dtype=sd[k].dtype, device=device)
-                stacked[k][:i] = diff.first[k]
+def load_resident(paths, setup, layer_size):
+    """The coefficient problem (utils/run/layout.py `make_layout`: which parameters differ, the blocks,
+    the BatchNorm rule) from one streamed pass over the ingredients, which also stacks the parameters
+    that differ: {name: (N, *shape)} on the device, in the layout's order. A parameter is stacked only
+    once an ingredient differs from the first, so parameters identical in all (CLIP's text leftovers)
+    never take N copies. The model gets the first ingredient with the differing float buffers averaged.
+    Returns (layout, stacked)."""
+    stacked, first = {}, {}
+
+    def stack(i, sd, newly_differing):
+        if i == 0:
+            first.update(sd)
+        for k in newly_differing:
+            if k in params:
+                stacked[k] = torch.empty((len(paths), *sd[k].shape), dtype=sd[k].dtype, device=setup.device)
+                stacked[k][:i] = first[k]
         for k in stacked:
             stacked[k][i].copy_(sd[k])
-        del sd
-    model.load_state_dict({**diff.first, **diff.buffer_means()})
-    stacked = {k: stacked[k] for k in diff.params if k in stacked}
-    return stacked, diff.identical_params(), diff.differing_buffers()
+
+    params = set(param_names(setup.model))
+    layout, base = make_layout(paths, setup.model, setup.reference, layer_size, visit=stack)
+    setup.model.load_state_dict(base)
+    return layout, {k: stacked[k] for k in layout.names}
 
 
 # ---------------------------------------------------------------------------------------- learning
-def global_batches(n, batch_size, seed, epoch):
-    """The shuffled global batches of one epoch, the same on every rank, and this rank's slice of each."""
-    gen = torch.Generator().manual_seed((seed * 100003 + epoch) % 2**64)  # any seed in [0, 2**64)
-    order = torch.randperm(n, generator=gen).tolist()
-    for s in range(0, n, batch_size):
-        batch = order[s:s + batch_size]
-        a, b = sampling.shard_range(len(batch), distributed.world_size(), distributed.rank())
-        yield batch[a:b], len(batch)
-
-
-def sum_grads(tensors):
-    for t in tensors:
-        distributed.all_reduce_sum(t.grad)
-
-
-def learn(args, setup, stacked, blocks, frozen_stats, wandb):
-    """AdamW over R and beta; returns (R, beta, mean held-out loss per epoch)."""
+def learn(args, setup, layout, stacked, wandb):
+    """AdamW over R and beta on the shuffled held-out split, each global batch shared out over the ranks
+    as MEHL-Soup shares it (utils/soup/sampling.py); returns (R, beta, mean held-out loss per epoch)."""
     model, device = setup.model, setup.device
-    owner = learned.owners(blocks)
-    raw = learned.init_raw(len(blocks), len(next(iter(stacked.values()))), device)
+    owner = learned.owners(layout.blocks)
+    raw = learned.init_raw(layout.num_blocks, len(next(iter(stacked.values()))), device)
     beta = torch.ones((), device=device, requires_grad=True)
     opt = torch.optim.AdamW([raw, beta], lr=args.lr, weight_decay=args.wd)
-    losses, step = [], 0
+    data_rng, losses, step = sampling.data_generator(args.seed), [], 0
+    per_epoch = math.ceil(len(setup.bundle.heldout) / args.batch_size)
     for epoch in range(args.epochs):
-        batchnorm.set_mode(model, frozen_stats)
+        batchnorm.set_mode(model, layout.frozen_stats)
         # what runs on the held-out split: a frozen prefix that holds no learned tensor runs once, images
         # are decoded once, all in --precision (utils/run/inputs.py)
-        heldout = inputs.learning(model, setup.bundle.heldout, device, args.batch_size, args.workers, stacked,
-                                  args.precision)
-        plan = list(global_batches(len(heldout.dataset), args.batch_size, args.seed, epoch))
-        loader = iter(DataLoader(heldout.dataset, batch_sampler=[b for b, _ in plan if b],
-                                 num_workers=heldout.workers))
+        heldout = inputs.learning(model, setup.bundle.heldout, device, args.batch_size, args.workers,
+                                  layout.names, args.precision)
         total = torch.zeros(2, dtype=torch.float64, device=device)
-        for local, size in tqdm(plan, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                                disable=not distributed.is_primary()):
+        batches = sampling.rank_batches(heldout.dataset, args.batch_size, data_rng, distributed.world_size(),
+                                        distributed.rank(), heldout.workers)
+        for n_global, batch in tqdm(batches, total=per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
+                                    leave=False, disable=not distributed.is_primary()):
             opt.zero_grad(set_to_none=False)
-            if local:
-                x, y = next(loader)
+            if batch is not None:
+                x, y = batch
                 loss = learned.soup_loss(heldout.forward, stacked, raw, beta, owner, x.to(device), y.to(device),
-                                         size, heldout.key_prefix)
+                                         n_global, heldout.key_prefix)
             else:  # a global batch smaller than the world: this rank adds nothing
                 loss = 0.0 * (raw.sum() + beta)
             loss.backward()
-            sum_grads([raw, beta])
+            for t in (raw, beta):
+                distributed.all_reduce_sum(t.grad)
             opt.step()
             if not (torch.isfinite(raw).all() and torch.isfinite(beta)):
                 raise UserError(f"the coefficients became non-finite (NaN or Inf) in epoch {epoch + 1}, "
                                 f"step {step + 1}: try a smaller --lr (now {args.lr:g}); nothing was written")
-            total += torch.tensor([loss.item() * size, len(local)], dtype=torch.float64, device=device)
+            total += torch.stack([loss.detach().double() * n_global,
+                                  torch.tensor(0.0 if batch is None else len(batch[1]), dtype=torch.float64,
+                                               device=device)])
             step += 1
         distributed.all_reduce_sum(total)
-        mean_loss = total[0].item() / total[1].item()
-        losses.append(mean_loss)
-        wandb.log({"heldout_loss": mean_loss, "temperature": beta.item(), "epoch": epoch + 1}, step=step)
+        losses.append(total[0].item() / total[1].item())
+        wandb.log({"heldout_loss": losses[-1], "temperature": beta.item(), "epoch": epoch + 1}, step=step)
         if distributed.is_primary():
-            log.info("epoch %d: held-out loss %.4f, temperature %.3f", epoch + 1, mean_loss, beta.item())
+            log.info("epoch %d: held-out loss %.4f, temperature %.3f", epoch + 1, losses[-1], beta.item())
     return raw.detach(), beta.detach(), losses
+
+
+def mix_into_model(setup, layout, stacked, alpha, args):
+    """Put the soup sum_i alpha[b, i] theta_i into the model; re-estimate its BatchNorm statistics on the
+    held-out split when they differ across the ingredients. Returns the names of the re-estimated ones."""
+    model = setup.model
+    with torch.no_grad():
+        state = model.state_dict()
+        for k, v in learned.mix(stacked, alpha, learned.owners(layout.blocks)).items():
+            state[k].copy_(v)
+    if layout.frozen_stats:
+        return []
+    batchnorm.reestimate(model, setup.bundle.heldout, setup.device, args.batch_size, args.workers)
+    return batchnorm.batchnorm_statistics(model, state_buffers(model, floating=False))
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -219,54 +208,35 @@ def main(argv=None):
     paths = individual.souped_paths(setup, args.exclude_top)
     torch.manual_seed(args.seed)
     reset_peak(setup.device)  # again: leave the individual evaluations of --exclude-top out of the peak
-    model = setup.model
-    for p in model.parameters():
+    for p in setup.model.parameters():
         p.requires_grad_(False)
 
-    stacked, identical, differ = load_resident(paths, setup)
-    if not stacked:
-        raise UserError("every parameter is identical in all ingredients: there is nothing to learn")
-    names = list(stacked)
-    bn_differ = batchnorm.batchnorm_statistics(model, differ)
-    frozen_stats = not bn_differ
-    if bn_differ:
+    layout, stacked = load_resident(paths, setup, block_size(args))
+    if not layout.frozen_stats:
         batchnorm.check_batch_statistics(len(setup.bundle.heldout), args.batch_size, distributed.world_size())
-    blocks = coefficient_blocks(names, [stacked[k][0].numel() for k in names], block_size(args))
-    if distributed.is_primary():
-        log.info("%s: %d ingredients, %d learned tensors in %d block(s), %d identical in all kept as they "
-                 "are; BatchNorm statistics %s", method, len(paths), len(names), len(blocks), len(identical),
-                 "frozen (eval mode)" if frozen_stats else "differ (train mode, re-estimated at the end)")
-
+    log_start(method, layout, len(paths))
     wandb = outputs.Wandb(args.wandb, "model-soups", setup.arguments, setup.results_db.parent)
-    raw, beta, losses = learn(args, setup, stacked, blocks, frozen_stats, wandb)
+    raw, beta, losses = learn(args, setup, layout, stacked, wandb)
 
     alpha = torch.softmax(raw, dim=1)
-    with torch.no_grad():
-        state = model.state_dict()
-        for k, v in learned.mix(stacked, alpha, learned.owners(blocks)).items():
-            state[k].copy_(v)
+    reestimated = mix_into_model(setup, layout, stacked, alpha, args)
     del stacked
-    if bn_differ:
-        batchnorm.reestimate(model, setup.bundle.heldout, setup.device, args.batch_size, args.workers)
-    soup = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    evaluated = inputs.evaluation(model, setup.device, args.batch_size, args.workers, args.precision)
+    soup = {k: v.detach().cpu().clone() for k, v in setup.model.state_dict().items()}
+    evaluated = inputs.evaluation(setup.model, setup.device, args.batch_size, args.workers, args.precision)
     scores = evaluate_all(evaluated, setup.bundle, setup.device, args.batch_size, shifts=not args.no_shifts)
 
     alpha_list = alpha.cpu().double().tolist()
-    rule = batchnorm.rule(model, reestimated=bool(bn_differ))
-    fields = {"temperature": beta.item(), "heldout_loss_per_epoch": losses, "blocks": len(blocks),
-              "identical_parameters": identical,
-              "identical_numbers": sum(setup.reference[k].numel() for k in identical), "batchnorm": rule,
-              "memory_estimate_bytes": need, "memory_available_bytes": have}
-    if len(blocks) == 1:
-        fields["alpha"] = alpha_list[0]
-    reestimated = batchnorm.batchnorm_statistics(model, state_buffers(model, floating=False)) if bn_differ else []
-    coefficients = {"names": names, "blocks": blocks, "alpha": alpha_list, "identical_parameters": identical,
-                    **buffer_coefficients(soup, differ, reestimated)}
+    rule = batchnorm.rule(setup.model, reestimated=bool(reestimated))
+    fields = {"temperature": beta.item(), "heldout_loss_per_epoch": losses, "blocks": layout.num_blocks,
+              "identical_parameters": layout.identical,
+              "identical_numbers": sum(setup.reference[k].numel() for k in layout.identical), "batchnorm": rule,
+              "memory_estimate_bytes": need, "memory_available_bytes": have,
+              **({"alpha": alpha_list[0]} if layout.num_blocks == 1 else {})}
     record = outputs.write_outputs(
         setup, output, method, paths, scores, soup,
-        sidecars={"coefficients": coefficients_doc(paths, blocks, alpha_list, beta.item())},
-        coefficients=coefficients, recipe={"temperature": beta.item(), "batchnorm": rule}, **fields)
+        sidecars={"coefficients": coefficients_doc(paths, layout.blocks, alpha_list, beta.item())},
+        coefficients=soup_io.coefficients(layout, alpha_list, soup, reestimated),
+        recipe={"temperature": beta.item(), "batchnorm": rule}, **fields)
     wandb.log({"heldout": scores["heldout"], "test": scores["test"]})
     wandb.finish()
     if distributed.is_primary():
@@ -274,6 +244,14 @@ def main(argv=None):
                  scores["heldout"], scores["test"], scores.get("shift_mean"), beta.item())
     cli.end()
     return record
+
+
+def log_start(method, layout, n):
+    if distributed.is_primary():
+        log.info("%s: %d ingredients, %d learned tensors in %d block(s), %d identical in all kept as they are; "
+                 "BatchNorm statistics %s", method, n, len(layout.names), layout.num_blocks,
+                 len(layout.identical), "frozen (eval mode)" if layout.frozen_stats
+                 else "differ (train mode, re-estimated at the end)")
 
 
 def coefficients_doc(paths, blocks, alpha, temperature):

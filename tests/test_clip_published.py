@@ -67,8 +67,8 @@ def test_learned_soup_stacks_only_differing_parameters(zoo, data, tmp_path):
     from utils.run import cli
     args = learned_soup.parse_args([str(a) for a in argv(zoo, data, tmp_path, "--layerwise")])
     setup = cli.prepare(args, data=datasets.build_dataset)
-    stacked, identical, differ = learned_soup.load_resident(setup.paths, setup)
-    assert set(identical) == TEXT_LEFTOVERS and not differ
+    layout, stacked = learned_soup.load_resident(setup.paths, setup, 0)
+    assert set(layout.identical) == TEXT_LEFTOVERS and not layout.differing_buffers
     assert not TEXT_LEFTOVERS & set(stacked)
     visual = [n for n, _ in setup.model.named_parameters() if n not in TEXT_LEFTOVERS]
     assert list(stacked) == visual and all(t.shape[0] == N for t in stacked.values())

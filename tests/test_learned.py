@@ -17,7 +17,7 @@ from utils.files.soup_io import rebuild
 from utils.files.state_dicts import load_state_dict
 from utils.runtime.errors import UserError
 from utils.soup import learned
-from utils.soup.blocks import coefficient_blocks
+from utils.soup.blocks import make_blocks
 
 
 argv = partial(helpers.argv, heldout=5, test_size=40, batch_size=None, name=None)
@@ -34,22 +34,26 @@ def tiny_problem(n=3, seed=0):
     return model, stacked, x, y
 
 
+def blocks_of(names, sizes, layer_size):
+    """Blocks as lists of names (layer_size None: one block)."""
+    return [[names[i] for i in block] for block in make_blocks(sizes, layer_size)]
+
 def test_initial_soup_is_uniform_mean():
     model, stacked, _, _ = tiny_problem()
     names = list(stacked)
     for layer_size in (None, 0):
-        blocks = coefficient_blocks(names, [stacked[k][0].numel() for k in names], layer_size)
+        blocks = blocks_of(names, [stacked[k][0].numel() for k in names], layer_size)
         raw = learned.init_raw(len(blocks), 3)
         mixed = learned.mix(stacked, torch.softmax(raw, 1), learned.owners(blocks))
         for k in names:
             torch.testing.assert_close(mixed[k], stacked[k].mean(0))
-    assert len(coefficient_blocks(names, [1] * 4, 0)) == 4
+    assert len(blocks_of(names, [1] * 4, 0)) == 4
 
 
 def test_gradient_matches_finite_differences():
     model, stacked, x, y = tiny_problem()
     names = list(stacked)
-    blocks = coefficient_blocks(names, [stacked[k][0].numel() for k in names], 0)
+    blocks = blocks_of(names, [stacked[k][0].numel() for k in names], 0)
     owner = learned.owners(blocks)
     raw = torch.randn(len(blocks), 3, dtype=torch.float64, requires_grad=True)
     beta = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)

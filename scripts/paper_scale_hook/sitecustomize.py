@@ -30,6 +30,8 @@ def _chain():
 
 
 def _vm(field):
+    # read here, not through utils.runtime.memory: this file runs in every Python process of a step before
+    # anything is imported, and importing the project would import torch into each of them
     try:
         with open("/proc/self/status") as f:
             for line in f:

@@ -99,10 +99,16 @@ def recipe_describes(recipe, soup):
         return False
 
 
-def buffer_coefficients(soup, averaged, reestimated):
-    """How a recipe restores the float buffers of a learned soup: `averaged` (names) are the mean over
-    the ingredients; `reestimated` (names) were recomputed on data, so their values are recorded."""
-    return {"averaged_buffers": [k for k in averaged if k not in reestimated],
+def coefficients(layout, alpha, soup, reestimated):
+    """The "coefficients" of a learned soup's recipe, which `rebuild` reads and `read_recipe` checks:
+    the learned tensors ("names"), their blocks (lists of names) and alpha (B x N nested lists) from the
+    soup's `layout` (utils/run/layout.py), the parameters identical in every ingredient (kept as they
+    are), and how its float buffers are restored: those that differ across the ingredients are their
+    mean, except the BatchNorm statistics `reestimated` on data, whose values (from `soup`) are
+    recorded."""
+    return {"names": layout.names, "blocks": layout.blocks, "alpha": alpha,
+            "identical_parameters": layout.identical,
+            "averaged_buffers": [k for k in layout.differing_buffers if k not in reestimated],
             "reestimated_buffers": {k: soup[k].tolist() for k in reestimated}}
 
 

@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -114,14 +115,29 @@ def check_args(args):
         raise UserError(f"--heldout-per-class must be >= 1, got {args.heldout_per_class}")
     if args.params_end is not None and args.params_end <= args.params_start:
         raise UserError(f"--params_start {args.params_start} must be < --params_end {args.params_end}")
+    check_learning(args)
+    for attr, flag in SEED_FLAGS:
+        if getattr(args, attr, None) is not None:
+            check_seed(flag, getattr(args, attr))
+
+
+def check_learning(args):
+    """The flags of the scripts that learn coefficients (MEHL-Soup, Learned-Soup), checked where a script
+    has them: --lr, --wd, --layer-size, --memory-limit."""
     lr, wd = getattr(args, "lr", None), getattr(args, "wd", None)
+    if lr is not None and not 0 < lr < math.inf:
+        raise UserError(f"--lr must be a finite number > 0, got {lr}")
+    if wd is not None and not 0 <= wd < math.inf:
+        raise UserError(f"--wd must be a finite number >= 0, got {wd}")
     if lr is not None and lr > LR_MAX:  # float32 coefficients: Adam's first step is lr / 0.1
         raise UserError(f"--lr must be at most {LR_MAX:.6g} (a tenth of the largest float32), got {lr:g}")
     if lr is not None and wd is not None and lr * wd > LR_MAX:
         raise UserError(f"--lr times --wd must be at most {LR_MAX:.6g}, got {lr:g} x {wd:g}")
-    for attr, flag in SEED_FLAGS:
-        if getattr(args, attr, None) is not None:
-            check_seed(flag, getattr(args, attr))
+    layer_size, limit = getattr(args, "layer_size", None), getattr(args, "memory_limit", None)
+    if layer_size is not None and layer_size < 0:
+        raise UserError(f"--layer-size must be >= 0, got {layer_size}")
+    if limit is not None and not 0 < limit < math.inf:
+        raise UserError(f"--memory-limit must be a finite number of GiB > 0, got {limit}")
 
 
 # Every seed a script takes ends in a torch.Generator (or numpy's, which takes any integer >= 0).

@@ -61,7 +61,9 @@ from tqdm import tqdm
 
 from utils.archs import to_rgb
 from utils.files import identity
+from utils.files.cache import cache_folder
 from utils.runtime import distributed
+from utils.runtime.memory import mem_available
 from utils.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -77,12 +79,8 @@ _STATE = {"where": "memory", "warned": set()}   # a Path, "memory" or None (none
 
 
 def default_folder():
-    """$MODEL_SOUPS_CACHE/decoded, else $XDG_CACHE_HOME/model_soups/decoded, else
-    ~/.cache/model_soups/decoded."""
-    root = os.environ.get("MODEL_SOUPS_CACHE")
-    if root:
-        return Path(root) / "decoded"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()) / "model_soups" / "decoded"
+    """The decoded images' default folder: `decoded` in the toolkit's cache (utils/files/cache.py)."""
+    return cache_folder("decoded")
 
 
 def configure(flag):
@@ -268,7 +266,7 @@ def _decode_into(out, dataset, plan, rows, workers, desc):
 
 def _in_memory(dataset, plan, rows, workers, desc):
     need = len(rows) * int(np.prod(plan.shape))
-    budget = _available_bytes() * MEMORY_FRACTION / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    budget = (mem_available() or float("inf")) * MEMORY_FRACTION / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if need > budget:
         _once(("memory", id(dataset)), logging.WARNING, "%s: %.1f GiB of decoded images exceed the memory "
               "budget (%.1f GiB): decoded in every pass", desc, need / 2**30, budget / 2**30)
@@ -277,17 +275,6 @@ def _in_memory(dataset, plan, rows, workers, desc):
     _decode_into(array, dataset, plan, rows, workers, desc)
     log.info("%s: %d images decoded once, kept in memory (%.1f MiB)", desc, len(rows), need / 2**20)
     return array
-
-
-def _available_bytes():
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return float("inf")
 
 
 # ------------------------------------------------------------------------------------ on disk

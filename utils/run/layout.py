@@ -82,13 +82,19 @@ class Layout:
         return not self.statistics
 
 
-def make_layout(paths, model, reference, layer_size):
-    """One streamed pass over the ingredients. Returns (layout, base): `base` is the state dict every
-    soup starts from (the first ingredient, with the differing float buffers averaged)."""
+def make_layout(paths, model, reference, layer_size, visit=None):
+    """One streamed pass over the ingredients; `layer_size` as `make_blocks` takes it (None: one block).
+    Returns (layout, base): `base` is the state dict every soup starts from (the first ingredient, with
+    the differing float buffers averaged). `visit(i, state dict, names found to differ for the first
+    time)` sees every ingredient in turn (Learned-Soup stacks the differing ones as it goes)."""
     first = load_checked(paths[0], reference)
     diff = Differences(first, param_names(model), state_buffers(model))
-    for _, _, sd in stream(paths[1:], reference, desc="comparing ingredients"):
-        diff.add(sd)
+    if visit is not None:
+        visit(0, first, [])
+    for i, _, sd in stream(paths[1:], reference, desc="comparing ingredients"):
+        new = diff.add(sd)
+        if visit is not None:
+            visit(i + 1, sd, new)
     base = {**first, **diff.buffer_means()}
     identical = diff.identical_params()
     learned = [n for n in diff.params if n not in identical]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from utils.runtime.memory import resident_peak_bytes
+from utils.runtime.memory import mem_available, resident_peak_bytes, status_bytes
 
 MARGIN = 0.05                 # of the capacity kept free: allocator fragmentation, other processes
 CARD_BYTES = 24 * 2**30       # the launchers' 24 GB card ...
@@ -79,29 +79,6 @@ def card_k(fp, n, world=1):
 
 
 # ------------------------------------------------------------------------------------- devices
-def status_bytes(field):
-    """A `/proc/self/status` field in bytes (VmRSS, VmHWM), or None where there is none."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def mem_available():
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def capacity_bytes(device, limit_gib=None, local_world=1):
     """What this process may peak at: on CUDA the device's free memory plus what this process's
     allocator already holds; on a CPU its share of MemAvailable (processes of one host share it) plus

@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from utils.archs import split_of
+from utils.files.cache import cache_folder
 from utils.files.state_dicts import atomic_write, check_unpacked_size
 from utils.runtime import distributed
 from utils.runtime.errors import UserError
@@ -155,12 +156,8 @@ def _compute(split, dataset, device, batch_size, desc, limit):
 
 # ------------------------------------------------------------------------------- on disk
 def default_folder():
-    """$MODEL_SOUPS_CACHE/prefix, else $XDG_CACHE_HOME/model_soups/prefix, else
-    ~/.cache/model_soups/prefix."""
-    root = os.environ.get("MODEL_SOUPS_CACHE")
-    if root:
-        return Path(root) / "prefix"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()) / "model_soups" / "prefix"
+    """The prefix outputs' default folder: `prefix` in the toolkit's cache (utils/files/cache.py)."""
+    return cache_folder("prefix")
 
 
 def configure(folder):

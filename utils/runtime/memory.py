@@ -15,15 +15,33 @@ def reset_peak(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def resident_peak_bytes():
-    """This process's peak resident set in bytes."""
+def _proc_bytes(path, field):
+    """A "Field: <n> kB" line of a /proc file in bytes, or None where there is none (not Linux)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def status_bytes(field):
+    """A field of this process's /proc/self/status in bytes (VmRSS, VmHWM), or None."""
+    return _proc_bytes("/proc/self/status", field)
+
+
+def mem_available():
+    """The host's available memory (MemAvailable of /proc/meminfo) in bytes, or None."""
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
+
+
+def resident_peak_bytes():
+    """This process's peak resident set in bytes."""
+    peak = status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB
 

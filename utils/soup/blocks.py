@@ -7,8 +7,10 @@ import torch
 def make_blocks(sizes, layer_size):
     """Partition tensors (given by their sizes, in order) into blocks, as the released MEHL code does:
     start a new block when the current one already holds more than `layer_size` numbers, otherwise add
-    the tensor to it. layer_size=0: one block per tensor; layer_size >= total: one block.
-    Returns a list of lists of tensor indices."""
+    the tensor to it. layer_size=0: one block per tensor; layer_size >= total or None: one block (the
+    model-wise soups). Returns a list of lists of tensor indices."""
+    if layer_size is None:
+        return [list(range(len(sizes)))] if sizes else []
     if layer_size < 0:
         raise ValueError(f"--layer-size must be >= 0, got {layer_size}")
     blocks, current, count = [], [], 0
@@ -41,11 +43,3 @@ def block_bounds(sizes, blocks):
     for size in sizes:
         offsets.append(offsets[-1] + size)
     return [(offsets[b[0]], offsets[b[-1] + 1]) for b in blocks]
-
-
-def coefficient_blocks(names, sizes, layer_size):
-    """Blocks (lists of names) of a coefficient problem: `layer_size` None gives one block (model-wise),
-    otherwise the `--layer-size` partition of `make_blocks` (0: one block per tensor)."""
-    if layer_size is None:
-        return [list(names)]
-    return [[names[t] for t in block] for block in make_blocks(sizes, layer_size)]
