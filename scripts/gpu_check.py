@@ -138,7 +138,7 @@ def sweep_tiles(P, bounds, device):
 def count_step(model, names, bounds, device, x, y, clip, fast):
     """Kernels (CUDA) or ops (CPU) the profiler records for one MEHL step with 2 random rows."""
     soup = mehl.FlatSoup(model, names)
-    P, inv = hyperplane.directions(soup.theta + torch.randn(2, soup.theta.numel(), device=device),
+    P, inv = hyperplane.directions_(soup.theta + torch.randn(2, soup.theta.numel(), device=device),
                                    soup.theta, bounds)
     X = torch.zeros(2, len(bounds), device=device, requires_grad=True)
     group = mehl.Group(soup.theta, P, inv, X, torch.optim.AdamW([X], lr=0.01), constant(0.01))

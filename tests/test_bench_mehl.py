@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from tests import reference
 from tests.conftest import ROOT
 from utils.runtime.errors import UserError
 
@@ -62,7 +63,6 @@ def test_released_step_and_ours_move_the_soup_alike(clip):
     from torch.testing import assert_close
 
     from utils.run import mehl
-    from utils.soup import hyperplane
     from utils.soup.schedules import constant
 
     torch.manual_seed(0)
@@ -72,7 +72,7 @@ def test_released_step_and_ours_move_the_soup_alike(clip):
     bounds = [(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes))]
     soup = mehl.FlatSoup(ours, names)
     center = soup.theta.clone()
-    P, inv = hyperplane.directions(center + torch.randn(3, center.numel()), center, bounds)
+    P, inv = reference.directions(center + torch.randn(3, center.numel()), center, bounds)
     groups = []
     for _ in range(2):
         X = torch.zeros(3, len(bounds), requires_grad=True)

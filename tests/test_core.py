@@ -8,14 +8,15 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from tests import reference
 from utils.files import results
-from utils.files.state_dicts import flatten, load_state_dict, save_state_dict, unflatten
+from utils.files.state_dicts import load_state_dict, save_state_dict
 from utils.run.evaluation import accuracy
 from utils.run.layout import Differences
 from utils.runtime import distributed
 from utils.runtime.errors import UserError
 from utils.soup import sampling
-from utils.soup.blocks import block_ids, make_blocks
+from utils.soup.blocks import make_blocks
 
 
 def test_blocks_zero_one_per_tensor_and_huge_one_block():
@@ -25,23 +26,10 @@ def test_blocks_zero_one_per_tensor_and_huge_one_block():
     # a new block starts once the current one holds MORE than S numbers
     assert make_blocks(sizes, 6) == [[0, 1], [2], [3, 4]]
     assert make_blocks(sizes, 8) == [[0, 1, 2], [3, 4]]
-    ids = block_ids(sizes, make_blocks(sizes, 6))
+    ids = reference.block_ids(sizes, make_blocks(sizes, 6))
     assert ids.tolist() == [0] * 8 + [1] * 10 + [2] * 8
     with pytest.raises(ValueError):
         make_blocks(sizes, -1)
-
-
-def test_flatten_unflatten_round_trip():
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
-    names = [n for n, _ in model.named_parameters()]
-    sd = model.state_dict()
-    vec = flatten(sd, names)
-    assert vec.numel() == sum(p.numel() for p in model.parameters())
-    back = unflatten(vec, names, sd)
-    for n in names:
-        torch.testing.assert_close(back[n], sd[n], rtol=0, atol=0)
-    with pytest.raises(ValueError):
-        unflatten(vec[:-1], names, sd)
 
 
 def test_differences_stream_and_detect():

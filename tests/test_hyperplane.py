@@ -3,8 +3,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from tests import reference
 from utils.soup import hyperplane, sampling
-from utils.soup.blocks import block_bounds, block_ids, make_blocks
+from utils.soup.blocks import block_bounds, make_blocks
 
 
 
@@ -21,7 +22,7 @@ def setup_problem(n=5, sizes=(6, 3, 4, 2), layer_size=0, seed=0):
     gen = torch.Generator().manual_seed(seed)
     rows = torch.randn(n, sum(sizes), generator=gen, dtype=torch.float64)
     blocks = make_blocks(list(sizes), layer_size)
-    ids = block_ids(list(sizes), blocks)          # for masks in the assertions
+    ids = reference.block_ids(list(sizes), blocks)          # for masks in the assertions
     return rows, ids, block_bounds(list(sizes), blocks), gen
 
 
@@ -30,7 +31,7 @@ def test_directions_have_unit_norm_per_block_and_zero_blocks_give_zero():
     B = len(bounds)
     center = rows.mean(0)
     rows[2, ids == 1] = center[ids == 1]          # ingredient 2 equals the center in block 1
-    P, inv = hyperplane.directions(rows, center, bounds)
+    P, inv = reference.directions(rows, center, bounds)
     norms = torch.zeros(rows.shape[0], B).index_add_(1, ids, P ** 2).sqrt()
     expected = torch.ones_like(norms)
     expected[2, 1] = 0
@@ -46,13 +47,13 @@ def test_projection_equals_autograd_gradient_wrt_X():
     rows, ids, bounds, gen = setup_problem()
     B = len(bounds)
     center = rows.mean(0)
-    P, _ = hyperplane.directions(rows, center, bounds)
+    P, _ = reference.directions(rows, center, bounds)
     target = torch.randn(rows.shape[1], generator=gen)
     X = torch.randn(rows.shape[0], B, generator=gen).requires_grad_()
     soup = center + (X[:, ids] * P).sum(0)
     loss = ((soup - target) ** 3).sum()           # any non-linear loss of the soup
     loss.backward()
-    theta = hyperplane.soup(center, X.detach(), P, bounds).requires_grad_()
+    theta = reference.soup(center, X.detach(), P, bounds).requires_grad_()
     ((theta - target) ** 3).sum().backward()
     assert_close(hyperplane.project(P, theta.grad, bounds), X.grad)
 
@@ -68,12 +69,12 @@ def test_alpha_tracks_the_soup_and_rows_sum_to_one_over_groups():
             center, alpha_center = rows[group].mean(0), hyperplane.mean_alpha(group, N, B)
         else:
             center, alpha_center = soup, alpha
-        P, inv = hyperplane.directions(rows[group], center, bounds)
+        P, inv = reference.directions(rows[group], center, bounds)
         X = torch.randn(len(group), B, generator=gen)
-        soup = hyperplane.soup(center, X, P, bounds)
+        soup = reference.soup(center, X, P, bounds)
         alpha = alpha_center + hyperplane.alpha_delta(alpha_center, X, inv, group)
         assert_close(alpha.sum(1), torch.ones(B))
-        assert_close(hyperplane.rebuild(alpha, rows, bounds), soup)
+        assert_close(reference.rebuild(alpha, rows, bounds), soup)
     assert (alpha < 0).any()                         # random X extrapolates: negative coefficients
 
 
@@ -82,7 +83,7 @@ def test_alpha_delta_of_split_rows_sums_to_the_whole():
     B = len(bounds)
     group = [4, 0, 2, 1, 3]
     alpha_center = hyperplane.mean_alpha(group, 5, B)
-    P, inv = hyperplane.directions(rows[group], rows[group].mean(0), bounds)
+    P, inv = reference.directions(rows[group], rows[group].mean(0), bounds)
     X = torch.randn(5, B, generator=gen)
     whole = hyperplane.alpha_delta(alpha_center, X, inv, group)
     parts = sum(hyperplane.alpha_delta(alpha_center, X[a:b], inv[a:b], group[a:b])
@@ -98,9 +99,9 @@ def test_identical_block_in_all_ingredients_stays_put():
     B = len(bounds)
     rows[:, ids == 2] = rows[0, ids == 2]
     center = rows.mean(0)
-    P, inv = hyperplane.directions(rows, center, bounds)
+    P, inv = reference.directions(rows, center, bounds)
     X = torch.randn(4, B, generator=gen)
-    soup = hyperplane.soup(center, X, P, bounds)
+    soup = reference.soup(center, X, P, bounds)
     assert torch.isfinite(soup).all()
     assert_close(soup[ids == 2], center[ids == 2])
     assert (hyperplane.project(P, torch.randn(rows.shape[1], generator=gen), bounds)[:, 2] == 0).all()

@@ -7,18 +7,19 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from tests import reference
 import MEHL_soup_layer as mehl
 from tests import helpers
 from tests.conftest import make_zoo, torchrun
 from datasets import build_dataset
 from utils.archs import get_arch
 from utils.files import soup_io
-from utils.files.state_dicts import flatten, param_names
+from utils.files.state_dicts import param_names
 from utils.run import mehl as mehl_step
 from utils.run.batchnorm import reestimate, set_mode
 from utils.runtime.errors import UserError
 from utils.soup import hyperplane, sampling
-from utils.soup.blocks import block_bounds, block_ids, make_blocks
+from utils.soup.blocks import block_bounds, make_blocks
 
 N_TENSORS = 10   # tiny-cnn: 2 conv + 2 BatchNorm + 1 linear, weight and bias each
 
@@ -75,17 +76,17 @@ def test_projection_equals_autograd_through_functional_call(zoo4, fmnist_root):
     set_mode(model, frozen_stats=True)
     names = param_names(model)
     sizes = [sds[0][n].numel() for n in names]
-    ids = block_ids(sizes, make_blocks(sizes, 0))
+    ids = reference.block_ids(sizes, make_blocks(sizes, 0))
     bounds = block_bounds(sizes, make_blocks(sizes, 0))
     B = int(ids.max()) + 1
-    rows = torch.stack([flatten(sd, names) for sd in sds])
-    P, _ = hyperplane.directions(rows, rows.mean(0), bounds)
+    rows = torch.stack([reference.flatten(sd, names) for sd in sds])
+    P, _ = reference.directions(rows, rows.mean(0), bounds)
     X0 = 0.1 * torch.randn(4, B, generator=torch.Generator().manual_seed(0))
     data = build_dataset("FashionMNIST", str(fmnist_root), spec.preprocess, heldout_per_class=2)
     x, y = next(iter(torch.utils.data.DataLoader(data.heldout, batch_size=12)))
 
     flat = mehl_step.FlatSoup(model, names)
-    flat.theta.copy_(hyperplane.soup(rows.mean(0), X0, P, bounds))
+    flat.theta.copy_(reference.soup(rows.mean(0), X0, P, bounds))
     mehl_step.gradient(model, flat, (x, y), len(y), 0.1)
     projected = hyperplane.project(P, flat.grad, bounds)
 
@@ -113,12 +114,12 @@ def test_one_group_equals_optimising_X_with_autograd(tmp_path, zoo4, fmnist_root
     model.load_state_dict(sds[0])
     names = param_names(model)
     sizes = [sds[0][n].numel() for n in names]
-    ids = block_ids(sizes, make_blocks(sizes, 0))
+    ids = reference.block_ids(sizes, make_blocks(sizes, 0))
     B = int(ids.max()) + 1
     order = sampling.shuffled(list(range(4)), sampling.models_generator(3))
-    rows = torch.stack([flatten(sds[i], names) for i in order])
+    rows = torch.stack([reference.flatten(sds[i], names) for i in order])
     center = rows.mean(0)
-    P, _ = hyperplane.directions(rows, center, block_bounds(sizes, make_blocks(sizes, 0)))
+    P, _ = reference.directions(rows, center, block_bounds(sizes, make_blocks(sizes, 0)))
     X = torch.zeros(4, B, requires_grad=True)
     opt = torch.optim.AdamW([X], lr=0.05, weight_decay=0.0)
     data = build_dataset("FashionMNIST", str(fmnist_root), spec.preprocess, heldout_per_class=4,

@@ -7,6 +7,7 @@ import torch
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tests import reference
 from utils.run import mehl
 from utils.runtime.errors import UserError
 from utils.soup import hyperplane, segmented
@@ -44,7 +45,7 @@ def setup_step(model, K=3, layer_size=0, optimizer="adamw", batch=6, seed=1):
     gen = torch.Generator().manual_seed(seed)
     rows = soup.theta + 0.1 * torch.randn(K, soup.theta.numel(), generator=gen)
     center = soup.theta.clone()
-    P, inv_norms = hyperplane.directions(rows, center, bounds)
+    P, inv_norms = reference.directions(rows, center, bounds)
     X = torch.zeros(K, len(bounds), requires_grad=True)
     opt = (torch.optim.AdamW([X], lr=0.05) if optimizer == "adamw"
            else torch.optim.SGD([X], lr=0.05, momentum=0.9))
@@ -90,7 +91,7 @@ def test_steps_keep_the_soup_on_the_hyperplane_without_a_model_sized_allocation(
         for _ in range(4):
             losses.append(mehl.step(model, soup, group, bounds, data, len(data[1]), clip=clip))
     # in place: the soup is center + sum_i X[i, b] P[i, b], though the step only ever adds moves to it
-    assert_close(soup.theta, hyperplane.soup(center, group.X.detach(), group.P, bounds), atol=1e-6, rtol=1e-5)
+    assert_close(soup.theta, reference.soup(center, group.X.detach(), group.P, bounds), atol=1e-6, rtol=1e-5)
     assert group.X.abs().max() > 0.01
     # nothing of the model's size is allocated by a step (only views of, and writes into, the soup, its
     # gradient and the rows); each parameter's own gradient is at most D / 6 here
@@ -206,26 +207,25 @@ def test_a_groups_center_is_the_soup_itself(tmp_path, dtype):
     group's center is the soup as it is; the rows are unit directions from it."""
     from tests.conftest import make_zoo
     from utils.archs import get_arch
-    from utils.files.state_dicts import flatten
     from utils.run.layout import make_layout
 
     zoo = make_zoo(tmp_path / "zoo", 3)
     paths = [zoo / f"model_{i}.pt" for i in range(3)]
     model = get_arch("tiny-cnn").build(10)
-    reference = model.state_dict()
-    layout, base = make_layout(paths, model, reference, 0)
+    like = model.state_dict()
+    layout, base = make_layout(paths, model, like, 0)
     model.load_state_dict(base)
     soup = mehl.FlatSoup(model, layout.names)
-    rows = torch.stack([flatten(torch.load(p, weights_only=True), layout.names) for p in paths])
+    rows = torch.stack([reference.flatten(torch.load(p, weights_only=True), layout.names) for p in paths])
     for first, members in ((True, [0, 1]), (False, [2])):
         before = soup.theta.clone()
-        center, P, inv_norms = mehl.directions(paths, members, len(members), layout, reference, soup,
+        center, P, inv_norms = mehl.directions(paths, members, len(members), layout, like, soup,
                                                dtype, first)
         assert center is soup.theta
         expected = rows[members].double().mean(0).float() if first else before
         assert_close(soup.theta, expected, atol=1e-6, rtol=1e-6)
         assert P.dtype == dtype and P.shape == (len(members), soup.theta.numel())
-        direction, _ = hyperplane.directions(rows[members], expected, layout.bounds)
+        direction, _ = reference.directions(rows[members], expected, layout.bounds)
         assert_close(P.float(), direction, atol=1e-2 if dtype == torch.bfloat16 else 1e-6, rtol=1e-2)
 
 

@@ -429,21 +429,3 @@ _CAST_WARNED = set()
 def param_names(model):
     """Parameter names in `named_parameters()` order (the order blocks are built in)."""
     return [n for n, _ in model.named_parameters()]
-
-
-def flatten(sd, names, dtype=None):
-    """Concatenate the tensors `names` of `sd` into one flat vector."""
-    return torch.cat([sd[n].reshape(-1).to(dtype or sd[n].dtype) for n in names])
-
-
-def unflatten(vec, names, like):
-    """Inverse of `flatten`: a dict name -> tensor shaped (and typed) like `like[name]`."""
-    total = sum(like[n].numel() for n in names)
-    if total != vec.numel():
-        raise ValueError(f"flat vector has {vec.numel()} numbers, the tensors {total}")
-    out, offset = {}, 0
-    for n in names:
-        numel = like[n].numel()
-        out[n] = vec[offset:offset + numel].view(like[n].shape).to(like[n].dtype)
-        offset += numel
-    return out

@@ -1,7 +1,6 @@
 """Blocks of a coefficient problem: the learned tensors cut into consecutive runs (`--layer-size`, as
 the released MEHL code cuts them), and where each block lies in the flat vector of those tensors. Pure
 functions on sizes and names."""
-import torch
 
 
 def make_blocks(sizes, layer_size):
@@ -23,17 +22,6 @@ def make_blocks(sizes, layer_size):
     if current:
         blocks.append(current)
     return blocks
-
-
-def block_ids(sizes, blocks):
-    """For each number of the flat vector, the index of its block (a LongTensor of length sum(sizes))."""
-    ids = torch.empty(sum(sizes), dtype=torch.long)
-    offset = 0
-    tensor_block = {t: b for b, ts in enumerate(blocks) for t in ts}
-    for t, size in enumerate(sizes):
-        ids[offset:offset + size] = tensor_block[t]
-        offset += size
-    return ids
 
 
 def block_bounds(sizes, blocks):

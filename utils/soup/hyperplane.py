@@ -73,11 +73,6 @@ def directions_(rows, center, bounds):
     return rows, normalise_(rows, bounds)
 
 
-def directions(rows, center, bounds):
-    """As `directions_`, leaving `rows` unchanged."""
-    return directions_(rows.clone(), center, bounds)
-
-
 def combine(X, P, bounds, out=None, accumulate=False):
     """sum_i X[i, b] P[i, b] as a flat (D,) vector: the move of the soup away from its center, written
     into `out` when given (added to it with `accumulate`). Under torchrun each rank passes its own rows
@@ -106,11 +101,6 @@ def combine_blocks(X, P, bounds, out, accumulate=False):
             else:
                 torch.mv(P[:, s:e].to(dtype).T, X[:, b], out=out[s:e])
     return out
-
-
-def soup(center, X, P, bounds):
-    """center_b + sum_i X[i, b] P[i, b] (single process)."""
-    return combine(X, P, bounds).add_(center)
 
 
 def project(P, g, bounds, scale=None):
@@ -150,15 +140,6 @@ def alpha_delta(alpha_center, X, inv_norms, members):
     if len(members):
         delta.index_add_(1, torch.as_tensor(list(members), dtype=torch.long), c.T)
     return delta
-
-
-def rebuild(alpha, rows, bounds):
-    """theta_b = sum_i alpha[b, i] theta_i,b from all N ingredient rows (N, D) (checks and recipes)."""
-    out = torch.empty(rows.shape[1], dtype=rows.dtype, device=rows.device)
-    a = alpha.to(rows.dtype).to(rows.device)
-    for b, (start, stop) in enumerate(bounds):
-        torch.mv(rows[:, start:stop].T, a[b], out=out[start:stop])
-    return out
 
 
 def summary(alpha):
