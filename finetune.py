@@ -19,7 +19,7 @@ Any arch and any folder of images (README, "Your own zoo"): `--arch timm:<name>`
 `--arch package.module:factory`, `--datasets ImageFolder --data-location ROOT`, and the pre-trained
 weights for the linear probe with `--pretrained CHECKPOINT` when timm cannot download them. Their
 BatchNorm layers train with batch statistics by default (`--batchnorm auto`), so the ingredients'
-statistics differ and the learned soups re-estimate them (SPEC 3).
+statistics differ and the learned soups re-estimate them (README, "Rules that decide what a soup is").
 """
 import argparse
 import json

@@ -13,7 +13,7 @@ its peak is the memory every run shares (model, data, the ingredient checks), fr
 plain is counted.
 
 --baseline released adds, for every K, a subprocess timing the released algorithm's step as published
-(SPEC.md section 7): the gradient concatenated into a new vector, a projection per tensor, AdamW on X,
+(the paper's released code, as the MEHL_soup_layer.py docstring describes the algorithm): the gradient concatenated into a new vector, a projection per tensor, AdamW on X,
 a combine per tensor into a new vector, + center, the model's parameters replaced by copies. Both are
 printed with their ratio; in --out's JSON each entry of "runs" says "step": "project" (this project's)
 or "released". --profile DIR writes a torch.profiler table of one step of each run (the top 15 ops by
@@ -101,7 +101,7 @@ def ks_of(spec, total):
 
 # ------------------------------------------------------------------------------ one subprocess
 def released_step(model, params, group, bounds, batch, clip):
-    """The released algorithm's step, written here from its description (SPEC.md section 7, issue 23):
+    """The released algorithm's step, written here from its published description:
     the model's own gradients concatenated into a new vector, clipped to norm 1 for ViTs, projected one
     tensor at a time, an AdamW step on X, the soup combined one tensor at a time into a new vector
     + center, and every parameter replaced by a copy of its slice."""

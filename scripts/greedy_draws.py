@@ -1,4 +1,4 @@
-"""How much of greedy soup's choice is the draw of the held-out images? Greedy soup (SPEC 5) on the
+"""How much of greedy soup's choice is the draw of the held-out images? Greedy soup (greedy_soup.py's recipe) on the
 zoo's held-out split, then on --draws random selection sets of the same size drawn from the held-out and
 test images together (no ingredient trained on any of them).
 
@@ -103,7 +103,7 @@ class Soups:
 
 
 def greedy(soups, n, select):
-    """SPEC 5 on the images `select`: (kept ingredients, soup accuracy - best ingredient's,
+    """Greedy soup (greedy_soup.py's recipe) on the images `select`: (kept ingredients, soup accuracy - best ingredient's,
     uniform soup - best ingredient), in percentage points."""
     def acc(ids):
         return 100.0 * soups.correct(ids)[select].double().mean().item()

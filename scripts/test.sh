@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up (scripts/setup.sh) and runs the test suite on the CPU (a few minutes on 2 cores).
+# Sets up (scripts/setup.sh) and runs the test suite on the CPU (times: README, "Two commands for a fresh machine").
 #   bash scripts/test.sh [pytest arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -348,3 +348,18 @@ def test_torch_save_on_a_really_full_disk_is_one_line(tmp_path, monkeypatch):
 def _records(folder):
     from utils.files import results
     return results.read(folder / "results.jsonl")
+
+
+def test_the_guarantees_name_every_argument_that_does_not_define_a_run():
+    """docs/GUARANTEES.md lists the arguments outside a run's identity: it names each flag of
+    NOT_DEFINING, and none of the shared flags that define a run."""
+    from tests.conftest import ROOT
+    from utils.run import cli
+    text = (ROOT / "docs" / "GUARANTEES.md").read_text()
+    paragraph = text[text.index("Arguments that change neither the soup"):text.index("`utils.run.cli.NOT_DEFINING`")]
+    for dest in cli.NOT_DEFINING:
+        if dest not in ("method", "local-rank"):  # set by a script / an alias of --local_rank
+            assert f"`--{dest}`" in paragraph or f"`--{dest.replace('_', '-')}`" in paragraph, dest
+    for action in cli.soup_parser("", "x")._actions:
+        if action.option_strings and action.dest not in cli.NOT_DEFINING and action.dest != "help":
+            assert not any(f"`{o}`" in paragraph for o in action.option_strings), action.dest
