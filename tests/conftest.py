@@ -134,9 +134,11 @@ def free_port():
 
 
 def torchrun(script, args, nproc=2, timeout=300, env=None):
-    """Run `script` under torchrun with `nproc` gloo processes on this CPU; returns CompletedProcess."""
+    """Run `script` under torchrun with `nproc` gloo processes on this CPU; returns CompletedProcess.
+    --standalone: torchrun picks a free port itself, so tests running side by side (pytest -n) never
+    race for one."""
     import subprocess
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(ROOT / script), *map(str, args)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / script), *map(str, args)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)

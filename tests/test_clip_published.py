@@ -74,6 +74,7 @@ def test_learned_soup_stacks_only_differing_parameters(zoo, data, tmp_path):
     assert list(stacked) == visual and all(t.shape[0] == N for t in stacked.values())
 
 
+@pytest.mark.slow
 def test_mehl_on_published_layout_one_and_two_processes(zoo, data, tmp_path):
     flags = ["--model_batch", 3, "--epochs", 1, "--no-epoch-test", "--randomseed", 2]
     one = mehl.main([str(a) for a in argv(zoo, data, tmp_path, *flags, name="one")])
@@ -139,6 +140,7 @@ def test_mehl_first_step_matches_a_float64_reference(zoo, data, tmp_path):
         assert torch.equal(soup[k], sds[0][k])
 
 
+@pytest.mark.slow
 def test_benchmarks_run_on_a_synthetic_clip_zoo(tmp_path, capsys):
     import importlib.util
 

@@ -111,6 +111,7 @@ def _eval_worker(rank, world, port, out):
     distributed.teardown()
 
 
+@pytest.mark.slow
 def test_distributed_accuracy_is_exact_on_odd_sizes():
     from tests.conftest import free_port
     single = accuracy(Fixed(), TensorDataset(torch.tensor([[0.0], [1.0], [2.0], [0.0], [1.0], [2.0], [0.0]]),

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -20,6 +22,7 @@ def run_demo(out, zoo, data):
                           capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_demo_reduced_size_end_to_end(tmp_path, fmnist_root):
     out, zoo = tmp_path / "demo", tmp_path / "zoo"
     proc = run_demo(out, zoo, fmnist_root)

@@ -56,6 +56,7 @@ def mehl_args(zoo, data, out):
                 batch_size=16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault, expected", [
     ("bad-file", "not a readable checkpoint (injected on rank 1)"),
     ("crash", "injected crash on rank 1"),
@@ -72,6 +73,7 @@ def test_one_rank_failing_ends_both_in_bounded_time(tmp_path, zoo, fmnist_root, 
     assert not (tmp_path / "soup.pt").exists() and not (tmp_path / "results.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_a_bad_ingredient_seen_by_one_rank_in_preflight_stops_both(tmp_path, zoo, fmnist_root):
     """The preflight check is sharded (rank 1 reads model_2 and model_3) and agreed on: both ranks stop
     with the file's name and exit status 2, before any work."""
@@ -92,6 +94,7 @@ def test_a_bad_ingredient_seen_by_one_rank_in_preflight_stops_both(tmp_path, zoo
     assert not (tmp_path / "results.jsonl").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("who", ["rank 0 alone", "rank 1, nobody listening"])
 def test_rendezvous_that_cannot_complete(tmp_path, zoo, fmnist_root, who):
     port = free_port()

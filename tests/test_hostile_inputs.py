@@ -94,6 +94,7 @@ def test_checkpoint_unpacking_is_bounded_before_reading(capsys, zoo, out, fmnist
     nothing_written(out)
 
 
+@pytest.mark.slow
 def test_a_zip_bomb_does_not_raise_peak_memory(tmp_path, zoo, out, fmnist_root):
     """As a process: the refused bomb costs no more peak memory than a refusal of a small bad file."""
     def peak(spoil):
@@ -241,6 +242,7 @@ def test_invalid_utf8_line_does_not_hide_a_finished_run(zoo, out, fmnist_root):
     assert len(soup_lines(out)) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["device", "fifo", "folder-link"])
 def test_results_path_that_is_not_a_regular_file(tmp_path, zoo, out, fmnist_root, kind):
     """As a process with a timeout: reading /dev/zero or a FIFO would never end."""
@@ -268,6 +270,7 @@ HOLDER = ("import sys, time; from utils.files import lock; lock.acquire(sys.argv
           "print('held', flush=True); time.sleep(120)")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["uniform", "mehl"])
 def test_a_second_run_on_the_same_soup_is_refused_naming_the_holder(capsys, zoo, out, fmnist_root, script):
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out / "soup.pt")], cwd=ROOT,
@@ -287,6 +290,7 @@ def test_a_second_run_on_the_same_soup_is_refused_naming_the_holder(capsys, zoo,
     assert load_state_dict(out / "soup.pt")
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_one_is_refused(zoo, out, fmnist_root):
     """Two processes, same --save-soup, different ranges: never a soup of one beside the other's
     recipe. One finishes, the other is refused (the lock) or, if the first had already finished,
@@ -402,6 +406,7 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content", ["hostile", "text", "empty"])
 def test_hostile_or_unreadable_state_file_is_one_line(tmp_path, zoo, out, fmnist_root, content):
     state = out / "soup.state.pt"

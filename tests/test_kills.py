@@ -139,6 +139,7 @@ def sigkill_run(args, log_file, delay):
     return alive
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_sigkill_at_random_points_then_rerunning(tmp_path, zoo, fmnist_root, references, script):
     reference, _ = references[script]

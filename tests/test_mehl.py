@@ -144,6 +144,7 @@ def test_one_group_equals_optimising_X_with_autograd(tmp_path, zoo4, fmnist_root
             assert_close(got[n], t, atol=2e-6, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_soup_as_one(tmp_path, zoo4, fmnist_root):
     """K = 3 over 2 ranks (2 + 1 rows, then 1 + 0 rows); batch 15 split 8 + 7. Float32 tolerance 1e-5:
     only the order of sums differs."""
@@ -231,6 +232,7 @@ def test_bad_input_is_a_user_error(tmp_path, zoo4, fmnist_root, extra, message):
         mehl.main(argv(zoo4, fmnist_root, tmp_path, *extra))
 
 
+@pytest.mark.slow
 def test_command_line_error_is_one_line(tmp_path, zoo4, fmnist_root):
     import subprocess
     import sys

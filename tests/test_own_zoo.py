@@ -203,6 +203,7 @@ def test_timm_zoo_linear_probe_then_batchnorm_in_train_mode(timm_zoo):
     assert records[0]["arch"] == TIMM and records[0]["data"]["heldout_size"] == 12
 
 
+@pytest.mark.slow
 def test_timm_soups_follow_the_batchnorm_rule(timm_zoo, folder, tmp_path):
     zoo = timm_zoo[0]
     sds = [load(zoo / f"model_{i}.pt") for i in range(3)]
@@ -254,6 +255,7 @@ def test_timm_soups_follow_the_batchnorm_rule(timm_zoo, folder, tmp_path):
 
 
 # -------------------------------------------------------------------------------------- factory zoo
+@pytest.mark.slow
 def test_factory_zoo_soups_and_two_processes(factory_zoo, factory_path, folder, tmp_path):
     zoo = factory_zoo
     sds = [load(zoo / f"model_{i}.pt") for i in range(3)]
@@ -352,6 +354,7 @@ def test_finetune_refuses_pretrained_weights_of_another_model(folder, tmp_path):
     assert not (tmp_path / "zoo" / "model_0.pt").exists()
 
 
+@pytest.mark.slow
 def test_command_line_error_is_one_line(timm_zoo, tmp_path):
     data = bad_folder(tmp_path, val_classes=["cat", "dog"])
     done = subprocess.run([sys.executable, str(ROOT / "uniform_soup.py"), "--arch", TIMM, "--datasets",

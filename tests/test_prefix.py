@@ -154,6 +154,7 @@ def recording(monkeypatch):
     return asked
 
 
+@pytest.mark.slow
 def test_greedy_and_mehl_on_the_default_arch_are_those_without_the_prefix(tmp_path, effnet_zoo, fmnist_root,
                                                                           monkeypatch):
     common = dict(arch=ARCH, heldout=4, test_size=40, batch_size=16)
@@ -185,6 +186,7 @@ def test_greedy_and_mehl_on_the_default_arch_are_those_without_the_prefix(tmp_pa
 LEARNED_FLAGS = ["--layerwise", "--epochs", "2"]
 
 
+@pytest.mark.slow
 def test_learned_soup_on_the_default_arch_is_the_one_without_the_prefix(tmp_path, effnet_zoo, fmnist_root,
                                                                         monkeypatch):
     common = dict(arch=ARCH, heldout=4, test_size=40, batch_size=16)
@@ -449,6 +451,7 @@ def test_an_unwritable_folder_costs_a_warning_not_the_run(effnet, fm_images, tmp
     assert "not kept on disk" in caplog.text and h.shape[0] == len(fm_images)
 
 
+@pytest.mark.slow
 def test_soup_runs_read_what_earlier_runs_wrote(tmp_path, effnet_zoo, fmnist_root, monkeypatch, own_cache):
     """Two processes' worth of greedy soup and MEHL-Soup+: the second run of each computes no prefix
     output (every data set comes from disk) and reports exactly what the first did; 'none' writes

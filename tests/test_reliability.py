@@ -55,6 +55,7 @@ def test_code_in_a_checkpoint_never_runs(capsys, tmp_path, zoo, out, fmnist_root
     nothing_written(out)
 
 
+@pytest.mark.slow
 def test_code_in_a_checkpoint_through_the_command_line(tmp_path, zoo, out, fmnist_root):
     marker = tmp_path / "pwned"
     evil_zip(zoo / "model_2.pt", marker)
@@ -214,6 +215,7 @@ def test_bad_argument_is_one_line_exit_2(capsys, zoo, out, fmnist_root, script, 
     nothing_written(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, extra, message", [
     ("uniform", ["--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
     ("learned", ["--lr", "nan"], "error: --lr must be a finite number > 0, got nan"),
