@@ -9,4 +9,4 @@ bash scripts/setup.sh
 workers=${TEST_WORKERS:-2}
 parallel=()
 [ "$workers" -gt 1 ] && parallel=(-n "$workers")
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} .venv/bin/python -m pytest "${parallel[@]}" "$@"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} .venv/bin/python -m pytest ${parallel[@]+"${parallel[@]}"} "$@"
