@@ -100,7 +100,7 @@ stage "3b. bench_mehl.py, batch $BATCH, bfloat16 directions, K = $K" 100 bench_m
   --out "$OUT/bench_mehl_bfloat16.json"
 
 stage "4. MEHL-Soup+, one group of $K, one epoch, torchrun --nproc_per_node 1 (nccl on CUDA)" 150 mehl_torchrun.txt \
-  "$PY" -m torch.distributed.run --nproc_per_node 1 --master_addr 127.0.0.1 --master_port 29517 \
+  "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
   MEHL_soup_layer.py --arch "$ARCH" --datasets ImageNet --model-location "$scratch/zoo" \
   --data-location "$scratch/data" --heldout-per-class 13 --model_batch "$K" --epochs 1 --batch-size "$BATCH" \
   --cosine-lr --no-epoch-test --no-shifts --test-size 10 --device "$DEVICE" --results-db "$OUT/results.jsonl" \
