@@ -17,9 +17,11 @@ the problem. BatchNorm statistics identical in every ingredient are kept and tho
 mode while learning; when they differ, learning uses batch statistics and the final soup's statistics
 are re-estimated on the held-out split (README, "Rules that decide what a soup is").
 
-Memory: the model's parameters are the soup and their gradients one flat vector, so a step holds K + 1
-ingredients' learned parameters more than a plain forward/backward (the K rows and the group's center),
-plus the checkpoint being read while a row loads (`utils/run/mehl.py` lists every tensor).
+Memory: the model's parameters are the soup and their gradients one flat vector, and the soup is its
+own center (no copy is kept), so a step holds K ingredients' learned parameters more than a plain
+forward/backward that keeps its gradient as one vector (K + 1 on a GPU, where a plain step peaks before
+its gradients exist), plus the checkpoint being read while a row loads (`utils/run/mehl.py` lists every
+tensor; the plan printed before learning predicts the peak).
 --directions-dtype bfloat16 stores the rows in half the memory.
 
     python MEHL_soup_layer.py --model-location zoo/fashion_mnist --arch efficientnet-lite0 \\
@@ -260,11 +262,10 @@ def learn_group(run, group, progress):
     first = progress.alpha is None
     # this rank's ingredients of the group (all of them on one process)
     my_rows = sampling.my_share(group, distributed.world_size(), distributed.rank())
+    # the soup is the group's center: for the first group its mean is written into the soup here
     center, P, inv_norms = mehl.directions(run.paths, my_rows, len(group), layout, setup.reference, run.soup,
                                            mehl.DTYPES[args.directions_dtype], first)
     alpha_center = hyperplane.mean_alpha(group, N, B) if first else progress.alpha
-    with torch.no_grad():
-        run.soup.theta.copy_(center)  # the soup starts at the center
     X = torch.zeros(len(my_rows), B, dtype=run.soup.theta.dtype, device=setup.device, requires_grad=True)
     per_epoch = math.ceil(len(setup.bundle.heldout) / args.batch_size)
     schedule = (cosine_with_warmup(args.lr, args.epochs * per_epoch) if args.cosine_lr
