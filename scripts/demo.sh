@@ -4,16 +4,15 @@
 # extra runs the figures need (souping the first n ingredients; removing the top-k), then the report.
 #
 # Hardware: a 2-core CPU, no GPU. Time, measured on a fresh clone (OMP_NUM_THREADS=2, the default, and
-# an empty ~/.cache/model_soups): 13.3 minutes (795 s), of which the zoo 5.5 (328 s) and setup, soups,
-# extra runs and report the rest. Once the zoo exists (a new DEMO_OUT on the same clone): 5.4 minutes
-# (322 s) with the prefix cache emptied first, 6.0 (361 s) with it kept; the same runs once took 8.1
-# minutes (483 s, cache emptied) while this shared machine was slow (the same MEHL-Soup+ run 13 s in one
-# run, 32 s in another). The 18 soup processes share the frozen prefix's outputs through files in
-# ~/.cache/model_soups/prefix (--prefix-cache; checked before use, safe to delete). Under load it takes
-# longer (three other jobs on the 2 cores made a zoo build 2.6x slower). Reruns skip every soup
-# already written (DEMO_FORCE=1 redoes them). Expect (docs/results/report.md): on held-out the uniform
-# soup a little below the best ingredient and greedy soup above it with several ingredients, on test
-# every soup near the best ingredient; the table is printed last and written with the figures and the
+# an empty ~/.cache/model_soups): 9.2 minutes (552 s), of which the zoo 3.7 (221 s), the setup about 2,
+# and the soups, extra runs and report the rest. Once a zoo exists (DEMO_ZOO=DIR, a new DEMO_OUT):
+# 3.7 to 4.4 minutes (219-265 s on four zoo builds). The 18 soup processes share the frozen prefix's
+# outputs through files in ~/.cache/model_soups/prefix (--prefix-cache; checked before use, safe to
+# delete). Under load it takes longer (three other jobs on the 2 cores made a zoo build 2.6x slower).
+# Reruns skip every soup already written (DEMO_FORCE=1 redoes them). Expect (docs/results/report.md,
+# and README "What holds across zoo builds"): on held-out the uniform soup below the best ingredient
+# and greedy soup above it, on test every soup within 2 points of the best ingredient, on the shift
+# mean the learned soups above it; the table is printed last and written with the figures and the
 # per-block distances to $DEMO_OUT/report/.
 #
 #   bash scripts/demo.sh
