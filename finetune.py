@@ -435,16 +435,17 @@ def load_pretrained(model, path, arch):
     return model
 
 
-def check_paths(args, pt, js):
+def check_paths(args, pt, js, standard=None):
     """The ingredient written is none of the files read (--overwrite never covers an input): the
-    start model (--init, by default model_0.pt of --out-dir), --pretrained, the data, the index."""
+    start model (--init, by default model_0.pt of --out-dir), --pretrained, the data (`standard`: the
+    folder it was read from when no --data-location named it, known once it is read), the index."""
     start = Path(args.init) if args.init else None if args.linear_probe else Path(args.out_dir) / "model_0.pt"
     inputs = [Role("--init", f"the start model (--init{'' if args.init else ', by default'} {start})", start)
               ] if start else []
     if args.pretrained:
         inputs.append(Role("--pretrained", "the pre-trained weights (--pretrained)", Path(args.pretrained)))
     check_distinct([Role("--out-dir", "the new ingredient", pt), Role("--out-dir", "its record", js)],
-                   inputs + data_inputs(args.data_location, args.heldout_index))
+                   inputs + data_inputs(args.data_location, args.heldout_index, standard))
 
 
 def main(argv=None):
@@ -459,6 +460,8 @@ def main(argv=None):
     spec = get_arch(args.arch)
     start = time.time()
     key, bundle = load_bundle(args, spec)
+    if args.data_location is None and bundle.split.get("folder"):  # the standard place, now known
+        check_paths(args, pt, js, standard=bundle.split["folder"])
     model = initial_state(args, spec, bundle.num_classes).to(device)
     split = frozen_split(model, spec, args.frozen_blocks)
     if args.linear_probe:

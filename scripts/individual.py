@@ -32,7 +32,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    cli.check_paths(args, (individual.METHOD,))  # the results file is none of the inputs
     setup = cli.prepare(args, None, data=datasets.build_dataset)
+    cli.check_data_place(args, (individual.METHOD,), setup)
     records = individual.evaluate_individuals(setup)
     if distributed.is_primary() and records:
         best = max(records, key=lambda r: r["heldout"])

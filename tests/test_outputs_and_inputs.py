@@ -122,6 +122,68 @@ def test_results_file_on_the_heldout_index_or_a_data_file_is_refused(capsys, tmp
                            f"(--data-location {data}): an output never replaces an input"), line
 
 
+def individual_script():
+    """scripts/individual.py as a module (scripts/ is not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("individual_script", ROOT / "scripts" / "individual.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_individual_step_never_appends_to_an_input(capsys, monkeypatch, tmp_path, zoo, fmnist_root):
+    """scripts/individual.py writes only results lines: its --results-db is checked as the soup
+    scripts' is, against the ingredients, the data (given or at its standard place) and the index."""
+    import datasets.fashion_mnist
+    script = individual_script()
+    base = ["--model-location", str(zoo), "--arch", "tiny-cnn", "--heldout-per-class", "3", "--test-size", "20",
+            "--device", "cpu"]
+    before = snapshot(zoo, fmnist_root)
+    for results, expected in ((zoo / "model_0.pt", f"is also ingredient model_0.pt of --model-location {zoo}"),
+                              (fmnist_root / "train-labels-idx1-ubyte.gz",
+                               f"is also a file of the data set (--data-location {fmnist_root})")):
+        with pytest.raises(UserError) as err:
+            script.main(base + ["--data-location", str(fmnist_root), "--results-db", str(results)])
+        assert str(err.value).startswith(f"--results-db {results} {expected}: "), str(err.value)
+    assert snapshot(zoo, fmnist_root) == before
+    system = make_fmnist(tmp_path / "system", n_train=100, n_test=20)
+    monkeypatch.setattr(datasets.fashion_mnist, "SYSTEM_DIR", system)
+    before = snapshot(system)
+    with pytest.raises(UserError) as err:
+        script.main(base + ["--results-db", str(system / "t10k-labels-idx1-ubyte.gz")])
+    assert f"is also a file of the data set (its standard place {system})" in str(err.value), str(err.value)
+    assert snapshot(system) == before
+
+
+@pytest.mark.parametrize("script", ["uniform", "mehl", "finetune"])
+def test_a_file_of_the_data_sets_standard_place_is_refused(capsys, monkeypatch, tmp_path, zoo, out, script):
+    """Without --data-location the data set is read from its standard place, known only once it is read:
+    an output there is refused then, before any work (the run's lock file beside its soup is all that
+    was made; it never touches a file that is not a lock)."""
+    import datasets.fashion_mnist
+    import finetune
+    system = make_fmnist(tmp_path / "system", n_train=100, n_test=20)
+    monkeypatch.setattr(datasets.fashion_mnist, "SYSTEM_DIR", system)
+    data_file = system / "train-labels-idx1-ubyte.gz"
+    expected = (f"is also a file of the data set (its standard place {system}): an output never replaces "
+                "an input")
+    if script == "finetune":
+        (system / "model_0.pt").write_bytes(b"not a model")  # a file of the data set named as the output
+        before = snapshot(system)
+        with pytest.raises(UserError) as err:
+            finetune.main(["--out-dir", str(system), "--index", "0", "--linear-probe", "--heldout-per-class", "3",
+                           "--finetune-size", "64", "--test-size", "30", "--device", "cpu", "--arch", "tiny-cnn",
+                           "--overwrite"])
+        assert str(err.value).startswith(f"--out-dir {system / 'model_0.pt'} {expected}"), str(err.value)
+        assert snapshot(system) == before
+        return
+    args = argv(zoo, None, out, "--results-db", data_file, heldout=3, first=QUICK[script])
+    i = args.index("--data-location")
+    del args[i:i + 2]
+    line = refused_untouched(capsys, script, args, zoo, system)
+    assert line.startswith(f"error: --results-db {data_file} {expected}"), line
+
+
 def test_mehl_outputs_known_only_later_are_checked_first(capsys, monkeypatch, tmp_path, zoo, fmnist_root):
     """MEHL's default soup is runs/MEHL-Soup.pt or runs/MEHL-Soup+.pt (the block count decides), and its
     state is --resume's file or the one beside the soup: each is checked before any work."""

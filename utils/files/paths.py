@@ -28,8 +28,11 @@ _INGREDIENT = re.compile(r"^model_\d+$")  # utils.files.ingredients names ingred
 class Role:
     """A path the run reads or writes. `flag` names it where it leads a message ("--results-db"),
     `what` where it follows "is also" ("the soup (--save-soup)"). `kind`: "file" (this one file),
-    "tree" (an input folder: an output on an existing file or folder under it collides) or "zoo" (the
-    ingredient folder: an output named as an ingredient there, existing or not, collides)."""
+    "tree" (an input folder: an output on an existing file or folder under it collides), "zoo" (the
+    ingredient folder: an output named as an ingredient there, existing or not, collides) or, for an
+    output, "lock" (a lock file: utils/files/lock.py opens an existing file only when it is one of its
+    own locks, so no tree's file can be harmed by it, and the run's own lock exists by the time the data
+    set's standard place is known)."""
     flag: str
     what: str
     path: Path
@@ -85,6 +88,8 @@ def check_distinct(outputs, inputs):
     `outputs` and `inputs`: Roles. Nothing is created or opened."""
     for i, out in enumerate(outputs):
         for role in inputs:
+            if out.kind == "lock" and role.kind == "tree":
+                continue
             why = _hit(out.path, role)
             if why:
                 raise UserError(f"{out.flag} {out.path} {why}: an output never replaces an input "
@@ -119,7 +124,8 @@ def soup_outputs(soup, flag):
     roles = [Role(flag, f"the soup ({flag})", soup)]
     roles += [Role(f"the soup's {kind} file", f"the {kind} file of the soup ({named})", sidecar(soup, kind))
               for kind in SIDECARS if kind != "state"]
-    roles.append(Role("the soup's lock file", f"the lock file of the soup ({named})", sidecar(soup, "lock")))
+    roles.append(Role("the soup's lock file", f"the lock file of the soup ({named})", sidecar(soup, "lock"),
+                      "lock"))
     return roles
 
 
@@ -128,29 +134,32 @@ def state_outputs(state, given):
     flag, where = ("--resume", "--resume") if given else ("the MEHL state file", "beside the soup")
     return [Role(flag, f"the MEHL state file ({where})", state),
             Role("the state's lock file", f"the lock file of the MEHL state ({where}: {state})",
-                 sidecar(state, "lock"))]
+                 sidecar(state, "lock"), "lock")]
 
 
-def check_run(soups, states, results_db, model_location, data_location=None, heldout_index=None):
+def check_run(soups, states, results_db, model_location, data_location=None, heldout_index=None,
+              standard=None):
     """A soup run's outputs against its inputs and each other (`check_distinct`). Outputs: `soups`
     ({path: the flag it came from}), the soup(s) the run may write (MEHL: one per method it may learn);
     `states` ({path: whether --resume named it}), MEHL's state file(s); the results file. Inputs: the
-    ingredient folder, the data folder (None: the data set's standard place, not known before it is
-    read) and the held-out index file."""
+    ingredient folder, the data folder (`data_location`; without it, `standard`: the folder the data
+    set was read from, see `data_inputs`) and the held-out index file."""
     outputs = [role for soup, flag in soups.items() for role in soup_outputs(Path(soup), flag)]
     outputs += [role for state, given in states.items() for role in state_outputs(Path(state), given)]
     outputs.append(Role("--results-db", "the results file (--results-db)", Path(results_db)))
-    inputs = ingredient_inputs(model_location) + data_inputs(data_location, heldout_index)
+    inputs = ingredient_inputs(model_location) + data_inputs(data_location, heldout_index, standard)
     check_distinct(outputs, inputs)
 
 
-def data_inputs(data_location=None, heldout_index=None):
-    """The inputs of the data set: the folder given by --data-location (None: the data set's standard
-    place, not known before it is read) and the held-out index file."""
+def data_inputs(data_location=None, heldout_index=None, standard=None):
+    """The inputs of the data set: the folder given by --data-location, or with `standard` the data
+    set's standard place, the folder it was read from (known only once it is read: callers check again
+    then), and the held-out index file."""
     inputs = []
-    if data_location:
-        inputs.append(Role("--data-location", f"a file of the data set (--data-location {data_location})",
-                           Path(data_location), "tree"))
+    if data_location or standard:
+        flag = f"--data-location {data_location}" if data_location else f"its standard place {standard}"
+        inputs.append(Role("--data-location", f"a file of the data set ({flag})", Path(data_location or standard),
+                           "tree"))
     if heldout_index:
         inputs.append(Role("--heldout-index", "the held-out index (--heldout-index)", Path(heldout_index)))
     return inputs

@@ -176,9 +176,11 @@ def check_writable(args, method):
                             f"{err.strerror or err}") from err
 
 
-def check_paths(args, methods):
+def check_paths(args, methods, standard=None):
     """No output of the run is an input or another output (utils.files.paths), checked before anything
-    is read or written. `methods`: MEHL's soup path follows the method it learns, so both are checked."""
+    is read or written, and again with `standard`, the folder the data set was read from, when no
+    --data-location named it. `methods`: MEHL's soup path follows the method it learns, so both are
+    checked."""
     soups, states = {}, {}  # path -> flag; an explicit --save-soup is one path for every method
     for method in methods:
         soup = soup_target(args, method)
@@ -189,7 +191,14 @@ def check_paths(args, methods):
             state = Path(args.resume) if given else sidecar(soup or Path(f"runs/{method}.pt"), "state")
             states[state] = given
     check_run(soups, states, args.results_db, args.model_location, args.data_location,
-              args.heldout_index)
+              args.heldout_index, standard)
+
+
+def check_data_place(args, methods, setup):
+    """`check_paths` again once the data set is read, against the folder it was read from, when no
+    --data-location named it (the data set's standard place)."""
+    if args.data_location is None and setup.bundle.split.get("folder"):
+        check_paths(args, methods, standard=setup.bundle.split["folder"])
 
 
 def soup_target(args, method):
@@ -405,6 +414,7 @@ def begin(args, method, methods=None, *, data):
     elif args.save_soup is not None:
         lock_output(soup_output(args, None).path)
     setup = prepare(args, method, data=data)
+    check_data_place(args, methods or (method,), setup)
     individual.check_exclude_top(setup, args.exclude_top)
     memory.reset_peak(setup.device)
     return None, setup, output
