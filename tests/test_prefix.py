@@ -366,15 +366,20 @@ def test_a_hostile_file_runs_nothing(effnet, fm_images, tmp_path, monkeypatch, c
     assert not mark.exists() and counted.got == len(fm_images) and "unreadable" in caplog.text
 
 
+def never_loaded(monkeypatch, path):
+    """Fail the test if `path` reaches torch.load (any other file loads as usual)."""
+    real = torch.load
+    monkeypatch.setattr(prefix.torch, "load", lambda f, *a, **k: pytest.fail("loaded") if str(f) == str(path)
+                        else real(f, *a, **k))
+
+
 def test_a_file_too_large_to_have_been_written_is_not_loaded(effnet, fm_images, tmp_path, monkeypatch, caplog):
     prefix.configure(tmp_path)
     prefix.outputs(effnet, fm_images, cpu(), batch_size=8)
     path = written(tmp_path)
     monkeypatch.setattr(prefix, "LIMIT_BYTES", 100_000)
     torch.save({"h": torch.zeros(200_000)}, path)  # 800 KB where at most 100 KB is ever written
-    real = torch.load
-    monkeypatch.setattr(prefix.torch, "load", lambda f, *a, **k: pytest.fail("loaded") if str(f) == str(path)
-                        else real(f, *a, **k))
+    never_loaded(monkeypatch, path)
     counted = Counting(fm_images)
     prefix.outputs(fresh_copy(effnet), counted, cpu(), batch_size=8)
     assert "more than a cache file of 20 items may hold" in caplog.text and counted.got == len(fm_images)
@@ -426,9 +431,7 @@ def test_a_zip_bomb_in_the_cache_is_refused_unread(effnet, fm_images, tmp_path, 
             bomb.writestr(name, data)
         bomb.writestr(entries[0][0].split("/")[0] + "/data/zeros", bytes(20 * 2**20))
     assert path.stat().st_size < 100_000  # small on disk: 20 MiB when inflated
-    real = torch.load
-    monkeypatch.setattr(prefix.torch, "load", lambda f, *a, **k: pytest.fail("loaded") if str(f) == str(path)
-                        else real(f, *a, **k))
+    never_loaded(monkeypatch, path)
     counted = Counting(fm_images)
     prefix.outputs(fresh_copy(effnet), counted, cpu(), batch_size=8)
     assert "zip entries unpack to" in caplog.text and counted.got == len(fm_images)
