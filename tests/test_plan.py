@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from functools import partial
 
 import pytest
@@ -67,17 +66,33 @@ def test_the_issue_h200_numbers():
     assert plan.card_k(fp32, 72) == 50 and plan.card_k(bf16, 72) == 72
 
 
-def test_capacity_is_at_most_the_limit_and_measure_sees_a_transient_allocation():
+def test_capacity_is_at_most_the_limit():
     cpu = torch.device("cpu")
     assert plan.capacity_bytes(cpu, limit_gib=0.5) <= GiB // 2
     assert plan.capacity_bytes(cpu) >= memory.status_bytes("VmRSS")
 
-    def step():  # 64 MB held for half a second, as a plain forward/backward holds its activations (a
-        held = torch.ones(64 * 2**20 // 4)  # transient of microseconds may fall between two samples)
-        time.sleep(0.5)
-        return held.sum()
 
-    peak, resident = plan.measure(step, cpu)
+MEASURE_ONE_ALLOCATION = """
+import time, torch
+from utils.run import plan
+def step():  # 64 MB held for half a second, as a plain forward/backward holds its activations
+    held = torch.ones(64 * 2**20 // 4)
+    time.sleep(0.5)
+    return held.sum()
+print(*plan.measure(step, torch.device("cpu")))
+"""
+
+
+@pytest.mark.slow
+def test_measure_sees_a_transient_allocation():
+    """In a process of its own, as a MEHL run measures its plain step. Inside a pytest worker that had
+    run other tests it failed in 3 of about 15 fast-tier runs (peak and resident a page apart: the
+    resident set was not seen to rise, even with the 64 MB held 0.5 s); the cause was not found."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", MEASURE_ONE_ALLOCATION], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak, resident = map(int, out.stdout.split()[-2:])
     assert peak - resident >= 48 * 2**20, (peak, resident)
 
 
