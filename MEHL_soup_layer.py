@@ -193,6 +193,11 @@ def load_state(path, args, config):
     if saved != args.precision:  # the config leaves fp32 out (cli.ADDED_DEFAULTS): compared both ways here
         raise UserError(f"--resume {path} was made with another configuration: --precision {saved!r} in the "
                         f"state, {args.precision!r} now")
+    config_saved = state.get("config") if isinstance(state, dict) else None
+    made = config_saved.get("tf32", False) if isinstance(config_saved, dict) else args.tf32
+    if made != args.tf32:  # left out of the config when off (cli.ADDED_DEFAULTS): compared both ways here
+        raise UserError(f"--resume {path} was made with another configuration: --tf32 {made!r} in the "
+                        f"state, {args.tf32!r} now")
     mehl_state.check_header(state, path, config, flag_of)
     return state
 

@@ -230,8 +230,7 @@ def test_bad_argument_through_the_command_line(zoo, out, fmnist_root, script, ex
     (["--optimizer", "adam"], "error: argument --optimizer: invalid choice: 'adam' (choose from 'adamw', "
      "'sgd')"),
     (["--batch-size", "many"], "error: argument --batch-size/--batch_size: invalid int value: 'many'"),
-    (["--device", "tpu"], "error: argument --device: invalid choice: 'tpu' (choose from 'auto', 'cpu', "
-     "'cuda')"),
+    (["--device", "tpu"], "error: argument --device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
 ])
 def test_malformed_flag_values_are_argparse_errors(capsys, zoo, out, fmnist_root, extra, message):
     """Values argparse itself rejects: its usage line, then one `prog: error: ...` line, exit 2."""

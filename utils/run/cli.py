@@ -67,8 +67,9 @@ def soup_parser(description, method):
     g = p.add_argument_group("running")
     g.add_argument("--batch-size", "--batch_size", type=int, default=128, help="data batch size")
     g.add_argument("--workers", type=int, default=0, help="data loader worker processes")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="where to compute; auto = CUDA when available")
+    g.add_argument("--device", default="auto", type=device_flag,
+                   help="where to compute: auto (CUDA when available), cpu, cuda or cuda:N (under torchrun "
+                   "each rank takes its LOCAL_RANK's device)")
     g.add_argument("--prefix-cache", default=None,
                    help="folder where the outputs of a frozen prefix shared by every ingredient (the default "
                    "zoo's) are kept between runs, checked before use (utils/run/prefix.py); default "
@@ -81,6 +82,10 @@ def soup_parser(description, method):
                    "mapped, shared by later runs and by the ranks on one host; default $MODEL_SOUPS_CACHE/decoded, "
                    "else $XDG_CACHE_HOME/model_soups/decoded or ~/.cache/model_soups/decoded), 'memory' (this "
                    "process only), or 'none' (decode in every pass). Changes no number; safe to delete at any time")
+    g.add_argument("--tf32", action="store_true",
+                   help="let CUDA matmuls and convolutions use TF32 tensor cores (Ampere and later): faster, "
+                   "about 10 bits of mantissa in the products. Off by default, as released. Changes the "
+                   "numbers, so it defines the run (utils/run/precision.py)")
     g.add_argument("--precision", choices=precision.PRECISIONS, default=precision.DEFAULT,
                    help="the model's forward/backward in learning and in every evaluation: fp32 (as released) "
                    "or amp_bf16 (bfloat16 autocast; logits, loss, soup and coefficients stay float32). "
@@ -97,6 +102,13 @@ def soup_parser(description, method):
     for flag in IGNORED_FLAGS:
         p.add_argument(flag, nargs="?", const=True, default=None, help=argparse.SUPPRESS)
     return p
+
+
+def device_flag(value):
+    """--device: auto, cpu, cuda or cuda:N."""
+    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
 
 
 def check_args(args):
@@ -260,7 +272,7 @@ NOT_DEFINING = ("overwrite", "resume", "stop_after_groups", "wandb", "workers", 
 
 # Defining flags added later, at the value that gives what runs made before them gave: left out of the
 # key at that value, so those runs' lines and states still match.
-ADDED_DEFAULTS = {"precision": precision.DEFAULT}
+ADDED_DEFAULTS = {"precision": precision.DEFAULT, "tf32": False}
 
 
 def run_key(args_dict):
@@ -353,6 +365,7 @@ def prepare(args, method=None, check_ingredients=True, *, data):
     check_args(args)
     check_writable(args, method)
     device = distributed.setup(args.device)
+    precision.use_tf32(args.tf32)
     prefix.configure(prefix_folder(args.prefix_cache))
     decoded.configure(args.decode_cache)
     spec = archs.get_arch(args.arch)

@@ -30,6 +30,7 @@ def cache_key(setup, path):
         "split": setup.bundle.split,
         "test_size": setup.test_size,
         "precision": setup.precision,
+        "tf32": bool(setup.arguments.get("tf32", False)),
     }
     return json.loads(json.dumps(key, default=str))  # compared with lines read back from JSON
 
@@ -45,8 +46,9 @@ def evaluate_individuals(setup, paths=None):
     cached = None
     if distributed.is_primary():
         existing = results.read(setup.results_db)
-        # lines written before --precision existed were evaluated in fp32
-        cached = [results.latest(existing, k, absent={"precision": precision.DEFAULT}) for k in keys]
+        # lines written before --precision and --tf32 existed were evaluated in exact fp32
+        cached = [results.latest(existing, k, absent={"precision": precision.DEFAULT, "tf32": False})
+                  for k in keys]
     cached = distributed.broadcast_object(cached)
     todo = [i for i, c in enumerate(cached) if c is None]
     if len(todo) < len(paths):

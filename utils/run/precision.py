@@ -23,6 +23,17 @@ PRECISIONS = ("fp32", "amp_bf16")
 DEFAULT = "fp32"
 
 
+def use_tf32(on):
+    """--tf32: matmuls (cuBLAS) and convolutions (cuDNN) of float32 tensors on CUDA may use TF32 tensor
+    cores (a 10-bit mantissa in the products, float32 accumulation). Off, torch's defaults are left as
+    they are, which is what the released code ran: exact float32 matmuls (cuDNN convolutions are TF32 by
+    torch's own default; a ViT's only one is its patch embedding). No effect on a CPU. It changes the
+    numbers, so it defines a run (utils/run/cli.py ADDED_DEFAULTS: off matches runs made before the flag)."""
+    if on:
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def warn_if_slow(precision, device):
     """amp_bf16 on a CPU without bfloat16 instructions runs emulated kernels: say so once, at the start
     (measured on an AVX2 EPYC: CLIP ViT-B/32 forward/backward 32x, MEHL-Soup+ on the default zoo 51x

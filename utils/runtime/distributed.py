@@ -30,7 +30,8 @@ def is_distributed():
 def setup(device_arg="auto"):
     """Start the process group when torchrun set WORLD_SIZE > 1; return the torch.device to use.
 
-    `device_arg`: "auto" (CUDA when available), "cpu", or "cuda".
+    `device_arg`: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N". The CUDA device is torchrun's
+    LOCAL_RANK when it is set, else N of "cuda:N", else 0.
     """
     use_cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
@@ -49,8 +50,18 @@ def setup(device_arg="auto"):
                             f"MASTER_ADDR={os.environ.get('MASTER_ADDR')}, "
                             f"MASTER_PORT={os.environ.get('MASTER_PORT')}): {err}") from err
     if use_cuda:
-        return torch.device("cuda", local_rank)
+        return _cuda_device(device_arg, local_rank)
     return torch.device("cpu")
+
+
+def _cuda_device(device_arg, local_rank):
+    """LOCAL_RANK under torchrun (one process per device), else the index of --device cuda:N (0 for cuda)."""
+    index = local_rank if "LOCAL_RANK" in os.environ else int(device_arg.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise UserError(f"--device {device_arg}: CUDA device {index} does not exist here "
+                        f"({torch.cuda.device_count()} visible)")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def teardown():
