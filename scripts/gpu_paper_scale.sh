@@ -14,37 +14,43 @@
 #     measured mean wait for a batch and the mean time of the loop's body (scripts/paper_scale.py says how).
 # Outputs in $OUT (5 files): paper_scale.json, paper_scale.txt (this script's output: the table),
 # steps.log (the steps' own logs, progress bars left out), results.jsonl, report.md.
-# Prepare here, where PyPI is reachable: `bash scripts/gpu_wheels.sh` puts open_clip's wheels in .whl/
-# (carry it to the GPU machine), which this script installs into /tmp/site when open_clip is missing.
+# Prepare here, where PyPI is reachable: `bash scripts/gpu_wheels.sh` puts the wheels in .whl/ (carry it
+# to the GPU machine); the distributions the Python with torch lacks are installed from there offline
+# (scripts/gpu_env.sh), and every import the steps need is checked before anything is written. The free
+# disk in SCRATCH is checked against the stand-ins' size (+ 1 GiB) before they are written; all of it is
+# removed at the end. `bash scripts/gpu_check.sh --all` runs this as its stage 6.
 #   bash scripts/gpu_paper_scale.sh
 # A smoke test on a CPU (the tests run the same with a tiny arch):
 #   ARCH=tiny-clip N=3 CLASSES=2 HELDOUT=3 FRACTION=0.0002 WORKERS=0 bash scripts/gpu_paper_scale.sh
-# Environment: OUT (runs/gpu_paper_scale), PYTHON (python3), SCRATCH (/tmp: the stand-ins and images,
-# removed at the end), DEADLINE (400 s for the steps, counted from the start of paper_scale.py), and
-# paper_scale.py's sizes: ARCH, N, CLASSES, HELDOUT (per class), FRACTION, WORKERS, K, MEMORY_LIMIT, STEPS.
+# Environment: OUT (runs/gpu_paper_scale), PYTHON (default: the python3 that has torch), SCRATCH (/tmp: the
+# stand-ins and images, removed at the end), DEADLINE (400 s for the steps, counted from the start of
+# paper_scale.py), STEPS (default all of them; the report is left out when matplotlib does not import),
+# and paper_scale.py's sizes: ARCH, N, CLASSES, HELDOUT (per class), FRACTION, WORKERS, K, MEMORY_LIMIT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
 OUT=${OUT:-runs/gpu_paper_scale}
 SCRATCH=${SCRATCH:-/tmp}
 DEADLINE=${DEADLINE:-400}
 STEPS=${STEPS:-mehl,individual,greedy,uniform,learned,report}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if ! "$PY" -c "import open_clip" 2>/dev/null; then
-  if ! ls .whl/*.whl >/dev/null 2>&1; then
-    echo "open_clip is not installed and .whl/ holds no wheels: run 'bash scripts/gpu_wheels.sh' first" >&2
-    exit 1
-  fi
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}   # paper_scale.py passes it on to every step
+source scripts/gpu_env.sh
+work=
+trap 'rm -rf ${work:+"$work"} ${GPU_CLEANUP[@]+"${GPU_CLEANUP[@]}"}' EXIT
+gpu_python
+gpu_install
+gpu_imports >/dev/null || gpu_imports
+if [[ ,$STEPS, == *,report,* ]] && ! "$PY" -c "import matplotlib" 2>/dev/null; then
+  STEPS=$(echo ",$STEPS," | sed 's/,report,/,/; s/^,//; s/,$//')
+  echo "matplotlib does not import: the report step is left out (STEPS=$STEPS)"
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device: CPU')"
 nproc
 df -h "$SCRATCH" | tail -1
+standins=$("$PY" scripts/gpu_stages.py standin-bytes "${ARCH:-clip-vit-b32}" "${N:-72}")
+"$PY" scripts/gpu_stages.py disk "$SCRATCH" "$standins" "${N:-72} ${ARCH:-clip-vit-b32} stand-ins and the images"
 
 work=$(mktemp -d "$SCRATCH/paper_scale.XXXX")
-trap 'rm -rf "$work"' EXIT
 sizes=()
 for pair in arch:ARCH n:N classes:CLASSES heldout-per-class:HELDOUT fraction:FRACTION workers:WORKERS \
             k:K memory-limit:MEMORY_LIMIT; do
