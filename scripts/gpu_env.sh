@@ -62,7 +62,8 @@ EOF
 
 gpu_imports() {
   if ! "$PY" scripts/gpu_stages.py imports; then
-    echo "error: a module the stages need does not import (above); nothing was run" >&2
+    echo "error: a module the stages need does not import (above); nothing was run (prepare the bundle with" \
+      "'bash scripts/gpu_wheels.sh' where PyPI is reachable and carry .whl/ here)" >&2
     return 2
   fi
 }
