@@ -51,7 +51,12 @@ def test_the_plan_holds_at_vit_l14_size(tmp_path):
     found = re.search(r"plan: K = (\d+) \(.*\); predicted peak .* \((\d+) bytes\)", done.stderr)
     record = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
     predicted, measured = int(found.group(2)), record["peak_memory_bytes"]
-    print(f"ViT-L/14, K = 2, batch 2: predicted {predicted / 2**30:.3f} GiB, measured {measured / 2**30:.3f} GiB "
-          f"({(predicted - measured) / measured:+.1%})")
+    # the step's own part of the prediction (plain step + 2 rows), not only the process's peak before learning
+    plain, row = (float(v) * 2**30 for v in re.search(
+        r"measured before learning: ([0-9.]+) GiB; a step holds 2 row\(s\) .*?: ([0-9.]+) GiB each",
+        done.stderr).groups())
+    print(f"ViT-L/14, K = 2, batch 2: predicted {predicted / 2**30:.3f} GiB (plain step {plain / 2**30:.3f} + "
+          f"2 rows of {row / 2**30:.3f}), measured {measured / 2**30:.3f} GiB ({(predicted - measured) / measured:+.1%})")
     assert int(found.group(1)) == record["model_batch"] == 2
     assert abs(predicted - measured) <= 0.1 * measured, (predicted, measured)
+    assert abs(plain + 2 * row - measured) <= 0.1 * measured, (plain + 2 * row, measured)
