@@ -125,7 +125,8 @@ stage 2 "MEHL block products, K = $K" mehl_check.txt "$PY" scripts/gpu_check.py 
 
 scratch=$(mktemp -d "$SCRATCH/gpu_check.XXXX")
 zoo_bytes=$("$PY" scripts/gpu_stages.py standin-bytes "$ARCH" "$NZOO") || zoo_bytes=0
-stage 3 "$NZOO synthetic $ARCH ingredients and a synthetic ImageNet tree in $scratch" zoo.txt \
+echo "(the zoo and the images of stages 3 to 5 go to $scratch)"
+stage 3 "$NZOO synthetic $ARCH ingredients and a synthetic ImageNet tree" zoo.txt \
   bash -c "'$PY' scripts/gpu_stages.py disk '$scratch' $zoo_bytes '$NZOO $ARCH stand-ins' && '$PY' -c \"
 import sys
 sys.path.insert(0, '.')
