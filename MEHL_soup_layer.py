@@ -217,6 +217,7 @@ class Run:
     state_path: Path
     config: dict
     wandb: object
+    loader: sampling.RankLoader = None  # the held-out batches of every epoch of the run (one DataLoader)
 
 
 @dataclass
@@ -282,9 +283,7 @@ def learn_group(run, group, progress):
         heldout = inputs.learning(setup.model, setup.bundle.heldout, setup.device, args.batch_size, args.workers,
                                   layout.names, args.precision)
         epoch_loss, steps = 0.0, mehl.StepLog(state, label, args.lr)
-        for n_global, batch in sampling.rank_batches(heldout.dataset, args.batch_size, progress.data_rng,
-                                                     distributed.world_size(), distributed.rank(),
-                                                     heldout.workers):
+        for n_global, batch in run.loader.epoch(heldout.dataset, heldout.workers):
             loss = mehl.step(heldout.forward, run.soup, state, layout.bounds, batch, n_global,
                              args.labelsmooth, clip=setup.spec.is_vit)
             steps.add(loss, n_global, schedule(state.step - 1))
@@ -527,6 +526,8 @@ def main(argv=None):
                               output.path.parent if output.path else Path("runs"))
     wandb = run.wandb
     progress = Progress.start(args.randomseed, state)
+    run.loader = sampling.RankLoader(args.batch_size, progress.data_rng, distributed.world_size(),
+                                     distributed.rank(), pin_memory=setup.device.type == "cuda")
 
     record = None
     if learn(run, progress):

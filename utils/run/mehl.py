@@ -164,8 +164,9 @@ def gradient(model, soup, batch, n_global, labelsmooth):
         loss = torch.zeros(1, device=soup.theta.device)
     else:
         x, y = batch
-        logits = model(x.to(soup.theta.device, non_blocking=True))
-        batch_loss = F.cross_entropy(logits, y.to(soup.theta.device), label_smoothing=labelsmooth,
+        # from page-locked memory on CUDA (sampling.RankLoader), so neither copy waits for the device
+        x, y = x.to(soup.theta.device, non_blocking=True), y.to(soup.theta.device, non_blocking=True)
+        batch_loss = F.cross_entropy(model(x), y, label_smoothing=labelsmooth,
                                      reduction="sum") / n_global
         batch_loss.backward()
         loss = batch_loss.detach().reshape(1)
