@@ -67,7 +67,7 @@ from utils.run.precision import DEFAULT as DEFAULT_PRECISION
 from utils.runtime import distributed
 from utils.runtime.errors import UserError, run_main
 from utils.runtime.memory import reset_peak
-from utils.soup import hyperplane, sampling
+from utils.soup import hyperplane, sampling, segmented
 from utils.soup.schedules import constant, cosine_with_warmup
 
 log = logging.getLogger("MEHL_soup")
@@ -434,8 +434,9 @@ def footprint(run, batch):
         checkpoint = max(sum(v.numel() * v.element_size() for v in setup.reference.values()),
                          max(Path(p).stat().st_size for p in run.paths))
     dtype = mehl.DTYPES[args.directions_dtype]
-    return plan.Footprint(plain_peak=peak, resident=resident, row=layout.numel * dtype.itemsize,
-                          soup_row=layout.numel * soup.theta.element_size(), checkpoint=checkpoint,
+    width = segmented.padded(layout.numel)  # the rows' stride (mehl.load_rows)
+    return plan.Footprint(plain_peak=peak, resident=resident, row=width * dtype.itemsize,
+                          soup_row=width * soup.theta.element_size(), checkpoint=checkpoint,
                           halved=dtype.itemsize < soup.theta.element_size(), so_far=before), batch
 
 
