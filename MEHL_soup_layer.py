@@ -218,6 +218,7 @@ class Run:
     config: dict
     wandb: object
     loader: sampling.RankLoader = None  # the held-out batches of every epoch of the run (one DataLoader)
+    block_products: str = None  # the path of the block products, from the first group's self-check
 
 
 @dataclass
@@ -266,6 +267,8 @@ def learn_group(run, group, progress):
     # the soup is the group's center: for the first group its mean is written into the soup here
     center, P, inv_norms = mehl.directions(run.paths, my_rows, len(group), layout, setup.reference, run.soup,
                                            mehl.DTYPES[args.directions_dtype], first)
+    if run.block_products is None:  # the first group of this process: the fast path against the loop
+        run.block_products = mehl.check_fast_path(P, layout.bounds, run.soup.theta, run.soup.grad)
     alpha_center = hyperplane.mean_alpha(group, N, B) if first else progress.alpha
     X = torch.zeros(len(my_rows), B, dtype=run.soup.theta.dtype, device=setup.device, requires_grad=True)
     per_epoch = math.ceil(len(setup.bundle.heldout) / args.batch_size)
@@ -303,8 +306,25 @@ def learn_group(run, group, progress):
     bar.close()
     delta = hyperplane.alpha_delta(alpha_center, X, inv_norms, my_rows)
     alpha = alpha_center + distributed.all_reduce_sum(delta.to(setup.device)).cpu()
+    products, why = mehl.products_record(run.block_products)  # this group's path (turned off since?)
+    if distributed.is_distributed():  # "kernels" only where every rank ran them
+        on_loop = distributed.all_reduce_sum(torch.tensor([float(products != "kernels")], device=setup.device))
+        if products == "kernels" and float(on_loop) > 0:
+            products, why = "loop", "another rank ran the per-block loop"
     return alpha, {"ingredients": [index_of(run.paths[i]) for i in group],
-                   "heldout_loss": state.losses, "test_logged_only": tests}
+                   "heldout_loss": state.losses, "test_logged_only": tests,
+                   "block_products": products, "block_products_why": why}
+
+
+def products_of(groups):
+    """The results line's `block_products` ("kernels" when every group's steps ran the fast path, else
+    "loop") and `block_products_why` (the first group's reason for the loop), from the groups' log, which
+    the resume state keeps (docs/GUARANTEES.md)."""
+    paths = [g.get("block_products") for g in groups]
+    if paths and all(p == "kernels" for p in paths):
+        return "kernels", None
+    why = next((g.get("block_products_why") for g in groups if g.get("block_products_why")), None)
+    return "loop", why or "not recorded (groups learned before the path was recorded)"
 
 
 def learn(run, progress):
@@ -360,6 +380,7 @@ def finish(run, progress):
     batchnorm = rule(setup.model, reestimated)
     alpha_doc = {"ingredients": [str(p) for p in run.paths], "blocks": layout.blocks, "alpha": alpha,
                  "summary": summary}
+    products, why = products_of(progress.groups)
     record = outputs.write_outputs(
         setup, run.output, run.method, run.paths, scores, soup_sd, sidecars={"alpha": alpha_doc},
         coefficients=coefficients, recipe={"batchnorm": batchnorm},
@@ -367,7 +388,8 @@ def finish(run, progress):
         alpha_summary=summary, identical_parameters=layout.identical, identical_numbers=identical_numbers,
         identical_bytes_not_held_per_rank=identical_numbers * itemsize * (rows_per_rank + 1),
         batchnorm=batchnorm, state_file=str(run.state_path),
-        learning_seconds_all_sessions=round(progress.seconds, 2))
+        learning_seconds_all_sessions=round(progress.seconds, 2), block_products=products,
+        block_products_why=why)
     if distributed.is_primary():
         log.info("%s of %d (K=%d): held-out %.2f, test %.2f, shift mean %s; alpha: %d negative "
                  "(%.1f%%), max %.3f, effective ingredients %.2f", run.method, len(run.paths),

@@ -35,6 +35,9 @@ SEGS = 256        # partial sums read at once by a block's program
 ALIGN = 16        # row strides are padded to a multiple of this many numbers (`padded`)
 ROW_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 failure = None    # why the kernels could not run in this process (then the per-block loop runs)
+# torch.OutOfMemoryError exists from torch 2.5 on, as this same class; 2.4 (which requirements.txt
+# allows) has only this name
+OUT_OF_MEMORY = torch.cuda.OutOfMemoryError
 
 
 def interpreting():
@@ -44,15 +47,37 @@ def interpreting():
 
 @functools.lru_cache(maxsize=None)
 def _kernels(interpret):
-    """The compiled (or, with `interpret`, interpreted) kernels; None without Triton. `triton.jit`
-    decides between the two when it is called, from TRITON_INTERPRET, hence the cache key."""
+    """The compiled (or, with `interpret`, interpreted) kernels; None without Triton, or when importing
+    it or the kernels' source fails otherwise (said once: `turn_off`; segmented_kernels.py reads a
+    private name of Triton, which a later version may not have). `triton.jit` decides between compiled
+    and interpreted when it is called, from TRITON_INTERPRET, hence the cache key."""
     try:
         import triton
-        from utils.soup import segmented_kernels as src
     except ImportError:
         return None
-    return {name: triton.jit(getattr(src, name))
-            for name in ("project_partials", "project_blocks", "combine")}
+    except Exception as err:  # a broken install: anything but "not installed" is said
+        turn_off(f"import triton: {_why(err)}")
+        return None
+    try:
+        from utils.soup import segmented_kernels as src
+        return {name: triton.jit(getattr(src, name))
+                for name in ("project_partials", "project_blocks", "combine")}
+    except Exception as err:
+        turn_off(f"the kernels' source: {_why(err)}")
+        return None
+
+
+def _why(err):
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+
+
+def turn_off(reason):
+    """Use the per-block loop for the rest of this process, and say why once."""
+    global failure
+    if failure is None:
+        failure = reason
+        log.warning("the fixed-launch block products are off in this process (%s); the per-block loop "
+                    "runs instead", reason)
 
 
 def padded(width):
@@ -113,20 +138,16 @@ def supports(P, vector, bounds):
 
 
 def _launch(name, grid, *args, **meta):
-    """Launch one kernel; when Triton cannot compile or run it here, say so once, note why in `failure`
-    and return False (the caller falls back to the per-block loop). A compile error comes before the
-    kernel writes anything."""
-    global failure
+    """Launch one kernel; when Triton cannot compile or run it here, say so once (`turn_off`) and return
+    False (the caller falls back to the per-block loop). A compile error comes before the kernel writes
+    anything. Running out of device memory is not the kernels' fault: it is raised."""
     try:
         _kernels(interpreting())[name][grid](*args, **meta)
         return True
-    except torch.OutOfMemoryError:
+    except OUT_OF_MEMORY:
         raise
     except Exception as err:  # a Triton version or device these kernels do not compile for
-        first_line = (str(err).strip().splitlines() or [""])[0]
-        failure = f"{name}: {type(err).__name__}: {first_line}"
-        log.warning("the fixed-launch block products are off in this process (%s); the per-block loop "
-                    "runs instead", failure)
+        turn_off(f"{name}: {_why(err)}")
         return False
 
 
