@@ -480,9 +480,12 @@ def settle_model_batch(run, resumed_k):
     args, setup = run.args, run.setup
     n, world = len(run.paths), distributed.world_size()
     batch = -(-args.batch_size // world)
+    plan.prepare_allocator(setup.device)  # expandable segments on CUDA, for the measurement and the run
     fp, batch = footprint(run, batch)
+    plan.release_cached(setup.device)  # the first group's rows come before the step's activations
     capacity = plan.capacity_bytes(setup.device, args.memory_limit, plan.local_world_size())
-    fits = agreed_minimum(n if capacity is None else plan.largest_k(fp, capacity, n, world), n, setup.device)
+    fits = agreed_minimum(n if capacity is None else plan.largest_k(fp, capacity, n, world, setup.device.type),
+                          n, setup.device)
     if args.model_batch != "auto":
         k, how = args.model_batch, "--model_batch as given"
     elif resumed_k is not None:
@@ -499,7 +502,7 @@ def settle_model_batch(run, resumed_k):
         for line in plan.describe(fp, k, how, n, world, setup.device, capacity, fits, run.layout.numel,
                                   args.directions_dtype, batch):
             log.info("plan: %s", line)
-        if capacity is not None and plan.step_peak(fp, min(k, n), world) > capacity * (1 - plan.MARGIN):
+        if capacity is not None and plan.step_peak(fp, min(k, n), world) > plan.budget(capacity, setup.device.type):
             log.warning("plan: K = %d is predicted to need more than the %s available (%s)", k,
                         plan.gib(capacity), f"K = {fits} would fit" if fits else "not even K = 1 fits")
     if args.model_batch == "auto":
