@@ -86,10 +86,16 @@ argv = partial(helpers.argv, heldout=4, batch_size=15, device=None,
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_mehl_soup_is_bit_identical_to_a_loader_per_epoch(tmp_path, fmnist_root, monkeypatch, workers):
+    """Two models-epochs of two groups of two epochs: 8 epochs, read through one DataLoader."""
     zoo = make_zoo(tmp_path / "zoo", 3)
-    now = mehl.main(argv(zoo, fmnist_root, tmp_path / "now", "--workers", workers))
+    made = []
+    monkeypatch.setattr(sampling, "DataLoader", lambda *a, **kw: made.append(kw) or DataLoader(*a, **kw))
+    flags = ("--workers", workers, "--decode-cache", "none")
+    now = mehl.main(argv(zoo, fmnist_root, tmp_path / "now", *flags))
+    assert len(made) == 1 and made[0]["persistent_workers"] == (workers > 0)
+    assert made[0]["pin_memory"] is False  # on CUDA only
     monkeypatch.setattr(mehl.sampling, "RankLoader", PerEpoch)
-    before = mehl.main(argv(zoo, fmnist_root, tmp_path / "before", "--workers", workers))
+    before = mehl.main(argv(zoo, fmnist_root, tmp_path / "before", *flags))
     a = torch.load(tmp_path / "now" / "soup.pt", weights_only=True)
     b = torch.load(tmp_path / "before" / "soup.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
