@@ -31,7 +31,9 @@ numbers; the per-block loop with directions stored in bfloat16 or float16 reads 
 `hyperplane.SLICE` numbers per row cast to float32. Nothing else of size D is allocated per step
 (tests/test_mehl_step.py counts).
 
-A step reads nothing back from the device (no host sync): the loss is returned as a device tensor, the
+A step reads nothing back from the device (no host sync): x and y are copied with `non_blocking` (on
+CUDA they come in page-locked memory from the run's one DataLoader, `sampling.RankLoader`), the loss is
+returned as a device tensor, the
 ViT clip factor stays one (`clip_factor`), and the non-finite check is a device flag; `StepLog` reads
 the losses and the flag together every `LOG_EVERY` steps and at the end of an epoch.
 """
