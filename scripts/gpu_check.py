@@ -182,14 +182,16 @@ def mehl_check(args, model, device):
     print(f"MEHL block products on {args.arch}: {D} learned numbers, {len(per_tensor)} tensors, "
           f"K = {args.rows}, {device}")
     gen = torch.Generator(device=device).manual_seed(0)
-    P = torch.randn(args.rows, D, device=device, generator=gen)
+    P = segmented.empty_rows(args.rows, D, torch.float32, device)  # padded as a run's rows are
+    P.normal_(generator=gen)
     fast_here = segmented.supports(P, P[0], per_tensor)
     if not fast_here:
         why = segmented.failure or "the per-block loop runs"
         print(f"  fast path: not used on {device.type} here ({why})")
     else:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            check_agreement(P if dtype == torch.float32 else P.to(dtype), per_tensor, device, failures)
+            rows = P if dtype == torch.float32 else segmented.empty_rows(*P.shape, dtype, device).copy_(P)
+            check_agreement(rows, per_tensor, device, failures)
         if device.type == "cuda":
             sweep_tiles(P, per_tensor, device)
     del P
