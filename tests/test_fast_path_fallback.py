@@ -12,6 +12,7 @@ import torch
 from torch.testing import assert_close
 
 import MEHL_soup_layer as mehl_script
+import utils.soup
 from tests import helpers
 from tests.conftest import make_zoo
 from utils.run import mehl
@@ -41,7 +42,8 @@ def rows(n=3, width=1509, seed=0):
 def test_an_import_error_other_than_import_error_hands_over_once(fresh, monkeypatch, caplog):
     import triton.language as tl
     monkeypatch.delattr(tl.standard, "_sum_combine")  # a later Triton without the private name
-    monkeypatch.delitem(sys.modules, "utils.soup.segmented_kernels", raising=False)
+    monkeypatch.delitem(sys.modules, "utils.soup.segmented_kernels", raising=False)  # imported anew
+    monkeypatch.delattr(utils.soup, "segmented_kernels", raising=False)
     P, g = rows()
     with caplog.at_level(logging.WARNING):
         assert not segmented.supports(P, g, BOUNDS)
