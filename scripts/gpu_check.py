@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.archs import get_arch  # noqa: E402
 from utils.run import mehl  # noqa: E402
 from utils.runtime.memory import gib, peak_bytes, reset_peak  # noqa: E402
-from utils.soup import hyperplane, segmented  # noqa: E402
+from utils.soup import hyperplane, sampling, segmented  # noqa: E402
 from utils.soup.blocks import block_bounds, make_blocks  # noqa: E402
 from utils.soup.schedules import constant  # noqa: E402
 
@@ -275,8 +275,9 @@ def real_run_check(args, device):
     picks K = half the zoo (half a row to spare), for the plan (--memory-limit) and, on CUDA, for the
     allocator too (torch.cuda.set_per_process_memory_fraction): a prediction short by more than the
     margin and headroom ends in an OOM at that K. One group is learned (--stop-after-groups 1), two
-    epochs (the DataLoader's workers persist between them), every step under
-    torch.cuda.set_sync_debug_mode("error"). Exits with status 1 when a check fails."""
+    epochs (the DataLoader's workers persist between them), every step, and every batch's way out of
+    the run's DataLoader, under torch.cuda.set_sync_debug_mode("error") (not the reads of the loss every
+    mehl.LOG_EVERY steps, which are meant to wait). Exits with status 1 when a check fails."""
     import tempfile
     import MEHL_soup_layer as script
     from utils.archs.standins import input_size, write_synthetic_imagenet, write_synthetic_zoo
@@ -284,8 +285,8 @@ def real_run_check(args, device):
 
     cuda = device.type == "cuda"
     scratch = Path(tempfile.mkdtemp(prefix="gpu_check_real_run."))
-    seen = {"steps": 0, "unpinned": 0, "syncs": [], "paths": [], "limit": None, "fp": None, "k": None}
-    real = script.footprint, mehl.step, mehl.check_fast_path, plan.predicted_peak
+    seen = {"steps": 0, "batches": 0, "unpinned": 0, "syncs": [], "paths": [], "limit": None, "fp": None, "k": None}
+    real = script.footprint, mehl.step, mehl.check_fast_path, plan.predicted_peak, sampling.RankLoader.epoch
 
     def footprint(run, batch):
         fp, batch = real[0](run, batch)
@@ -317,6 +318,24 @@ def real_run_check(args, device):
         seen["paths"].append(real[2](*a, **kw))
         return seen["paths"][-1]
 
+    def epoch(loader, dataset, workers=0):  # each batch's way out of the DataLoader, watched too
+        batches = real[4](loader, dataset, workers)
+        while True:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                item = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as err:
+                seen["syncs"].append("DataLoader: " + str(err).strip().splitlines()[0])
+                raise
+            finally:
+                if cuda:
+                    torch.cuda.set_sync_debug_mode(0)
+            seen["batches"] += 1
+            yield item
+
     failures = []
     try:
         zoo, data = args.zoo, args.data
@@ -325,6 +344,7 @@ def real_run_check(args, device):
             write_synthetic_zoo(zoo, args.zoo_size, args.arch, 10)
             write_synthetic_imagenet(data, 10, 27, input_size(get_arch(args.arch)))  # 13 held out a class
         script.footprint, mehl.step, mehl.check_fast_path = footprint, step, check_fast_path
+        sampling.RankLoader.epoch = epoch
         argv = ["--arch", args.arch, "--datasets", "ImageNet", "--model-location", str(zoo),
                 "--data-location", str(data), "--heldout-per-class", "13", "--model_batch", "auto",
                 "--epochs", "2", "--batch-size", str(args.batch_size), "--cosine-lr", "--no-epoch-test",
@@ -357,19 +377,21 @@ def real_run_check(args, device):
                     failures.append(f"predicted peak off by {off:+.1%}")
             else:
                 print(f"  peak at K = {k}: predicted {gib(predicted):.3f} GiB (measured on CUDA only)")
-        print(f"  steps: {seen['steps']}" + (f", every batch pinned: {'ok' if not seen['unpinned'] else 'FAIL'}, "
-              f"no host sync in any step (set_sync_debug_mode error): {'ok' if not seen['syncs'] else 'FAIL'}"
+        print(f"  steps: {seen['steps']}, batches read through the run's DataLoader: {seen['batches']}" + (f", every batch pinned: {'ok' if not seen['unpinned'] else 'FAIL'}, "
+              f"no host sync in any step nor in reading its batch (set_sync_debug_mode error): "
+              f"{'ok' if not seen['syncs'] else 'FAIL'}"
               if cuda else " (pinned memory and host syncs are checked on CUDA only)"))
         if seen["unpinned"]:
             failures.append(f"{seen['unpinned']} batch(es) not pinned")
         if seen["syncs"]:
             failures.append(f"a step synchronised with the host: {seen['syncs'][0]}")
-        if not seen["steps"]:
-            failures.append("no step ran")
+        if not seen["steps"] or seen["batches"] != seen["steps"]:
+            failures.append(f"{seen['steps']} steps, {seen['batches']} batches from the run's DataLoader")
         print(f"  block products: {', '.join(seen['paths']) or 'not checked'}"
               + (f" ({segmented.failure})" if segmented.failure else ""))
     finally:
         script.footprint, mehl.step, mehl.check_fast_path = real[:3]
+        sampling.RankLoader.epoch = real[4]
         if cuda:
             torch.cuda.set_per_process_memory_fraction(1.0, device)
         import shutil

@@ -18,6 +18,6 @@ def test_the_real_run_check_runs_on_cpu(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "K = 2 of 4 (as planned: 2)" in done.stdout
-    assert "steps: 18 " in done.stdout and "REAL RUN check passed" in done.stdout
+    assert "steps: 18, batches read through the run's DataLoader: 18 " in done.stdout and "REAL RUN check passed" in done.stdout
     assert "Traceback" not in done.stderr
     assert not list(tmp_path.glob("gpu_check_real_run.*"))  # removed
