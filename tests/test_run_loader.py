@@ -32,8 +32,11 @@ def data(n=22):
     return TensorDataset(torch.arange(n), torch.arange(n) % 3)
 
 
+WORKERS = pytest.param(2, marks=pytest.mark.slow)  # worker processes: not in the fast tier
+
+
 @pytest.mark.parametrize("world,rank", [(1, 0), (3, 0), (3, 2)])
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, WORKERS])
 def test_every_epoch_reads_the_batches_a_loader_per_epoch_read(world, rank, workers):
     torch.manual_seed(5)
     before = sampling.data_generator(7)
@@ -84,7 +87,7 @@ argv = partial(helpers.argv, heldout=4, batch_size=15, device=None,
                first=("--epochs", 2, "--no-epoch-test", "--model_batch", 2, "--models_epochs", 2))
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_mehl_soup_is_bit_identical_to_a_loader_per_epoch(tmp_path, fmnist_root, monkeypatch, workers):
     """Two models-epochs of two groups of two epochs: 8 epochs, read through one DataLoader."""
     zoo = make_zoo(tmp_path / "zoo", 3)
