@@ -139,7 +139,7 @@ def sweep_tiles(P, bounds, device):
     saved = segmented.COLS, segmented.MAX_ROWS, segmented.WARPS
     cells = []
     try:
-        shapes = (1024, 16, 16), (1024, 16, 8), (1024, 8, 8), (512, 16, 8), (2048, 8, 16)
+        shapes = (1024, 16, 16), (1024, 8, 16), (1024, 16, 8), (1024, 8, 8), (512, 16, 8), (2048, 8, 16)
         for shape in shapes:
             segmented.COLS, segmented.MAX_ROWS, segmented.WARPS = shape
             ms = timed_ms(lambda: (segmented.project(P, g, bounds),
