@@ -294,7 +294,8 @@ def real_run_check(args, device):
         capacity = (plan.step_peak(fp, n // 2) + fp.row // 2 + (plan.CUDA_HEADROOM if cuda else 0)) / (1 - plan.MARGIN)
         run.args.memory_limit = seen["limit"] = capacity / 2**30
         if cuda:
-            torch.cuda.set_per_process_memory_fraction(capacity / torch.cuda.get_device_properties(device).total_memory, device)
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, capacity / total), device)
         seen["fp"] = fp
         return fp, batch
 
