@@ -310,7 +310,8 @@ def real_run_check(args, device):
         try:
             return real[1](model, soup, group, bounds, batch, *rest, **kw)
         except RuntimeError as err:
-            seen["syncs"].append(str(err).strip().splitlines()[0])
+            if "synchroniz" in str(err):  # set_sync_debug_mode's error, not (say) an OOM
+                seen["syncs"].append(str(err).strip().splitlines()[0])
             raise
         finally:
             torch.cuda.set_sync_debug_mode(0)
@@ -329,7 +330,8 @@ def real_run_check(args, device):
             except StopIteration:
                 return
             except RuntimeError as err:
-                seen["syncs"].append("DataLoader: " + str(err).strip().splitlines()[0])
+                if "synchroniz" in str(err):
+                    seen["syncs"].append("DataLoader: " + str(err).strip().splitlines()[0])
                 raise
             finally:
                 if cuda:
