@@ -67,7 +67,7 @@ from utils.run.precision import DEFAULT as DEFAULT_PRECISION
 from utils.runtime import distributed
 from utils.runtime.errors import UserError, run_main
 from utils.runtime.memory import reset_peak
-from utils.soup import hyperplane, sampling
+from utils.soup import hyperplane, sampling, segmented
 from utils.soup.schedules import constant, cosine_with_warmup
 
 log = logging.getLogger("MEHL_soup")
@@ -222,6 +222,8 @@ class Run:
     state_path: Path
     config: dict
     wandb: object
+    loader: sampling.RankLoader = None  # the held-out batches of every epoch of the run (one DataLoader)
+    block_products: str = None  # the path of the block products, from the first group's self-check
 
 
 @dataclass
@@ -270,6 +272,8 @@ def learn_group(run, group, progress):
     # the soup is the group's center: for the first group its mean is written into the soup here
     center, P, inv_norms = mehl.directions(run.paths, my_rows, len(group), layout, setup.reference, run.soup,
                                            mehl.DTYPES[args.directions_dtype], first)
+    if run.block_products is None:  # the first group of this process: the fast path against the loop
+        run.block_products = mehl.check_fast_path(P, layout.bounds, run.soup.theta, run.soup.grad)
     alpha_center = hyperplane.mean_alpha(group, N, B) if first else progress.alpha
     X = torch.zeros(len(my_rows), B, dtype=run.soup.theta.dtype, device=setup.device, requires_grad=True)
     per_epoch = math.ceil(len(setup.bundle.heldout) / args.batch_size)
@@ -287,9 +291,7 @@ def learn_group(run, group, progress):
         heldout = inputs.learning(setup.model, setup.bundle.heldout, setup.device, args.batch_size, args.workers,
                                   layout.names, args.precision)
         epoch_loss, steps = 0.0, mehl.StepLog(state, label, args.lr)
-        for n_global, batch in sampling.rank_batches(heldout.dataset, args.batch_size, progress.data_rng,
-                                                     distributed.world_size(), distributed.rank(),
-                                                     heldout.workers):
+        for n_global, batch in run.loader.epoch(heldout.dataset, heldout.workers):
             loss = mehl.step(heldout.forward, run.soup, state, layout.bounds, batch, n_global,
                              args.labelsmooth, clip=setup.spec.is_vit)
             steps.add(loss, n_global, schedule(state.step - 1))
@@ -309,8 +311,25 @@ def learn_group(run, group, progress):
     bar.close()
     delta = hyperplane.alpha_delta(alpha_center, X, inv_norms, my_rows)
     alpha = alpha_center + distributed.all_reduce_sum(delta.to(setup.device)).cpu()
+    products, why = mehl.products_record(run.block_products)  # this group's path (turned off since?)
+    if distributed.is_distributed():  # "kernels" only where every rank ran them
+        on_loop = distributed.all_reduce_sum(torch.tensor([float(products != "kernels")], device=setup.device))
+        if products == "kernels" and float(on_loop) > 0:
+            products, why = "loop", "another rank ran the per-block loop"
     return alpha, {"ingredients": [index_of(run.paths[i]) for i in group],
-                   "heldout_loss": state.losses, "test_logged_only": tests}
+                   "heldout_loss": state.losses, "test_logged_only": tests,
+                   "block_products": products, "block_products_why": why}
+
+
+def products_of(groups):
+    """The results line's `block_products` ("kernels" when every group's steps ran the fast path, else
+    "loop") and `block_products_why` (the first group's reason for the loop), from the groups' log, which
+    the resume state keeps (docs/GUARANTEES.md)."""
+    paths = [g.get("block_products") for g in groups]
+    if paths and all(p == "kernels" for p in paths):
+        return "kernels", None
+    why = next((g.get("block_products_why") for g in groups if g.get("block_products_why")), None)
+    return "loop", why or "not recorded (groups learned before the path was recorded)"
 
 
 def learn(run, progress):
@@ -366,6 +385,7 @@ def finish(run, progress):
     batchnorm = rule(setup.model, reestimated)
     alpha_doc = {"ingredients": [str(p) for p in run.paths], "blocks": layout.blocks, "alpha": alpha,
                  "summary": summary}
+    products, why = products_of(progress.groups)
     record = outputs.write_outputs(
         setup, run.output, run.method, run.paths, scores, soup_sd, sidecars={"alpha": alpha_doc},
         coefficients=coefficients, recipe={"batchnorm": batchnorm},
@@ -373,7 +393,8 @@ def finish(run, progress):
         alpha_summary=summary, identical_parameters=layout.identical, identical_numbers=identical_numbers,
         identical_bytes_not_held_per_rank=identical_numbers * itemsize * (rows_per_rank + 1),
         batchnorm=batchnorm, state_file=str(run.state_path),
-        learning_seconds_all_sessions=round(progress.seconds, 2))
+        learning_seconds_all_sessions=round(progress.seconds, 2), block_products=products,
+        block_products_why=why)
     if distributed.is_primary():
         log.info("%s of %d (K=%d): held-out %.2f, test %.2f, shift mean %s; alpha: %d negative "
                  "(%.1f%%), max %.3f, effective ingredients %.2f", run.method, len(run.paths),
@@ -440,8 +461,9 @@ def footprint(run, batch):
         checkpoint = max(sum(v.numel() * v.element_size() for v in setup.reference.values()),
                          max(Path(p).stat().st_size for p in run.paths))
     dtype = mehl.DTYPES[args.directions_dtype]
-    return plan.Footprint(plain_peak=peak, resident=resident, row=layout.numel * dtype.itemsize,
-                          soup_row=layout.numel * soup.theta.element_size(), checkpoint=checkpoint,
+    width = segmented.padded(layout.numel)  # the rows' stride (mehl.load_rows)
+    return plan.Footprint(plain_peak=peak, resident=resident, row=width * dtype.itemsize,
+                          soup_row=width * soup.theta.element_size(), checkpoint=checkpoint,
                           halved=dtype.itemsize < soup.theta.element_size(), so_far=before), batch
 
 
@@ -463,9 +485,12 @@ def settle_model_batch(run, resumed_k):
     args, setup = run.args, run.setup
     n, world = len(run.paths), distributed.world_size()
     batch = -(-args.batch_size // world)
+    plan.prepare_allocator(setup.device)  # expandable segments on CUDA, for the measurement and the run
     fp, batch = footprint(run, batch)
+    plan.release_cached(setup.device)  # the first group's rows come before the step's activations
     capacity = plan.capacity_bytes(setup.device, args.memory_limit, plan.local_world_size())
-    fits = agreed_minimum(n if capacity is None else plan.largest_k(fp, capacity, n, world), n, setup.device)
+    fits = agreed_minimum(n if capacity is None else plan.largest_k(fp, capacity, n, world, setup.device.type),
+                          n, setup.device)
     if args.model_batch != "auto":
         k, how = args.model_batch, "--model_batch as given"
     elif resumed_k is not None:
@@ -482,7 +507,7 @@ def settle_model_batch(run, resumed_k):
         for line in plan.describe(fp, k, how, n, world, setup.device, capacity, fits, run.layout.numel,
                                   args.directions_dtype, batch):
             log.info("plan: %s", line)
-        if capacity is not None and plan.step_peak(fp, min(k, n), world) > capacity * (1 - plan.MARGIN):
+        if capacity is not None and plan.step_peak(fp, min(k, n), world) > plan.budget(capacity, setup.device.type):
             log.warning("plan: K = %d is predicted to need more than the %s available (%s)", k,
                         plan.gib(capacity), f"K = {fits} would fit" if fits else "not even K = 1 fits")
     if args.model_batch == "auto":
@@ -532,6 +557,8 @@ def main(argv=None):
                               output.path.parent if output.path else Path("runs"))
     wandb = run.wandb
     progress = Progress.start(args.randomseed, state)
+    run.loader = sampling.RankLoader(args.batch_size, progress.data_rng, distributed.world_size(),
+                                     distributed.rank(), pin_memory=setup.device.type == "cuda")
 
     record = None
     if learn(run, progress):

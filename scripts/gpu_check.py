@@ -12,6 +12,14 @@ Exits with status 1 when a check fails.
     python scripts/gpu_check.py --mehl                           # CUDA, K = 18
     python scripts/gpu_check.py --device cpu --batch-size 2 --iters 1 --warmup 1   # CPU smoke test
 
+With --real-run, check instead a real MEHL run (`real_run_check`, below): MEHL_soup_layer.py in this
+process on a synthetic zoo and ImageNet tree, --model_batch auto under a memory limit that the allocator
+enforces, then one group at the K it picks: every step's batch comes pinned through the run's DataLoader
+and no step synchronises with the host; no OOM; the plan's predicted peak within 5 % of the measured one.
+
+    python scripts/gpu_check.py --real-run --zoo ZOO --data DATA     # CUDA; without --zoo/--data both
+                                                                     # are written to a temporary folder
+
 Matmuls run in exact fp32 unless --tf32. On CPU the memory printed is the process's peak resident set.
 """
 import argparse
@@ -27,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.archs import get_arch  # noqa: E402
 from utils.run import mehl  # noqa: E402
 from utils.runtime.memory import gib, peak_bytes, reset_peak  # noqa: E402
-from utils.soup import hyperplane, segmented  # noqa: E402
+from utils.soup import hyperplane, sampling, segmented  # noqa: E402
 from utils.soup.blocks import block_bounds, make_blocks  # noqa: E402
 from utils.soup.schedules import constant  # noqa: E402
 
@@ -45,6 +53,13 @@ def parse_args(argv=None):
     p.add_argument("--mehl", action="store_true",
                    help="check the MEHL step's block products instead (see above)")
     p.add_argument("--rows", type=int, default=18, help="K, rows of directions for --mehl (default: 18)")
+    p.add_argument("--real-run", action="store_true",
+                   help="check a real MEHL run's step and its --model_batch auto plan instead (see above)")
+    p.add_argument("--zoo", default=None, help="--real-run: a synthetic zoo of --arch (default: write one)")
+    p.add_argument("--data", default=None, help="--real-run: its synthetic ImageNet tree (default: write one)")
+    p.add_argument("--zoo-size", type=int, default=12,
+                   help="--real-run: ingredients written when --zoo is not given (default: 12)")
+    p.add_argument("--workers", type=int, default=2, help="--real-run: data loader workers (default: 2)")
     return p.parse_args(argv)
 
 
@@ -124,7 +139,7 @@ def sweep_tiles(P, bounds, device):
     saved = segmented.COLS, segmented.MAX_ROWS, segmented.WARPS
     cells = []
     try:
-        shapes = (1024, 16, 16), (1024, 16, 8), (1024, 8, 8), (512, 16, 8), (2048, 8, 16)
+        shapes = (1024, 16, 16), (1024, 8, 16), (1024, 16, 8), (1024, 8, 8), (512, 16, 8), (2048, 8, 16)
         for shape in shapes:
             segmented.COLS, segmented.MAX_ROWS, segmented.WARPS = shape
             ms = timed_ms(lambda: (segmented.project(P, g, bounds),
@@ -167,14 +182,16 @@ def mehl_check(args, model, device):
     print(f"MEHL block products on {args.arch}: {D} learned numbers, {len(per_tensor)} tensors, "
           f"K = {args.rows}, {device}")
     gen = torch.Generator(device=device).manual_seed(0)
-    P = torch.randn(args.rows, D, device=device, generator=gen)
+    P = segmented.empty_rows(args.rows, D, torch.float32, device)  # padded as a run's rows are
+    P.normal_(generator=gen)
     fast_here = segmented.supports(P, P[0], per_tensor)
     if not fast_here:
         why = segmented.failure or "the per-block loop runs"
         print(f"  fast path: not used on {device.type} here ({why})")
     else:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            check_agreement(P if dtype == torch.float32 else P.to(dtype), per_tensor, device, failures)
+            rows = P if dtype == torch.float32 else segmented.empty_rows(*P.shape, dtype, device).copy_(P)
+            check_agreement(rows, per_tensor, device, failures)
         if device.type == "cuda":
             sweep_tiles(P, per_tensor, device)
     del P
@@ -220,6 +237,8 @@ def main(argv=None):
         sys.exit("error: CUDA is not available here (use --device cpu for a smoke test)")
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
+    if args.real_run:
+        return real_run_check(args, device)
     if args.mehl:
         model = get_arch(args.arch).build(args.num_classes, pretrained=False).to(device).train()
         return mehl_check(args, model, device)
@@ -244,6 +263,147 @@ def main(argv=None):
           f"({seconds / args.iters * 1000:.1f} ms/iter over {args.iters} iterations)")
     kind = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak resident set of the process"
     print(f"peak memory: {gib(peak_bytes(device)):.2f} GiB ({kind})")
+
+
+# ------------------------------------------------------------------------ a real run (issue 29)
+# A real MEHL run in this process: its own DataLoader, its own plan. `real_run_check` wraps three of the
+# run's functions to watch it: the footprint (to set the memory limit from the measured plain step), the
+# step (pinned batches, no host sync) and the fast path's self-check (which path ran).
+
+def real_run_check(args, device):
+    """--real-run. The limit is set once the plain step is measured, to the capacity at which the plan
+    picks K = half the zoo (half a row to spare), for the plan (--memory-limit) and, on CUDA, for the
+    allocator too (torch.cuda.set_per_process_memory_fraction): a prediction short by more than the
+    margin and headroom ends in an OOM at that K. One group is learned (--stop-after-groups 1), two
+    epochs (the DataLoader's workers persist between them), every step, and every batch's way out of
+    the run's DataLoader, under torch.cuda.set_sync_debug_mode("error") (not the reads of the loss every
+    mehl.LOG_EVERY steps, which are meant to wait). Exits with status 1 when a check fails."""
+    import tempfile
+    import MEHL_soup_layer as script
+    from utils.archs.standins import input_size, write_synthetic_imagenet, write_synthetic_zoo
+    from utils.run import plan
+
+    cuda = device.type == "cuda"
+    scratch = Path(tempfile.mkdtemp(prefix="gpu_check_real_run."))
+    seen = {"steps": 0, "batches": 0, "unpinned": 0, "syncs": [], "paths": [], "limit": None, "fp": None, "k": None}
+    real = script.footprint, mehl.step, mehl.check_fast_path, plan.predicted_peak, sampling.RankLoader.epoch
+
+    def footprint(run, batch):
+        fp, batch = real[0](run, batch)
+        n = len(run.paths)
+        capacity = (plan.step_peak(fp, n // 2) + fp.row // 2 + (plan.CUDA_HEADROOM if cuda else 0)) / (1 - plan.MARGIN)
+        run.args.memory_limit = seen["limit"] = capacity / 2**30
+        if cuda:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, capacity / total), device)
+        seen["fp"] = fp
+        return fp, batch
+
+    def step(model, soup, group, bounds, batch, *rest, **kw):
+        seen["steps"] += 1
+        if batch is not None and cuda and not all(t.is_pinned() for t in batch):
+            seen["unpinned"] += 1
+        seen["k"] = group.P.shape[0]
+        if not cuda:
+            return real[1](model, soup, group, bounds, batch, *rest, **kw)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real[1](model, soup, group, bounds, batch, *rest, **kw)
+        except RuntimeError as err:
+            if "synchroniz" in str(err):  # set_sync_debug_mode's error, not (say) an OOM
+                seen["syncs"].append(str(err).strip().splitlines()[0])
+            raise
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    def check_fast_path(*a, **kw):
+        seen["paths"].append(real[2](*a, **kw))
+        return seen["paths"][-1]
+
+    def epoch(loader, dataset, workers=0):  # each batch's way out of the DataLoader, watched too
+        batches = real[4](loader, dataset, workers)
+        while True:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                item = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as err:
+                if "synchroniz" in str(err):
+                    seen["syncs"].append("DataLoader: " + str(err).strip().splitlines()[0])
+                raise
+            finally:
+                if cuda:
+                    torch.cuda.set_sync_debug_mode(0)
+            seen["batches"] += 1
+            yield item
+
+    failures = []
+    try:
+        zoo, data = args.zoo, args.data
+        if zoo is None or data is None:
+            zoo, data = scratch / "zoo", scratch / "data"
+            write_synthetic_zoo(zoo, args.zoo_size, args.arch, 10)
+            write_synthetic_imagenet(data, 10, 27, input_size(get_arch(args.arch)))  # 13 held out a class
+        script.footprint, mehl.step, mehl.check_fast_path = footprint, step, check_fast_path
+        sampling.RankLoader.epoch = epoch
+        argv = ["--arch", args.arch, "--datasets", "ImageNet", "--model-location", str(zoo),
+                "--data-location", str(data), "--heldout-per-class", "13", "--model_batch", "auto",
+                "--epochs", "2", "--batch-size", str(args.batch_size), "--cosine-lr", "--no-epoch-test",
+                "--no-shifts", "--test-size", "10", "--device", device.type, "--workers", str(args.workers),
+                "--decode-cache", "none", "--stop-after-groups", "1", "--save-soup", "none",
+                "--results-db", str(scratch / "results.jsonl"), "--resume", str(scratch / "state.pt")]
+        print(f"a real MEHL run on {args.arch} ({zoo}), batch {args.batch_size}, --workers {args.workers}, "
+              f"--model_batch auto, one group of two epochs, {device}")
+        try:
+            script.main(argv)
+        except (Exception, SystemExit) as err:  # an OOM at the K picked, a host sync, a user error
+            failures.append(f"the run failed: {type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}")
+        fp, k = seen["fp"], seen["k"]
+        if fp is not None and k is not None:
+            n = len(list(Path(zoo).glob("model_*")))
+            print(f"  --model_batch auto under a limit of {seen['limit']:.3f} GiB (the plan's; "
+                  f"{'and the allocator' if cuda else 'not enforced on a CPU'}): K = {k} of {n} "
+                  f"({'as' if k == n // 2 else 'NOT as'} planned: {n // 2})")
+            if k != n // 2:
+                failures.append(f"auto picked K = {k}, not {n // 2}")
+            predicted = real[3](fp, k)
+            measured = max(fp.so_far, torch.cuda.max_memory_allocated(device)) if cuda else None
+            if measured is not None:
+                off = measured / predicted - 1
+                ok = abs(off) <= 0.05
+                print(f"  peak at K = {k}: predicted {gib(predicted):.3f} GiB, measured {gib(measured):.3f} GiB "
+                      f"(torch.cuda.max_memory_allocated; {gib(torch.cuda.max_memory_reserved(device)):.3f} GiB "
+                      f"reserved): {off:+.1%}: {'ok' if ok else 'FAIL'} (within 5 %)")
+                if not ok:
+                    failures.append(f"predicted peak off by {off:+.1%}")
+            else:
+                print(f"  peak at K = {k}: predicted {gib(predicted):.3f} GiB (measured on CUDA only)")
+        print(f"  steps: {seen['steps']}, batches read through the run's DataLoader: {seen['batches']}" + (f", every batch pinned: {'ok' if not seen['unpinned'] else 'FAIL'}, "
+              f"no host sync in any step nor in reading its batch (set_sync_debug_mode error): "
+              f"{'ok' if not seen['syncs'] else 'FAIL'}"
+              if cuda else " (pinned memory and host syncs are checked on CUDA only)"))
+        if seen["unpinned"]:
+            failures.append(f"{seen['unpinned']} batch(es) not pinned")
+        if seen["syncs"]:
+            failures.append(f"a step synchronised with the host: {seen['syncs'][0]}")
+        if not seen["steps"] or seen["batches"] != seen["steps"]:
+            failures.append(f"{seen['steps']} steps, {seen['batches']} batches from the run's DataLoader")
+        print(f"  block products: {', '.join(seen['paths']) or 'not checked'}"
+              + (f" ({segmented.failure})" if segmented.failure else ""))
+    finally:
+        script.footprint, mehl.step, mehl.check_fast_path = real[:3]
+        sampling.RankLoader.epoch = real[4]
+        if cuda:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+        import shutil
+        shutil.rmtree(scratch, ignore_errors=True)
+    if failures:
+        print("REAL RUN check FAILED: " + "; ".join(failures))
+        return 1
+    print("REAL RUN check passed")
+    return 0
 
 
 if __name__ == "__main__":

@@ -148,6 +148,48 @@ def test_fast_path_agrees_with_the_per_block_loop(interpreted, n, dtype):
     assert_close(fast, hyperplane.combine_blocks(X, P, bounds, torch.empty(offset)), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_rows_give_the_products_of_unpadded_ones(interpreted, dtype):
+    """Rows `segmented.padded` apart (as a run loads them): the kernels load the padding, as 128-bit loads
+    need (tests/test_kernels_compiled.py), but no product changes, also with NaN written into it."""
+    sizes = [5, 1019, 0, 3, 2048, 1, 700, 17]  # 3793 numbers: 15 of padding per row
+    bounds, offset = [], 0
+    for size in sizes:
+        bounds.append((offset, offset + size))
+        offset += size
+    gen = torch.Generator().manual_seed(0)
+    plain = torch.randn(3, offset, generator=gen).to(dtype)
+    padded = segmented.empty_rows(3, offset, dtype, "cpu")
+    assert padded.stride(0) == segmented.padded(offset) == 3808
+    assert (padded.as_strided((3, 3808), (3808, 1))[:, offset:] == 0).all()  # zeroed
+    padded.copy_(plain)
+    assert segmented._loadable(padded) == 3808 and segmented._loadable(plain) == offset
+    g, X = torch.randn(offset, generator=gen), torch.randn(3, len(bounds), generator=gen)
+    for fill in (0.0, float("nan")):
+        padded.as_strided((3, 3808), (3808, 1))[:, offset:] = fill
+        assert torch.equal(segmented.project(padded, g, bounds), segmented.project(plain, g, bounds))
+        start = torch.randn(offset, generator=gen)
+        got, want = start.clone(), start.clone()
+        segmented.combine(X, padded, bounds, got, accumulate=True)
+        segmented.combine(X, plain, bounds, want, accumulate=True)
+        assert torch.equal(got, want)
+        assert_close(segmented.project(padded, g, bounds), hyperplane.project_blocks(plain, g, bounds),
+                     atol=1e-4, rtol=1e-5)
+
+
+def test_a_runs_rows_are_padded(tmp_path):
+    """mehl.load_rows loads a group's rows `segmented.padded` apart, the padding zeroed."""
+    model = chain(2, width=5)  # 60 numbers: rows 64 apart
+    names = [n for n, _ in model.named_parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.save(sd, tmp_path / "model_0.pt")
+    rows = mehl.load_rows([tmp_path / "model_0.pt"] * 2, [0, 1], names, sizes, sd, torch.float32, "cpu")
+    assert rows.shape == (2, 60) and rows.stride(0) == 64
+    assert (rows.as_strided((2, 64), (64, 1))[:, 60:] == 0).all()
+    assert torch.equal(rows[1], torch.cat([sd[n].reshape(-1) for n in names]))
+
+
 def test_fast_path_is_used_only_where_it_runs(interpreted, monkeypatch):
     P, g = torch.randn(2, 10), torch.randn(10)
     assert segmented.supports(P, g, [(0, 4), (4, 10)])
@@ -227,39 +269,3 @@ def test_a_groups_center_is_the_soup_itself(tmp_path, dtype):
         assert P.dtype == dtype and P.shape == (len(members), soup.theta.numel())
         direction, _ = reference.directions(rows[members], expected, layout.bounds)
         assert_close(P.float(), direction, atol=1e-2 if dtype == torch.bfloat16 else 1e-6, rtol=1e-2)
-
-
-def test_the_kernels_compile_for_a_cuda_gpu():
-    """Triton's whole pipeline down to the GPU's machine code (its bundled ptxas) runs without a GPU:
-    the kernels the fast path launches on CUDA compile for sm_90 (H100, H200), rows in float32 and
-    bfloat16, at the tile shape used."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from utils.soup import segmented_kernels
-
-    def compiled(name, signature, constants):
-        source = ASTSource(fn=triton.jit(getattr(segmented_kernels, name)), signature=signature,
-                           constexprs=constants)
-        return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": segmented.WARPS})
-
-    tile = {"ROWS": segmented.MAX_ROWS, "COLS": segmented.COLS}
-    for rows in ("*fp32", "*bf16"):
-        kernels = [
-            compiled("project_partials", {"P": rows, "g": "*fp32", "partials": "*fp32",
-                                          "chunk_first": "*i64", "seg_stop": "*i64", "n_rows": "i32",
-                                          "n_cols": "i32", "row_stride": "i32", "n_segs": "i32",
-                                          "ROWS": "constexpr", "COLS": "constexpr"}, tile),
-            compiled("combine", {"P": rows, "X": "*fp32", "out": "*fp32", "chunk_first": "*i64",
-                                 "seg_stop": "*i64", "seg_block": "*i32", "n_rows": "i32",
-                                 "n_cols": "i32", "row_stride": "i32", "n_blocks": "i32",
-                                 "ACCUMULATE": "constexpr",
-                                 "ROWS": "constexpr", "COLS": "constexpr"}, {"ACCUMULATE": True, **tile})]
-        assert all(len(k.asm["cubin"]) > 1000 for k in kernels)
-    blocks = compiled("project_blocks", {"partials": "*fp32", "dX": "*fp32", "block_first": "*i64",
-                                         "scale": "*fp32", "n_rows": "i32", "n_segs": "i32",
-                                         "n_blocks": "i32", "ROWS": "constexpr", "SEGS": "constexpr"},
-                      {"ROWS": segmented.MAX_ROWS, "SEGS": segmented.SEGS})
-    assert len(blocks.asm["cubin"]) > 1000

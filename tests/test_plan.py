@@ -55,7 +55,8 @@ def test_the_issue_h200_numbers():
     5.41 GiB before its gradients existed; the plan measures its plain step with MEHL's flat gradient
     allocated (5.41 GiB + one ingredient). K = 18 peaked at 11.94 GiB (float32 directions) and 9.00 GiB
     (bfloat16) with the step of that time, which held a center too. The plan predicts 11.63 and 8.68 GiB
-    (2.6 % and 3.6 % under: that center), and a 24 GB card taking K = 50 (float32) or all 72 (bfloat16)."""
+    (2.6 % and 3.6 % under: that center), and a 24 GB card taking K = 49 (float32) or all 72 (bfloat16)
+    (50 before the CUDA headroom of issue 29 was kept free besides the margin)."""
     D = 87_854_346
     gpu = dict(plain_peak=int(5.41 * GiB) + 4 * D, resident=int(2.5 * GiB), soup_row=4 * D, checkpoint=0)
     fp32 = plan.Footprint(row=4 * D, halved=False, **gpu)
@@ -63,7 +64,28 @@ def test_the_issue_h200_numbers():
     for fp, measured in ((fp32, 11.94), (bf16, 9.00)):
         predicted = plan.predicted_peak(fp, 18) / GiB
         assert abs(predicted - measured) <= 0.1 * measured, (predicted, measured)
-    assert plan.card_k(fp32, 72) == 50 and plan.card_k(bf16, 72) == 72
+    assert plan.card_k(fp32, 72) == 49 and plan.card_k(bf16, 72) == 72
+
+
+def test_cuda_keeps_the_headroom_free_besides_the_margin():
+    fp = plan.Footprint(plain_peak=100, resident=50, row=10, soup_row=10, checkpoint=0, halved=False)
+    capacity = (100 + 4 * 10 + plan.CUDA_HEADROOM) / (1 - plan.MARGIN)
+    assert plan.largest_k(fp, capacity, n=72, device_type="cuda") == 4
+    assert plan.largest_k(fp, capacity - 1, n=72, device_type="cuda") == 3
+    assert plan.largest_k(fp, capacity, n=10**9, device_type="cpu") > 10**6  # no headroom off CUDA
+    assert plan.budget(capacity, "cuda") == pytest.approx(140)
+
+
+def test_the_allocator_is_prepared_on_cuda_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert not plan.prepare_allocator(torch.device("cpu")) and calls == []
+    assert plan.prepare_allocator(torch.device("cuda")) and calls == ["expandable_segments:True"]
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")  # the user's choice stands
+    assert not plan.prepare_allocator(torch.device("cuda")) and len(calls) == 1
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:64,expandable_segments:True")
+    assert plan.prepare_allocator(torch.device("cuda")) and len(calls) == 1
 
 
 def test_capacity_is_at_most_the_limit():

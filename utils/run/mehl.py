@@ -31,7 +31,9 @@ numbers; the per-block loop with directions stored in bfloat16 or float16 reads 
 `hyperplane.SLICE` numbers per row cast to float32. Nothing else of size D is allocated per step
 (tests/test_mehl_step.py counts).
 
-A step reads nothing back from the device (no host sync): the loss is returned as a device tensor, the
+A step reads nothing back from the device (no host sync): x and y are copied with `non_blocking` (on
+CUDA they come in page-locked memory from the run's one DataLoader, `sampling.RankLoader`), the loss is
+returned as a device tensor, the
 ViT clip factor stays one (`clip_factor`), and the non-finite check is a device flag; `StepLog` reads
 the losses and the flag together every `LOG_EVERY` steps and at the end of an epoch.
 """
@@ -44,12 +46,15 @@ import torch.nn.functional as F
 from utils.files import mehl_state
 from utils.files.ingredients import load_checked
 from utils.runtime import distributed
-from utils.soup import hyperplane
+from utils.soup import hyperplane, segmented
 from utils.soup.schedules import set_lr
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MEAN_SLICE = 1 << 22  # numbers per all-reduce when the first center is averaged over ranks
 LOG_EVERY = 20  # steps between reads of the loss and the non-finite flag (each read waits for the device)
+# The fast path's products may differ from the per-block loop's by float32 sums taken in another order
+# (about 1e-6 of the largest value); a miscompiled kernel or a fault is off by far more.
+SELF_CHECK_TOLERANCE = 1e-3
 
 
 class FlatSoup:
@@ -96,8 +101,9 @@ class Group:
 def load_rows(paths, members, names, sizes, reference, dtype, device, center=None):
     """This rank's ingredients `members` as rows (n, D) in `dtype`, each tensor copied straight into its
     slot. With `center`, a row holds theta_i - center, subtracted in the ingredient's precision before
-    the cast (a bfloat16 theta_i would lose the small difference)."""
-    rows = torch.empty(len(members), sum(sizes), dtype=dtype, device=device)
+    the cast (a bfloat16 theta_i would lose the small difference). The rows are `segmented.padded` apart
+    (at most 15 numbers more each), so that the fast path loads them 128 bits at a time."""
+    rows = segmented.empty_rows(len(members), sum(sizes), dtype, device)
     for j, i in enumerate(members):
         sd = load_checked(paths[i], reference)
         offset = 0
@@ -164,13 +170,63 @@ def gradient(model, soup, batch, n_global, labelsmooth):
         loss = torch.zeros(1, device=soup.theta.device)
     else:
         x, y = batch
-        logits = model(x.to(soup.theta.device, non_blocking=True))
-        batch_loss = F.cross_entropy(logits, y.to(soup.theta.device), label_smoothing=labelsmooth,
+        # from page-locked memory on CUDA (sampling.RankLoader), so neither copy waits for the device
+        x, y = x.to(soup.theta.device, non_blocking=True), y.to(soup.theta.device, non_blocking=True)
+        batch_loss = F.cross_entropy(model(x), y, label_smoothing=labelsmooth,
                                      reduction="sum") / n_global
         batch_loss.backward()
         loss = batch_loss.detach().reshape(1)
     distributed.all_reduce_sum(soup.grad)
     return distributed.all_reduce_sum(loss)
+
+
+def check_fast_path(P, bounds, vector, scratch):
+    """Which path the block products take in this process: "kernels" when the fast path
+    (`utils.soup.segmented`) runs here and agrees with the per-block loop on the run's own rows P, else
+    "loop". Compared: the projection of `vector` (the soup), and the combine of that projection, written
+    into `scratch` (the gradient's buffer, free between steps) and checked slice by slice; each relative
+    to the loop's largest value, within SELF_CHECK_TOLERANCE. On a mismatch or an error the fast path is
+    turned off for the process, said once (`segmented.turn_off`). One read from the device; run once, on
+    the first group (a miscompile or a fault on a user's card would otherwise go unnoticed)."""
+    if not segmented.supports(P, vector, bounds):
+        return "loop"
+    try:
+        fast = segmented.project(P, vector, bounds)
+        if fast is None:  # the kernels failed to compile or run: said, and off
+            return "loop"
+        loop = hyperplane.project_blocks(P, vector, bounds)
+        worst = ((fast - loop).abs().max() / loop.abs().max().clamp_min(1e-30)).reshape(1)
+        if segmented.combine(loop, P, bounds, scratch) is None:
+            return "loop"
+        diff = torch.zeros(1, dtype=torch.float32, device=P.device)
+        top = torch.zeros(1, dtype=torch.float32, device=P.device)
+        X = loop.to(torch.float32)
+        for b, (start, stop) in enumerate(bounds):
+            for s in range(start, stop, hyperplane.SLICE):
+                e = min(s + hyperplane.SLICE, stop)
+                ref = torch.mv(P[:, s:e].to(torch.float32).T, X[:, b])
+                diff = torch.maximum(diff, (scratch[s:e] - ref).abs().max())
+                top = torch.maximum(top, ref.abs().max())
+        worst = float(torch.maximum(worst, diff / top.clamp_min(1e-30)))
+    except segmented.OUT_OF_MEMORY:
+        raise
+    except Exception as err:  # an asynchronous fault surfaces here, at the read
+        segmented.turn_off(f"self-check: {type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}")
+        return "loop"
+    if not worst <= SELF_CHECK_TOLERANCE:  # NaN too
+        segmented.turn_off(f"self-check on the run's own rows: the kernels' products differ from the "
+                           f"per-block loop's by {worst:.1e} of the largest value (at most "
+                           f"{SELF_CHECK_TOLERANCE:g} expected)")
+        return "loop"
+    return "kernels"
+
+
+def products_record(checked):
+    """(path, why) of a group's block products (docs/GUARANTEES.md): "kernels" when `check_fast_path`
+    said so (`checked`) and the fast path was not turned off after it, else "loop" and why."""
+    if checked == "kernels" and segmented.failure is None:
+        return "kernels", None
+    return "loop", segmented.failure or "the fast path does not run here (it runs on CUDA with Triton)"
 
 
 def clip_factor(grad, max_norm=1.0):

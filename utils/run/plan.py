@@ -9,6 +9,14 @@ row loads, the checkpoint being read sits beside the rows; it is read into host 
 a CPU and not on a GPU. With half-precision rows the first group's mean is summed one ingredient at a
 time, each loaded as a row of the soup's dtype: that row is held while they load too.
 
+What is kept free: MARGIN of the capacity, and on CUDA CUDA_HEADROOM more, for what the plan does not
+count: the fast path's partial sums (K x D / 1024 numbers), the per-block loop's float32 slices of
+half-precision rows (K x 2**20 numbers), the first group's self-check, the caching allocator's rounding.
+On CUDA the run's allocator also uses expandable segments (`prepare_allocator`: a segment grows in place,
+so K rows and the step's activations do not fragment the memory into pieces none of them fits), unless
+PYTORCH_CUDA_ALLOC_CONF sets them itself, and the blocks the plain step's measurement left cached are
+released before the first group's rows are allocated (`release_cached`).
+
 The plain step's own peak is measured, not estimated: its activations depend on the architecture, the
 batch, the kernels and the allocator, which no formula here knows. One forward/backward on one held-out
 batch of the run's size (this rank's share) is run before learning: on CUDA its peak is
@@ -25,6 +33,7 @@ import torch
 from utils.runtime.memory import mem_available, resident_peak_bytes, status_bytes
 
 MARGIN = 0.05                 # of the capacity kept free: allocator fragmentation, other processes
+CUDA_HEADROOM = 2**28         # bytes kept free on CUDA besides (see the module's docstring)
 CARD_BYTES = 24 * 2**30       # the launchers' 24 GB card ...
 CARD_CONTEXT_BYTES = 2**29    # ... less what the CUDA context and the kernels take before any tensor
 SAMPLE_SECONDS = 0.0005
@@ -61,13 +70,19 @@ def predicted_peak(fp, k, world=1):
     return max(fp.so_far, step_peak(fp, k, world))
 
 
-def largest_k(fp, capacity, n, world=1, margin=MARGIN):
-    """The largest K in [1, n] whose step peak fits `capacity` bytes less the margin; 0 when even
-    K = 1 does not fit (a larger K than n is one group of all n: no more memory, no other result)."""
-    budget = capacity * (1 - margin)
+def budget(capacity, device_type):
+    """The bytes a run's step may peak at: `capacity` less MARGIN, and on CUDA less CUDA_HEADROOM."""
+    return capacity * (1 - MARGIN) - (CUDA_HEADROOM if device_type == "cuda" else 0)
+
+
+def largest_k(fp, capacity, n, world=1, device_type="cpu"):
+    """The largest K in [1, n] whose step peak fits `capacity` bytes less what is kept free (`budget`);
+    0 when even K = 1 does not fit (a larger K than n is one group of all n: no more memory, no other
+    result)."""
+    budget_bytes = budget(capacity, device_type)
     best = 0
     for k in range(1, n + 1):
-        if step_peak(fp, k, world) > budget:
+        if step_peak(fp, k, world) > budget_bytes:
             break
         best = k
     return best
@@ -75,7 +90,7 @@ def largest_k(fp, capacity, n, world=1, margin=MARGIN):
 
 def card_k(fp, n, world=1):
     """The K that the launchers' 24 GB card would take, with this run's plain step."""
-    return largest_k(fp, CARD_BYTES - CARD_CONTEXT_BYTES, n, world)
+    return largest_k(fp, CARD_BYTES - CARD_CONTEXT_BYTES, n, world, device_type="cuda")
 
 
 # ------------------------------------------------------------------------------------- devices
@@ -92,6 +107,28 @@ def capacity_bytes(device, limit_gib=None, local_world=1):
         limit = int(limit_gib * 2**30)
         have = limit if have is None else min(have, limit)
     return have
+
+
+def prepare_allocator(device):
+    """On CUDA, make the caching allocator's new segments expandable for the rest of the run (see the
+    module's docstring), unless PYTORCH_CUDA_ALLOC_CONF names expandable_segments itself. Returns
+    whether they are on."""
+    if device.type != "cuda":
+        return False
+    if "expandable_segments" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        return "expandable_segments:true" in os.environ["PYTORCH_CUDA_ALLOC_CONF"].replace(" ", "").lower()
+    try:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        return True
+    except (AttributeError, RuntimeError):  # a torch or platform without them: the margins still hold
+        return False
+
+
+def release_cached(device):
+    """Hand the blocks cached by the plain step's measurement back (CUDA), so that the first group's rows
+    are allocated before the step's activations are cached again."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 class _Sampler(threading.Thread):
@@ -161,10 +198,12 @@ def describe(fp, k, how, n, world, device, capacity, fits, numel, dtype, batch):
     if capacity is None:
         lines.append("available memory unknown: no K is ruled out")
     else:
-        lines.append(f"available {gib(capacity)} ({int(MARGIN * 100)} % kept free): "
+        kept = f"{int(MARGIN * 100)} %" + (f" and {gib(CUDA_HEADROOM)}" if device.type == "cuda" else "")
+        lines.append(f"available {gib(capacity)} ({kept} kept free): "
                      + (f"K up to {fits} of {n} fits" if fits else "not even K = 1 fits"))
     card = card_k(fp, n, world)
-    lines.append(f"a 24 GB card ({gib(CARD_BYTES - CARD_CONTEXT_BYTES)} usable, {int(MARGIN * 100)} % kept free) "
+    lines.append(f"a 24 GB card ({gib(CARD_BYTES - CARD_CONTEXT_BYTES)} usable, {int(MARGIN * 100)} % and "
+                 f"{gib(CUDA_HEADROOM)} kept free) "
                  f"would take K = {card or 'none: not even K = 1'}"
                  + ("" if device.type == "cuda" else " (with this device's plain step: a GPU's differs)"))
     return lines

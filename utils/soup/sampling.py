@@ -6,7 +6,7 @@ other: `models_generator(seed)` and `data_generator(seed)`. Under torchrun every
 orders and takes its contiguous share (`shard_range`); the caller says which rank of how many it is.
 """
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 
 def shard_range(n, parts, index):
@@ -66,9 +66,73 @@ def rank_batches(dataset, batch_size, generator, world, rank, workers=0):
     Every rank draws the same global batches and takes its contiguous slice of each, so the summed
     per-example losses divided by the global size give exactly the single-process mean. A rank whose
     slice is empty (a last batch smaller than the world) gets None and still takes part."""
-    batches = global_batches(len(dataset), batch_size, generator)
-    shares = [my_share(b, world, rank) for b in batches]
-    loader = DataLoader(dataset, batch_sampler=[s for s in shares if s], num_workers=workers)
-    it = iter(loader)
-    for full, share in zip(batches, shares):
-        yield len(full), (next(it) if share else None)
+    yield from RankLoader(batch_size, generator, world, rank).epoch(dataset, workers)
+
+
+class _Shares:
+    """The batch sampler of a `RankLoader`: the non-empty shares of the epoch drawn last."""
+
+    def __init__(self):
+        self.shares = []
+
+    def __iter__(self):
+        return iter([s for s in self.shares if s])
+
+    def __len__(self):
+        return sum(1 for s in self.shares if s)
+
+
+class _Current(Dataset):
+    """The data set of the epoch being read, behind one DataLoader for the whole run (the in-memory sets
+    of utils/run/inputs.py are new objects at each epoch, over the same tensors)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i]
+
+    def __getitems__(self, indices):
+        many = getattr(self.dataset, "__getitems__", None)
+        return many(indices) if many is not None else [self.dataset[i] for i in indices]
+
+
+class RankLoader:
+    """`rank_batches` for every epoch of a run through one DataLoader: its workers persist between epochs
+    (workers > 0) and, with `pin_memory` (CUDA), batches come in page-locked memory so that the step's
+    copies to the device do not wait (`non_blocking`). Each epoch draws its global batches from
+    `generator` exactly as `rank_batches` does, so the order is the same batch for batch."""
+
+    def __init__(self, batch_size, generator, world, rank, pin_memory=False):
+        self.batch_size, self.generator, self.world, self.rank = batch_size, generator, world, rank
+        self.pin_memory = pin_memory
+        self.sampler, self.current, self.loader, self.workers = _Shares(), None, None, 0
+
+    def _reuse(self, dataset, workers):
+        """Whether the DataLoader made before serves `dataset` with `workers` (else a new one is made: in
+        a run only if the held-out inputs changed kind)."""
+        if self.loader is not None and workers == self.workers and \
+                (workers == 0 or self.current.dataset is dataset):
+            self.current.dataset = dataset  # no worker holds a copy of it
+            return True
+        self.current, self.workers = _Current(dataset), workers
+        self.loader = DataLoader(self.current, batch_sampler=self.sampler, num_workers=workers,
+                                 pin_memory=self.pin_memory, persistent_workers=workers > 0)
+        return False
+
+    def epoch(self, dataset, workers=0):
+        """Yield (global batch size, this rank's (x, y) or None) for the next shuffled epoch over
+        `dataset`, read by `workers` processes."""
+        batches = global_batches(len(dataset), self.batch_size, self.generator)
+        self.sampler.shares = [my_share(b, self.world, self.rank) for b in batches]
+        if self._reuse(dataset, workers) and workers > 0:
+            # A DataLoader draws its workers' base seed from torch's global generator each time a new
+            # iterator is made; persistent workers keep theirs. Draw it anyway, so that whatever reads
+            # the global generator next (dropout) sees the same numbers as with a loader per epoch.
+            torch.empty((), dtype=torch.int64).random_()
+        it = iter(self.loader)
+        for full, share in zip(batches, self.sampler.shares):
+            yield len(full), (next(it) if share else None)

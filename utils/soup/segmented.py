@@ -23,11 +23,21 @@ import torch
 log = logging.getLogger(__name__)
 
 COLS = 1024       # columns per program
-MAX_ROWS = 16     # rows per tile of a program
-WARPS = 16        # warps per program: 16 x 1024 float32 tiles in about 76 registers a thread (ptxas, sm_90)
+MAX_ROWS = 16     # rows per tile of a program (sm_90 and later)
+WARPS = 16        # warps per program (sm_90 and later)
+# Before sm_90 (A100 sm_80, consumer Ampere/Ada sm_86/sm_89): 16-row tiles take about 112 registers a
+# thread in `combine` (ptxas of Triton 3.8), so one 512-thread program fills an SM's 64K registers and it
+# runs 16 warps (of 48 on sm_86); 8-row tiles take 64, two programs fit: 32 warps. The rows are read
+# once either way; `project_partials` reads the gradient once per tile of rows. tests/test_kernels_compiled.py
+# compiles both for sm_80, sm_86 and sm_90 and checks it.
+TILES_BEFORE_SM90 = (1024, 8, 16)  # (columns, rows, warps)
 SEGS = 256        # partial sums read at once by a block's program
+ALIGN = 16        # row strides are padded to a multiple of this many numbers (`padded`)
 ROW_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 failure = None    # why the kernels could not run in this process (then the per-block loop runs)
+# torch.OutOfMemoryError exists from torch 2.5 on, as this same class; 2.4 (which requirements.txt
+# allows) has only this name
+OUT_OF_MEMORY = torch.cuda.OutOfMemoryError
 
 
 def interpreting():
@@ -37,15 +47,75 @@ def interpreting():
 
 @functools.lru_cache(maxsize=None)
 def _kernels(interpret):
-    """The compiled (or, with `interpret`, interpreted) kernels; None without Triton. `triton.jit`
-    decides between the two when it is called, from TRITON_INTERPRET, hence the cache key."""
+    """The compiled (or, with `interpret`, interpreted) kernels; None without Triton, or when importing
+    it or the kernels' source fails otherwise (said once: `turn_off`; segmented_kernels.py reads a
+    private name of Triton, which a later version may not have). `triton.jit` decides between compiled
+    and interpreted when it is called, from TRITON_INTERPRET, hence the cache key."""
     try:
         import triton
-        from utils.soup import segmented_kernels as src
     except ImportError:
         return None
-    return {name: triton.jit(getattr(src, name))
-            for name in ("project_partials", "project_blocks", "combine")}
+    except Exception as err:  # a broken install: anything but "not installed" is said
+        turn_off(f"import triton: {_why(err)}")
+        return None
+    try:
+        from utils.soup import segmented_kernels as src
+        return {name: triton.jit(getattr(src, name))
+                for name in ("project_partials", "project_blocks", "combine")}
+    except Exception as err:
+        turn_off(f"the kernels' source: {_why(err)}")
+        return None
+
+
+def _why(err):
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+
+
+def turn_off(reason):
+    """Use the per-block loop for the rest of this process, and say why once."""
+    global failure
+    if failure is None:
+        failure = reason
+        log.warning("the fixed-launch block products are off in this process (%s); the per-block loop "
+                    "runs instead", reason)
+
+
+def padded(width):
+    """The row stride of rows `width` wide: the next multiple of ALIGN. With it (and 16-byte aligned rows)
+    the kernels load 128 bits at a time (segmented_kernels.py)."""
+    return -(-width // ALIGN) * ALIGN
+
+
+def empty_rows(n, width, dtype, device):
+    """An (n, width) tensor whose rows are `padded(width)` apart, the padding zeroed: what a run's
+    directions are loaded into. Every op sees only its `width` columns; the kernels may load the padding
+    but never sum it (segmented_kernels.py)."""
+    whole = torch.empty(n, padded(width), dtype=dtype, device=device)
+    whole[:, width:].zero_()
+    return whole[:, :width]
+
+
+def _loadable(P):
+    """Columns of each row of P that the kernels may load: its stride when P is a padded view whose
+    storage holds the padding of every row (`empty_rows`), else its width."""
+    n, width = P.shape
+    stride = P.stride(0)
+    if stride % ALIGN == 0 and stride >= width and P.data_ptr() % 16 == 0 and \
+            (P.storage_offset() + n * stride) * P.element_size() <= P.untyped_storage().nbytes():
+        return stride
+    return width
+
+
+def tiles_for(capability):
+    """(columns, rows, warps) of a program on a GPU of compute `capability` (major, minor); None: not a
+    GPU (Triton's interpreter). See TILES_BEFORE_SM90."""
+    if capability is not None and capability[0] < 9:
+        return TILES_BEFORE_SM90
+    return COLS, MAX_ROWS, WARPS
+
+
+def tiles(device):
+    return tiles_for(torch.cuda.get_device_capability(device) if device.type == "cuda" else None)
 
 
 def _on_device(t):
@@ -68,20 +138,16 @@ def supports(P, vector, bounds):
 
 
 def _launch(name, grid, *args, **meta):
-    """Launch one kernel; when Triton cannot compile or run it here, say so once, note why in `failure`
-    and return False (the caller falls back to the per-block loop). A compile error comes before the
-    kernel writes anything."""
-    global failure
+    """Launch one kernel; when Triton cannot compile or run it here, say so once (`turn_off`) and return
+    False (the caller falls back to the per-block loop). A compile error comes before the kernel writes
+    anything. Running out of device memory is not the kernels' fault: it is raised."""
     try:
         _kernels(interpreting())[name][grid](*args, **meta)
         return True
-    except torch.OutOfMemoryError:
+    except OUT_OF_MEMORY:
         raise
     except Exception as err:  # a Triton version or device these kernels do not compile for
-        first_line = (str(err).strip().splitlines() or [""])[0]
-        failure = f"{name}: {type(err).__name__}: {first_line}"
-        log.warning("the fixed-launch block products are off in this process (%s); the per-block loop "
-                    "runs instead", failure)
+        turn_off(f"{name}: {_why(err)}")
         return False
 
 
@@ -103,8 +169,8 @@ def _plan(bounds, n_cols, device, cols):
                                             ("chunk_first", chunk_first), ("block_first", block_first))}}
 
 
-def _rows_per_tile(n):
-    return min(MAX_ROWS, max(2, 1 << (n - 1).bit_length()))
+def _rows_per_tile(n, max_rows):
+    return min(max_rows, max(2, 1 << (n - 1).bit_length()))
 
 
 def project(P, g, bounds, scale=None):
@@ -112,16 +178,17 @@ def project(P, g, bounds, scale=None):
     (the ViT clip factor: the projection is linear, so clipping g and scaling dX agree). Two launches.
     None when the kernels cannot run here (see `_launch`)."""
     n, D = P.shape
-    plan = _plan(tuple(map(tuple, bounds)), D, P.device, COLS)
-    rows = _rows_per_tile(n)
+    cols, max_rows, warps = tiles(P.device)
+    plan = _plan(tuple(map(tuple, bounds)), D, P.device, cols)
+    rows = _rows_per_tile(n, max_rows)
     partials = torch.empty(n, plan["n_segs"], dtype=torch.float32, device=P.device)
     dX = torch.empty(n, len(bounds), dtype=torch.float32, device=P.device)
     if scale is None:
         scale = torch.ones(1, dtype=torch.float32, device=P.device)
     with torch.profiler.record_function("segmented.project"):
         done = _launch("project_partials", (plan["n_chunks"], -(-n // rows)), P, g, partials,
-                       plan["chunk_first"], plan["seg_stop"], n, D, P.stride(0), plan["n_segs"],
-                       ROWS=rows, COLS=COLS, num_warps=WARPS) and \
+                       plan["chunk_first"], plan["seg_stop"], n, D, P.stride(0), _loadable(P), plan["n_segs"],
+                       ROWS=rows, COLS=cols, num_warps=warps) and \
             _launch("project_blocks", (len(bounds), -(-n // rows)), partials, dX, plan["block_first"],
                     scale.reshape(1), n, plan["n_segs"], len(bounds), ROWS=rows, SEGS=SEGS, num_warps=4)
     return dX if done else None
@@ -131,10 +198,11 @@ def combine(X, P, bounds, out, accumulate=False):
     """out[j] = sum_i X[i, b] P[i, j] for j in block b, added to out when `accumulate`. One launch.
     None when the kernels cannot run here (see `_launch`)."""
     n, D = P.shape
-    plan = _plan(tuple(map(tuple, bounds)), D, P.device, COLS)
+    cols, max_rows, warps = tiles(P.device)
+    plan = _plan(tuple(map(tuple, bounds)), D, P.device, cols)
     X = X.detach().to(device=P.device, dtype=torch.float32).contiguous()
     with torch.profiler.record_function("segmented.combine"):
         done = _launch("combine", (plan["n_chunks"],), P, X, out, plan["chunk_first"], plan["seg_stop"],
-                       plan["seg_block"], n, D, P.stride(0), len(bounds), ACCUMULATE=accumulate,
-                       ROWS=_rows_per_tile(n), COLS=COLS, num_warps=WARPS)
+                       plan["seg_block"], n, D, P.stride(0), _loadable(P), len(bounds), ACCUMULATE=accumulate,
+                       ROWS=_rows_per_tile(n, max_rows), COLS=cols, num_warps=warps)
     return out if done else None

@@ -7,6 +7,12 @@ block boundary falls inside it; `chunk_first[c]` is the first segment of chunk c
 of segment s, `seg_block[s]` its block, `block_first[b]` the first segment of block b (a block's
 segments are consecutive). One program reads a tile of rows x COLS columns of P once, in P's own dtype,
 and accumulates in float32.
+
+Loads of P are 128 bits wide only when Triton can prove that every group of 16 columns is wholly in or
+out of the mask: the row stride and the bound of the column mask divisible by 16 (Triton specialises an
+integer argument that is), and P 16-byte aligned. The rows of a run are padded to such a stride
+(`segmented.padded`), so the mask's bound `p_cols` is the stride, not D: the padding may be loaded, but
+a column j >= n_cols is outside every segment, so it is never summed (`inside`) nor stored (`col_ok`).
 """
 import triton.language as tl
 
@@ -17,17 +23,18 @@ import triton.language as tl
 SUM = tl.standard._sum_combine
 
 
-def project_partials(P, g, partials, chunk_first, seg_stop, n_rows, n_cols, row_stride, n_segs,
+def project_partials(P, g, partials, chunk_first, seg_stop, n_rows, n_cols, row_stride, p_cols, n_segs,
                      ROWS: tl.constexpr, COLS: tl.constexpr):
     """partials[i, s] = sum over the columns j of segment s of P[i, j] * g[j]; one program per column
-    chunk and tile of ROWS rows."""
+    chunk and tile of ROWS rows. P's columns up to `p_cols` may be loaded (its padding, see the module's
+    docstring); only those below `n_cols` are summed."""
     chunk = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
     cols = chunk * COLS + tl.arange(0, COLS)
     row_ok = rows < n_rows
     col_ok = cols < n_cols
     tile = tl.load(P + rows.to(tl.int64)[:, None] * row_stride + cols[None, :],
-                   mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+                   mask=row_ok[:, None] & (cols < p_cols)[None, :], other=0.0).to(tl.float32)
     prod = tile * tl.load(g + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     start = chunk * COLS
     for s in range(tl.load(chunk_first + chunk), tl.load(chunk_first + chunk + 1)):
@@ -54,10 +61,11 @@ def project_blocks(partials, dX, block_first, scale, n_rows, n_segs, n_blocks,
     tl.store(dX + rows * n_blocks + block, acc * tl.load(scale).to(tl.float32), mask=row_ok)
 
 
-def combine(P, X, out, chunk_first, seg_stop, seg_block, n_rows, n_cols, row_stride, n_blocks,
+def combine(P, X, out, chunk_first, seg_stop, seg_block, n_rows, n_cols, row_stride, p_cols, n_blocks,
             ACCUMULATE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     """out[j] (+)= sum_i X[i, block(j)] * P[i, j]; one program per column chunk, looping over tiles of
-    ROWS rows, and over the chunk's segments, each with its own coefficients (no gather per column)."""
+    ROWS rows, and over the chunk's segments, each with its own coefficients (no gather per column).
+    P's columns up to `p_cols` may be loaded; only those below `n_cols` are summed and stored."""
     chunk = tl.program_id(0).to(tl.int64)
     cols = chunk * COLS + tl.arange(0, COLS)
     col_ok = cols < n_cols
@@ -68,7 +76,7 @@ def combine(P, X, out, chunk_first, seg_stop, seg_block, n_rows, n_cols, row_str
         rows = r0 + tl.arange(0, ROWS)
         row_ok = rows < n_rows
         tile = tl.load(P + rows.to(tl.int64)[:, None] * row_stride + cols[None, :],
-                       mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+                       mask=row_ok[:, None] & (cols < p_cols)[None, :], other=0.0).to(tl.float32)
         start = chunk * COLS
         for s in range(first, last):
             stop = tl.load(seg_stop + s)
