@@ -221,6 +221,53 @@ def test_a_changed_image_file_names_another_file(tree, tmp_path):
     assert len(list(folder.glob("*.npy"))) == 2
 
 
+def test_two_images_swapped_in_place_with_their_times_set_back_name_another_file(tree, tmp_path):
+    """Issue 31.1: same-size files of two classes swapped by writing in place, their modification times
+    restored: the key (inode, status-change time, size, mtime) still changes, so the warm cache is not
+    used for them (the spot checks alone missed this in 5 of 5 tries)."""
+    root = tmp_path / "tree"
+    shutil.copytree(tree, root)
+    heldout = bundle(root).heldout
+    a = heldout.paths[0]
+    b = next(p for p, y in zip(heldout.paths, heldout.labels) if y != heldout.labels[0])
+    data = {p: open(p, "rb").read() for p in (a, b)}
+    size = max(map(len, data.values()))
+    for p in (a, b):  # the same size on disk (a JPEG ignores bytes after its end)
+        with open(p, "r+b") as f:
+            f.seek(0, os.SEEK_END)
+            f.write(b"\0" * (size - len(data[p])))
+    folder = tmp_path / "cache"
+    decoded.configure(str(folder))
+    batches(bundle(root).heldout)
+    times = {p: os.stat(p) for p in (a, b)}
+    for p, q in ((a, b), (b, a)):
+        with open(p, "r+b") as f:
+            f.write(data[q].ljust(size, b"\0"))
+        os.utime(p, ns=(times[p].st_atime_ns, times[p].st_mtime_ns))
+    assert all(os.stat(p).st_size == times[p].st_size and os.stat(p).st_mtime_ns == times[p].st_mtime_ns
+               for p in (a, b))
+    decoded.configure(str(folder))
+    again = bundle(root).heldout
+    assert torch.equal(torch.cat(batches(again)), uncached(again))
+    assert len(list(folder.glob("*.npy"))) == 2
+
+
+def test_a_file_name_that_is_not_utf8_is_cached_and_read_back(tree, tmp_path):
+    """Issue 31.3: an image named with a byte that is not UTF-8 (img_\\xe9.JPEG) is kept like any other."""
+    root = tmp_path / "tree"
+    shutil.copytree(tree, root)
+    first = bundle(root).heldout.paths[0]
+    os.rename(first, os.path.join(os.path.dirname(first), os.fsdecode(b"img_\xe9.JPEG")))
+    heldout = bundle(root).heldout
+    assert any(os.fsencode(p).endswith(b"img_\xe9.JPEG") for p in heldout.paths)
+    decoded.configure(str(tmp_path / "cache"))
+    assert torch.equal(torch.cat(batches(heldout)), uncached(heldout))
+    decoded.configure(str(tmp_path / "cache"))
+    again = bundle(root).heldout
+    assert torch.equal(torch.cat(batches(again)), uncached(again))
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+
+
 def test_an_unwritable_folder_costs_a_warning_and_keeps_them_in_memory(tree, tmp_path, caplog, opens):
     (tmp_path / "a-file").write_text("")
     decoded.configure(str(tmp_path / "a-file" / "cache"))

@@ -26,7 +26,9 @@ Where (--decode-cache, `configure`), chosen for the paper's job, a sequence of p
 - `none`: decode in every pass.
 
 The files follow utils/run/prefix.py's rules. A file is named by a hash of what its numbers depend on:
-every file's path, size and modification time, the border, the split's first part (its steps and
+every file's path (its bytes: any name is accepted) and `identity.stamp` (inode, status-change time,
+size and modification time: a file rewritten in place, even with its times set back, or another file
+put in its place names another file), the border, the split's first part (its steps and
 their settings), and the versions of torch, torchvision and Pillow. It is trusted only after checks:
 a regular file beside a JSON header of bounded size holding its key, its shape and a CRC-32 of its
 bytes; the .npy header says uint8 in C order of exactly that shape and the file's size matches; the
@@ -292,7 +294,8 @@ def _entry(folder, dataset, plan):
                  plan.description, f"border {getattr(dataset, 'border', 0)}", len(dataset)):
         digest.update(str(part).encode() + b"\0")
     for p in dataset.paths:  # each image file by its identity: a rewritten file names another entry
-        digest.update(f"{os.path.abspath(p)}\0{identity.stamp(p)}\0".encode())
+        # os.fsencode: a name is any byte string (img_\xe9.JPEG is not UTF-8), hashed as its bytes
+        digest.update(os.fsencode(os.path.abspath(p)) + b"\0" + identity.stamp(p).encode() + b"\0")
     key = digest.hexdigest()
     return _Entry(folder / f"{key}.npy", folder / f"{key}.json", key, (len(dataset), *plan.shape))
 
