@@ -72,11 +72,24 @@ def photos():
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
 
 
+def timm_eval(name="resnet10t"):
+    """timm's eval transform of `name` as `--arch timm:<name>` uses it: a v1 Compose in pil_rgb_then."""
+    return get_arch(f"timm:{name}").preprocess
+
+
+V1_IMAGENET = v1.Compose([v1.Resize(18, interpolation=v1.InterpolationMode.BICUBIC), v1.CenterCrop(16),
+                          v1.ToTensor(), v1.Normalize((0.48, 0.45, 0.40), (0.22, 0.22, 0.22))])
+
+
 @pytest.mark.parametrize("transform", [clip_transform(224), image_transform(224), image_transform(16),
                                        v2.Compose([v2.ToImage(), v2.Resize((60, 80)), v2.ToDtype(torch.float32,
-                                                                                                 scale=True)])],
-                         ids=["clip-224", "imagenet-224", "tiny-16", "resize-to-hw"])
+                                                                                                 scale=True)]),
+                                       pil_rgb_then(image_transform(16)), V1_IMAGENET, pil_rgb_then(V1_IMAGENET),
+                                       v1.Compose([v1.Resize((60, 80)), v1.ToTensor()]), "timm"],
+                         ids=["clip-224", "imagenet-224", "tiny-16", "resize-to-hw", "factory-v2", "torchvision-v1",
+                              "factory-v1", "v1-resize-to-hw", "timm-resnet10t"])
 def test_the_split_is_the_transform_bit_for_bit(transform):
+    transform = timm_eval() if transform == "timm" else transform
     plan = decoded.split(transform)
     assert plan is not None
     x = torch.stack([plan.geometric(img).as_subclass(torch.Tensor) for img in photos()])
@@ -84,15 +97,26 @@ def test_the_split_is_the_transform_bit_for_bit(transform):
     assert torch.equal(plan.to_float(x), torch.stack([transform(img) for img in photos()]))
 
 
+def test_v1_and_v2_steps_of_the_same_settings_name_different_files():
+    """PIL's resize and the tensor's give other pixels: the key's description tells them apart."""
+    a = decoded.split(v1.Compose([v1.Resize(16), v1.CenterCrop(16), v1.ToTensor()]))
+    b = decoded.split(image_transform(16, mean=(0, 0, 0), std=(1, 1, 1)))
+    assert a.description != b.description and a.v1 and not b.v1
+
+
 @pytest.mark.parametrize("transform", [
     image_transform(16, crop=False),                                       # images of varying shape
-    pil_rgb_then(image_transform(16)),                                     # a Lambda that is not to_rgb
-    v1.Compose([v1.Resize(16), v1.CenterCrop(16), v1.ToTensor()]),        # timm's and most users'
+    v2.Compose([v2.Lambda(lambda img: img), *image_transform(16).transforms]),   # a Lambda not known
+    v1.Compose([v1.Resize(16), v1.ToTensor()]),                            # v1: images of varying shape
+    v1.Compose([v1.Resize(16), v1.CenterCrop(16), v1.RandomHorizontalFlip(), v1.ToTensor()]),  # v1: unknown
+    v1.Compose([v1.Resize(16), v1.CenterCrop(16), v1.ToTensor(), v1.Normalize((0.5,), (0.5,)),
+                v1.RandomErasing()]),                                      # v1: unknown step on floats
     v2.Compose([*image_transform(16).transforms[:-2], v2.RandomHorizontalFlip(),
                 *image_transform(16).transforms[-2:]]),                    # an unknown step
     v2.Compose([*image_transform(16).transforms[:-2], v2.ToDtype(torch.float16, scale=True)]),
     v2.Compose([v2.ToImage(), v2.CenterCrop(16), v2.ToDtype(torch.float32, scale=True), v2.GaussianNoise()]),
-], ids=["no-crop", "pil-lambda", "torchvision-v1", "unknown-step", "float16", "after-todtype"])
+], ids=["no-crop", "unknown-lambda", "v1-no-crop", "v1-unknown-step", "v1-after-totensor", "unknown-step",
+        "float16", "after-todtype"])
 def test_a_transform_that_cannot_be_split_is_not_kept(transform, tree):
     assert decoded.split(transform) is None
     ds = bundle(tree).heldout

@@ -5,13 +5,16 @@ at the model's input size.
 
 What is kept. A data set of image files opts in by having `paths` (its files, in item order),
 `labels`, `transform` and `image(i)` (item i decoded, before the transform): datasets/imagenet.py's
-ImageFiles, used by ImageNet and ImageFolder. Its transform is split at its ToDtype step when it is a
-torchvision v2.Compose of known steps (`split`: to a tensor, RGB, resize, centre crop; then ToDtype and
-Normalize, as utils/archs `image_transform` and `clip_transform` build it). The first part gives uint8
-images of one shape: they are kept. The second is applied per batch, on the device, to the kept uint8
-images; it is elementwise, so a batch is bit for bit the transform's output item by item, and the
-accuracies are those without this module. A transform that cannot be split (timm's, a user's factory)
-is not kept: its images are decoded in every pass, and the log says so once per set.
+ImageFiles, used by ImageNet and ImageFolder. Its transform is split at its ToDtype (v2) or ToTensor
+(v1) step when it is a torchvision Compose of known steps, nested Composes flattened (`split`: RGB, to a
+tensor, resize, centre crop; then ToDtype and Normalize, as utils/archs `image_transform` and
+`clip_transform` build it; or torchvision v1's Resize, CenterCrop on the PIL image, then ToTensor and
+Normalize, as timm's eval transforms are; the factory path's and timm's `pil_rgb_then` wrapper included).
+The first part gives uint8 images of one shape: they are kept. The second is applied per batch, on the
+device, to the kept uint8 images; it is elementwise, so a batch is bit for bit the transform's output
+item by item (v1's ToTensor divides by 255 where v2 multiplies by 1/255: each is done as its step does),
+and the accuracies are those without this module. A transform that cannot be split (an unknown step,
+images of varying size) is not kept: its images are decoded in every pass, and the log says so once per set.
 
 Where (--decode-cache, `configure`), chosen for the paper's job, a sequence of processes over ImageNet:
 - a folder, the default ($MODEL_SOUPS_CACHE/decoded, else $XDG_CACHE_HOME/model_soups/decoded or
@@ -57,11 +60,13 @@ import torch
 import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import functional as F1
 from torchvision.transforms import v2
+from torchvision import transforms as v1
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
-from utils.archs import to_rgb
+from utils.archs import pil_rgb, to_rgb
 from utils.files import identity
 from utils.files.cache import cache_folder
 from utils.runtime import distributed
@@ -104,29 +109,47 @@ def _once(what, level, message, *args):
 
 # ----------------------------------------------------------------------------- the transform
 GEOMETRIC = (v2.ToImage, v2.RGB, v2.Resize, v2.CenterCrop)
+GEOMETRIC_V1 = (v1.Resize, v1.CenterCrop)   # on PIL images (timm's eval transforms, most users')
+RGB_LAMBDAS = (to_rgb, pil_rgb)             # utils/archs: grey to RGB; any image to PIL RGB
+# torchvision v1's ToTensor, and timm's subclass that is ToTensor on a PIL image (its eval transform's step)
+TO_TENSOR = ("torchvision.transforms.transforms.ToTensor", "timm.data.transforms.MaybeToTensor")
 
 
 @dataclass(frozen=True)
 class Split:
-    geometric: v2.Compose     # image -> uint8 tensor (3, H, W)
-    floats: tuple             # steps on a batch of uint8 images: ToDtype, then Normalize
+    geometric: object         # image -> uint8 tensor (3, H, W): a v2.Compose, or a v1.Compose ending in
+                              # pil_to_tensor
+    floats: tuple             # steps on a batch of uint8 images: ToDtype or ToTensor, then Normalize
     shape: tuple              # (3, H, W) of every uint8 image
     description: str          # the geometric steps and their settings (part of a file's key)
+    v1: bool = False          # the float steps are torchvision v1's (ToTensor divides by 255)
 
     def to_float(self, x):
         """The float steps on a batch, through the kernels the steps call (a step object on a plain
         tensor costs several times its kernel on the CPU); Normalize in place on the fresh float batch."""
+        if self.v1:  # ToTensor: x.to(float32).div(255); v1's normalize: sub_(mean).div_(std), per channel
+            x = _fresh_float(x).div_(255)
+            for step in self.floats[1:]:
+                x = F1.normalize(x, step.mean, step.std, inplace=True)
+            return x
         x = _scaled(x) if x.device.type == "cpu" and _SCALED_IS_TO_DTYPE else F.to_dtype(x, torch.float32, scale=True)
         for step in self.floats[1:]:
             x = F.normalize(x, step.mean, step.std, inplace=True)
         return x
 
 
+def _fresh_float(x):
+    """x as float32 in fresh memory (numpy's on the CPU: huge pages, see `_scaled`)."""
+    if x.device.type != "cpu":
+        return x.to(torch.float32)
+    return torch.from_numpy(np.empty(tuple(x.shape), dtype=np.float32)).copy_(x)
+
+
 def _scaled(x):
     """ToDtype(float32, scale=True) of a uint8 batch (torchvision computes x.to(float32) * (1 / 255)) into
     memory numpy allocates: numpy asks the kernel for huge pages for large arrays, so a fresh batch costs a
     few page faults instead of one per 4 KiB (measured here: most of a kept pass's CPU time)."""
-    return torch.from_numpy(np.empty(tuple(x.shape), dtype=np.float32)).copy_(x).mul_(1.0 / 255)
+    return _fresh_float(x).mul_(1.0 / 255)
 
 
 # Elementwise, so equal on every uint8 value means equal on every image; else the kernel is used.
@@ -135,33 +158,74 @@ _SCALED_IS_TO_DTYPE = torch.equal(_scaled(_EVERY_VALUE), F.to_dtype(_EVERY_VALUE
 
 
 def _describe(step):
-    if isinstance(step, v2.Lambda):
-        return "to_rgb"
-    if isinstance(step, v2.Resize):
-        return f"Resize({step.size}, {step.interpolation}, {step.max_size}, {step.antialias})"
-    if isinstance(step, v2.CenterCrop):
-        return f"CenterCrop({step.size})"
+    if isinstance(step, (v2.Lambda, v1.Lambda)):
+        return step.lambd.__name__
+    if isinstance(step, (v2.Resize, v1.Resize)):
+        kind = "v1." if isinstance(step, v1.Resize) else ""  # PIL's resize: other pixels than the tensor's
+        return f"{kind}Resize({step.size}, {step.interpolation}, {step.max_size}, {step.antialias})"
+    if isinstance(step, (v2.CenterCrop, v1.CenterCrop)):
+        return f"{'v1.' if isinstance(step, v1.CenterCrop) else ''}CenterCrop({step.size})"
     return type(step).__name__
 
 
+def _steps(transform):
+    """The steps of a transform, nested Composes (v1 or v2) flattened: the factory path and timm's wrap
+    theirs in `pil_rgb_then` (utils/archs), a Compose around the user's or timm's own; None when a part
+    is not a Compose."""
+    if not isinstance(transform, (v2.Compose, v1.Compose)):
+        return None
+    out = []
+    for step in transform.transforms:
+        inner = _steps(step) if isinstance(step, (v2.Compose, v1.Compose)) else [step]
+        if inner is None:
+            return None
+        out += inner
+    return out
+
+
+def _is_rgb_lambda(step):
+    return isinstance(step, (v2.Lambda, v1.Lambda)) and any(step.lambd is f for f in RGB_LAMBDAS)
+
+
+def _name(step):
+    return f"{type(step).__module__}.{type(step).__qualname__}"
+
+
 def split(transform):
-    """The transform as a Split, or None when it is not a v2.Compose of known steps: ToImage, then
-    to_rgb / RGB / Resize / CenterCrop, then ToDtype(float32, scale=True) and Normalize, with an image
-    size fixed by a final CenterCrop (or a Resize to (H, W))."""
-    steps = list(getattr(transform, "transforms", ())) if isinstance(transform, v2.Compose) else []
-    cut = next((k for k, s in enumerate(steps) if isinstance(s, v2.ToDtype)), None)
-    if not steps or cut is None or not isinstance(steps[0], v2.ToImage):
+    """The transform as a Split, or None when it is not a Compose (v2 or v1, nested in any number of
+    Composes) of known steps giving one image size (a final CenterCrop, or a Resize to (H, W)):
+    - v2: to_rgb / pil_rgb, then ToImage, then to_rgb / RGB / Resize / CenterCrop, then
+      ToDtype(float32, scale=True) and Normalize;
+    - v1 (timm's eval transforms: Resize, CenterCrop, ToTensor, Normalize): to_rgb / pil_rgb / Resize /
+      CenterCrop on the PIL image, then ToTensor (or timm's MaybeToTensor) and v1 Normalize.
+    The image is RGB before the first step (the data sets' `image(i)`, datasets/images.py); a decoded
+    image of another shape stops the decoding (`_decode_into`)."""
+    steps = _steps(transform) or []
+    cut = next((k for k, s in enumerate(steps) if isinstance(s, v2.ToDtype) or _name(s) in TO_TENSOR), None)
+    if not steps or cut is None:
         return None
     geometric, floats = steps[:cut], steps[cut:]
-    known = all(isinstance(s, GEOMETRIC) or (isinstance(s, v2.Lambda) and s.lambd is to_rgb) for s in geometric)
-    to_dtype = floats[0].dtype in (torch.float32, {torch.Tensor: torch.float32}) and floats[0].scale
-    if not (known and to_dtype and all(isinstance(s, v2.Normalize) for s in floats[1:])):
+    if isinstance(floats[0], v2.ToDtype):
+        first = next((k for k, s in enumerate(geometric) if not _is_rgb_lambda(s)), len(geometric))
+        known = first < len(geometric) and isinstance(geometric[first], v2.ToImage) and all(
+            isinstance(s, GEOMETRIC) or _is_rgb_lambda(s) for s in geometric[first:])
+        float_ok = floats[0].dtype in (torch.float32, {torch.Tensor: torch.float32}) and floats[0].scale \
+            and all(type(s) is v2.Normalize for s in floats[1:])
+        sized = [s for s in geometric if isinstance(s, (v2.Resize, v2.CenterCrop))]
+        whole = v2.Compose(geometric)
+    else:
+        known = all(type(s) in GEOMETRIC_V1 or _is_rgb_lambda(s) for s in geometric)
+        float_ok = all(type(s) is v1.Normalize for s in floats[1:])
+        sized = [s for s in geometric if isinstance(s, (v1.Resize, v1.CenterCrop))]
+        whole = v1.Compose([*geometric, F1.pil_to_tensor])
+    if not (known and float_ok):
         return None
-    sized = [s for s in geometric if isinstance(s, (v2.Resize, v2.CenterCrop))]
-    if not sized or (isinstance(sized[-1], v2.Resize) and len(sized[-1].size or ()) != 2):
+    size = list(sized[-1].size) if sized and isinstance(sized[-1].size, (list, tuple)) else None
+    if size is None or len(size) not in (1, 2) or (isinstance(sized[-1], (v2.Resize, v1.Resize)) and len(size) != 2):
         return None  # images of varying shape cannot be kept in one array
-    h, w = sized[-1].size if len(sized[-1].size) == 2 else sized[-1].size * 2
-    return Split(v2.Compose(geometric), tuple(floats), (3, h, w), " ".join(_describe(s) for s in geometric))
+    h, w = size if len(size) == 2 else size * 2
+    return Split(whole, tuple(floats), (3, h, w), " ".join(_describe(s) for s in geometric),
+                 v1=not isinstance(floats[0], v2.ToDtype))
 
 
 def _plan(dataset, desc):
@@ -171,7 +235,7 @@ def _plan(dataset, desc):
     plan = split(dataset.transform)
     if plan is None:
         _once(("transform", id(dataset)), logging.INFO, "%s: images decoded in every pass: the transform is not "
-              "a torchvision v2.Compose of known steps giving one image size (utils/run/decoded.py)", desc)
+              "a torchvision Compose of known steps giving one image size (utils/run/decoded.py)", desc)
     return plan
 
 
