@@ -36,8 +36,7 @@ def load_state_dict(path, max_bytes=None):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {describe_missing(path)}")
-    if max_bytes is not None:
-        check_unpacked_size(path, max_bytes)
+    check_unpacked_size(path, max_bytes)  # without a bound: what the file itself can hold
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -117,18 +116,25 @@ def checkpoint_limit(reference):
     return 3 * 8 * numbers + 64 * 2**20
 
 
-def check_unpacked_size(path, limit, holder="a checkpoint of this architecture"):
-    """Refuse (UserError) a checkpoint that declares more data than `limit` bytes (the most `holder` may
-    hold), reading only sizes: the file's size; for torch's zip format the uncompressed size every zip
-    entry declares and the storage sizes its pickle declares; for torch's legacy format the declared
-    storage sizes. torch allocates a storage from the size the pickle declares before reading its bytes,
-    and inflates a compressed zip entry fully, so both are checked before torch.load sees the file."""
+def check_unpacked_size(path, limit=None, holder="a checkpoint of this architecture", unreadable=None):
+    """Refuse (UserError) a checkpoint that declares more data than it can hold, or than `limit` bytes
+    (the most `holder` may hold; None: no such bound), reading only sizes: the file's size; for torch's
+    zip format the uncompressed size every zip entry declares and the storage sizes its pickle declares;
+    for torch's legacy format the declared storage sizes. torch allocates a storage from the size the
+    pickle declares before reading its bytes, and inflates a compressed zip entry fully, so both are
+    checked before torch.load sees the file.
+
+    What a file can hold, whatever reads it (a --resume state, a soup read by report.py, a recipe's
+    ingredient, a cache file): torch stores its records uncompressed and every storage's bytes are in
+    the file, so the entries together declare at most the file's size, and so do the storages. A
+    deflated record of 3 GiB in a 3 MB file is refused unread. `unreadable`: the words for a file that
+    is not torch's format (default: "<path>: not a readable checkpoint (truncated or another format)")."""
     mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
     size = path.stat().st_size
-    if size > limit:
+    if limit is not None and size > limit:
         raise UserError(f"{path}: the file is {mib(size)}, more than {holder} may hold "
                         f"({mib(limit)}): refused unread")
-    unreadable = f"{path}: not a readable checkpoint (truncated or another format)"
+    unreadable = unreadable or f"{path}: not a readable checkpoint (truncated or another format)"
     if path.suffix == ".safetensors":
         return  # tensors are views of the file: its size bounds them
     if zipfile.is_zipfile(path):
@@ -136,18 +142,21 @@ def check_unpacked_size(path, limit, holder="a checkpoint of this architecture")
             with zipfile.ZipFile(path) as zf:
                 infos = zf.infolist()
                 declared = sum(i.file_size for i in infos)
-                if declared > limit:
-                    packed = [i for i in infos if i.compress_type != zipfile.ZIP_STORED]
-                    note = (f" ({len(packed)} compressed entr{'y' if len(packed) == 1 else 'ies'}; "
-                            "torch never compresses them)" if packed else "")
+                packed = [i for i in infos if i.compress_type != zipfile.ZIP_STORED]
+                note = (f" ({len(packed)} compressed entr{'y' if len(packed) == 1 else 'ies'}; "
+                        "torch never compresses them)" if packed else "")
+                if limit is not None and declared > limit:
                     raise UserError(f"{path}: its zip entries unpack to {mib(declared)}, more than "
                                     f"{holder} may hold ({mib(limit)}){note}: "
                                     "refused unread")
+                if declared > size:
+                    raise UserError(f"{path}: its zip entries unpack to {mib(declared)}, more than the file "
+                                    f"({mib(size)}) can hold{note}: refused unread")
                 pkl = [i for i in infos if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
                 if not pkl:
                     return  # not torch's layout: torch.load refuses it
                 with zf.open(pkl[0]) as f:
-                    data = f.read(limit + 1)
+                    data = f.read(size + 1)
         except (zipfile.BadZipFile, OSError, RuntimeError, ValueError, EOFError) as err:
             raise UserError(f"{unreadable}: {first_line(err)}") from err
         storages = declared_storage_bytes(io.BytesIO(data), unreadable, pickles=1)
@@ -159,9 +168,30 @@ def check_unpacked_size(path, limit, holder="a checkpoint of this architecture")
             raise UserError(f"{unreadable}: the file is empty")
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             storages = declared_storage_bytes(mm, unreadable, pickles=4)
-    if storages > limit:
+    if limit is not None and storages > limit:
         raise UserError(f"{path}: its pickle declares storages of {mib(storages)}, more than "
                         f"{holder} may hold ({mib(limit)}): refused unread")
+    if storages > size:
+        raise UserError(f"{path}: its pickle declares storages of {mib(storages)}, more than the file "
+                        f"({mib(size)}) can hold: refused unread")
+
+
+def load_torch(path, holder):
+    """`torch.load(weights_only=True)` of a file that is not a state dict (`holder`, e.g. "MEHL state
+    file"), after `check_unpacked_size`: nothing is inflated or allocated beyond what the file can hold.
+    Returns what torch.load gives; a UserError (one line naming the file) for any file it cannot read."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {describe_missing(path)}")
+    unreadable = f"{path}: not a readable {holder}"
+    check_unpacked_size(path, None, f"a {holder}", unreadable)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(f"{unreadable}: the pickle asks for objects outside plain tensors (weights_only=True; "
+                        f"nothing in it was run): {first_line(err)}") from err
+    except Exception as err:  # noqa: BLE001 - any unreadable file is one line naming it
+        raise UserError(f"{unreadable}: {first_line(err)}") from err
 
 
 def tarfile_format(path):
