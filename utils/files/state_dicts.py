@@ -2,6 +2,7 @@
 against an architecture, flattening in `named_parameters()` order. The blocks and the parameters
 identical across ingredients are in `utils.run.layout`."""
 import errno
+import fcntl
 import glob
 import io
 import logging
@@ -11,6 +12,7 @@ import pickle
 import shutil
 import stat
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -282,16 +284,105 @@ def declared_storage_bytes(f, unreadable, pickles):
 
 
 def atomic_write(path, write_fn, overwrite=False, size=None):
-    """Write through a temporary file in the same folder and `os.replace` it into place, so that the
-    final name never holds a half-written file. Refuses an existing `path` unless `overwrite`.
+    """Write through a temporary file beside `path` (`temporary`) and `os.replace` it into place, so
+    that the final name never holds a half-written file. Refuses an existing `path` unless `overwrite`.
 
     Any failure to write is a UserError naming the file, saying "No space left on device" when the
     disk is full (see `_write_reason`; `size`: the bytes to write, where known), and the temporary file
-    is removed. Temporary files of this name left by a killed process are removed first."""
+    is removed. Temporary files of this name left by a killed process are removed first
+    (`remove_leftovers`: only what a write of this toolkit made)."""
     with Staged() as staged:
         staged.write(path, write_fn, overwrite, size)
         staged.replace(path)
     return Path(path)
+
+
+# A temporary file is `.<name>.tmp` inside a folder of its own, `.<name>.<random>.tmp`, that mkdtemp makes
+# beside the output (mode 0700, a name no one can predict, created exclusively): a link planted under
+# a predictable name cannot send the write elsewhere, and no other user can plant one inside. The file
+# is created with O_EXCL | O_NOFOLLOW and flock'ed while its writer lives, and it takes the umask's mode
+# before it is renamed into place (mkstemp's 0600 would hide a soup from a colleague).
+def temporary(path):
+    """(folder, file, fd) of a new temporary file for `path`: `fd` open for writing, flock'ed."""
+    path = Path(path)
+    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    file = folder / f".{path.name}.tmp"
+    try:
+        fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError:
+        os.rmdir(folder)
+        raise
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return folder, file, fd
+
+
+def finish_temporary(file):
+    """Before a temporary file is renamed into place: a regular file (not a link: a writer may have put
+    its own file under the name, as safetensors does, but no one else can in the private folder), given
+    the mode the umask gives new files."""
+    if not stat.S_ISREG(os.lstat(file).st_mode):
+        raise OSError(errno.EEXIST, f"the temporary file {file} is not a regular file")
+    os.chmod(file, 0o666 & ~umask())
+
+
+def drop_temporary(folder, file, fd):
+    """Remove a temporary file and its folder (what is left of them), and release its lock."""
+    try:
+        if os.path.lexists(file):
+            os.unlink(file)
+        os.rmdir(folder)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_leftovers(path):
+    """Remove the temporary files of `path` that a killed write of this toolkit left: a folder
+    `.<name>.*.tmp` (not a link) of this user holding nothing or only `.<name>.tmp`, a regular file
+    whose flock is free (its writer is gone). Anything else named like them (an input called
+    `.<output>.x.tmp`, another run's live write) is left as it is."""
+    path = Path(path)
+    for folder in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            st = os.lstat(folder)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+                continue
+            inside = os.listdir(folder)
+            if inside not in ([], [f".{path.name}.tmp"]):
+                continue
+            if inside:
+                _remove_unlocked(folder / inside[0])
+            elif time.time() - st.st_mtime < 60:
+                continue  # a write that has made its folder and not yet its file
+            os.rmdir(folder)
+        except OSError:
+            continue
+
+
+def _remove_unlocked(file):
+    fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError (an OSError): its writer lives
+        os.unlink(file)
+    finally:
+        os.close(fd)
+
+
+def umask():
+    """The process's umask, read without changing it where Linux says it (/proc/self/status)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class Staged:
@@ -300,7 +391,7 @@ class Staged:
     leaves every old file as it was. On leaving the `with` block, temporaries not renamed are removed."""
 
     def __init__(self):
-        self.temps = {}  # final path -> its temporary file
+        self.temps = {}  # final path -> (folder, file, fd) of its temporary file
 
     def __enter__(self):
         return self
@@ -314,27 +405,28 @@ class Staged:
         tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-                stale.unlink(missing_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(fd)
-            self.temps[path] = tmp
+            remove_leftovers(path)
+            self.temps[path] = folder, file, fd = temporary(path)
+            tmp = str(file)
             write_fn(tmp)
+            finish_temporary(file)
         except Exception as err:  # noqa: BLE001 - every write failure becomes one line naming the file
             raise UserError(f"could not write {path}: {_write_reason(err, path.parent, tmp, size)}") from err
         return tmp
 
     def replace(self, *paths):
         for path in map(Path, paths):
+            folder, file, fd = self.temps.pop(path)
             try:
-                os.replace(self.temps.pop(path), path)
+                os.replace(file, path)
             except OSError as err:
                 raise UserError(f"could not write {path}: {_write_reason(err, path.parent)}") from err
+            finally:
+                drop_temporary(folder, file, fd)
 
     def __exit__(self, *exc):
-        for tmp in self.temps.values():
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        for temp in self.temps.values():
+            drop_temporary(*temp)
         self.temps.clear()
         return False
 

@@ -48,7 +48,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import stat
 import zlib
 from dataclasses import dataclass
@@ -69,6 +68,7 @@ from tqdm import tqdm
 from utils.archs import pil_rgb, to_rgb
 from utils.files import identity
 from utils.files.cache import cache_folder
+from utils.files.state_dicts import atomic_write, drop_temporary, finish_temporary, remove_leftovers, temporary
 from utils.runtime import distributed
 from utils.runtime.memory import mem_available
 from utils.runtime.errors import UserError
@@ -418,39 +418,38 @@ def _fill_shared(entry, tmp, dataset, plan, workers, desc):
 def _create(entry):
     """A temporary file in the folder with room for the data and a .npy header; its path as a string,
     or None (a warning) when the folder cannot take it."""
-    folder, size = entry.data.parent, int(np.prod(entry.shape))
+    folder, size, tmp = entry.data.parent, int(np.prod(entry.shape)), None
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        _remove_stale(folder, entry.key)
+        remove_leftovers(entry.data)  # only what a killed write of this toolkit left
         free = os.statvfs(folder)
         if free.f_bavail * free.f_frsize < size + MARGIN_BYTES:
             _once(("space", entry.key), logging.WARNING, "decoded images not kept on disk: %s has %.1f GiB free, "
                   "they need %.1f GiB and %.1f GiB is left free", folder, free.f_bavail * free.f_frsize / 2**30,
                   size / 2**30, MARGIN_BYTES / 2**30)
             return None
-        tmp = folder / f".{entry.key}.{socket.gethostname()}.{os.getpid()}.tmp"
+        tmp_folder, tmp, fd = temporary(entry.data)  # a private folder: no link planted there is followed
+        _TEMPORARY[str(tmp)] = tmp_folder, fd         # flock'ed until committed: never taken for a leftover
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=entry.shape)
-        with open(tmp, "r+b") as f:  # space reserved now: writing a mapping on a full disk would kill the run
-            os.posix_fallocate(f.fileno(), 0, array.offset + size)
-        del array
+        os.posix_fallocate(fd, 0, array.offset + size)  # space reserved now: writing a mapping on a full
+        del array                                        # disk would kill the run
         return str(tmp)
     except OSError as err:
         _once(("write", str(folder)), logging.WARNING, "decoded images not kept on disk (%s: %s); kept in "
               "memory instead", folder, err.strerror or err)
+        if tmp is not None:
+            _drop(tmp)
         return None
 
 
-def _remove_stale(folder, key):
-    """Temporary files of this key left by a killed process of this host."""
-    host = socket.gethostname()
-    for stale in folder.glob(f".{key}.{host}.*.tmp"):
-        pid = stale.name.split(".")[-2]
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            stale.unlink(missing_ok=True)
-        except (ValueError, PermissionError):
-            pass
+_TEMPORARY = {}  # this process's temporary files: path -> (their private folder, the flock'ed fd)
+
+
+def _drop(tmp):
+    """Remove this process's temporary file `tmp` (what is left of it) and its folder."""
+    if str(tmp) in _TEMPORARY:
+        tmp_folder, fd = _TEMPORARY.pop(str(tmp))
+        drop_temporary(tmp_folder, tmp, fd)
 
 
 def _open(path, shape, mode):
@@ -480,15 +479,15 @@ def _commit(entry, tmp, desc, counts=None):
     without a header is never used). Returns the final path, or None (a warning)."""
     try:
         crc = _crc(_open(tmp, entry.shape, "r"))
+        finish_temporary(tmp)  # a regular file (no link), the umask's mode
         os.replace(tmp, entry.data)
         header = {"format": FORMAT, "key": entry.key, "shape": list(entry.shape), "crc32": crc}
-        part = entry.header.with_name(f".{entry.header.name}.{os.getpid()}.tmp")
-        part.write_text(json.dumps(header))
-        os.replace(part, entry.header)
-    except (OSError, ValueError) as err:
+        atomic_write(entry.header, lambda part: Path(part).write_text(json.dumps(header)), overwrite=True)
+    except (OSError, ValueError, UserError) as err:
         _once(("write", entry.key), logging.WARNING, "decoded images not kept on disk (%s: %s)", entry.data, err)
-        Path(tmp).unlink(missing_ok=True)
         return None
+    finally:
+        _drop(tmp)
     log.info("%s: %d images decoded once%s, kept in %s (%.1f MiB)", desc, entry.shape[0],
              f" (per rank: {', '.join(map(str, counts))})" if counts else "", entry.data,
              int(np.prod(entry.shape)) / 2**20)
