@@ -66,15 +66,19 @@ def test_cleanup_removes_only_what_a_killed_write_left(tmp_path):
     (folder_like / "keep").write_bytes(b"x")
     killed = temporary(soup)                            # a write killed: its lock is released
     os.close(killed[2])
+    renamed = temporary(soup)                           # killed after its rename, before its folder went
+    os.replace(renamed[1], tmp_path / "elsewhere")
+    os.close(renamed[2])
     live = temporary(soup)                              # a write still under way (its lock is held)
     atomic_write(soup, lambda tmp: open(tmp, "wb").write(b"soup"))
     assert soup.read_bytes() == b"soup" and named_like.read_bytes() == b"an input"
     assert (folder_like / "keep").read_bytes() == b"x"
-    assert not killed[0].exists() and live[1].exists()
+    assert not killed[0].exists() and not renamed[0].exists() and live[1].exists()
     os.close(live[2])
     remove_leftovers(soup)
     assert not live[0].exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([soup.name, named_like.name, folder_like.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([soup.name, named_like.name, folder_like.name,
+                                                                 "elsewhere"])
 
 
 def test_a_write_that_fails_leaves_no_temporary_file(tmp_path):

@@ -12,7 +12,6 @@ import pickle
 import shutil
 import stat
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 
@@ -300,19 +299,22 @@ def atomic_write(path, write_fn, overwrite=False, size=None):
 # A temporary file is `.<name>.tmp` inside a folder of its own, `.<name>.<random>.tmp`, that mkdtemp makes
 # beside the output (mode 0700, a name no one can predict, created exclusively): a link planted under
 # a predictable name cannot send the write elsewhere, and no other user can plant one inside. The file
-# is created with O_EXCL | O_NOFOLLOW and flock'ed while its writer lives, and it takes the umask's mode
-# before it is renamed into place (mkstemp's 0600 would hide a soup from a colleague).
+# is created with O_EXCL | O_NOFOLLOW; the folder is flock'ed while its writer lives (so a later write
+# tells a killed run's leftover from a live write), and the file takes the umask's mode before it is
+# renamed into place (mkstemp's 0600 would hide a soup from a colleague).
 def temporary(path):
-    """(folder, file, fd) of a new temporary file for `path`: `fd` open for writing, flock'ed."""
+    """(folder, file, fd) of a new temporary file for `path`: `fd` holds the folder's flock until
+    `drop_temporary`."""
     path = Path(path)
     folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     file = folder / f".{path.name}.tmp"
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.close(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
     except OSError:
-        os.rmdir(folder)
+        drop_temporary(folder, file, fd)
         raise
-    fcntl.flock(fd, fcntl.LOCK_EX)
     return folder, file, fd
 
 
@@ -326,7 +328,7 @@ def finish_temporary(file):
 
 
 def drop_temporary(folder, file, fd):
-    """Remove a temporary file and its folder (what is left of them), and release its lock."""
+    """Remove a temporary file and its folder (what is left of them), and release the folder's lock."""
     try:
         if os.path.lexists(file):
             os.unlink(file)
@@ -339,36 +341,31 @@ def drop_temporary(folder, file, fd):
 
 def remove_leftovers(path):
     """Remove the temporary files of `path` that a killed write of this toolkit left: a folder
-    `.<name>.*.tmp` (not a link) of this user holding nothing or only `.<name>.tmp`, a regular file
-    whose flock is free (its writer is gone). Anything else named like them (an input called
-    `.<output>.x.tmp`, another run's live write) is left as it is."""
+    `.<name>.*.tmp` (not a link) of this user whose flock no live writer holds, holding nothing or only
+    `.<name>.tmp` (not a folder). Anything else named like them (an input called `.<output>.x.tmp`, a
+    folder of the user's, a write still under way) is left as it is."""
     path = Path(path)
     for folder in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         try:
-            st = os.lstat(folder)
-            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            continue  # not a folder, or a link
+        try:
+            if os.fstat(fd).st_uid != os.getuid():
                 continue
-            inside = os.listdir(folder)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError (an OSError): its writer lives
+            inside = os.listdir(fd)
             if inside not in ([], [f".{path.name}.tmp"]):
                 continue
+            if inside and stat.S_ISDIR(os.lstat(folder / inside[0]).st_mode):
+                continue
             if inside:
-                _remove_unlocked(folder / inside[0])
-            elif time.time() - st.st_mtime < 60:
-                continue  # a write that has made its folder and not yet its file
+                os.unlink(folder / inside[0])
             os.rmdir(folder)
         except OSError:
             continue
-
-
-def _remove_unlocked(file):
-    fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError (an OSError): its writer lives
-        os.unlink(file)
-    finally:
-        os.close(fd)
+        finally:
+            os.close(fd)
 
 
 def umask():

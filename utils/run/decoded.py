@@ -429,10 +429,11 @@ def _create(entry):
                   size / 2**30, MARGIN_BYTES / 2**30)
             return None
         tmp_folder, tmp, fd = temporary(entry.data)  # a private folder: no link planted there is followed
-        _TEMPORARY[str(tmp)] = tmp_folder, fd         # flock'ed until committed: never taken for a leftover
+        _TEMPORARY[str(tmp)] = tmp_folder, fd         # its folder flock'ed until committed: not a leftover
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=entry.shape)
-        os.posix_fallocate(fd, 0, array.offset + size)  # space reserved now: writing a mapping on a full
-        del array                                        # disk would kill the run
+        with open(tmp, "r+b") as f:  # space reserved now: writing a mapping on a full disk would kill the run
+            os.posix_fallocate(f.fileno(), 0, array.offset + size)
+        del array
         return str(tmp)
     except OSError as err:
         _once(("write", str(folder)), logging.WARNING, "decoded images not kept on disk (%s: %s); kept in "
