@@ -382,3 +382,21 @@ def test_two_processes_share_the_decoding_and_give_one_process_numbers(tree, cli
     for out in ("two", "again"):
         line, = results.read(tmp_path / out / "results.jsonl")
         assert {s: line[s] for s in SCORES} == {s: one[s] for s in SCORES}
+
+
+def test_a_soup_run_over_images_whose_names_are_not_utf8_under_the_default_cache(tree, clip_zoo, tmp_path):
+    """Issue 31.3 as it was met: `img_\\xe9.JPEG` in the held-out and the test split crashed every soup
+    run under the default cache (UnicodeEncodeError); now the run gives the numbers of --decode-cache none."""
+    root = tmp_path / "tree"
+    shutil.copytree(tree, root)
+    for split in ("train", "val"):
+        first = sorted((root / "imagenet" / split).glob("*/*.JPEG"))[0]
+        os.rename(first, first.with_name(os.fsdecode(b"img_\xe9.JPEG")))
+    records = []
+    for k, extra in enumerate(([], ["--decode-cache", "none"])):  # first: the default folder
+        out = tmp_path / f"run{k}"
+        out.mkdir()
+        records.append(SCRIPTS["greedy"].main(argv(clip_zoo, root, out, *extra, arch="tiny-clip", datasets="ImageNet",
+                                                    heldout=10, test_size=None, batch_size=16)))
+    assert {s: records[0][s] for s in SCORES} == {s: records[1][s] for s in SCORES}
+    assert len(list(decoded.default_folder().glob("*.npy"))) == 3
