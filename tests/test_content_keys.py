@@ -9,7 +9,7 @@ import shutil
 import torch
 
 from tests.helpers import SCRIPTS, argv
-from utils.files import identity, results
+from utils.files import identity, results, soup_io
 
 
 def swap_in_place(a, b):
@@ -58,13 +58,23 @@ def test_individual_accuracies_and_the_finished_line_follow_the_bytes(zoo, fmnis
 
 
 def test_a_file_name_that_is_not_utf8_goes_through_the_results_and_the_recipe(zoo, fmnist_root, tmp_path):
+    """Ingredients and outputs in folders named with a byte that is not UTF-8: the results line and the
+    recipe hold the names escaped (plain ASCII JSON, read back as the same bytes), and the soup is
+    rebuilt from its recipe."""
+    own = tmp_path / os.fsdecode(b"zoo_\xe9")
+    shutil.copytree(zoo, own)
     out = tmp_path / os.fsdecode(b"out_\xe9")
     out.mkdir()
-    record = SCRIPTS["greedy"].main(argv(zoo, fmnist_root, out))
-    raw = (out / "results.jsonl").read_bytes()
-    raw.decode("ascii")  # escaped, so every reader of the file takes it as UTF-8
+    record = SCRIPTS["uniform"].main(argv(own, fmnist_root, out))
+    raw = (out / "results.jsonl").read_bytes() + (out / "soup.recipe.json").read_bytes()
+    raw.decode("ascii")  # escaped, so every reader of the files takes them as UTF-8
     line = results.read(out / "results.jsonl")[-1]
     assert os.fsencode(line["soup_file"]) == os.fsencode(out / "soup.pt") == os.fsencode(record["soup_file"])
+    assert os.fsencode(line["model_location"]) == os.fsencode(own)
     recipe = json.loads((out / "soup.recipe.json").read_text())
-    assert all(os.path.isfile(i["path"]) for i in recipe["ingredients"])
-    assert torch.load(line["soup_file"], weights_only=True)
+    assert [os.fsencode(i["path"]) for i in recipe["ingredients"]] == \
+        [os.fsencode(own / f"model_{i}.pt") for i in range(3)]
+    soup = torch.load(line["soup_file"], weights_only=True)
+    rebuilt = soup_io.rebuild(out / "soup.recipe.json")
+    assert all(torch.equal(rebuilt[k], v) for k, v in soup.items())
+    assert SCRIPTS["uniform"].main(argv(own, fmnist_root, out)) == record  # the rerun finds its line
