@@ -104,3 +104,20 @@ def test_a_recipe_larger_than_any_recipe_is_not_read_whole(tmp_path):
     with pytest.raises(ValueError, match="larger than"):
         soup_io.read_json(path, limit=1000)
     assert soup_io.read_json(path, limit=10_000)["ingredients"][0]["path"] == "x" * 2000
+
+
+def test_report_reads_a_soup_named_in_a_results_line_bounded_by_its_file(tmp_path, monkeypatch, caplog):
+    """report.py on a results file whose MEHL-Soup+ soup was replaced by a small file declaring a large
+    deflated record: a warning naming it, the rest of the report written, the record never inflated."""
+    import report
+    from tests.test_report_memory import soups_over, standins
+    zoo = tmp_path / "zoo"
+    db = soups_over(tmp_path / "soups", zoo, 2, standins(zoo, 2))
+    soup = tmp_path / "soups" / "MEHL-Soup+.pt"
+    deflated(soup, {"enc.weight": torch.zeros(RECORD // 4)})
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: (_ for _ in ()).throw(AssertionError(f))
+                        if str(f) == str(soup) else real(f, *a, **k))
+    report.main(["--results-db", str(db), "--out", str(tmp_path / "report")])
+    assert (tmp_path / "report" / "report.md").is_file()
+    assert f"{soup}: its zip entries unpack to" in caplog.text and "more than the file" in caplog.text
