@@ -17,12 +17,10 @@ from utils.run import decoded
 
 @pytest.fixture
 def umask():
-    def set_to(mask):
-        state["old"] = os.umask(mask) if state["old"] is None else (os.umask(mask), state["old"])[1]
-    state = {"old": None}
-    yield set_to
-    if state["old"] is not None:
-        os.umask(state["old"])
+    """Sets the process's umask for a test (`umask(mask)`), and puts the old one back after it."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
