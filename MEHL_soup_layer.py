@@ -183,11 +183,7 @@ def load_state(path, args, config):
     if not exists:
         log.info("--resume: %s does not exist yet; starting from the beginning", path)
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"--resume {path}: not a readable MEHL state file: "
-                        f"{str(err).strip().splitlines()[0] if str(err).strip() else err!r}") from err
+    state = mehl_state.read(path)
     saved = state.get("config") if isinstance(state, dict) else None
     saved = saved.get("precision", DEFAULT_PRECISION) if isinstance(saved, dict) else args.precision
     if saved != args.precision:  # the config leaves fp32 out (cli.ADDED_DEFAULTS): compared both ways here

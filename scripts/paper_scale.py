@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from utils.runtime.errors import UserError, run_main  # noqa: E402
+from utils.files.state_dicts import atomic_write  # noqa: E402
 
 HOOK = ROOT / "scripts" / "paper_scale_hook"
 LAUNCHER = ROOT / "scripts" / "paper_imagenet.sh"
@@ -342,9 +343,9 @@ def paper_comparison(entries):
 
 
 def write_json(path, doc):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
+    """Through a temporary file no one can predict, renamed into place (utils/files/state_dicts.py)."""
+    text = json.dumps(doc, indent=1) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text), overwrite=True)
 
 
 def main(argv=None):

@@ -72,11 +72,24 @@ def photos():
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
 
 
+def timm_eval(name="resnet10t"):
+    """timm's eval transform of `name` as `--arch timm:<name>` uses it: a v1 Compose in pil_rgb_then."""
+    return get_arch(f"timm:{name}").preprocess
+
+
+V1_IMAGENET = v1.Compose([v1.Resize(18, interpolation=v1.InterpolationMode.BICUBIC), v1.CenterCrop(16),
+                          v1.ToTensor(), v1.Normalize((0.48, 0.45, 0.40), (0.22, 0.22, 0.22))])
+
+
 @pytest.mark.parametrize("transform", [clip_transform(224), image_transform(224), image_transform(16),
                                        v2.Compose([v2.ToImage(), v2.Resize((60, 80)), v2.ToDtype(torch.float32,
-                                                                                                 scale=True)])],
-                         ids=["clip-224", "imagenet-224", "tiny-16", "resize-to-hw"])
+                                                                                                 scale=True)]),
+                                       pil_rgb_then(image_transform(16)), V1_IMAGENET, pil_rgb_then(V1_IMAGENET),
+                                       v1.Compose([v1.Resize((60, 80)), v1.ToTensor()]), "timm"],
+                         ids=["clip-224", "imagenet-224", "tiny-16", "resize-to-hw", "factory-v2", "torchvision-v1",
+                              "factory-v1", "v1-resize-to-hw", "timm-resnet10t"])
 def test_the_split_is_the_transform_bit_for_bit(transform):
+    transform = timm_eval() if transform == "timm" else transform
     plan = decoded.split(transform)
     assert plan is not None
     x = torch.stack([plan.geometric(img).as_subclass(torch.Tensor) for img in photos()])
@@ -84,15 +97,26 @@ def test_the_split_is_the_transform_bit_for_bit(transform):
     assert torch.equal(plan.to_float(x), torch.stack([transform(img) for img in photos()]))
 
 
+def test_v1_and_v2_steps_of_the_same_settings_name_different_files():
+    """PIL's resize and the tensor's give other pixels: the key's description tells them apart."""
+    a = decoded.split(v1.Compose([v1.Resize(16), v1.CenterCrop(16), v1.ToTensor()]))
+    b = decoded.split(image_transform(16, mean=(0, 0, 0), std=(1, 1, 1)))
+    assert a.description != b.description and a.v1 and not b.v1
+
+
 @pytest.mark.parametrize("transform", [
     image_transform(16, crop=False),                                       # images of varying shape
-    pil_rgb_then(image_transform(16)),                                     # a Lambda that is not to_rgb
-    v1.Compose([v1.Resize(16), v1.CenterCrop(16), v1.ToTensor()]),        # timm's and most users'
+    v2.Compose([v2.Lambda(lambda img: img), *image_transform(16).transforms]),   # a Lambda not known
+    v1.Compose([v1.Resize(16), v1.ToTensor()]),                            # v1: images of varying shape
+    v1.Compose([v1.Resize(16), v1.CenterCrop(16), v1.RandomHorizontalFlip(), v1.ToTensor()]),  # v1: unknown
+    v1.Compose([v1.Resize(16), v1.CenterCrop(16), v1.ToTensor(), v1.Normalize((0.5,), (0.5,)),
+                v1.RandomErasing()]),                                      # v1: unknown step on floats
     v2.Compose([*image_transform(16).transforms[:-2], v2.RandomHorizontalFlip(),
                 *image_transform(16).transforms[-2:]]),                    # an unknown step
     v2.Compose([*image_transform(16).transforms[:-2], v2.ToDtype(torch.float16, scale=True)]),
     v2.Compose([v2.ToImage(), v2.CenterCrop(16), v2.ToDtype(torch.float32, scale=True), v2.GaussianNoise()]),
-], ids=["no-crop", "pil-lambda", "torchvision-v1", "unknown-step", "float16", "after-todtype"])
+], ids=["no-crop", "unknown-lambda", "v1-no-crop", "v1-unknown-step", "v1-after-totensor", "unknown-step",
+        "float16", "after-todtype"])
 def test_a_transform_that_cannot_be_split_is_not_kept(transform, tree):
     assert decoded.split(transform) is None
     ds = bundle(tree).heldout
@@ -221,6 +245,53 @@ def test_a_changed_image_file_names_another_file(tree, tmp_path):
     assert len(list(folder.glob("*.npy"))) == 2
 
 
+def test_two_images_swapped_in_place_with_their_times_set_back_name_another_file(tree, tmp_path):
+    """Issue 31.1: same-size files of two classes swapped by writing in place, their modification times
+    restored: the key (inode, status-change time, size, mtime) still changes, so the warm cache is not
+    used for them (the spot checks alone missed this in 5 of 5 tries)."""
+    root = tmp_path / "tree"
+    shutil.copytree(tree, root)
+    heldout = bundle(root).heldout
+    a = heldout.paths[0]
+    b = next(p for p, y in zip(heldout.paths, heldout.labels) if y != heldout.labels[0])
+    data = {p: open(p, "rb").read() for p in (a, b)}
+    size = max(map(len, data.values()))
+    for p in (a, b):  # the same size on disk (a JPEG ignores bytes after its end)
+        with open(p, "r+b") as f:
+            f.seek(0, os.SEEK_END)
+            f.write(b"\0" * (size - len(data[p])))
+    folder = tmp_path / "cache"
+    decoded.configure(str(folder))
+    batches(bundle(root).heldout)
+    times = {p: os.stat(p) for p in (a, b)}
+    for p, q in ((a, b), (b, a)):
+        with open(p, "r+b") as f:
+            f.write(data[q].ljust(size, b"\0"))
+        os.utime(p, ns=(times[p].st_atime_ns, times[p].st_mtime_ns))
+    assert all(os.stat(p).st_size == times[p].st_size and os.stat(p).st_mtime_ns == times[p].st_mtime_ns
+               for p in (a, b))
+    decoded.configure(str(folder))
+    again = bundle(root).heldout
+    assert torch.equal(torch.cat(batches(again)), uncached(again))
+    assert len(list(folder.glob("*.npy"))) == 2
+
+
+def test_a_file_name_that_is_not_utf8_is_cached_and_read_back(tree, tmp_path):
+    """Issue 31.3: an image named with a byte that is not UTF-8 (img_\\xe9.JPEG) is kept like any other."""
+    root = tmp_path / "tree"
+    shutil.copytree(tree, root)
+    first = bundle(root).heldout.paths[0]
+    os.rename(first, os.path.join(os.path.dirname(first), os.fsdecode(b"img_\xe9.JPEG")))
+    heldout = bundle(root).heldout
+    assert any(os.fsencode(p).endswith(b"img_\xe9.JPEG") for p in heldout.paths)
+    decoded.configure(str(tmp_path / "cache"))
+    assert torch.equal(torch.cat(batches(heldout)), uncached(heldout))
+    decoded.configure(str(tmp_path / "cache"))
+    again = bundle(root).heldout
+    assert torch.equal(torch.cat(batches(again)), uncached(again))
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+
+
 def test_an_unwritable_folder_costs_a_warning_and_keeps_them_in_memory(tree, tmp_path, caplog, opens):
     (tmp_path / "a-file").write_text("")
     decoded.configure(str(tmp_path / "a-file" / "cache"))
@@ -311,3 +382,21 @@ def test_two_processes_share_the_decoding_and_give_one_process_numbers(tree, cli
     for out in ("two", "again"):
         line, = results.read(tmp_path / out / "results.jsonl")
         assert {s: line[s] for s in SCORES} == {s: one[s] for s in SCORES}
+
+
+def test_a_soup_run_over_images_whose_names_are_not_utf8_under_the_default_cache(tree, clip_zoo, tmp_path):
+    """Issue 31.3 as it was met: `img_\\xe9.JPEG` in the held-out and the test split crashed every soup
+    run under the default cache (UnicodeEncodeError); now the run gives the numbers of --decode-cache none."""
+    root = tmp_path / "tree"
+    shutil.copytree(tree, root)
+    for split in ("train", "val"):
+        first = sorted((root / "imagenet" / split).glob("*/*.JPEG"))[0]
+        os.rename(first, first.with_name(os.fsdecode(b"img_\xe9.JPEG")))
+    records = []
+    for k, extra in enumerate(([], ["--decode-cache", "none"])):  # first: the default folder
+        out = tmp_path / f"run{k}"
+        out.mkdir()
+        records.append(SCRIPTS["greedy"].main(argv(clip_zoo, root, out, *extra, arch="tiny-clip", datasets="ImageNet",
+                                                    heldout=10, test_size=None, batch_size=16)))
+    assert {s: records[0][s] for s in SCORES} == {s: records[1][s] for s in SCORES}
+    assert len(list(decoded.default_folder().glob("*.npy"))) == 3

@@ -366,3 +366,24 @@ def test_command_line_error_is_one_line(timm_zoo, tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"error: ImageFolder: the classes of {data / 'val'} differ from those of train (3 classes): "
         "missing 1: fox"]
+
+
+# ------------------------------------------------------------------------------ decoded once (29.9)
+@pytest.mark.parametrize("which", ["timm", "factory"])
+def test_greedy_soup_decodes_once_and_gives_the_numbers_of_no_cache(which, timm_zoo, factory_zoo, folder,
+                                                                     tmp_path):
+    """Issue 29.9: timm's eval transform (a torchvision v1 Compose) and a factory's transform (wrapped by
+    the factory path) are split, so the images are kept (files appear in the cache folder), and greedy
+    soup's accuracies are those with --decode-cache none."""
+    zoo, arch = (timm_zoo[0], TIMM) if which == "timm" else (factory_zoo, FACTORY)
+    cache = tmp_path / "cache"
+    records = []
+    for k, where in enumerate(("none", str(cache), str(cache))):  # the last reads the files back
+        out = tmp_path / f"run{k}"
+        out.mkdir()
+        records.append(greedy_soup.main(soup_args(zoo, arch, folder, out, "--decode-cache", where,
+                                                  "--save-soup", out / "g.pt")))
+    assert len(list(cache.glob("*.npy"))) == 4   # held-out, val, the two shift sets
+    scores = ("heldout", "test", "shifts", "ingredients")
+    assert [{s: r[s] for s in scores} for r in records[1:]] == [{s: records[0][s] for s in scores}] * 2
+    assert all(torch.equal(load(tmp_path / "run2" / "g.pt")[k], v) for k, v in load(tmp_path / "run0" / "g.pt").items())

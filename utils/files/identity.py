@@ -1,9 +1,14 @@
 """What "the same file" means, in one place: every cache and every record that stands for a file uses it.
 
-- `stamp(path)`: its size and modification time, "size-mtime_ns". Cheap (one stat); a rewritten file
-  gets a new stamp. Used where reading the whole file would cost too much for what it guards: the
-  results file's lines (a rerun finds the line of the same ingredients; each ingredient's accuracies
-  are reused while its stamp is unchanged), caches of decoded images.
+- `stamp(path)`: its inode, status-change time, size and modification time,
+  "ino-ctime_ns-size-mtime_ns". Cheap (one stat), and it changes whenever the file's bytes do: a write
+  in place sets the modification and the status-change time, a file put in its place has another inode
+  or a new status-change time, and no user can set a status-change time back (utime sets the
+  modification time, and with it the status-change time to now). Used where reading the whole file
+  would cost too much for what it guards: the results file's lines (a rerun finds the line of the same
+  ingredients; each ingredient's accuracies are reused while its stamp is unchanged), caches of decoded
+  images. What it trusts: the clock and the file system's own times (a clock set back by root, or a
+  raw write to the block device, is not seen); docs/GUARANTEES.md.
 - `describe(path)`: {path (resolved), size, mtime_ns, sha256}. Used where a change must be detected
   whatever happened to the file's times: MEHL's --resume state and every soup's recipe (a soup is
   rebuilt only from ingredients whose sha256 matches).
@@ -19,9 +24,10 @@ CHUNK = 1 << 20
 
 
 def stamp(path):
-    """Size and modification time of `path` (following links): "size-mtime_ns"."""
+    """Inode, status-change time, size and modification time of `path` (following links):
+    "ino-ctime_ns-size-mtime_ns". Any write to the file, or another file under its name, changes it."""
     st = os.stat(path)
-    return f"{st.st_size}-{st.st_mtime_ns}"
+    return f"{st.st_ino}-{st.st_ctime_ns}-{st.st_size}-{st.st_mtime_ns}"
 
 
 def sha256(path):

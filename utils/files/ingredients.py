@@ -1,4 +1,5 @@
 """Finding, checking and streaming the ingredients `model_{i}.pt` of a range [params_start, params_end)."""
+import itertools
 import logging
 import re
 from pathlib import Path
@@ -49,18 +50,22 @@ def ingredient_paths(model_location, params_start=0, params_end=None):
     if params_end <= params_start:
         raise UserError(f"empty range of ingredients: --params_start {params_start} >= --params_end "
                         f"{params_end} (folder {folder} holds {len(found)} ingredients)")
-    missing = [i for i in range(params_start, params_end) if i not in found]
-    if missing:
-        show = ", ".join(f"model_{i}.pt" for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise UserError(f"{len(missing)} ingredient(s) missing in {folder} for range "
-                        f"[{params_start}, {params_end}): {show}")
-    twice = [candidates[i] for i in range(params_start, params_end) if len(candidates[i]) > 1]
+    # Checked against the files present before anything is built from the range: its size may be any
+    # number a user types (--params_end 3000000000), the folder holds few files.
+    inside = sorted(i for i in found if params_start <= i < params_end)
+    if len(inside) < params_end - params_start:
+        first = itertools.islice((i for i in range(params_start, params_end) if i not in found), 5)
+        show = ", ".join(f"model_{i}.pt" for i in first)
+        missing = params_end - params_start - len(inside)
+        raise UserError(f"{missing} ingredient(s) missing in {folder} for range "
+                        f"[{params_start}, {params_end}): {show}{' ...' if missing > 5 else ''}")
+    twice = [candidates[i] for i in inside if len(candidates[i]) > 1]
     if twice:
         raise UserError(f"ingredient {index_of(twice[0][0])} is ambiguous: "
                         + " and ".join(str(p) for p in twice[0])
                         + " both stand for it (remove or rename all but one)"
                         + (f"; {len(twice) - 1} more index(es) like it" if len(twice) > 1 else ""))
-    return [found[i] for i in range(params_start, params_end)]
+    return [found[i] for i in inside]
 
 
 def load_checked(path, reference):

@@ -12,12 +12,23 @@ import math
 import torch
 
 from utils.files import identity
+from utils.files.state_dicts import load_torch
 from utils.runtime import distributed
 from utils.runtime.errors import UserError
 
 FIELDS = ("version", "config", "models_epoch", "next_group", "order", "soup", "alpha", "models_rng",
           "data_rng", "groups", "seconds")
 FILES_KEY = "ingredient_files"
+
+
+def read(path):
+    """The state in the file, loaded without running code and with memory bounded before reading (the
+    sizes its zip records and its pickle declare, against what the file can hold: state_dicts.load_torch);
+    any failure is one line, `--resume <file>: ...`."""
+    try:
+        return load_torch(path, "MEHL state file")
+    except UserError as err:
+        raise UserError(f"--resume {err}") from err
 
 
 def fingerprints(paths):

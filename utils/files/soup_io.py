@@ -4,6 +4,7 @@ ingredient paths with their sha256, the coefficients (when learned) and the argu
 which makes the soup again from its recipe without learning. The end of a run, which calls these in order, is
 `utils.run.outputs.write_outputs`."""
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -19,6 +20,34 @@ SIDECARS = {"recipe": ".recipe.json",             # ingredients, coefficients, a
             "alpha": ".alpha.json",               # MEHL's coefficients over all ingredients
             "coefficients": ".coefficients.json",  # Learned-Soup's coefficients and temperature
             "state": ".state.pt"}                 # MEHL's --resume state
+
+
+JSON_LIMIT = 64 * 2**20   # bytes of a recipe or sidecar read at most (one holds a few MB of numbers)
+JSON_DEPTH = 64           # nesting of a recipe (its deepest, "coefficients" -> "alpha" -> row, is 4)
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def read_json(path, limit=JSON_LIMIT, depth=JSON_DEPTH):
+    """A JSON file read as untrusted, with memory bounded before it is parsed: at most `limit` bytes,
+    nested at most `depth` deep (checked on the text: a deeply nested file would otherwise end in
+    RecursionError). OSError, UnicodeDecodeError or ValueError (a JSONDecodeError, or too large or too
+    deep, in words) otherwise."""
+    with open(path, "rb") as f:
+        raw = f.read(limit + 1)
+    if len(raw) > limit:
+        raise ValueError(f"larger than {limit // 2**20} MiB, more than a recipe holds")
+    text = raw.decode("utf-8")
+    level = deepest = 0
+    for bracket in _BRACKETS.findall(_STRING.sub('""', text)):
+        level += 1 if bracket in "[{" else -1
+        deepest = max(deepest, level)
+        if deepest > depth:
+            raise ValueError(f"nested more than {depth} levels deep, deeper than a recipe is")
+    try:
+        return json.loads(text)
+    except RecursionError as err:  # not reached after the check above; kept as one line all the same
+        raise ValueError(f"nested too deep ({err})") from err
 
 
 def sidecar(path, kind):
@@ -81,7 +110,7 @@ def recipe_beside(soup):
     """The recipe beside the soup file `soup` as a dict, or None (none there, unreadable, not an object);
     `read_recipe` checks a recipe for a reader who relies on its fields."""
     try:
-        recipe = json.loads(sidecar(soup, "recipe").read_text())
+        recipe = read_json(sidecar(soup, "recipe"))
     except (OSError, ValueError):
         return None
     return recipe if isinstance(recipe, dict) else None
@@ -117,7 +146,7 @@ def rebuild(recipe_file, check_hashes=True):
     Parameters outside the blocks and integer tensors come from the soup's first ingredient; float
     buffers are averaged or set to their recorded re-estimated values, as the recipe says."""
     try:
-        recipe = json.loads(Path(recipe_file).read_text())
+        recipe = read_json(recipe_file)
         items = recipe["ingredients"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f"{recipe_file}: not a readable soup recipe ({type(err).__name__}: {err})") from err
@@ -163,7 +192,7 @@ def read_recipe(recipe_file):
     def bad(what):
         return UserError(f"{recipe_file}: not a usable soup recipe: {what}")
     try:
-        recipe = json.loads(Path(recipe_file).read_text())
+        recipe = read_json(recipe_file)
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
         raise bad(f"{type(err).__name__}: {err}") from err
     if not isinstance(recipe, dict):

@@ -2,6 +2,7 @@
 against an architecture, flattening in `named_parameters()` order. The blocks and the parameters
 identical across ingredients are in `utils.run.layout`."""
 import errno
+import fcntl
 import glob
 import io
 import logging
@@ -36,8 +37,7 @@ def load_state_dict(path, max_bytes=None):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {describe_missing(path)}")
-    if max_bytes is not None:
-        check_unpacked_size(path, max_bytes)
+    check_unpacked_size(path, max_bytes)  # without a bound: what the file itself can hold
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -117,18 +117,25 @@ def checkpoint_limit(reference):
     return 3 * 8 * numbers + 64 * 2**20
 
 
-def check_unpacked_size(path, limit, holder="a checkpoint of this architecture"):
-    """Refuse (UserError) a checkpoint that declares more data than `limit` bytes (the most `holder` may
-    hold), reading only sizes: the file's size; for torch's zip format the uncompressed size every zip
-    entry declares and the storage sizes its pickle declares; for torch's legacy format the declared
-    storage sizes. torch allocates a storage from the size the pickle declares before reading its bytes,
-    and inflates a compressed zip entry fully, so both are checked before torch.load sees the file."""
+def check_unpacked_size(path, limit=None, holder="a checkpoint of this architecture", unreadable=None):
+    """Refuse (UserError) a checkpoint that declares more data than it can hold, or than `limit` bytes
+    (the most `holder` may hold; None: no such bound), reading only sizes: the file's size; for torch's
+    zip format the uncompressed size every zip entry declares and the storage sizes its pickle declares;
+    for torch's legacy format the declared storage sizes. torch allocates a storage from the size the
+    pickle declares before reading its bytes, and inflates a compressed zip entry fully, so both are
+    checked before torch.load sees the file.
+
+    What a file can hold, whatever reads it (a --resume state, a soup read by report.py, a recipe's
+    ingredient, a cache file): torch stores its records uncompressed and every storage's bytes are in
+    the file, so the entries together declare at most the file's size, and so do the storages. A
+    deflated record of 3 GiB in a 3 MB file is refused unread. `unreadable`: the words for a file that
+    is not torch's format (default: "<path>: not a readable checkpoint (truncated or another format)")."""
     mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
     size = path.stat().st_size
-    if size > limit:
+    if limit is not None and size > limit:
         raise UserError(f"{path}: the file is {mib(size)}, more than {holder} may hold "
                         f"({mib(limit)}): refused unread")
-    unreadable = f"{path}: not a readable checkpoint (truncated or another format)"
+    unreadable = unreadable or f"{path}: not a readable checkpoint (truncated or another format)"
     if path.suffix == ".safetensors":
         return  # tensors are views of the file: its size bounds them
     if zipfile.is_zipfile(path):
@@ -136,18 +143,21 @@ def check_unpacked_size(path, limit, holder="a checkpoint of this architecture")
             with zipfile.ZipFile(path) as zf:
                 infos = zf.infolist()
                 declared = sum(i.file_size for i in infos)
-                if declared > limit:
-                    packed = [i for i in infos if i.compress_type != zipfile.ZIP_STORED]
-                    note = (f" ({len(packed)} compressed entr{'y' if len(packed) == 1 else 'ies'}; "
-                            "torch never compresses them)" if packed else "")
+                packed = [i for i in infos if i.compress_type != zipfile.ZIP_STORED]
+                note = (f" ({len(packed)} compressed entr{'y' if len(packed) == 1 else 'ies'}; "
+                        "torch never compresses them)" if packed else "")
+                if limit is not None and declared > limit:
                     raise UserError(f"{path}: its zip entries unpack to {mib(declared)}, more than "
                                     f"{holder} may hold ({mib(limit)}){note}: "
                                     "refused unread")
+                if declared > size:
+                    raise UserError(f"{path}: its zip entries unpack to {mib(declared)}, more than the file "
+                                    f"({mib(size)}) can hold{note}: refused unread")
                 pkl = [i for i in infos if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
                 if not pkl:
                     return  # not torch's layout: torch.load refuses it
                 with zf.open(pkl[0]) as f:
-                    data = f.read(limit + 1)
+                    data = f.read(size + 1)
         except (zipfile.BadZipFile, OSError, RuntimeError, ValueError, EOFError) as err:
             raise UserError(f"{unreadable}: {first_line(err)}") from err
         storages = declared_storage_bytes(io.BytesIO(data), unreadable, pickles=1)
@@ -159,9 +169,30 @@ def check_unpacked_size(path, limit, holder="a checkpoint of this architecture")
             raise UserError(f"{unreadable}: the file is empty")
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             storages = declared_storage_bytes(mm, unreadable, pickles=4)
-    if storages > limit:
+    if limit is not None and storages > limit:
         raise UserError(f"{path}: its pickle declares storages of {mib(storages)}, more than "
                         f"{holder} may hold ({mib(limit)}): refused unread")
+    if storages > size:
+        raise UserError(f"{path}: its pickle declares storages of {mib(storages)}, more than the file "
+                        f"({mib(size)}) can hold: refused unread")
+
+
+def load_torch(path, holder):
+    """`torch.load(weights_only=True)` of a file that is not a state dict (`holder`, e.g. "MEHL state
+    file"), after `check_unpacked_size`: nothing is inflated or allocated beyond what the file can hold.
+    Returns what torch.load gives; a UserError (one line naming the file) for any file it cannot read."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {describe_missing(path)}")
+    unreadable = f"{path}: not a readable {holder}"
+    check_unpacked_size(path, None, f"a {holder}", unreadable)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(f"{unreadable}: the pickle asks for objects outside plain tensors (weights_only=True; "
+                        f"nothing in it was run): {first_line(err)}") from err
+    except Exception as err:  # noqa: BLE001 - any unreadable file is one line naming it
+        raise UserError(f"{unreadable}: {first_line(err)}") from err
 
 
 def tarfile_format(path):
@@ -252,16 +283,103 @@ def declared_storage_bytes(f, unreadable, pickles):
 
 
 def atomic_write(path, write_fn, overwrite=False, size=None):
-    """Write through a temporary file in the same folder and `os.replace` it into place, so that the
-    final name never holds a half-written file. Refuses an existing `path` unless `overwrite`.
+    """Write through a temporary file beside `path` (`temporary`) and `os.replace` it into place, so
+    that the final name never holds a half-written file. Refuses an existing `path` unless `overwrite`.
 
     Any failure to write is a UserError naming the file, saying "No space left on device" when the
     disk is full (see `_write_reason`; `size`: the bytes to write, where known), and the temporary file
-    is removed. Temporary files of this name left by a killed process are removed first."""
+    is removed. Temporary files of this name left by a killed process are removed first
+    (`remove_leftovers`: only what a write of this toolkit made)."""
     with Staged() as staged:
         staged.write(path, write_fn, overwrite, size)
         staged.replace(path)
     return Path(path)
+
+
+# A temporary file is `.<name>.tmp` inside a folder of its own, `.<name>.<random>.tmp`, that mkdtemp makes
+# beside the output (mode 0700, a name no one can predict, created exclusively): a link planted under
+# a predictable name cannot send the write elsewhere, and no other user can plant one inside. The file
+# is created with O_EXCL | O_NOFOLLOW; the folder is flock'ed while its writer lives (so a later write
+# tells a killed run's leftover from a live write), and the file takes the umask's mode before it is
+# renamed into place (mkstemp's 0600 would hide a soup from a colleague).
+def temporary(path):
+    """(folder, file, fd) of a new temporary file for `path`: `fd` holds the folder's flock until
+    `drop_temporary`."""
+    path = Path(path)
+    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    file = folder / f".{path.name}.tmp"
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.close(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    except OSError:
+        drop_temporary(folder, file, fd)
+        raise
+    return folder, file, fd
+
+
+def finish_temporary(file):
+    """Before a temporary file is renamed into place: a regular file (not a link: a writer may have put
+    its own file under the name, as safetensors does, but no one else can in the private folder), given
+    the mode the umask gives new files."""
+    if not stat.S_ISREG(os.lstat(file).st_mode):
+        raise OSError(errno.EEXIST, f"the temporary file {file} is not a regular file")
+    os.chmod(file, 0o666 & ~umask())
+
+
+def drop_temporary(folder, file, fd):
+    """Remove a temporary file and its folder (what is left of them), and release the folder's lock."""
+    try:
+        if os.path.lexists(file):
+            os.unlink(file)
+        os.rmdir(folder)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_leftovers(path):
+    """Remove the temporary files of `path` that a killed write of this toolkit left: a folder
+    `.<name>.*.tmp` (not a link) of this user whose flock no live writer holds, holding nothing or only
+    `.<name>.tmp` (not a folder). Anything else named like them (an input called `.<output>.x.tmp`, a
+    folder of the user's, a write still under way) is left as it is."""
+    path = Path(path)
+    for folder in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            continue  # not a folder, or a link
+        try:
+            if os.fstat(fd).st_uid != os.getuid():
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError (an OSError): its writer lives
+            inside = os.listdir(fd)
+            if inside not in ([], [f".{path.name}.tmp"]):
+                continue
+            if inside and stat.S_ISDIR(os.lstat(folder / inside[0]).st_mode):
+                continue
+            if inside:
+                os.unlink(folder / inside[0])
+            os.rmdir(folder)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+
+
+def umask():
+    """The process's umask, read without changing it where Linux says it (/proc/self/status)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class Staged:
@@ -270,7 +388,7 @@ class Staged:
     leaves every old file as it was. On leaving the `with` block, temporaries not renamed are removed."""
 
     def __init__(self):
-        self.temps = {}  # final path -> its temporary file
+        self.temps = {}  # final path -> (folder, file, fd) of its temporary file
 
     def __enter__(self):
         return self
@@ -284,27 +402,28 @@ class Staged:
         tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-                stale.unlink(missing_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(fd)
-            self.temps[path] = tmp
+            remove_leftovers(path)
+            self.temps[path] = folder, file, fd = temporary(path)
+            tmp = str(file)
             write_fn(tmp)
+            finish_temporary(file)
         except Exception as err:  # noqa: BLE001 - every write failure becomes one line naming the file
             raise UserError(f"could not write {path}: {_write_reason(err, path.parent, tmp, size)}") from err
         return tmp
 
     def replace(self, *paths):
         for path in map(Path, paths):
+            folder, file, fd = self.temps.pop(path)
             try:
-                os.replace(self.temps.pop(path), path)
+                os.replace(file, path)
             except OSError as err:
                 raise UserError(f"could not write {path}: {_write_reason(err, path.parent)}") from err
+            finally:
+                drop_temporary(folder, file, fd)
 
     def __exit__(self, *exc):
-        for tmp in self.temps.values():
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        for temp in self.temps.values():
+            drop_temporary(*temp)
         self.temps.clear()
         return False
 

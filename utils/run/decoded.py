@@ -5,13 +5,16 @@ at the model's input size.
 
 What is kept. A data set of image files opts in by having `paths` (its files, in item order),
 `labels`, `transform` and `image(i)` (item i decoded, before the transform): datasets/imagenet.py's
-ImageFiles, used by ImageNet and ImageFolder. Its transform is split at its ToDtype step when it is a
-torchvision v2.Compose of known steps (`split`: to a tensor, RGB, resize, centre crop; then ToDtype and
-Normalize, as utils/archs `image_transform` and `clip_transform` build it). The first part gives uint8
-images of one shape: they are kept. The second is applied per batch, on the device, to the kept uint8
-images; it is elementwise, so a batch is bit for bit the transform's output item by item, and the
-accuracies are those without this module. A transform that cannot be split (timm's, a user's factory)
-is not kept: its images are decoded in every pass, and the log says so once per set.
+ImageFiles, used by ImageNet and ImageFolder. Its transform is split at its ToDtype (v2) or ToTensor
+(v1) step when it is a torchvision Compose of known steps, nested Composes flattened (`split`: RGB, to a
+tensor, resize, centre crop; then ToDtype and Normalize, as utils/archs `image_transform` and
+`clip_transform` build it; or torchvision v1's Resize, CenterCrop on the PIL image, then ToTensor and
+Normalize, as timm's eval transforms are; the factory path's and timm's `pil_rgb_then` wrapper included).
+The first part gives uint8 images of one shape: they are kept. The second is applied per batch, on the
+device, to the kept uint8 images; it is elementwise, so a batch is bit for bit the transform's output
+item by item (v1's ToTensor divides by 255 where v2 multiplies by 1/255: each is done as its step does),
+and the accuracies are those without this module. A transform that cannot be split (an unknown step,
+images of varying size) is not kept: its images are decoded in every pass, and the log says so once per set.
 
 Where (--decode-cache, `configure`), chosen for the paper's job, a sequence of processes over ImageNet:
 - a folder, the default ($MODEL_SOUPS_CACHE/decoded, else $XDG_CACHE_HOME/model_soups/decoded or
@@ -26,7 +29,9 @@ Where (--decode-cache, `configure`), chosen for the paper's job, a sequence of p
 - `none`: decode in every pass.
 
 The files follow utils/run/prefix.py's rules. A file is named by a hash of what its numbers depend on:
-every file's path, size and modification time, the border, the split's first part (its steps and
+every file's path (its bytes: any name is accepted) and `identity.stamp` (inode, status-change time,
+size and modification time: a file rewritten in place, even with its times set back, or another file
+put in its place names another file), the border, the split's first part (its steps and
 their settings), and the versions of torch, torchvision and Pillow. It is trusted only after checks:
 a regular file beside a JSON header of bounded size holding its key, its shape and a CRC-32 of its
 bytes; the .npy header says uint8 in C order of exactly that shape and the file's size matches; the
@@ -43,7 +48,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import stat
 import zlib
 from dataclasses import dataclass
@@ -55,13 +59,16 @@ import torch
 import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import functional as F1
 from torchvision.transforms import v2
+from torchvision import transforms as v1
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
-from utils.archs import to_rgb
+from utils.archs import pil_rgb, to_rgb
 from utils.files import identity
 from utils.files.cache import cache_folder
+from utils.files.state_dicts import atomic_write, drop_temporary, finish_temporary, remove_leftovers, temporary
 from utils.runtime import distributed
 from utils.runtime.memory import mem_available
 from utils.runtime.errors import UserError
@@ -102,29 +109,47 @@ def _once(what, level, message, *args):
 
 # ----------------------------------------------------------------------------- the transform
 GEOMETRIC = (v2.ToImage, v2.RGB, v2.Resize, v2.CenterCrop)
+GEOMETRIC_V1 = (v1.Resize, v1.CenterCrop)   # on PIL images (timm's eval transforms, most users')
+RGB_LAMBDAS = (to_rgb, pil_rgb)             # utils/archs: grey to RGB; any image to PIL RGB
+# torchvision v1's ToTensor, and timm's subclass that is ToTensor on a PIL image (its eval transform's step)
+TO_TENSOR = ("torchvision.transforms.transforms.ToTensor", "timm.data.transforms.MaybeToTensor")
 
 
 @dataclass(frozen=True)
 class Split:
-    geometric: v2.Compose     # image -> uint8 tensor (3, H, W)
-    floats: tuple             # steps on a batch of uint8 images: ToDtype, then Normalize
+    geometric: object         # image -> uint8 tensor (3, H, W): a v2.Compose, or a v1.Compose ending in
+                              # pil_to_tensor
+    floats: tuple             # steps on a batch of uint8 images: ToDtype or ToTensor, then Normalize
     shape: tuple              # (3, H, W) of every uint8 image
     description: str          # the geometric steps and their settings (part of a file's key)
+    v1: bool = False          # the float steps are torchvision v1's (ToTensor divides by 255)
 
     def to_float(self, x):
         """The float steps on a batch, through the kernels the steps call (a step object on a plain
         tensor costs several times its kernel on the CPU); Normalize in place on the fresh float batch."""
+        if self.v1:  # ToTensor: x.to(float32).div(255); v1's normalize: sub_(mean).div_(std), per channel
+            x = _fresh_float(x).div_(255)
+            for step in self.floats[1:]:
+                x = F1.normalize(x, step.mean, step.std, inplace=True)
+            return x
         x = _scaled(x) if x.device.type == "cpu" and _SCALED_IS_TO_DTYPE else F.to_dtype(x, torch.float32, scale=True)
         for step in self.floats[1:]:
             x = F.normalize(x, step.mean, step.std, inplace=True)
         return x
 
 
+def _fresh_float(x):
+    """x as float32 in fresh memory (numpy's on the CPU: huge pages, see `_scaled`)."""
+    if x.device.type != "cpu":
+        return x.to(torch.float32)
+    return torch.from_numpy(np.empty(tuple(x.shape), dtype=np.float32)).copy_(x)
+
+
 def _scaled(x):
     """ToDtype(float32, scale=True) of a uint8 batch (torchvision computes x.to(float32) * (1 / 255)) into
     memory numpy allocates: numpy asks the kernel for huge pages for large arrays, so a fresh batch costs a
     few page faults instead of one per 4 KiB (measured here: most of a kept pass's CPU time)."""
-    return torch.from_numpy(np.empty(tuple(x.shape), dtype=np.float32)).copy_(x).mul_(1.0 / 255)
+    return _fresh_float(x).mul_(1.0 / 255)
 
 
 # Elementwise, so equal on every uint8 value means equal on every image; else the kernel is used.
@@ -133,33 +158,74 @@ _SCALED_IS_TO_DTYPE = torch.equal(_scaled(_EVERY_VALUE), F.to_dtype(_EVERY_VALUE
 
 
 def _describe(step):
-    if isinstance(step, v2.Lambda):
-        return "to_rgb"
-    if isinstance(step, v2.Resize):
-        return f"Resize({step.size}, {step.interpolation}, {step.max_size}, {step.antialias})"
-    if isinstance(step, v2.CenterCrop):
-        return f"CenterCrop({step.size})"
+    if isinstance(step, (v2.Lambda, v1.Lambda)):
+        return step.lambd.__name__
+    if isinstance(step, (v2.Resize, v1.Resize)):
+        kind = "v1." if isinstance(step, v1.Resize) else ""  # PIL's resize: other pixels than the tensor's
+        return f"{kind}Resize({step.size}, {step.interpolation}, {step.max_size}, {step.antialias})"
+    if isinstance(step, (v2.CenterCrop, v1.CenterCrop)):
+        return f"{'v1.' if isinstance(step, v1.CenterCrop) else ''}CenterCrop({step.size})"
     return type(step).__name__
 
 
+def _steps(transform):
+    """The steps of a transform, nested Composes (v1 or v2) flattened: the factory path and timm's wrap
+    theirs in `pil_rgb_then` (utils/archs), a Compose around the user's or timm's own; None when a part
+    is not a Compose."""
+    if not isinstance(transform, (v2.Compose, v1.Compose)):
+        return None
+    out = []
+    for step in transform.transforms:
+        inner = _steps(step) if isinstance(step, (v2.Compose, v1.Compose)) else [step]
+        if inner is None:
+            return None
+        out += inner
+    return out
+
+
+def _is_rgb_lambda(step):
+    return isinstance(step, (v2.Lambda, v1.Lambda)) and any(step.lambd is f for f in RGB_LAMBDAS)
+
+
+def _name(step):
+    return f"{type(step).__module__}.{type(step).__qualname__}"
+
+
 def split(transform):
-    """The transform as a Split, or None when it is not a v2.Compose of known steps: ToImage, then
-    to_rgb / RGB / Resize / CenterCrop, then ToDtype(float32, scale=True) and Normalize, with an image
-    size fixed by a final CenterCrop (or a Resize to (H, W))."""
-    steps = list(getattr(transform, "transforms", ())) if isinstance(transform, v2.Compose) else []
-    cut = next((k for k, s in enumerate(steps) if isinstance(s, v2.ToDtype)), None)
-    if not steps or cut is None or not isinstance(steps[0], v2.ToImage):
+    """The transform as a Split, or None when it is not a Compose (v2 or v1, nested in any number of
+    Composes) of known steps giving one image size (a final CenterCrop, or a Resize to (H, W)):
+    - v2: to_rgb / pil_rgb, then ToImage, then to_rgb / RGB / Resize / CenterCrop, then
+      ToDtype(float32, scale=True) and Normalize;
+    - v1 (timm's eval transforms: Resize, CenterCrop, ToTensor, Normalize): to_rgb / pil_rgb / Resize /
+      CenterCrop on the PIL image, then ToTensor (or timm's MaybeToTensor) and v1 Normalize.
+    The image is RGB before the first step (the data sets' `image(i)`, datasets/images.py); a decoded
+    image of another shape stops the decoding (`_decode_into`)."""
+    steps = _steps(transform) or []
+    cut = next((k for k, s in enumerate(steps) if isinstance(s, v2.ToDtype) or _name(s) in TO_TENSOR), None)
+    if not steps or cut is None:
         return None
     geometric, floats = steps[:cut], steps[cut:]
-    known = all(isinstance(s, GEOMETRIC) or (isinstance(s, v2.Lambda) and s.lambd is to_rgb) for s in geometric)
-    to_dtype = floats[0].dtype in (torch.float32, {torch.Tensor: torch.float32}) and floats[0].scale
-    if not (known and to_dtype and all(isinstance(s, v2.Normalize) for s in floats[1:])):
+    if isinstance(floats[0], v2.ToDtype):
+        first = next((k for k, s in enumerate(geometric) if not _is_rgb_lambda(s)), len(geometric))
+        known = first < len(geometric) and isinstance(geometric[first], v2.ToImage) and all(
+            isinstance(s, GEOMETRIC) or _is_rgb_lambda(s) for s in geometric[first:])
+        float_ok = floats[0].dtype in (torch.float32, {torch.Tensor: torch.float32}) and floats[0].scale \
+            and all(type(s) is v2.Normalize for s in floats[1:])
+        sized = [s for s in geometric if isinstance(s, (v2.Resize, v2.CenterCrop))]
+        whole = v2.Compose(geometric)
+    else:
+        known = all(type(s) in GEOMETRIC_V1 or _is_rgb_lambda(s) for s in geometric)
+        float_ok = all(type(s) is v1.Normalize for s in floats[1:])
+        sized = [s for s in geometric if isinstance(s, (v1.Resize, v1.CenterCrop))]
+        whole = v1.Compose([*geometric, F1.pil_to_tensor])
+    if not (known and float_ok):
         return None
-    sized = [s for s in geometric if isinstance(s, (v2.Resize, v2.CenterCrop))]
-    if not sized or (isinstance(sized[-1], v2.Resize) and len(sized[-1].size or ()) != 2):
+    size = list(sized[-1].size) if sized and isinstance(sized[-1].size, (list, tuple)) else None
+    if size is None or len(size) not in (1, 2) or (isinstance(sized[-1], (v2.Resize, v1.Resize)) and len(size) != 2):
         return None  # images of varying shape cannot be kept in one array
-    h, w = sized[-1].size if len(sized[-1].size) == 2 else sized[-1].size * 2
-    return Split(v2.Compose(geometric), tuple(floats), (3, h, w), " ".join(_describe(s) for s in geometric))
+    h, w = size if len(size) == 2 else size * 2
+    return Split(whole, tuple(floats), (3, h, w), " ".join(_describe(s) for s in geometric),
+                 v1=not isinstance(floats[0], v2.ToDtype))
 
 
 def _plan(dataset, desc):
@@ -169,7 +235,7 @@ def _plan(dataset, desc):
     plan = split(dataset.transform)
     if plan is None:
         _once(("transform", id(dataset)), logging.INFO, "%s: images decoded in every pass: the transform is not "
-              "a torchvision v2.Compose of known steps giving one image size (utils/run/decoded.py)", desc)
+              "a torchvision Compose of known steps giving one image size (utils/run/decoded.py)", desc)
     return plan
 
 
@@ -292,7 +358,8 @@ def _entry(folder, dataset, plan):
                  plan.description, f"border {getattr(dataset, 'border', 0)}", len(dataset)):
         digest.update(str(part).encode() + b"\0")
     for p in dataset.paths:  # each image file by its identity: a rewritten file names another entry
-        digest.update(f"{os.path.abspath(p)}\0{identity.stamp(p)}\0".encode())
+        # os.fsencode: a name is any byte string (img_\xe9.JPEG is not UTF-8), hashed as its bytes
+        digest.update(os.fsencode(os.path.abspath(p)) + b"\0" + identity.stamp(p).encode() + b"\0")
     key = digest.hexdigest()
     return _Entry(folder / f"{key}.npy", folder / f"{key}.json", key, (len(dataset), *plan.shape))
 
@@ -351,17 +418,18 @@ def _fill_shared(entry, tmp, dataset, plan, workers, desc):
 def _create(entry):
     """A temporary file in the folder with room for the data and a .npy header; its path as a string,
     or None (a warning) when the folder cannot take it."""
-    folder, size = entry.data.parent, int(np.prod(entry.shape))
+    folder, size, tmp = entry.data.parent, int(np.prod(entry.shape)), None
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        _remove_stale(folder, entry.key)
+        remove_leftovers(entry.data)  # only what a killed write of this toolkit left
         free = os.statvfs(folder)
         if free.f_bavail * free.f_frsize < size + MARGIN_BYTES:
             _once(("space", entry.key), logging.WARNING, "decoded images not kept on disk: %s has %.1f GiB free, "
                   "they need %.1f GiB and %.1f GiB is left free", folder, free.f_bavail * free.f_frsize / 2**30,
                   size / 2**30, MARGIN_BYTES / 2**30)
             return None
-        tmp = folder / f".{entry.key}.{socket.gethostname()}.{os.getpid()}.tmp"
+        tmp_folder, tmp, fd = temporary(entry.data)  # a private folder: no link planted there is followed
+        _TEMPORARY[str(tmp)] = tmp_folder, fd         # its folder flock'ed until committed: not a leftover
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=entry.shape)
         with open(tmp, "r+b") as f:  # space reserved now: writing a mapping on a full disk would kill the run
             os.posix_fallocate(f.fileno(), 0, array.offset + size)
@@ -370,20 +438,19 @@ def _create(entry):
     except OSError as err:
         _once(("write", str(folder)), logging.WARNING, "decoded images not kept on disk (%s: %s); kept in "
               "memory instead", folder, err.strerror or err)
+        if tmp is not None:
+            _drop(tmp)
         return None
 
 
-def _remove_stale(folder, key):
-    """Temporary files of this key left by a killed process of this host."""
-    host = socket.gethostname()
-    for stale in folder.glob(f".{key}.{host}.*.tmp"):
-        pid = stale.name.split(".")[-2]
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            stale.unlink(missing_ok=True)
-        except (ValueError, PermissionError):
-            pass
+_TEMPORARY = {}  # this process's temporary files: path -> (their private folder, the flock'ed fd)
+
+
+def _drop(tmp):
+    """Remove this process's temporary file `tmp` (what is left of it) and its folder."""
+    if str(tmp) in _TEMPORARY:
+        tmp_folder, fd = _TEMPORARY.pop(str(tmp))
+        drop_temporary(tmp_folder, tmp, fd)
 
 
 def _open(path, shape, mode):
@@ -413,15 +480,15 @@ def _commit(entry, tmp, desc, counts=None):
     without a header is never used). Returns the final path, or None (a warning)."""
     try:
         crc = _crc(_open(tmp, entry.shape, "r"))
+        finish_temporary(tmp)  # a regular file (no link), the umask's mode
         os.replace(tmp, entry.data)
         header = {"format": FORMAT, "key": entry.key, "shape": list(entry.shape), "crc32": crc}
-        part = entry.header.with_name(f".{entry.header.name}.{os.getpid()}.tmp")
-        part.write_text(json.dumps(header))
-        os.replace(part, entry.header)
-    except (OSError, ValueError) as err:
+        atomic_write(entry.header, lambda part: Path(part).write_text(json.dumps(header)), overwrite=True)
+    except (OSError, ValueError, UserError) as err:
         _once(("write", entry.key), logging.WARNING, "decoded images not kept on disk (%s: %s)", entry.data, err)
-        Path(tmp).unlink(missing_ok=True)
         return None
+    finally:
+        _drop(tmp)
     log.info("%s: %d images decoded once%s, kept in %s (%.1f MiB)", desc, entry.shape[0],
              f" (per rank: {', '.join(map(str, counts))})" if counts else "", entry.data,
              int(np.prod(entry.shape)) / 2**20)
