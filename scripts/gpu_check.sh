@@ -21,6 +21,11 @@
 #      all_reduce, teardown (scripts/gpu_stages.py group);
 #   5. MEHL_soup_layer.py under torchrun, one group of K = $K for one epoch on the zoo of 3; the zoo and
 #      the state are removed afterwards;
+#   5b. scripts/gpu_check.py --real-run on that zoo: MEHL in this process with --model_batch auto (the
+#      limit set so that auto picks half the zoo), then a group at that K through the run's own
+#      DataLoader under set_sync_debug_mode("error") (no host sync in a step or in reading its batch;
+#      batches pinned), the plan's predicted peak against the measured one (within 5 %), and which
+#      path the block products took;
 # and with --all also:
 #   6. scripts/gpu_paper_scale.sh (outputs in $OUT/paper_scale): the paper's ImageNet job as a stand-in (72 ViT-B/32 ingredients, 1 %
 #      of the images), MEHL-Soup+, the individual evaluations and greedy soup, each timed and
@@ -64,9 +69,9 @@ trap 'rm -rf ${scratch:+"$scratch"} ${GPU_CLEANUP[@]+"${GPU_CLEANUP[@]}"}' EXIT
 
 # The budgets (seconds on an H100 / H200, times BUDGET_SCALE): with --all they add up to 540, 9 minutes,
 # the preparation included.
-declare -A BUDGET=([prepare]=15 [1a]=20 [1b]=15 [2]=60 [3]=30 [3a]=95 [3b]=35 [3c]=35 [4]=15 [5]=30
-                   [6]=155 [7]=35)
-STAGES=(prepare 1a 1b 2 3 3a 3b 3c 4 5)
+declare -A BUDGET=([prepare]=15 [1a]=15 [1b]=15 [2]=55 [3]=30 [3a]=95 [3b]=30 [3c]=30 [4]=15 [5]=30
+                   [5b]=40 [6]=135 [7]=35)
+STAGES=(prepare 1a 1b 2 3 3a 3b 3c 4 5 5b)
 (( ALL )) && STAGES+=(6 7)
 total=0
 line="stage budgets (s):"
@@ -158,6 +163,9 @@ stage 5 "MEHL-Soup+ under torchrun --nproc_per_node 1, one group of $K, one epoc
 if [ -s "$OUT/results.jsonl" ]; then
   "$PY" -c "import json; r = [json.loads(l) for l in open('$OUT/results.jsonl')][-1]; print('MEHL under torchrun:', r['method'], 'world', r['world_size'], 'peak GiB', round(r['peak_memory_bytes'] / 2**30, 2), 'seconds', r['seconds'])"
 fi
+stage 5b "a real MEHL run: --model_batch auto, then a group at that K through the run's DataLoader, no host sync" \
+  real_run.txt "$PY" scripts/gpu_check.py --real-run --arch "$ARCH" --device "$DEVICE" --batch-size "$BATCH" \
+  --zoo "$scratch/zoo" --data "$scratch/data"
 rm -rf "$scratch"  # before the stand-in job writes its own
 
 if (( ALL )); then

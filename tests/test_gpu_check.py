@@ -17,7 +17,7 @@ from tests.conftest import ROOT
 
 SMOKE = {"ARCH": "tiny-clip", "DEVICE": "cpu", "BATCH": "4", "KS": "2", "K": "2", "NZOO": "2",
          "OMP_NUM_THREADS": "1"}
-STAGES = ["1a", "1b", "2", "3", "3a", "3b", "3c", "4", "5"]
+STAGES = ["1a", "1b", "2", "3", "3a", "3b", "3c", "4", "5", "5b"]
 
 
 def run_check(tmp_path, python, *args, env=None):
