@@ -222,7 +222,10 @@ def test_torn_last_line_is_not_glued_to_the_next(caplog, zoo, out, fmnist_root):
                          ids=["list", "string", "number", "null", "bad-utf8-object", "bad-utf8",
                               "deep-nesting"])
 def test_unusable_results_lines_are_skipped_and_counted(caplog, zoo, out, fmnist_root, junk):
+    """After a first line that is a JSON object (a first line that is not one is another kind of file:
+    test_a_file_whose_first_line_is_not_a_json_object_is_never_appended_to)."""
     db = out / "results.jsonl"
+    junk = b'{"method": "individual", "index": 99}\n' + junk
     db.write_bytes(junk)
     with caplog.at_level(logging.WARNING):
         first = uniform_soup.main(argv(zoo, fmnist_root, out))

@@ -4,14 +4,13 @@ import argparse
 import json
 import logging
 import math
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from utils import archs
 from utils.archs import timm_models
-from utils.files import identity, ingredients, lock, results
+from utils.files import identity, ingredients, lock, paths, results
 from utils.files.paths import check_run
 from utils.files.soup_io import recipe_beside, recipe_describes, sidecar
 from utils.run import decoded, evaluation, precision, prefix
@@ -153,35 +152,21 @@ def check_seed(flag, value):
                         f"got {value}")
 
 
-def check_writable(args, method):
-    """Fail before any work when the results file or the soup cannot be written where asked (a parent
-    that is a file, a read-only or missing mount): create the folder and a probe file in it. `method`
-    None (MEHL before it counts its blocks): a default soup path is probed by its folder."""
-    targets = [("--results-db", Path(args.results_db))]
-    soup = soup_target(args, method or "soup")
-    if soup is not None:
-        targets.append(("--save-soup", soup))
-    if isinstance(getattr(args, "resume", None), str):
-        targets.append(("--resume", Path(args.resume)))
-    for flag, path in targets:
-        if path.is_dir():
-            raise UserError(f"{flag} {path} is a folder: give a file name")
-        results.check_regular(path, flag)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".write-probe-"):
-                pass
-        except OSError as err:
-            raise UserError(f"{flag} {path}: cannot write in {path.parent}: "
-                            f"{err.strerror or err}") from err
+def check_writable(args, methods, kind=True):
+    """Fail before any work when an output cannot be written where asked (utils.files.paths.check_writable:
+    the soup of each method in `methods`, its sidecars and temporary names, MEHL's state, the results
+    file), and (`kind`) when the results file is another kind of file (utils.files.results.check_appendable;
+    a caller that learns the data set's standard place later checks that first, for the clearer message)."""
+    soups, states = run_targets(args, methods)
+    paths.check_writable(paths.run_outputs(soups, states, args.results_db))
+    if kind:
+        results.check_appendable(args.results_db)
 
 
-def check_paths(args, methods, standard=None):
-    """No output of the run is an input or another output (utils.files.paths), checked before anything
-    is read or written, and again with `standard`, the folder the data set was read from, when no
-    --data-location named it. `methods`: MEHL's soup path follows the method it learns, so both are
-    checked."""
-    soups, states = {}, {}  # path -> flag; an explicit --save-soup is one path for every method
+def run_targets(args, methods):
+    """({soup path: the flag it came from}, {MEHL state path: whether --resume named it}) of a run that
+    may learn any of `methods`: an explicit --save-soup is one path for every method."""
+    soups, states = {}, {}
     for method in methods:
         soup = soup_target(args, method)
         if soup is not None:
@@ -190,6 +175,15 @@ def check_paths(args, methods, standard=None):
             given = isinstance(args.resume, str)
             state = Path(args.resume) if given else sidecar(soup or Path(f"runs/{method}.pt"), "state")
             states[state] = given
+    return soups, states
+
+
+def check_paths(args, methods, standard=None):
+    """No output of the run is an input or another output (utils.files.paths), checked before anything
+    is read or written, and again with `standard`, the folder the data set was read from, when no
+    --data-location named it. `methods`: MEHL's soup path follows the method it learns, so both are
+    checked."""
+    soups, states = run_targets(args, methods)
     check_run(soups, states, args.results_db, args.model_location, args.data_location,
               args.heldout_index, standard)
 
@@ -351,7 +345,7 @@ def prepare(args, method=None, check_ingredients=True, *, data):
     data sets)."""
     started = time.time()
     check_args(args)
-    check_writable(args, method)
+    check_writable(args, (method or "soup",), kind=False)  # the kind: once the data's place is known
     device = distributed.setup(args.device)
     prefix.configure(prefix_folder(args.prefix_cache))
     decoded.configure(args.decode_cache)
@@ -407,6 +401,7 @@ def begin(args, method, methods=None, *, data):
     if finished_line is not None:
         end()
         return finished_line, None, None
+    check_writable(args, methods or (method,), kind=False)  # before the locks, the data and any work
     output = None
     if method is not None:
         output = soup_output(args, method)
@@ -415,6 +410,7 @@ def begin(args, method, methods=None, *, data):
         lock_output(soup_output(args, None).path)
     setup = prepare(args, method, data=data)
     check_data_place(args, methods or (method,), setup)
+    results.check_appendable(args.results_db)  # another kind of file, once no input is it (clearer)
     individual.check_exclude_top(setup, args.exclude_top)
     memory.reset_peak(setup.device)
     return None, setup, output
