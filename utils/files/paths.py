@@ -192,9 +192,9 @@ def check_writable(outputs):
         longest = len(os.fsencode(path.name)) if out.kind == "append" else longest_name(path.name)
         limit = _name_max(folder)
         if longest > limit:
-            raise UserError(f"{out.flag} {path}: its name is too long for {folder} (writing it uses a file name "
-                            f"of {longest} bytes, its temporary name, where at most {limit} are allowed): choose "
-                            "a shorter name")
+            what = "" if out.kind == "append" else "temporary "
+            raise UserError(f"{out.flag} {path}: its name is too long for {folder} (its {what}file name takes "
+                            f"{longest} bytes, more than the {limit} the folder allows): choose a shorter name")
         if out.kind == "append" and os.path.exists(path):
             try:
                 with open(path, "ab"):

@@ -401,7 +401,9 @@ def begin(args, method, methods=None, *, data):
     if finished_line is not None:
         end()
         return finished_line, None, None
-    check_writable(args, methods or (method,), kind=False)  # before the locks, the data and any work
+    # before the locks, the data and any work; the results file's kind once no input is it (clearer): now
+    # when --data-location named the data, else once the data set's standard place is known
+    check_writable(args, methods or (method,), kind=args.data_location is not None)
     output = None
     if method is not None:
         output = soup_output(args, method)
@@ -410,7 +412,8 @@ def begin(args, method, methods=None, *, data):
         lock_output(soup_output(args, None).path)
     setup = prepare(args, method, data=data)
     check_data_place(args, methods or (method,), setup)
-    results.check_appendable(args.results_db)  # another kind of file, once no input is it (clearer)
+    if args.data_location is None:
+        results.check_appendable(args.results_db)
     individual.check_exclude_top(setup, args.exclude_top)
     memory.reset_peak(setup.device)
     return None, setup, output
