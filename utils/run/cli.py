@@ -66,8 +66,9 @@ def soup_parser(description, method):
     g = p.add_argument_group("running")
     g.add_argument("--batch-size", "--batch_size", type=int, default=128, help="data batch size")
     g.add_argument("--workers", type=int, default=0, help="data loader worker processes")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="where to compute; auto = CUDA when available")
+    g.add_argument("--device", default="auto", type=distributed.parse_device,
+                   help="where to compute: auto (CUDA when available), cpu, cuda or cuda:N (GPU N; under "
+                   "torchrun each rank takes the GPU of its LOCAL_RANK)")
     g.add_argument("--prefix-cache", default=None,
                    help="folder where the outputs of a frozen prefix shared by every ingredient (the default "
                    "zoo's) are kept between runs, checked before use (utils/run/prefix.py); default "
@@ -99,7 +100,9 @@ def soup_parser(description, method):
 
 
 def check_args(args):
-    """Range checks of the common flags (a UserError names the flag)."""
+    """Range checks of the common flags (a UserError names the flag), and of the distributed environment
+    (utils.runtime.distributed.environment: a bad variable is one line before anything is read)."""
+    distributed.environment()
     positive = {"batch_size": "--batch-size"}
     for attr, flag in positive.items():
         if getattr(args, attr) < 1:
@@ -137,12 +140,15 @@ def check_learning(args):
         raise UserError(f"--layer-size must be >= 0, got {layer_size}")
     if limit is not None and not 0 < limit < math.inf:
         raise UserError(f"--memory-limit must be a finite number of GiB > 0, got {limit}")
+    if limit is not None and limit > MEMORY_LIMIT_MAX:
+        raise UserError(f"--memory-limit must be at most {MEMORY_LIMIT_MAX:.0f} GiB (an exbibyte), got {limit:g}")
 
 
 # Every seed a script takes ends in a torch.Generator (or numpy's, which takes any integer >= 0).
 SEED_FLAGS = (("split_seed", "--split-seed"), ("randomseed", "--randomseed"), ("seed", "--seed"))
 SEED_MAX = 2**64 - 1
 LR_MAX = 3.4028234663852886e37  # torch.finfo(torch.float32).max / 10
+MEMORY_LIMIT_MAX = 2.0**30  # GiB: an exbibyte, far above any machine, far below what bytes overflow at
 
 
 def check_seed(flag, value):
