@@ -230,8 +230,8 @@ def test_bad_argument_through_the_command_line(zoo, out, fmnist_root, script, ex
     (["--optimizer", "adam"], "error: argument --optimizer: invalid choice: 'adam' (choose from 'adamw', "
      "'sgd')"),
     (["--batch-size", "many"], "error: argument --batch-size/--batch_size: invalid int value: 'many'"),
-    (["--device", "tpu"], "error: argument --device: invalid choice: 'tpu' (choose from 'auto', 'cpu', "
-     "'cuda')"),
+    (["--device", "tpu"], "error: argument --device: invalid device 'tpu': give auto, cpu, cuda or cuda:N"),
+    (["--device", "cuda:x"], "error: argument --device: invalid device 'cuda:x': give auto, cpu, cuda or cuda:N"),
 ])
 def test_malformed_flag_values_are_argparse_errors(capsys, zoo, out, fmnist_root, extra, message):
     """Values argparse itself rejects: its usage line, then one `prog: error: ...` line, exit 2."""
@@ -365,3 +365,81 @@ def test_the_guarantees_name_every_argument_that_does_not_define_a_run():
     for action in cli.soup_parser("", "x")._actions:
         if action.option_strings and action.dest not in cli.NOT_DEFINING and action.dest != "help":
             assert not any(f"`{o}`" in paragraph for o in action.option_strings), action.dest
+
+
+# ------------------------------------------------------------------- the device, the memory bounds
+def test_device_cuda_n_is_honoured_without_local_rank(monkeypatch):
+    """Issue 29.7: `--device cuda:1` was ignored in favour of LOCAL_RANK (0 when unset). Under torchrun
+    each rank keeps the GPU of its LOCAL_RANK. (No GPU here: CUDA's answers are stood in for.)"""
+    from utils.runtime import distributed
+    from utils.runtime.errors import UserError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.setup("cuda:2") == torch.device("cuda", 2)
+    assert distributed.setup("cuda") == torch.device("cuda", 0)
+    assert distributed.setup("auto") == torch.device("cuda", 0)
+    with pytest.raises(UserError, match=r"^--device cuda:7: GPU 7 asked for, but 4 visible$"):
+        distributed.setup("cuda:7")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert distributed.setup("cuda:2") == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="^--device cuda:1 was asked for but no CUDA device is visible$"):
+        distributed.setup("cuda:1")
+
+
+def test_a_memory_limit_too_large_to_count_in_bytes_is_one_line(capsys, zoo, out, fmnist_root):
+    """`--memory-limit 1e300 --model_batch auto` ended in OverflowError (int of an infinite byte count)."""
+    for script, extra in (("mehl", ["--model_batch", "auto"]), ("learned", [])):
+        line = refused(capsys, script, argv(zoo, fmnist_root, out, "--memory-limit", "1e300", *extra,
+                                            first=QUICK[script]))
+        assert line == "error: --memory-limit must be at most 1073741824 GiB (an exbibyte), got 1e+300", line
+        nothing_written(out)
+
+
+def cgroup_tree(tmp_path, version, listed, files):
+    """A stand-in cgroup mount under `tmp_path` and the /proc/self/cgroup listing `listed`; `files`:
+    {relative path: text}. Returns (root, proc)."""
+    root = tmp_path / "cgroup"
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text(f"0::{listed}\n" if version == 2 else f"9:pids:/\n4:memory:{listed}\n0::/\n")
+    return root, proc
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("case, version, listed, files, expected", [
+    ("v2 limit", 2, "/job", {"job/memory.max": f"{3 * GIB // 2}", "job/memory.current": f"{GIB}",
+                             "job/memory.stat": f"anon 1\ninactive_file {GIB // 4}\n"}, 3 * GIB // 4),
+    ("v2 parent's limit", 2, "/a/b", {"a/memory.max": f"{2 * GIB}", "a/memory.current": f"{GIB}",
+                                      "a/b/memory.max": "max", "a/b/memory.current": f"{GIB}"}, GIB),
+    ("v2 no limit", 2, "/a", {"a/memory.max": "max", "a/memory.current": f"{GIB}"}, None),
+    ("v2 inside a namespace", 2, "/not/mounted/here", {"memory.max": f"{GIB}", "memory.current": "0"}, GIB),
+    ("v1 limit", 1, "/job", {"memory/job/memory.limit_in_bytes": f"{3 * GIB // 2}",
+                             "memory/job/memory.usage_in_bytes": f"{GIB}",
+                             "memory/job/memory.stat": "total_inactive_file 0\n"}, GIB // 2),
+    ("v1 no limit", 1, "/job", {"memory/job/memory.limit_in_bytes": "9223372036854771712",
+                                "memory/job/memory.usage_in_bytes": f"{GIB}"}, None),
+    ("unreadable", 2, "/a", {"a/memory.max": "garbage", "a/memory.current": "1"}, None),
+])
+def test_the_planner_reads_the_memory_cgroup(monkeypatch, tmp_path, case, version, listed, files, expected):
+    """Issue 31.9: `--model_batch auto` planned against the host's MemAvailable inside a 1.5 GiB cgroup.
+    The bound is what the cgroup's limit leaves (less the usage that cannot be reclaimed), for every
+    reader of available memory (the planner, Learned-Soup's check, the decoded-image cache)."""
+    from utils.run import plan
+    from utils.runtime import memory
+    root, proc = cgroup_tree(tmp_path, version, listed, files)
+    assert memory.cgroup_available(str(root), str(proc)) == expected
+    monkeypatch.setattr(memory, "CGROUP_ROOT", str(root))
+    monkeypatch.setattr(memory, "PROC_CGROUP", str(proc))
+    host = memory._proc_bytes("/proc/meminfo", "MemAvailable")
+    available = memory.mem_available()
+    assert available == (host if expected is None else min(host, expected))
+    if expected is not None:
+        rss = memory.status_bytes("VmRSS")
+        assert plan.capacity_bytes(torch.device("cpu")) <= expected + rss + 2**20  # VmRSS read a moment apart

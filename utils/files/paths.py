@@ -17,6 +17,7 @@ on every rerun."""
 import errno
 import fnmatch
 import glob
+import json
 import os
 import re
 import stat
@@ -230,6 +231,31 @@ def _probe(flag, path):
             pass
     except OSError as err:
         raise UserError(f"{flag} {path}: cannot write in {path.parent}: {err.strerror or err}") from err
+
+
+def check_outputs(outputs, model_location=None, data_location=None):
+    """The outputs of a script that is not a soup run (a benchmark's numbers, a fine-tuned ingredient):
+    none lands on an input (the ingredients of `model_location`, the data under `data_location`) or on
+    another output (`check_distinct`), and each can be written (`check_writable`)."""
+    inputs = (ingredient_inputs(model_location) if model_location else []) + data_inputs(data_location)
+    check_distinct(outputs, inputs)
+    check_writable(outputs)
+
+
+def check_own_json(path, flag, keys, limit=64 * 2**20):
+    """An existing file that a script replaces must be one it wrote: a JSON object (of at most `limit`
+    bytes) holding `keys`. Anything else (an ingredient, a results file, a user's notes) is refused."""
+    path = Path(path)
+    if not os.path.isfile(path):
+        return
+    try:
+        too_big = os.path.getsize(path) > limit
+        doc = None if too_big else json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        doc = None
+    if not (isinstance(doc, dict) and all(k in doc for k in keys)):
+        raise UserError(f"{flag} {path} exists and is not a file this script wrote (a JSON object with "
+                        f"{', '.join(keys)}): refusing to replace it; choose another path")
 
 
 def run_outputs(soups, states, results_db):

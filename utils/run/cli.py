@@ -151,6 +151,20 @@ LR_MAX = 3.4028234663852886e37  # torch.finfo(torch.float32).max / 10
 MEMORY_LIMIT_MAX = 2.0**30  # GiB: an exbibyte, far above any machine, far below what bytes overflow at
 
 
+def check_number(flag, value, low=None, high=None, *, above=None):
+    """A flag's number is finite and within bounds (`low` <= value <= `high`, value > `above`); else
+    a UserError naming the flag. For the scripts' own flags (benchmarks, paper_scale, finetune)."""
+    ok = value is not None and math.isfinite(value) and (low is None or value >= low) \
+        and (high is None or value <= high) and (above is None or value > above)
+    if not ok:
+        bounds = [f"> {above:g}" if above is not None else None, f">= {low:g}" if low is not None else None,
+                  f"<= {high:g}" if high is not None else None]
+        kind = "a whole number" if isinstance(value, int) else "a finite number"
+        said = " and ".join(b for b in bounds if b)
+        raise UserError(f"{flag} must be {kind}{' ' + said if said else ''}, got {value}")
+    return value
+
+
 def check_seed(flag, value):
     """A seed must be what torch.Generator.manual_seed takes and numpy accepts: 0 ... 2**64 - 1."""
     if not 0 <= value <= SEED_MAX:

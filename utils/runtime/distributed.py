@@ -109,23 +109,27 @@ def setup(device_arg="auto"):
     each rank takes LOCAL_RANK, so N is honoured only without it).
     """
     env = environment()
+    device = pick_device(device_arg, env["local_rank"])
+    if env["world_size"] > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        join("nccl" if device.type == "cuda" else "gloo", env["timeout"])
+    return device
+
+
+def pick_device(device_arg="auto", local_rank=None):
+    """The torch.device of `device_arg` (see `setup`); `local_rank` (torchrun's) picks the GPU when set.
+    A UserError when CUDA is asked for and absent, or the GPU asked for is not there."""
     device_arg = parse_device_value(device_arg)
     use_cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
         raise UserError(f"--device {device_arg} was asked for but no CUDA device is visible")
-    index = env["local_rank"]
-    if index is None:
-        index = int(device_arg.split(":")[1]) if ":" in device_arg else 0
-    if use_cuda and index >= torch.cuda.device_count():
+    if not use_cuda:
+        return torch.device("cpu")
+    index = local_rank if local_rank is not None else int(device_arg.split(":")[1]) if ":" in device_arg else 0
+    if index >= torch.cuda.device_count():
         raise UserError(f"--device {device_arg}: GPU {index} asked for, but {torch.cuda.device_count()} visible")
-    if env["world_size"] > 1 and not dist.is_initialized():
-        backend = "nccl" if use_cuda else "gloo"
-        if use_cuda:
-            torch.cuda.set_device(index)
-        join(backend, env["timeout"])
-    if use_cuda:
-        return torch.device("cuda", index)
-    return torch.device("cpu")
+    return torch.device("cuda", index)
 
 
 def parse_device_value(value):
@@ -145,10 +149,10 @@ def join(backend, timeout):
     with _stderr_held() as held:
         failure = _rendezvous(backend, timeout)
     if failure is None:
-        held.seek(0)
-        os.write(2, held.read())
+        os.write(2, b"".join(held))
         return
     if isinstance(failure, TimeoutError):
+        _silence_left_behind()
         raise UserError(f"could not join the process group ({backend}, {where}): no rendezvous within "
                         f"SOUP_DIST_TIMEOUT={timeout:g} s (is MASTER_PORT another program's?)")
     raise UserError(f"could not join the process group ({backend}, {where}): "
@@ -174,19 +178,33 @@ def _rendezvous(backend, timeout):
     return failure[0] if failure else None
 
 
+def _silence_left_behind():
+    """The rendezvous thread left behind may still print (torch's store gives up after its own retries):
+    Python's stderr moves to a copy of file descriptor 2, and descriptor 2, where C++ code writes, to
+    /dev/null, so that the run's one line is the last it shows (the process is about to exit)."""
+    sys.stderr.flush()
+    sys.stderr = os.fdopen(os.dup(2), "w", buffering=1)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+
+
 @contextlib.contextmanager
 def _stderr_held():
-    """File descriptor 2 (where C++ code writes) sent to a temporary file for the block; yields it."""
+    """File descriptor 2 (where C++ code writes) sent to a temporary file for the block; yields a list that
+    holds, after the block, the bytes written there."""
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved, written = os.dup(2), []
     with tempfile.TemporaryFile() as held:
         os.dup2(held.fileno(), 2)
         try:
-            yield held
+            yield written
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
+            held.seek(0)
+            written.append(held.read())
 
 
 JOIN_GRACE = 5.0  # seconds past SOUP_DIST_TIMEOUT for torch's own timeout to answer first
