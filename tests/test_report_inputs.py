@@ -345,14 +345,16 @@ def test_a_read_only_out_folder_and_an_unreadable_results_file_are_one_line_for_
         (shared / "secret.jsonl").chmod(0o000)
         as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
         env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "MPLCONFIGDIR": str(shared / "mpl")}
-        can = subprocess.run([*as_user, sys.executable, "-c", "import torch, matplotlib, tqdm"], capture_output=True,
+        # the environment by its own place (a checkout's .venv may be a link to one outside a private folder)
+        python = os.path.join(os.path.realpath(sys.prefix), "bin", os.path.basename(sys.executable))
+        can = subprocess.run([*as_user, python, "-c", "import torch, matplotlib, tqdm"], capture_output=True,
                              text=True, timeout=120, cwd=shared, env=env)
         if can.returncode != 0:
-            pytest.skip(f"the user nobody cannot run {sys.executable} with torch and matplotlib (it sits in a "
-                        f"folder that user may not read?): {(can.stderr.strip().splitlines() or ['?'])[-1]}")
+            pytest.skip(f"the user nobody cannot run {python} with torch and matplotlib (it sits in a folder "
+                        f"that user may not read?): {(can.stderr.strip().splitlines() or ['?'])[-1]}")
         for results_db, out, said in ((db, shared / "ro", "cannot write into the folder"),
                                       (shared / "secret.jsonl", shared / "rep", "cannot be read")):
-            done = subprocess.run([*as_user, sys.executable, str(code / "report.py"), "--results-db", str(results_db),
+            done = subprocess.run([*as_user, python, str(code / "report.py"), "--results-db", str(results_db),
                                    "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=shared,
                                   env=env)
             assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
