@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ import torch
 import greedy_soup
 import MEHL_soup_layer
 import uniform_soup
-from tests.helpers import QUICK, SCRIPTS, argv, cli, last_line, nothing_written, refused
+from tests.conftest import ROOT
+from tests.helpers import FILES, QUICK, SCRIPTS, argv, cli, last_line, nothing_written, refused
 from utils.archs import get_arch
 from utils.files import state_dicts
 from utils.files.state_dicts import load_state_dict
@@ -443,3 +445,101 @@ def test_the_planner_reads_the_memory_cgroup(monkeypatch, tmp_path, case, versio
     if expected is not None:
         rss = memory.status_bytes("VmRSS")
         assert plan.capacity_bytes(torch.device("cpu")) <= expected + rss + 2**20  # VmRSS read a moment apart
+
+
+# ------------------------------------------------------------------- files this user may not open
+def test_a_permission_error_from_anywhere_is_one_line(capsys, monkeypatch, zoo, out, fmnist_root):
+    """An unreadable ingredient raised PermissionError out of the preflight (issue 31.7); run_main says any
+    PermissionError in one line (root opens every file: the kernel's refusal is stood in for here, and
+    test_unreadable_files_are_one_line_for_a_user meets the real one)."""
+    import builtins
+    real_open = builtins.open
+    target = str(zoo / "model_1.pt")
+
+    def refuse(file, *a, **k):
+        if os.fspath(file) == target:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), target)
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", refuse)
+    for script in ("uniform", "learned"):
+        line = refused(capsys, script, argv(zoo, fmnist_root, out, first=QUICK[script]))
+        assert line == (f"error: {target}: this user may not open it (Permission denied): give this user access "
+                        "to it, or choose another path"), line
+        nothing_written(out)
+
+
+def copy_for_a_user(shared):
+    """The scripts and the packages they import, copied into `shared` where every user may read them (the
+    checkout may sit in a private folder, as a clone inside `mktemp -d` does)."""
+    import shutil
+    code = shared / "code"
+    for name in ("utils", "datasets"):
+        shutil.copytree(ROOT / name, code / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for script in ROOT.glob("*.py"):
+        shutil.copy(script, code / script.name)
+    for folder, _, files in os.walk(code):
+        os.chmod(folder, 0o755)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o644)
+    return code
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root, and no setpriv to drop to a user")
+def test_unreadable_files_are_one_line_for_a_user(tmp_path_factory):
+    """As the user nobody (root opens every file): an ingredient made unreadable (chmod 000), a results
+    file made unreadable, a results file that may be read but not appended to (chmod 444: refused before
+    the work, nothing written)."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from tests.conftest import make_fmnist, make_zoo
+    shared = Path(tempfile.mkdtemp(prefix="soup-user-", dir="/tmp"))
+    try:
+        shared.chmod(0o755)
+        code = copy_for_a_user(shared)
+        zoo, data = make_zoo(shared / "zoo", 3), make_fmnist(shared / "data", n_train=100, n_test=20)
+        subprocess.run(["chmod", "-R", "a+rX", str(zoo), str(data)], check=True)
+        out = shared / "out"
+        out.mkdir(mode=0o777)
+        out.chmod(0o777)
+        as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+        python = os.path.join(os.path.realpath(sys.prefix), "bin", os.path.basename(sys.executable))
+        env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "HOME": str(out),
+               "MODEL_SOUPS_CACHE": str(out / "cache")}
+        can = subprocess.run([*as_user, python, "-c", "import torch"], capture_output=True, text=True, timeout=120,
+                             cwd=shared, env=env)
+        if can.returncode != 0:
+            pytest.skip(f"the user nobody cannot run {python} with torch (it sits in a folder that user may not "
+                        f"read?): {(can.stderr.strip().splitlines() or ['?'])[-1]}")
+
+        def run(script, results_db):
+            done = subprocess.run([*as_user, python, str(code / FILES[script]),
+                                   *argv(zoo, data, out, "--results-db", results_db, first=QUICK[script])],
+                                  capture_output=True, text=True, timeout=300, cwd=shared, env=env)
+            assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+            lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+            assert len(lines) == 1, done.stderr[-3000:]
+            assert not (out / "soup.pt").exists()
+            return lines[0]
+
+        (zoo / "model_1.pt").chmod(0o000)
+        line = run("uniform", out / "results.jsonl")
+        assert line.startswith(f"error: {zoo / 'model_1.pt'}: ") and "Permission denied" in line, line
+        (zoo / "model_1.pt").chmod(0o644)
+        secret = shared / "secret.jsonl"
+        secret.write_text('{"method": "individual", "index": 9}\n')
+        secret.chmod(0o000)
+        line = run("greedy", secret)
+        assert str(secret) in line and "Permission denied" in line, line
+        locked = shared / "locked.jsonl"
+        locked.write_text('{"method": "individual", "index": 9}\n')
+        locked.chmod(0o444)
+        line = run("learned", locked)
+        assert line == f"error: --results-db {locked}: cannot be appended to (Permission denied)", line
+        assert locked.read_text() == '{"method": "individual", "index": 9}\n'
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
