@@ -656,6 +656,9 @@ def test_bench_outputs_never_land_on_an_input_or_another_kind_of_file(capsys, tm
     assert line == f"error: --out {tmp_path} is a folder: give a file name", line
     line = one_line(capsys, mehl.main, [*base, "--out", tmp_path / ("n" * 250 + ".json")])
     assert "its name is too long for" in line, line
+    draws = script_module("greedy_draws")
+    line = one_line(capsys, draws.main, ["--zoo", zoo, "--out", zoo / "model_9.pt"])
+    assert line.startswith(f"error: --out {zoo / 'model_9.pt'} would be read as ingredient model_9.pt"), line
     line = one_line(capsys, baselines.main, ["--model-location", zoo, "--arch", "tiny-cnn", "--out", notes,
                                              "--counts", "2"])
     assert line == f"error: --out {notes} is a file: give a folder", line

@@ -37,6 +37,8 @@ def is_distributed():
 # torchrun's variables (and this toolkit's SOUP_DIST_TIMEOUT): each read here and nowhere else, checked
 # before it is used, so a bad value is one line naming it (`environment`).
 DEFAULT_TIMEOUT = 600.0  # seconds a collective (and the rendezvous) may wait for a peer
+MAX_TIMEOUT = 10 * 365 * 86400.0  # what datetime.timedelta and the stores take, with room to spare
+JOIN_GRACE = 5.0  # seconds past SOUP_DIST_TIMEOUT for torch's own timeout to answer first
 
 
 def _integer(name, low, high=None):
@@ -82,8 +84,6 @@ def environment():
     return env
 
 
-MAX_TIMEOUT = 10 * 365 * 86400.0  # what datetime.timedelta and the stores take, with room to spare
-
 
 def local_world_size():
     """Processes on this host (LOCAL_WORLD_SIZE; 1 without torchrun), checked."""
@@ -93,7 +93,7 @@ def local_world_size():
 DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
 
 
-def parse_device(text, flag="--device"):
+def parse_device(text):
     """`text` as a device choice ("auto", "cpu", "cuda", "cuda:N"); argparse's `type` (a bad one is its
     one-line error). Returns the text, normalised."""
     value = str(text).strip().lower()
@@ -141,8 +141,8 @@ def parse_device_value(value):
 
 def join(backend, timeout):
     """Join torchrun's process group within `timeout` seconds, whatever answers at MASTER_ADDR:MASTER_PORT
-    (a peer that never comes, a program that accepts and says nothing, or garbage): the store is made
-    here, with the timeout, and the whole rendezvous runs under a watchdog that ends it in one line.
+    (a peer that never comes, a program that accepts and says nothing, or garbage): torch is given the
+    timeout, and the whole rendezvous runs under a watchdog that ends it in one line when torch does not.
     What torch's C++ code prints meanwhile (a store's retries, each with a 40-frame backtrace) is held and
     shown only when the rendezvous succeeds: a failure is the one line."""
     where = f"MASTER_ADDR={os.environ.get('MASTER_ADDR')}, MASTER_PORT={os.environ.get('MASTER_PORT')}"
@@ -206,8 +206,6 @@ def _stderr_held():
             held.seek(0)
             written.append(held.read())
 
-
-JOIN_GRACE = 5.0  # seconds past SOUP_DIST_TIMEOUT for torch's own timeout to answer first
 
 
 def teardown():
