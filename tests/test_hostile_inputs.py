@@ -614,7 +614,7 @@ def tree(*folders):
     (["--synthetic-zoo", "-2"], "error: --synthetic-zoo must be a whole number >= 0, got -2"),
     (["--num-classes", "0"], "error: --num-classes must be a whole number >= 1, got 0"),
     (["--methods", "soup"], "error: --methods: unknown ['soup']; known: uniform, greedy, learned, learned+"),
-    (["--device", "bogus"], "error: argument --device: invalid device 'bogus': give auto, cpu, cuda or cuda:N"),
+    (["--device", "bogus"], "error: argument --device: expected auto, cpu, cuda or cuda:N, got 'bogus'"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bench_baselines_flags_are_one_line(capsys, tmp_path, zoo, extra, said):
     bench = script_module("bench_baselines")
@@ -723,7 +723,7 @@ def test_paper_scale_out_that_cannot_hold_its_files_is_one_line(capsys, tmp_path
 
 
 @pytest.mark.parametrize("extra, said", [
-    (["--device", "bogus"], "error: argument --device: invalid device 'bogus': give auto, cpu, cuda or cuda:N"),
+    (["--device", "bogus"], "error: argument --device: expected auto, cpu, cuda or cuda:N, got 'bogus'"),
     (["--lr", "nan"], "error: --lr must be a finite number, got nan"),
     (["--wd", "inf"], "error: --wd must be a finite number, got inf"),
     (["--mixup", "nan"], "error: --mixup must be a finite number, got nan"),

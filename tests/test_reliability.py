@@ -232,8 +232,8 @@ def test_bad_argument_through_the_command_line(zoo, out, fmnist_root, script, ex
     (["--optimizer", "adam"], "error: argument --optimizer: invalid choice: 'adam' (choose from 'adamw', "
      "'sgd')"),
     (["--batch-size", "many"], "error: argument --batch-size/--batch_size: invalid int value: 'many'"),
-    (["--device", "tpu"], "error: argument --device: invalid device 'tpu': give auto, cpu, cuda or cuda:N"),
-    (["--device", "cuda:x"], "error: argument --device: invalid device 'cuda:x': give auto, cpu, cuda or cuda:N"),
+    (["--device", "tpu"], "error: argument --device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["--device", "cuda:x"], "error: argument --device: expected auto, cpu, cuda or cuda:N, got 'cuda:x'"),
 ])
 def test_malformed_flag_values_are_argparse_errors(capsys, zoo, out, fmnist_root, extra, message):
     """Values argparse itself rejects: its usage line, then one `prog: error: ...` line, exit 2."""
@@ -377,12 +377,13 @@ def test_device_cuda_n_is_honoured_without_local_rank(monkeypatch):
     from utils.runtime.errors import UserError
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
     for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     assert distributed.setup("cuda:2") == torch.device("cuda", 2)
     assert distributed.setup("cuda") == torch.device("cuda", 0)
     assert distributed.setup("auto") == torch.device("cuda", 0)
-    with pytest.raises(UserError, match=r"^--device cuda:7: GPU 7 asked for, but 4 visible$"):
+    with pytest.raises(UserError, match=r"^--device cuda:7: CUDA device 7 does not exist here \(4 visible\)$"):
         distributed.setup("cuda:7")
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert distributed.setup("cuda:2") == torch.device("cuda", 3)

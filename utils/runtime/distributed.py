@@ -99,7 +99,7 @@ def parse_device(text):
     value = str(text).strip().lower()
     if value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d{1,4}", value):
         return value
-    raise argparse.ArgumentTypeError(f"invalid device {text!r}: give {DEVICE_FORMS}")
+    raise argparse.ArgumentTypeError(f"expected {DEVICE_FORMS}, got {text!r}")
 
 
 def setup(device_arg="auto"):
@@ -111,8 +111,6 @@ def setup(device_arg="auto"):
     env = environment()
     device = pick_device(device_arg, env["local_rank"])
     if env["world_size"] > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         join("nccl" if device.type == "cuda" else "gloo", env["timeout"])
     return device
 
@@ -128,7 +126,9 @@ def pick_device(device_arg="auto", local_rank=None):
         return torch.device("cpu")
     index = local_rank if local_rank is not None else int(device_arg.split(":")[1]) if ":" in device_arg else 0
     if index >= torch.cuda.device_count():
-        raise UserError(f"--device {device_arg}: GPU {index} asked for, but {torch.cuda.device_count()} visible")
+        raise UserError(f"--device {device_arg}: CUDA device {index} does not exist here "
+                        f"({torch.cuda.device_count()} visible)")
+    torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
 
