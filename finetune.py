@@ -36,12 +36,13 @@ from tqdm import tqdm
 
 import datasets
 from utils.archs import get_arch, split_of
-from utils.files.paths import Role, check_distinct, data_inputs
+from utils.files.paths import Role, check_distinct, check_writable, data_inputs
 from utils.files.state_dicts import atomic_write, check_dtypes, check_state_dict, load_state_dict, save_state_dict
 from utils.run import inputs, precision, prefix
 from utils.run.batchnorm import set_mode
-from utils.run.cli import SKIP_BAD_IMAGES_HELP
+from utils.run.cli import SKIP_BAD_IMAGES_HELP, check_number, check_seed
 from utils.run.evaluation import evaluate_all
+from utils.runtime import distributed
 from utils.runtime.errors import UserError, run_main
 from utils.soup.schedules import cosine_with_warmup, set_lr
 
@@ -112,8 +113,17 @@ def parse_args(argv=None):
     p.add_argument("--data-seed", type=int, default=0, help="seed of the held-out split and subsamples")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit; tests)")
     p.add_argument("--workers", type=int, default=0, help="data loader processes for RandAugment")
-    p.add_argument("--device", default=None, help="cuda or cpu; default cuda when available")
+    p.add_argument("--device", default=None, type=distributed.parse_device,
+                   help="auto, cpu, cuda or cuda:N; default cuda when available")
     args = p.parse_args(argv)
+    for name in ("lr", "wd", "mixup", "label_smoothing"):  # NaN and infinities pass the checks below
+        check_number(f"--{name.replace('_', '-')}", getattr(args, name))
+    for name in ("finetune_size", "test_size", "max_steps", "workers"):
+        check_number(f"--{name.replace('_', '-')}", getattr(args, name), 0)
+    if args.frozen_blocks is not None:
+        check_number("--frozen-blocks", args.frozen_blocks, 0)
+    check_seed("--seed", args.seed)
+    check_seed("--data-seed", args.data_seed)
     for name in ("lr", "epochs", "batch_size"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
@@ -444,8 +454,10 @@ def check_paths(args, pt, js, standard=None):
               ] if start else []
     if args.pretrained:
         inputs.append(Role("--pretrained", "the pre-trained weights (--pretrained)", Path(args.pretrained)))
-    check_distinct([Role("--out-dir", "the new ingredient", pt), Role("--out-dir", "its record", js)],
-                   inputs + data_inputs(args.data_location, args.heldout_index, standard))
+    outputs = [Role("--out-dir", "the new ingredient", pt), Role("--out-dir", "its record", js)]
+    check_distinct(outputs, inputs + data_inputs(args.data_location, args.heldout_index, standard))
+    if standard is None:  # once, before any work: each can be written there (names, folder, type)
+        check_writable(outputs)
 
 
 def main(argv=None):
@@ -455,7 +467,7 @@ def main(argv=None):
     check_paths(args, pt, js)
     if not args.overwrite and (pt.exists() or js.exists()):
         raise UserError(f"{pt} exists: refusing to overwrite it (pass --overwrite, or choose another --index)")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = distributed.pick_device(args.device or "auto")
     torch.manual_seed(args.seed)
     spec = get_arch(args.arch)
     start = time.time()

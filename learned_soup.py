@@ -21,7 +21,6 @@ above the best ingredient's; the coefficients and temperature are written to <so
 """
 import logging
 import math
-import os
 
 import torch
 from tqdm import tqdm
@@ -96,7 +95,7 @@ def check_memory(args, setup, n):
     model_bytes = sum(v.numel() * v.element_size() for v in setup.reference.values())
     need = n * param_bytes + 3 * model_bytes + MARGIN_BYTES
     if setup.device.type == "cpu":  # ranks on one host share its memory
-        need *= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        need *= distributed.local_world_size()
     have = available_bytes(setup.device)
     if args.memory_limit is not None:
         have = min(have, int(args.memory_limit * 2**30)) if have is not None else int(args.memory_limit * 2**30)

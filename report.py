@@ -34,7 +34,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from utils.files import results
+from utils.files import paths, results
 from utils.files.soup_io import read_recipe, sidecar
 from utils.files.state_dicts import atomic_write, load_state_dict
 from utils.runtime.errors import UserError, run_main
@@ -104,10 +104,11 @@ def check_out(out, inputs):
         if (out / name).exists() and not (out / name).is_file():
             raise UserError(f"--out {out}: {out / name} is in the way (not a file): move it, or give "
                             "another folder")
-    written = {(out / name).resolve() for name in OUTPUTS}
+    paths.check_writable([paths.Role("--out", f"the report's {name}", out / name) for name in OUTPUTS])
+    written = {Path(os.path.realpath(out / name)) for name in OUTPUTS}  # realpath: a link loop raises nothing
     for path in inputs:
-        path = Path(path).resolve()
-        if path in written or (path.parent == out.resolve() and _OUTPUT_NAME.match(path.name)):
+        path = Path(os.path.realpath(path))
+        if path in written or (path.parent == Path(os.path.realpath(out)) and _OUTPUT_NAME.match(path.name)):
             raise UserError(f"--out {out}: the report would replace the results file {path}: give "
                             "another folder")
     return out

@@ -22,8 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from utils.archs.standins import write_synthetic_zoo  # noqa: E402
-from utils.files import results  # noqa: E402
+from utils.files import paths, results  # noqa: E402
 from utils.files.ingredients import available  # noqa: E402
+from utils.run.cli import check_number  # noqa: E402
+from utils.runtime.distributed import parse_device  # noqa: E402
 from utils.runtime.errors import UserError, run_main  # noqa: E402
 
 METHODS = {
@@ -43,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--counts", default="4,8,all", help="comma-separated N values; 'all' = every ingredient")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     p.add_argument("--test-size", type=int, default=1000, help="test / shift images evaluated per run")
-    p.add_argument("--device", default="auto", help="passed to the soup scripts")
+    p.add_argument("--device", default="auto", type=parse_device, help="passed to the soup scripts")
     p.add_argument("--out", default="runs/bench_baselines", help="folder for the results files and bench.json")
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per run")
     p.add_argument("--synthetic-zoo", type=int, default=0,
@@ -56,15 +58,49 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def counts(spec, total):
+def counts(spec, total=None):
+    """The N values of --counts ('all': `total`); without `total`, only their form is checked."""
     out = []
     for c in spec.split(","):
-        n = total if c.strip() == "all" else int(c)
-        if n < 1 or n > total:
+        c = c.strip()
+        if c != "all" and not (c.isdigit() and int(c) >= 1):
+            raise UserError(f"--counts {spec!r}: give comma-separated whole numbers >= 1 or 'all', got {c!r}")
+        n = total if c == "all" else int(c)
+        if total is not None and n > total:
             raise UserError(f"--counts {c}: the zoo holds {total} ingredients")
         if n not in out:
             out.append(n)
     return out
+
+
+def check_args(args):
+    """Every flag checked before anything is written (a UserError names it)."""
+    counts(args.counts)
+    methods = [m.strip() for m in args.methods.split(",")]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UserError(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+    check_number("--test-size", args.test_size, 1)
+    check_number("--timeout", args.timeout, above=0)
+    check_number("--synthetic-zoo", args.synthetic_zoo, 0)
+    check_number("--num-classes", args.num_classes, 1)
+    return methods
+
+
+def check_out(args, methods, ns):
+    """--out's files (a results file per run, bench.json) land on no input, can be written, and are this
+    script's own where they exist: a results file that is not one, or a bench.json it did not write, is
+    refused (the results files are removed before each run)."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder")
+    files = [out / f"{m}_{n}.jsonl" for m in methods for n in ns]
+    outputs = [paths.Role("--out", f"a results file of --out {out}", f, "append") for f in files]
+    outputs.append(paths.Role("--out", f"the numbers of --out ({out / 'bench.json'})", out / "bench.json"))
+    paths.check_outputs(outputs, args.model_location, args.data_location)
+    for f in files:
+        results.check_appendable(f, "--out")
+    paths.check_own_json(out / "bench.json", "--out", ("args", "rows"))
 
 
 def run_one(args, method, n, out):
@@ -78,7 +114,11 @@ def run_one(args, method, n, out):
     if args.data_location:
         cmd += ["--data-location", args.data_location]
     started = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"method": method, "n": n, "error": [f"stopped after --timeout {args.timeout:g} s"],
+                "wall_s": round(time.time() - started, 1)}
     wall = time.time() - started
     if proc.returncode != 0:
         return {"method": method, "n": n, "error": proc.stderr.strip().splitlines()[-1:], "wall_s": wall}
@@ -91,15 +131,14 @@ def run_one(args, method, n, out):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.synthetic_zoo:
-        write_synthetic_zoo(args.model_location, args.synthetic_zoo, args.arch, args.num_classes)
-    total = len(available(args.model_location))
+    methods = check_args(args)
+    total = args.synthetic_zoo or len(available(args.model_location))
     if total == 0:
         raise UserError(f"--model-location {args.model_location}: no model_{{i}}.pt found")
-    methods = [m.strip() for m in args.methods.split(",")]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise UserError(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+    check_out(args, methods, counts(args.counts, total))
+    if args.synthetic_zoo:
+        write_synthetic_zoo(args.model_location, args.synthetic_zoo, args.arch, args.num_classes)
+        total = len(available(args.model_location))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -47,7 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from utils.archs.standins import input_size, write_synthetic_imagenet, write_synthetic_zoo  # noqa: E402
+from utils.files import paths  # noqa: E402
 from utils.files.ingredients import available  # noqa: E402
+from utils.run.cli import check_number  # noqa: E402
 from utils.runtime.errors import UserError, run_main  # noqa: E402
 
 
@@ -85,14 +87,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def ks_of(spec, total):
+def ks_of(spec, total=None):
+    """The K values of --ks ('all': `total`); without `total`, only their form is checked."""
     out = []
     for item in spec.split(","):
-        try:
-            k = total if item.strip() == "all" else int(item)
-        except ValueError:
-            raise UserError(f"--ks {item!r}: give whole numbers or 'all'") from None
-        if not 1 <= k <= total:
+        item = item.strip()
+        if item != "all" and not (item.isdigit() and int(item) >= 1):
+            raise UserError(f"--ks {item!r}: give whole numbers >= 1 or 'all'")
+        k = total if item == "all" else int(item)
+        if total is not None and k > total:
             raise UserError(f"--ks {item}: the zoo holds {total} ingredients")
         if k not in out:
             out.append(k)
@@ -359,14 +362,32 @@ def bench(args):
     return rows
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.worker is not None:
-        return worker(args)
+def check_args(args):
+    """Every flag and output checked before any work (a UserError names the flag): --out and --profile
+    land on no input (an ingredient, the data) and can be written, and an existing --out is a file this
+    script wrote."""
     if args.synthetic_zoo < 0 or args.synthetic_zoo == 1:
         raise UserError(f"--synthetic-zoo must be 0 (off) or at least 2, got {args.synthetic_zoo}")
     if args.batch_size < 1 or args.steps < 1:
         raise UserError("--batch-size and --steps must be >= 1")
+    ks_of(args.ks)
+    check_number("--layer-size", args.layer_size, 0)
+    check_number("--num-classes", args.num_classes, 1)
+    if args.threads is not None:
+        check_number("--threads", args.threads, 1)
+    outputs = [paths.Role("--out", "the numbers file (--out)", Path(args.out))]
+    if args.profile:
+        outputs.append(paths.Role("--profile", f"a profile table of --profile {args.profile}",
+                                  Path(args.profile) / "profile_project_k1.txt"))
+    paths.check_outputs(outputs, args.model_location, args.data_location)
+    paths.check_own_json(args.out, "--out", ("args", "plain", "runs"))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker is not None:
+        return worker(args)
+    check_args(args)
     if args.baseline == "released" and args.directions_dtype != "float32":
         raise UserError("--baseline released times the released step, which keeps its directions in "
                         f"float32: drop --directions-dtype {args.directions_dtype} or the baseline")

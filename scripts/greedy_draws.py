@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 import finetune  # noqa: E402
 import sweep  # noqa: E402
 from utils.archs import get_arch  # noqa: E402
+from utils.files.paths import Role, check_outputs  # noqa: E402
 from utils.files.state_dicts import load_state_dict  # noqa: E402
 from utils.runtime.errors import UserError, run_main  # noqa: E402
 
@@ -124,6 +125,8 @@ def main(argv=None):
         raise UserError(f"--draws must be >= 1, got {args.draws}")
     if args.out and Path(args.out).exists():
         raise UserError(f"--out {args.out} exists: refusing to overwrite it")
+    if args.out:  # never on an ingredient (named as one in --zoo), and writable there, before the work
+        check_outputs([Role("--out", "the numbers file (--out)", Path(args.out))], args.zoo)
     zoo = Path(args.zoo)
     paths = zoo_paths(zoo, args.n)
     defaults = sweep.default_flags(data_flags, sweep.is_effnet(data_flags, finetune))

@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import datasets  # noqa: E402
+from utils.files import results  # noqa: E402
 from utils.run import cli, individual  # noqa: E402
 from utils.runtime import distributed  # noqa: E402
 from utils.runtime.errors import run_main  # noqa: E402
@@ -35,6 +36,7 @@ def main(argv=None):
     cli.check_paths(args, (individual.METHOD,))  # the results file is none of the inputs
     setup = cli.prepare(args, None, data=datasets.build_dataset)
     cli.check_data_place(args, (individual.METHOD,), setup)
+    results.check_appendable(args.results_db)  # not another kind of file (once no input is it)
     records = individual.evaluate_individuals(setup)
     if distributed.is_primary() and records:
         best = max(records, key=lambda r: r["heldout"])

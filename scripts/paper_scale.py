@@ -42,6 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from utils.files import paths  # noqa: E402
+from utils.run.cli import MEMORY_LIMIT_MAX, check_number  # noqa: E402
 from utils.runtime.errors import UserError, run_main  # noqa: E402
 from utils.files.state_dicts import atomic_write  # noqa: E402
 
@@ -106,6 +108,17 @@ def parse_args(argv=None):
 
 
 def check_args(args):
+    """Every flag checked before anything is written (a UserError names the flag)."""
+    from utils.archs import get_arch
+    get_arch(args.arch)  # an unknown one is refused with the list of known ones
+    if args.k is not None and args.k != "auto" and not (args.k.isdigit() and int(args.k) >= 1):
+        raise UserError(f"--k must be a whole number >= 1 or 'auto', got {args.k!r}")
+    if args.memory_limit is not None:
+        check_number("--memory-limit", args.memory_limit, high=MEMORY_LIMIT_MAX, above=0)
+    if args.deadline is not None:
+        check_number("--deadline", args.deadline, above=0)
+    if not (os.path.isfile(args.python) and os.access(args.python, os.X_OK)):
+        raise UserError(f"--python {args.python}: not an executable file")
     if args.n < 1 or args.classes < 1:
         raise UserError(f"--n and --classes must be >= 1, got {args.n} and {args.classes}")
     if not 1 <= args.heldout_per_class <= 26:
@@ -127,8 +140,10 @@ def prepare_out(out, overwrite):
     of which only this script's own entries are removed. Nothing else is ever deleted."""
     import shutil
     out = Path(out)
-    if out.exists() and not out.is_dir():
+    if os.path.lexists(out) and not out.is_dir():
         raise UserError(f"--out {out} is a file")
+    for name in ("paper_scale.json", MARKER):  # its files can be written there (names, folder, type)
+        paths.check_writable([paths.Role("--out", f"{name} of --out {out}", out / name)])
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"--out {out} is not empty: choose a new folder (or --overwrite one that this "

@@ -222,7 +222,10 @@ def test_torn_last_line_is_not_glued_to_the_next(caplog, zoo, out, fmnist_root):
                          ids=["list", "string", "number", "null", "bad-utf8-object", "bad-utf8",
                               "deep-nesting"])
 def test_unusable_results_lines_are_skipped_and_counted(caplog, zoo, out, fmnist_root, junk):
+    """After a first line that is a JSON object (a first line that is not one is another kind of file:
+    test_a_file_whose_first_line_is_not_a_json_object_is_never_appended_to)."""
     db = out / "results.jsonl"
+    junk = b'{"method": "individual", "index": 99}\n' + junk
     db.write_bytes(junk)
     with caplog.at_level(logging.WARNING):
         first = uniform_soup.main(argv(zoo, fmnist_root, out))
@@ -570,3 +573,180 @@ def test_many_line_messages_become_one_line(capsys):
     with pytest.raises(SystemExit):
         run_main(main, [])
     assert capsys.readouterr().err == "error: first second third\n"
+
+
+# ------------------------------------------------- 10. the scripts' own flags and outputs (issue 31.4, 5, 7)
+def script_module(name):
+    """scripts/<name>.py as a module (scripts/ is not a package for every script)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"hostile_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def one_line(capsys, main, args):
+    """`main(args)` through run_main as a user runs it: exit 2 and its one `error:` line (argparse's own
+    refusals end in `<prog>: error: ...` after its usage line)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, [str(a) for a in args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if "error: " in line]
+    assert len(errors) == 1, err[-3000:]
+    return errors[0]
+
+
+def tree(*folders):
+    return {str(p): p.read_bytes() if p.is_file() else None for f in folders for p in sorted(f.rglob("*"))}
+
+
+@pytest.mark.parametrize("extra, said", [
+    (["--counts", "abc"], "error: --counts 'abc': give comma-separated whole numbers >= 1 or 'all', got 'abc'"),
+    (["--counts", "2,,3"], "error: --counts '2,,3': give comma-separated whole numbers >= 1 or 'all', got ''"),
+    (["--counts", "0"], "error: --counts '0': give comma-separated whole numbers >= 1 or 'all', got '0'"),
+    (["--counts", "9"], "error: --counts 9: the zoo holds 3 ingredients"),
+    (["--timeout", "0"], "error: --timeout must be a finite number > 0, got 0.0"),
+    (["--timeout", "nan"], "error: --timeout must be a finite number > 0, got nan"),
+    (["--timeout", "-1"], "error: --timeout must be a finite number > 0, got -1.0"),
+    (["--test-size", "0"], "error: --test-size must be a whole number >= 1, got 0"),
+    (["--synthetic-zoo", "-2"], "error: --synthetic-zoo must be a whole number >= 0, got -2"),
+    (["--num-classes", "0"], "error: --num-classes must be a whole number >= 1, got 0"),
+    (["--methods", "soup"], "error: --methods: unknown ['soup']; known: uniform, greedy, learned, learned+"),
+    (["--device", "bogus"], "error: argument --device: expected auto, cpu, cuda or cuda:N, got 'bogus'"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bench_baselines_flags_are_one_line(capsys, tmp_path, zoo, extra, said):
+    bench = script_module("bench_baselines")
+    out = tmp_path / "bench"
+    line = one_line(capsys, bench.main, ["--model-location", zoo, "--arch", "tiny-cnn", "--out", out, *extra])
+    assert line.endswith(said) if said.startswith("error: argument") else line == said, line
+    assert not out.exists()
+
+
+def test_bench_baselines_timeout_is_a_failed_row_not_a_traceback(tmp_path, zoo, fmnist_root):
+    """--timeout 0.01 raised subprocess.TimeoutExpired out of the script: each run is now a failed row."""
+    bench = script_module("bench_baselines")
+    rows = bench.main(["--model-location", str(zoo), "--arch", "tiny-cnn", "--data-location", str(fmnist_root),
+                       "--counts", "2", "--methods", "uniform", "--out", str(tmp_path / "b"), "--timeout", "0.01",
+                       "--device", "cpu"])
+    assert rows == [{"method": "uniform", "n": 2, "error": ["stopped after --timeout 0.01 s"],
+                     "wall_s": rows[0]["wall_s"]}]
+    assert json.loads((tmp_path / "b" / "bench.json").read_text())["rows"] == rows
+
+
+def test_bench_outputs_never_land_on_an_input_or_another_kind_of_file(capsys, tmp_path, zoo, fmnist_root):
+    """`bench_mehl.py --out zoo/model_0.pt` overwrote an ingredient with JSON (issue 31.5)."""
+    mehl, baselines = script_module("bench_mehl"), script_module("bench_baselines")
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    before = tree(zoo, fmnist_root, tmp_path)
+    base = ["--model-location", zoo, "--arch", "tiny-cnn", "--data-location", fmnist_root, "--ks", "2",
+            "--device", "cpu"]
+    line = one_line(capsys, mehl.main, [*base, "--out", zoo / "model_0.pt"])
+    assert line.startswith(f"error: --out {zoo / 'model_0.pt'} is also ingredient model_0.pt of --model-location"), line
+    line = one_line(capsys, mehl.main, [*base, "--out", zoo / "model_7.pt"])
+    assert line.startswith(f"error: --out {zoo / 'model_7.pt'} would be read as ingredient model_7.pt"), line
+    data_file = fmnist_root / "train-labels-idx1-ubyte.gz"
+    line = one_line(capsys, mehl.main, [*base, "--out", data_file])
+    assert line.startswith(f"error: --out {data_file} is also a file of the data set"), line
+    line = one_line(capsys, mehl.main, [*base, "--out", notes])
+    assert line.startswith(f"error: --out {notes} exists and is not a file this script wrote"), line
+    line = one_line(capsys, mehl.main, [*base, "--out", tmp_path])
+    assert line == f"error: --out {tmp_path} is a folder: give a file name", line
+    line = one_line(capsys, mehl.main, [*base, "--out", tmp_path / ("n" * 250 + ".json")])
+    assert "its name is too long for" in line, line
+    draws = script_module("greedy_draws")
+    line = one_line(capsys, draws.main, ["--zoo", zoo, "--out", zoo / "model_9.pt"])
+    assert line.startswith(f"error: --out {zoo / 'model_9.pt'} would be read as ingredient model_9.pt"), line
+    line = one_line(capsys, baselines.main, ["--model-location", zoo, "--arch", "tiny-cnn", "--out", notes,
+                                             "--counts", "2"])
+    assert line == f"error: --out {notes} is a file: give a folder", line
+    (fmnist_root / "uniform_2.jsonl").symlink_to(zoo / "model_1.pt")  # a results file that is an ingredient
+    try:
+        line = one_line(capsys, baselines.main, ["--model-location", zoo, "--arch", "tiny-cnn", "--out", fmnist_root,
+                                                 "--counts", "2", "--methods", "uniform"])
+    finally:
+        (fmnist_root / "uniform_2.jsonl").unlink()
+    assert line.startswith(f"error: --out {fmnist_root / 'uniform_2.jsonl'} is also ingredient model_1.pt"), line
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "uniform_2.jsonl").write_bytes(b"PK\x03\x04 someone's file")
+    line = one_line(capsys, baselines.main, ["--model-location", zoo, "--arch", "tiny-cnn", "--out", tmp_path / "b",
+                                             "--counts", "2", "--methods", "uniform"])
+    assert line.startswith(f"error: --out {tmp_path / 'b' / 'uniform_2.jsonl'} is not a results file"), line
+    assert tree(zoo, fmnist_root, tmp_path) == {**before, str(tmp_path / "b"): None,
+                                                str(tmp_path / "b" / "uniform_2.jsonl"): b"PK\x03\x04 someone's file"}
+
+
+@pytest.mark.parametrize("extra, said", [
+    (["--ks", "abc"], "error: --ks 'abc': give whole numbers >= 1 or 'all'"),
+    (["--ks", "0"], "error: --ks '0': give whole numbers >= 1 or 'all'"),
+    (["--layer-size", "-1"], "error: --layer-size must be a whole number >= 0, got -1"),
+    (["--threads", "0"], "error: --threads must be a whole number >= 1, got 0"),
+    (["--num-classes", "0"], "error: --num-classes must be a whole number >= 1, got 0"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bench_mehl_flags_are_one_line(capsys, tmp_path, zoo, extra, said):
+    mehl = script_module("bench_mehl")
+    line = one_line(capsys, mehl.main, ["--model-location", zoo, "--arch", "tiny-cnn", "--out",
+                                        tmp_path / "b.json", *extra])
+    assert line == said, line
+    assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.parametrize("extra, said", [
+    (["--deadline", "0"], "error: --deadline must be a finite number > 0, got 0.0"),
+    (["--deadline", "nan"], "error: --deadline must be a finite number > 0, got nan"),
+    (["--memory-limit", "1e300"], "error: --memory-limit must be a finite number > 0 and <= 1.07374e+09, got 1e+300"),
+    (["--memory-limit", "-1"], "error: --memory-limit must be a finite number > 0 and <= 1.07374e+09, got -1.0"),
+    (["--k", "many"], "error: --k must be a whole number >= 1 or 'auto', got 'many'"),
+    (["--k", "0"], "error: --k must be a whole number >= 1 or 'auto', got '0'"),
+    (["--fraction", "nan"], "error: --fraction must be in (0, 1], got nan"),
+    (["--python", "/nonexistent/python"], "error: --python /nonexistent/python: not an executable file"),
+    (["--arch", "no-such-arch"], "error: unknown --arch 'no-such-arch'; known: "),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_paper_scale_flags_are_one_line(capsys, tmp_path, extra, said):
+    from scripts import paper_scale
+    line = one_line(capsys, paper_scale.main, ["--out", tmp_path / "ps", *extra])
+    assert line.startswith(said), line
+    assert not (tmp_path / "ps").exists()
+
+
+def test_paper_scale_out_that_cannot_hold_its_files_is_one_line(capsys, tmp_path):
+    from scripts import paper_scale
+    blocker = tmp_path / "a file"
+    blocker.write_text("mine")
+    line = one_line(capsys, paper_scale.main, ["--out", blocker / "ps"])
+    assert line.startswith(f"error: --out {blocker / 'ps' / 'paper_scale.json'}: cannot write in"), line
+    line = one_line(capsys, paper_scale.main, ["--out", tmp_path / ("p" * 256)])
+    assert line.startswith("error: --out ") and "File name too long" in line, line
+    assert blocker.read_text() == "mine"
+
+
+@pytest.mark.parametrize("extra, said", [
+    (["--device", "bogus"], "error: argument --device: expected auto, cpu, cuda or cuda:N, got 'bogus'"),
+    (["--lr", "nan"], "error: --lr must be a finite number, got nan"),
+    (["--wd", "inf"], "error: --wd must be a finite number, got inf"),
+    (["--mixup", "nan"], "error: --mixup must be a finite number, got nan"),
+    (["--test-size", "-1"], "error: --test-size must be a whole number >= 0, got -1"),
+    (["--workers", "-1"], "error: --workers must be a whole number >= 0, got -1"),
+    (["--frozen-blocks", "-1"], "error: --frozen-blocks must be a whole number >= 0, got -1"),
+    (["--seed", str(2**64)], "error: --seed must be an integer in [0, 2**64 - 1]"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_finetune_flags_are_one_line(capsys, tmp_path, extra, said):
+    import finetune
+    line = one_line(capsys, finetune.main, ["--arch", "tiny-cnn", "--out-dir", tmp_path / "ft", *extra])
+    assert line.endswith(said) if said.startswith("error: argument") else line.startswith(said), line
+    assert not (tmp_path / "ft").exists()
+
+
+def test_finetune_outputs_are_checked_before_the_work(capsys, tmp_path, fmnist_root):
+    import finetune
+    base = ["--arch", "tiny-cnn", "--linear-probe", "--data-location", fmnist_root, "--device", "cpu"]
+    blocker = tmp_path / "a file"
+    blocker.write_text("mine")
+    line = one_line(capsys, finetune.main, [*base, "--out-dir", blocker])
+    assert line == f"error: --out-dir {blocker / 'model_0.pt'}: {blocker} is a file, not a folder", line
+    (tmp_path / "ft" / "model_0.json").mkdir(parents=True)
+    line = one_line(capsys, finetune.main, [*base, "--out-dir", tmp_path / "ft"])
+    assert line == f"error: --out-dir {tmp_path / 'ft' / 'model_0.json'} is a folder: give a file name", line
+    assert blocker.read_text() == "mine" and os.listdir(tmp_path / "ft") == ["model_0.json"]

@@ -415,3 +415,87 @@ def test_a_real_failing_write_keeps_the_old_pair(tmp_path, zoo, out, fmnist_root
     assert len(errors) == 1 and errors[0].startswith(f"error: could not write {soup}: "), done.stderr[-3000:]
     assert pair_of(soup) == old
     assert temporaries(out) == []
+
+
+# --------------------------------------------------- 8. every output can be written, checked before work
+def test_a_soup_name_whose_sidecar_temporaries_pass_name_max_is_refused_before_work(capsys, zoo, out,
+                                                                                   fmnist_root):
+    """Learned-Soup writes <stem>.coefficients.json through `.<stem>.coefficients.json.<random>.tmp`: a
+    stem of 230 characters is a soup name of 233 bytes, its temporaries pass 255 (issue 31.4). The run is
+    refused before it learns, and so is every name whose longest temporary would not fit."""
+    from utils.files.paths import longest_name
+    for stem_length in (230, 246):
+        name = "s" * stem_length
+        args = argv(zoo, fmnist_root, out, first=QUICK["learned"], name=name)
+        line = refused_untouched(capsys, "learned", args, out, zoo)
+        assert line.startswith(("error: --save-soup ", "error: the soup's ")), line
+        assert f"{out / name}" in line and f": its name is too long for {out} (its temporary file name takes " \
+            in line and "more than the 255 the folder allows): choose a shorter name" in line, line
+    name_max = os.pathconf(out, "PC_NAME_MAX")
+    longest = max(n for n in range(1, name_max) if longest_name("s" * n + ".coefficients.json") <= name_max)
+    learned = SCRIPTS["learned"].main(argv(zoo, fmnist_root, out, first=QUICK["learned"], name="s" * longest))
+    assert learned["soup_file"].endswith("s" * longest + ".pt")  # the longest name that fits is written
+
+
+def test_a_sidecar_that_exists_as_a_folder_is_refused_before_work(capsys, zoo, out, fmnist_root):
+    for script, kind in (("uniform", "recipe"), ("learned", "coefficients"), ("mehl", "alpha")):
+        folder = soup_io.sidecar(out / "soup.pt", kind)
+        folder.mkdir()
+        line = refused_untouched(capsys, script, argv(zoo, fmnist_root, out, first=QUICK[script]), out, zoo)
+        assert line == f"error: the soup's {kind} file {folder} is a folder: give a file name", line
+        folder.rmdir()
+
+
+def test_a_results_file_that_cannot_be_appended_to_is_refused_before_learning(capsys, monkeypatch, zoo, out,
+                                                                              fmnist_root):
+    """As root every file can be opened: the refusal of the kernel (EACCES, EROFS) is what `open` raises
+    for the results file when it is opened for appending."""
+    import builtins
+    db = out / "results.jsonl"
+    db.write_text('{"method": "individual", "index": 7}\n')
+    real_open = builtins.open
+
+    def read_only(file, mode="r", *a, **k):
+        if os.fspath(file) == str(db) and ("a" in mode or "w" in mode):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, mode, *a, **k)
+
+    before = snapshot(out, zoo)
+    with monkeypatch.context() as patched:
+        patched.setattr(builtins, "open", read_only)
+        line = refused(capsys, "learned", argv(zoo, fmnist_root, out, first=QUICK["learned"]))
+    assert snapshot(out, zoo) == before
+    assert line == f"error: --results-db {db}: cannot be appended to (Permission denied)", line
+
+
+@pytest.mark.parametrize("first", [b"PK\x03\x04 a zip", b"\n\n[1, 2]\n{}\n", b"not json\n"],
+                         ids=["a soup", "a list after blank lines", "text"])
+def test_a_file_whose_first_line_is_not_a_json_object_is_never_appended_to(capsys, zoo, out, fmnist_root, first):
+    """--results-db naming another run's soup: refused, not appended to (issue 31.5); a results line
+    written after it would spoil it."""
+    db = out / "other.pt"
+    db.write_bytes(first + b"\x00" * 1000)
+    for script in ("uniform", "learned"):
+        line = refused_untouched(capsys, script, argv(zoo, fmnist_root, out, "--results-db", db,
+                                                      first=QUICK[script]), out, zoo)
+        assert line == (f"error: --results-db {db} is not a results file (its first line is not a JSON object): "
+                        "refusing to append to it; give a new or a results file"), line
+
+
+def test_an_unreadable_results_file_is_one_line(capsys, monkeypatch, zoo, out, fmnist_root):
+    import builtins
+    db = out / "results.jsonl"
+    db.write_text('{"method": "individual", "index": 7}\n')
+    real_open = builtins.open
+
+    def unreadable(file, mode="r", *a, **k):
+        if os.fspath(file) == str(db):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, mode, *a, **k)
+
+    before = snapshot(out, zoo)
+    with monkeypatch.context() as patched:
+        patched.setattr(builtins, "open", unreadable)
+        line = refused(capsys, "greedy", argv(zoo, fmnist_root, out))
+    assert snapshot(out, zoo) == before
+    assert str(db) in line and line.endswith("cannot be read (Permission denied)"), line

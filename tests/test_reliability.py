@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ import torch
 import greedy_soup
 import MEHL_soup_layer
 import uniform_soup
-from tests.helpers import QUICK, SCRIPTS, argv, cli, last_line, nothing_written, refused
+from tests.conftest import ROOT
+from tests.helpers import FILES, QUICK, SCRIPTS, argv, cli, last_line, nothing_written, refused
 from utils.archs import get_arch
 from utils.files import state_dicts
 from utils.files.state_dicts import load_state_dict
@@ -231,6 +233,7 @@ def test_bad_argument_through_the_command_line(zoo, out, fmnist_root, script, ex
      "'sgd')"),
     (["--batch-size", "many"], "error: argument --batch-size/--batch_size: invalid int value: 'many'"),
     (["--device", "tpu"], "error: argument --device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["--device", "cuda:x"], "error: argument --device: expected auto, cpu, cuda or cuda:N, got 'cuda:x'"),
 ])
 def test_malformed_flag_values_are_argparse_errors(capsys, zoo, out, fmnist_root, extra, message):
     """Values argparse itself rejects: its usage line, then one `prog: error: ...` line, exit 2."""
@@ -364,3 +367,180 @@ def test_the_guarantees_name_every_argument_that_does_not_define_a_run():
     for action in cli.soup_parser("", "x")._actions:
         if action.option_strings and action.dest not in cli.NOT_DEFINING and action.dest != "help":
             assert not any(f"`{o}`" in paragraph for o in action.option_strings), action.dest
+
+
+# ------------------------------------------------------------------- the device, the memory bounds
+def test_device_cuda_n_is_honoured_without_local_rank(monkeypatch):
+    """Issue 29.7: `--device cuda:1` was ignored in favour of LOCAL_RANK (0 when unset). Under torchrun
+    each rank keeps the GPU of its LOCAL_RANK. (No GPU here: CUDA's answers are stood in for.)"""
+    from utils.runtime import distributed
+    from utils.runtime.errors import UserError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.setup("cuda:2") == torch.device("cuda", 2)
+    assert distributed.setup("cuda") == torch.device("cuda", 0)
+    assert distributed.setup("auto") == torch.device("cuda", 0)
+    with pytest.raises(UserError, match=r"^--device cuda:7: CUDA device 7 does not exist here \(4 visible\)$"):
+        distributed.setup("cuda:7")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert distributed.setup("cuda:2") == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="^--device cuda:1 was asked for but no CUDA device is visible$"):
+        distributed.setup("cuda:1")
+
+
+def test_a_memory_limit_too_large_to_count_in_bytes_is_one_line(capsys, zoo, out, fmnist_root):
+    """`--memory-limit 1e300 --model_batch auto` ended in OverflowError (int of an infinite byte count)."""
+    for script, extra in (("mehl", ["--model_batch", "auto"]), ("learned", [])):
+        line = refused(capsys, script, argv(zoo, fmnist_root, out, "--memory-limit", "1e300", *extra,
+                                            first=QUICK[script]))
+        assert line == "error: --memory-limit must be at most 1073741824 GiB (an exbibyte), got 1e+300", line
+        nothing_written(out)
+
+
+def cgroup_tree(tmp_path, version, listed, files):
+    """A stand-in cgroup mount under `tmp_path` and the /proc/self/cgroup listing `listed`; `files`:
+    {relative path: text}. Returns (root, proc)."""
+    root = tmp_path / "cgroup"
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text(f"0::{listed}\n" if version == 2 else f"9:pids:/\n4:memory:{listed}\n0::/\n")
+    return root, proc
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("case, version, listed, files, expected", [
+    ("v2 limit", 2, "/job", {"job/memory.max": f"{3 * GIB // 2}", "job/memory.current": f"{GIB}",
+                             "job/memory.stat": f"anon 1\ninactive_file {GIB // 4}\n"}, 3 * GIB // 4),
+    ("v2 parent's limit", 2, "/a/b", {"a/memory.max": f"{2 * GIB}", "a/memory.current": f"{GIB}",
+                                      "a/b/memory.max": "max", "a/b/memory.current": f"{GIB}"}, GIB),
+    ("v2 no limit", 2, "/a", {"a/memory.max": "max", "a/memory.current": f"{GIB}"}, None),
+    ("v2 inside a namespace", 2, "/not/mounted/here", {"memory.max": f"{GIB}", "memory.current": "0"}, GIB),
+    ("v1 limit", 1, "/job", {"memory/job/memory.limit_in_bytes": f"{3 * GIB // 2}",
+                             "memory/job/memory.usage_in_bytes": f"{GIB}",
+                             "memory/job/memory.stat": "total_inactive_file 0\n"}, GIB // 2),
+    ("v1 no limit", 1, "/job", {"memory/job/memory.limit_in_bytes": "9223372036854771712",
+                                "memory/job/memory.usage_in_bytes": f"{GIB}"}, None),
+    ("unreadable", 2, "/a", {"a/memory.max": "garbage", "a/memory.current": "1"}, None),
+])
+def test_the_planner_reads_the_memory_cgroup(monkeypatch, tmp_path, case, version, listed, files, expected):
+    """Issue 31.9: `--model_batch auto` planned against the host's MemAvailable inside a 1.5 GiB cgroup.
+    The bound is what the cgroup's limit leaves (less the usage that cannot be reclaimed), for every
+    reader of available memory (the planner, Learned-Soup's check, the decoded-image cache)."""
+    from utils.run import plan
+    from utils.runtime import memory
+    root, proc = cgroup_tree(tmp_path, version, listed, files)
+    assert memory.cgroup_available(str(root), str(proc)) == expected
+    monkeypatch.setattr(memory, "CGROUP_ROOT", str(root))
+    monkeypatch.setattr(memory, "PROC_CGROUP", str(proc))
+    host = memory._proc_bytes("/proc/meminfo", "MemAvailable")
+    available = memory.mem_available()
+    assert available == (host if expected is None else min(host, expected))
+    if expected is not None:
+        rss = memory.status_bytes("VmRSS")
+        assert plan.capacity_bytes(torch.device("cpu")) <= expected + rss + 2**20  # VmRSS read a moment apart
+
+
+# ------------------------------------------------------------------- files this user may not open
+def test_a_permission_error_from_anywhere_is_one_line(capsys, monkeypatch, zoo, out, fmnist_root):
+    """An unreadable ingredient raised PermissionError out of the preflight (issue 31.7); run_main says any
+    PermissionError in one line (root opens every file: the kernel's refusal is stood in for here, and
+    test_unreadable_files_are_one_line_for_a_user meets the real one)."""
+    import builtins
+    real_open = builtins.open
+    target = str(zoo / "model_1.pt")
+
+    def refuse(file, *a, **k):
+        if os.fspath(file) == target:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), target)
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", refuse)
+    for script in ("uniform", "learned"):
+        line = refused(capsys, script, argv(zoo, fmnist_root, out, first=QUICK[script]))
+        assert line == (f"error: {target}: this user may not open it (Permission denied): give this user access "
+                        "to it, or choose another path"), line
+        nothing_written(out)
+
+
+def copy_for_a_user(shared):
+    """The scripts and the packages they import, copied into `shared` where every user may read them (the
+    checkout may sit in a private folder, as a clone inside `mktemp -d` does)."""
+    import shutil
+    code = shared / "code"
+    for name in ("utils", "datasets"):
+        shutil.copytree(ROOT / name, code / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for script in ROOT.glob("*.py"):
+        shutil.copy(script, code / script.name)
+    for folder, _, files in os.walk(code):
+        os.chmod(folder, 0o755)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o644)
+    return code
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root, and no setpriv to drop to a user")
+def test_unreadable_files_are_one_line_for_a_user(tmp_path_factory):
+    """As the user nobody (root opens every file): an ingredient made unreadable (chmod 000), a results
+    file made unreadable, a results file that may be read but not appended to (chmod 444: refused before
+    the work, nothing written)."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from tests.conftest import make_fmnist, make_zoo
+    shared = Path(tempfile.mkdtemp(prefix="soup-user-", dir="/tmp"))
+    try:
+        shared.chmod(0o755)
+        code = copy_for_a_user(shared)
+        zoo, data = make_zoo(shared / "zoo", 3), make_fmnist(shared / "data", n_train=100, n_test=20)
+        subprocess.run(["chmod", "-R", "a+rX", str(zoo), str(data)], check=True)
+        out = shared / "out"
+        out.mkdir(mode=0o777)
+        out.chmod(0o777)
+        as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+        python = os.path.join(os.path.realpath(sys.prefix), "bin", os.path.basename(sys.executable))
+        env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "HOME": str(out),
+               "MODEL_SOUPS_CACHE": str(out / "cache")}
+        can = subprocess.run([*as_user, python, "-c", "import torch"], capture_output=True, text=True, timeout=120,
+                             cwd=shared, env=env)
+        if can.returncode != 0:
+            pytest.skip(f"the user nobody cannot run {python} with torch (it sits in a folder that user may not "
+                        f"read?): {(can.stderr.strip().splitlines() or ['?'])[-1]}")
+
+        def run(script, results_db):
+            done = subprocess.run([*as_user, python, str(code / FILES[script]),
+                                   *argv(zoo, data, out, "--results-db", results_db, first=QUICK[script])],
+                                  capture_output=True, text=True, timeout=300, cwd=shared, env=env)
+            assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+            lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+            assert len(lines) == 1, done.stderr[-3000:]
+            assert not (out / "soup.pt").exists()
+            return lines[0]
+
+        (zoo / "model_1.pt").chmod(0o000)
+        line = run("uniform", out / "results.jsonl")
+        assert line.startswith(f"error: {zoo / 'model_1.pt'}: ") and "Permission denied" in line, line
+        (zoo / "model_1.pt").chmod(0o644)
+        secret = shared / "secret.jsonl"
+        secret.write_text('{"method": "individual", "index": 9}\n')
+        secret.chmod(0o000)
+        line = run("greedy", secret)
+        assert str(secret) in line and "Permission denied" in line, line
+        locked = shared / "locked.jsonl"
+        locked.write_text('{"method": "individual", "index": 9}\n')
+        locked.chmod(0o444)
+        line = run("learned", locked)
+        assert line == f"error: --results-db {locked}: cannot be appended to (Permission denied)", line
+        assert locked.read_text() == '{"method": "individual", "index": 9}\n'
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

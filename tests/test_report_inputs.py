@@ -297,15 +297,44 @@ def test_out_with_a_folder_in_the_place_of_an_output_is_one_line(tmp_path, capsy
     assert "in the way" in refused(capsys, ["--results-db", str(db), "--out", str(tmp_path / "rep")])
 
 
+def test_an_output_name_that_is_a_symbolic_link_loop_is_one_line(tmp_path, capsys, monkeypatch):
+    """`--out/report.md` linked to itself raised RuntimeError from Path.resolve (issue 31.7); the outputs
+    go through the shared path check (utils.files.paths.check_writable)."""
+    db = write_lines(tmp_path / "r.jsonl", zoo_lines(tmp_path / "zoo"))
+    out = tmp_path / "rep"
+    out.mkdir()
+    for name in ("report.md", "scatter.png"):
+        (out / name).symlink_to(out / name)
+        no_work(monkeypatch)
+        line = refused(capsys, ["--results-db", str(db), "--out", str(out)])
+        assert line == f"error: --out {out / name}: not a usable path (Too many levels of symbolic links)", line
+        (out / name).unlink()
+
+
+def copy_for_a_user(shared):
+    """What report.py runs (itself and utils/), copied into `shared`, readable by every user: the
+    checkout may sit in a private folder (a clone inside `mktemp -d`), which the user cannot enter."""
+    code = shared / "code"
+    shutil.copytree(ROOT / "utils", code / "utils", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "report.py", code / "report.py")
+    for folder, dirs, files in os.walk(code):
+        os.chmod(folder, 0o755)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o644)
+    return code
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root, and no setpriv to drop to a user")
 def test_a_read_only_out_folder_and_an_unreadable_results_file_are_one_line_for_a_user():
     """As an ordinary user sees them (root reads and writes anywhere: as root, report.py runs as the
     user nobody through setpriv): an --out folder made read-only (chmod 555), a results file made
-    unreadable (chmod 000)."""
+    unreadable (chmod 000). What it runs is a copy in a folder every user may read; the Python must be
+    one that user may run (else the test is skipped, saying so)."""
     shared = Path(tempfile.mkdtemp(prefix="report-user-", dir="/tmp"))
     try:
         shared.chmod(0o755)
+        code = copy_for_a_user(shared)
         db = write_lines(shared / "r.jsonl", zoo_lines(shared / "zoo"))
         db.chmod(0o644)
         (shared / "ro").mkdir()
@@ -315,12 +344,19 @@ def test_a_read_only_out_folder_and_an_unreadable_results_file_are_one_line_for_
         (shared / "secret.jsonl").write_text(db.read_text())
         (shared / "secret.jsonl").chmod(0o000)
         as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+        env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "MPLCONFIGDIR": str(shared / "mpl")}
+        # the environment by its own place (a checkout's .venv may be a link to one outside a private folder)
+        python = os.path.join(os.path.realpath(sys.prefix), "bin", os.path.basename(sys.executable))
+        can = subprocess.run([*as_user, python, "-c", "import torch, matplotlib, tqdm"], capture_output=True,
+                             text=True, timeout=120, cwd=shared, env=env)
+        if can.returncode != 0:
+            pytest.skip(f"the user nobody cannot run {python} with torch and matplotlib (it sits in a folder "
+                        f"that user may not read?): {(can.stderr.strip().splitlines() or ['?'])[-1]}")
         for results_db, out, said in ((db, shared / "ro", "cannot write into the folder"),
                                       (shared / "secret.jsonl", shared / "rep", "cannot be read")):
-            done = subprocess.run([*as_user, sys.executable, str(ROOT / "report.py"), "--results-db", str(results_db),
+            done = subprocess.run([*as_user, python, str(code / "report.py"), "--results-db", str(results_db),
                                    "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=shared,
-                                  env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-                                       "MPLCONFIGDIR": str(shared / "mpl")})
+                                  env=env)
             assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
             last = done.stderr.strip().splitlines()[-1]
             assert last.startswith("error: ") and said in last, done.stderr[-3000:]

@@ -9,11 +9,19 @@ collision is one UserError naming both roles. `--overwrite` covers the run's own
 it never makes an input writable.
 
 Paths are compared as the run will open them; a file reached through a bind mount or another machine's
-share under another name is not recognised."""
+share under another name is not recognised.
+
+`check_writable` then makes sure each output can be written where asked, before any work: a run that
+learns for an hour and then cannot write its soup, a sidecar or its results line would repeat that hour
+on every rerun."""
+import errno
 import fnmatch
 import glob
+import json
 import os
 import re
+import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +38,7 @@ class Role:
     `what` where it follows "is also" ("the soup (--save-soup)"). `kind`: "file" (this one file),
     "tree" (an input folder: an output on an existing file or folder under it collides), "zoo" (the
     ingredient folder: an output named as an ingredient there, existing or not, collides) or, for an
-    output, "lock" (a lock file: utils/files/lock.py opens an existing file only when it is one of its
+    output, "append" (a file appended to, never replaced: the results file) or "lock" (a lock file: utils/files/lock.py opens an existing file only when it is one of its
     own locks, so no tree's file can be harmed by it, and the run's own lock exists by the time the data
     set's standard place is known)."""
     flag: str
@@ -137,6 +145,129 @@ def state_outputs(state, given):
                  sidecar(state, "lock"), "lock")]
 
 
+# ------------------------------------------------------------------------- can each output be written
+# The longest name a run gives a file beside an output `<name>`: its temporary file `.<name>.<random>.tmp`
+# (utils.files.state_dicts.temporary: a mkdtemp folder whose name draws 8 characters: TEMPORARY_RANDOM bounds any random part
+# up to that many) or its lock `.<name>.lock`. The one place that rule lives.
+TEMPORARY_RANDOM = 16
+
+
+def longest_name(name):
+    """The longest file name that writing the output named `name` uses, in bytes."""
+    return len(os.fsencode(f".{name}.{'x' * TEMPORARY_RANDOM}.tmp"))
+
+
+def _existing_folder(path):
+    """The nearest folder of `path` that exists (its parent, or an ancestor when parents are still to be
+    made), or the first ancestor that exists but is not a folder."""
+    folder = Path(os.path.abspath(path)).parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _name_max(folder):
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255  # what Linux's file systems allow
+
+
+def check_writable(outputs):
+    """Refuse (UserError, one line) before any work an output of `outputs` (Roles) that could not be
+    written where asked: one that exists and is not a regular file (a folder where a file goes), a name
+    (with the temporary and lock names written beside it, `longest_name`) longer than its folder's
+    NAME_MAX, a parent that is a file, a folder where no file can be created (read-only, no permission),
+    and for a results file (kind "append") an existing file that cannot be opened for appending. Missing
+    folders are created (as the run would); a probe file is created and removed in each folder."""
+    probed = set()
+    for out in outputs:
+        path = Path(out.path)
+        if out.kind not in ("file", "append"):
+            continue  # a lock: utils.files.lock checks its own file, and its name is shorter
+        _check_kind(out.flag, path)
+        folder = _existing_folder(path)
+        if os.path.lexists(folder) and not os.path.isdir(folder):
+            where = "" if folder == Path(os.path.abspath(path)).parent else f"cannot write in {path.parent}: "
+            raise UserError(f"{out.flag} {path}: {where}{folder} is a file, not a folder")
+        longest = len(os.fsencode(path.name)) if out.kind == "append" else longest_name(path.name)
+        limit = _name_max(folder)
+        if longest > limit:
+            what = "" if out.kind == "append" else "temporary "
+            raise UserError(f"{out.flag} {path}: its name is too long for {folder} (its {what}file name takes "
+                            f"{longest} bytes, more than the {limit} the folder allows): choose a shorter name")
+        if out.kind == "append" and os.path.exists(path):
+            try:
+                with open(path, "ab"):
+                    pass
+            except OSError as err:
+                raise UserError(f"{out.flag} {path}: cannot be appended to ({err.strerror or err})") from err
+        elif path.parent not in probed:
+            _probe(out.flag, path)
+            probed.add(path.parent)
+
+
+def _check_kind(flag, path):
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return  # nothing there yet (or a parent that is a file: said by the caller)
+    except OSError as err:
+        if err.errno in (errno.ENAMETOOLONG, errno.ELOOP):
+            raise UserError(f"{flag} {path}: not a usable path ({err.strerror})") from err
+        raise UserError(f"{flag} {path}: cannot be inspected ({err.strerror or err})") from err
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{flag} {path} is a folder: give a file name")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{flag} {path} exists and is not a regular file (a device, a pipe or a socket): "
+                        "give a file name")
+
+
+def _probe(flag, path):
+    """Create the folder of `path` and a file in it, then remove that file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".write-probe-"):
+            pass
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot write in {path.parent}: {err.strerror or err}") from err
+
+
+def check_outputs(outputs, model_location=None, data_location=None):
+    """The outputs of a script that is not a soup run (a benchmark's numbers, a fine-tuned ingredient):
+    none lands on an input (the ingredients of `model_location`, the data under `data_location`) or on
+    another output (`check_distinct`), and each can be written (`check_writable`)."""
+    inputs = (ingredient_inputs(model_location) if model_location else []) + data_inputs(data_location)
+    check_distinct(outputs, inputs)
+    check_writable(outputs)
+
+
+def check_own_json(path, flag, keys, limit=64 * 2**20):
+    """An existing file that a script replaces must be one it wrote: a JSON object (of at most `limit`
+    bytes) holding `keys`. Anything else (an ingredient, a results file, a user's notes) is refused."""
+    path = Path(path)
+    if not os.path.isfile(path):
+        return
+    try:
+        too_big = os.path.getsize(path) > limit
+        doc = None if too_big else json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        doc = None
+    if not (isinstance(doc, dict) and all(k in doc for k in keys)):
+        raise UserError(f"{flag} {path} exists and is not a file this script wrote (a JSON object with "
+                        f"{', '.join(keys)}): refusing to replace it; choose another path")
+
+
+def run_outputs(soups, states, results_db):
+    """The outputs of a soup run (Roles): `soups` ({path: the flag it came from}), the soup(s) the run
+    may write with their sidecars and locks; `states` ({path: whether --resume named it}), MEHL's state
+    file(s); the results file (kind "append")."""
+    outputs = [role for soup, flag in soups.items() for role in soup_outputs(Path(soup), flag)]
+    outputs += [role for state, given in states.items() for role in state_outputs(Path(state), given)]
+    outputs.append(Role("--results-db", "the results file (--results-db)", Path(results_db), "append"))
+    return outputs
+
+
 def check_run(soups, states, results_db, model_location, data_location=None, heldout_index=None,
               standard=None):
     """A soup run's outputs against its inputs and each other (`check_distinct`). Outputs: `soups`
@@ -144,9 +275,7 @@ def check_run(soups, states, results_db, model_location, data_location=None, hel
     `states` ({path: whether --resume named it}), MEHL's state file(s); the results file. Inputs: the
     ingredient folder, the data folder (`data_location`; without it, `standard`: the folder the data
     set was read from, see `data_inputs`) and the held-out index file."""
-    outputs = [role for soup, flag in soups.items() for role in soup_outputs(Path(soup), flag)]
-    outputs += [role for state, given in states.items() for role in state_outputs(Path(state), given)]
-    outputs.append(Role("--results-db", "the results file (--results-db)", Path(results_db)))
+    outputs = run_outputs(soups, states, results_db)
     inputs = ingredient_inputs(model_location) + data_inputs(data_location, heldout_index, standard)
     check_distinct(outputs, inputs)
 

@@ -6,7 +6,9 @@ Lines are written with a single `write` on a file opened in append mode and flus
 kill leaves whole lines only. The file is not trusted when read: a line that is torn (a power loss, a
 full disk, another tool), not a JSON object, or not UTF-8 is skipped, counted, and reported in one
 warning per file; an append after a torn last line starts on a fresh line, so it is not glued on. A
-results path that is not a regular file (a device, a FIFO, a folder) is refused up front."""
+results path that is not a regular file (a device, a FIFO, a folder) is refused up front, and so is an
+existing file that is not empty and whose first line is not a JSON object (`check_appendable`): that is
+another kind of file (a soup, a log), never appended to."""
 import json
 import logging
 import os
@@ -37,6 +39,35 @@ def check_regular(path, flag="--results-db"):
         raise UserError(f"{flag} {path} {what}, not a regular file: give a file name")
 
 
+FIRST_LINE_MAX = 64 * 2**20  # bytes of the first line read to tell a results file (a line is far shorter)
+
+
+def check_appendable(path, flag="--results-db"):
+    """`check_regular`, then refuse an existing file that is not empty and whose first line (the first
+    that is not blank) is not a JSON object: another kind of file, which an appended line would spoil.
+    Reads at most FIRST_LINE_MAX bytes."""
+    path = Path(path)
+    check_regular(path, flag)
+    try:
+        with open(path, "rb") as f:
+            first = b""
+            while not first.strip():
+                first = f.readline(FIRST_LINE_MAX)
+                if not first:
+                    return  # empty, or blank lines only
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot be read ({err.strerror or err})") from err
+    try:
+        record = json.loads(first.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        record = None
+    if not isinstance(record, dict):
+        raise UserError(f"{flag} {path} is not a results file (its first line is not a JSON object): "
+                        "refusing to append to it; give a new or a results file")
+
+
 def read(path):
     """All usable records of a results file (a missing file has none): the lines that are whole
     JSON objects. Other lines are skipped and counted; one warning per file says how many."""
@@ -45,7 +76,11 @@ def read(path):
         return []
     check_regular(path)
     records, skipped, first_bad = [], 0, None
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as err:
+        raise UserError(f"the results file {path} cannot be read ({err.strerror or err})") from err
+    with f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
@@ -72,7 +107,7 @@ def append(path, record):
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}
     if distributed.is_primary():
         path = Path(path)
-        check_regular(path)
+        check_appendable(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps(record, default=_jsonable) + "\n"
         try:

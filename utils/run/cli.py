@@ -4,14 +4,13 @@ import argparse
 import json
 import logging
 import math
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from utils import archs
 from utils.archs import timm_models
-from utils.files import identity, ingredients, lock, results
+from utils.files import identity, ingredients, lock, paths, results
 from utils.files.paths import check_run
 from utils.files.soup_io import recipe_beside, recipe_describes, sidecar
 from utils.run import decoded, evaluation, precision, prefix
@@ -67,9 +66,9 @@ def soup_parser(description, method):
     g = p.add_argument_group("running")
     g.add_argument("--batch-size", "--batch_size", type=int, default=128, help="data batch size")
     g.add_argument("--workers", type=int, default=0, help="data loader worker processes")
-    g.add_argument("--device", default="auto", type=device_flag,
-                   help="where to compute: auto (CUDA when available), cpu, cuda or cuda:N (under torchrun "
-                   "each rank takes its LOCAL_RANK's device)")
+    g.add_argument("--device", default="auto", type=distributed.parse_device,
+                   help="where to compute: auto (CUDA when available), cpu, cuda or cuda:N (GPU N; under "
+                   "torchrun each rank takes the GPU of its LOCAL_RANK)")
     g.add_argument("--prefix-cache", default=None,
                    help="folder where the outputs of a frozen prefix shared by every ingredient (the default "
                    "zoo's) are kept between runs, checked before use (utils/run/prefix.py); default "
@@ -104,15 +103,10 @@ def soup_parser(description, method):
     return p
 
 
-def device_flag(value):
-    """--device: auto, cpu, cuda or cuda:N."""
-    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
-        return value
-    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
-
-
 def check_args(args):
-    """Range checks of the common flags (a UserError names the flag)."""
+    """Range checks of the common flags (a UserError names the flag), and of the distributed environment
+    (utils.runtime.distributed.environment: a bad variable is one line before anything is read)."""
+    distributed.environment()
     positive = {"batch_size": "--batch-size"}
     for attr, flag in positive.items():
         if getattr(args, attr) < 1:
@@ -150,12 +144,29 @@ def check_learning(args):
         raise UserError(f"--layer-size must be >= 0, got {layer_size}")
     if limit is not None and not 0 < limit < math.inf:
         raise UserError(f"--memory-limit must be a finite number of GiB > 0, got {limit}")
+    if limit is not None and limit > MEMORY_LIMIT_MAX:
+        raise UserError(f"--memory-limit must be at most {MEMORY_LIMIT_MAX:.0f} GiB (an exbibyte), got {limit:g}")
 
 
 # Every seed a script takes ends in a torch.Generator (or numpy's, which takes any integer >= 0).
 SEED_FLAGS = (("split_seed", "--split-seed"), ("randomseed", "--randomseed"), ("seed", "--seed"))
 SEED_MAX = 2**64 - 1
 LR_MAX = 3.4028234663852886e37  # torch.finfo(torch.float32).max / 10
+MEMORY_LIMIT_MAX = 2.0**30  # GiB: an exbibyte, far above any machine, far below what bytes overflow at
+
+
+def check_number(flag, value, low=None, high=None, *, above=None):
+    """A flag's number is finite and within bounds (`low` <= value <= `high`, value > `above`); else
+    a UserError naming the flag. For the scripts' own flags (benchmarks, paper_scale, finetune)."""
+    ok = value is not None and math.isfinite(value) and (low is None or value >= low) \
+        and (high is None or value <= high) and (above is None or value > above)
+    if not ok:
+        bounds = [f"> {above:g}" if above is not None else None, f">= {low:g}" if low is not None else None,
+                  f"<= {high:g}" if high is not None else None]
+        kind = "a whole number" if isinstance(value, int) else "a finite number"
+        said = " and ".join(b for b in bounds if b)
+        raise UserError(f"{flag} must be {kind}{' ' + said if said else ''}, got {value}")
+    return value
 
 
 def check_seed(flag, value):
@@ -165,35 +176,21 @@ def check_seed(flag, value):
                         f"got {value}")
 
 
-def check_writable(args, method):
-    """Fail before any work when the results file or the soup cannot be written where asked (a parent
-    that is a file, a read-only or missing mount): create the folder and a probe file in it. `method`
-    None (MEHL before it counts its blocks): a default soup path is probed by its folder."""
-    targets = [("--results-db", Path(args.results_db))]
-    soup = soup_target(args, method or "soup")
-    if soup is not None:
-        targets.append(("--save-soup", soup))
-    if isinstance(getattr(args, "resume", None), str):
-        targets.append(("--resume", Path(args.resume)))
-    for flag, path in targets:
-        if path.is_dir():
-            raise UserError(f"{flag} {path} is a folder: give a file name")
-        results.check_regular(path, flag)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".write-probe-"):
-                pass
-        except OSError as err:
-            raise UserError(f"{flag} {path}: cannot write in {path.parent}: "
-                            f"{err.strerror or err}") from err
+def check_writable(args, methods, kind=True):
+    """Fail before any work when an output cannot be written where asked (utils.files.paths.check_writable:
+    the soup of each method in `methods`, its sidecars and temporary names, MEHL's state, the results
+    file), and (`kind`) when the results file is another kind of file (utils.files.results.check_appendable;
+    a caller that learns the data set's standard place later checks that first, for the clearer message)."""
+    soups, states = run_targets(args, methods)
+    paths.check_writable(paths.run_outputs(soups, states, args.results_db))
+    if kind:
+        results.check_appendable(args.results_db)
 
 
-def check_paths(args, methods, standard=None):
-    """No output of the run is an input or another output (utils.files.paths), checked before anything
-    is read or written, and again with `standard`, the folder the data set was read from, when no
-    --data-location named it. `methods`: MEHL's soup path follows the method it learns, so both are
-    checked."""
-    soups, states = {}, {}  # path -> flag; an explicit --save-soup is one path for every method
+def run_targets(args, methods):
+    """({soup path: the flag it came from}, {MEHL state path: whether --resume named it}) of a run that
+    may learn any of `methods`: an explicit --save-soup is one path for every method."""
+    soups, states = {}, {}
     for method in methods:
         soup = soup_target(args, method)
         if soup is not None:
@@ -202,6 +199,15 @@ def check_paths(args, methods, standard=None):
             given = isinstance(args.resume, str)
             state = Path(args.resume) if given else sidecar(soup or Path(f"runs/{method}.pt"), "state")
             states[state] = given
+    return soups, states
+
+
+def check_paths(args, methods, standard=None):
+    """No output of the run is an input or another output (utils.files.paths), checked before anything
+    is read or written, and again with `standard`, the folder the data set was read from, when no
+    --data-location named it. `methods`: MEHL's soup path follows the method it learns, so both are
+    checked."""
+    soups, states = run_targets(args, methods)
     check_run(soups, states, args.results_db, args.model_location, args.data_location,
               args.heldout_index, standard)
 
@@ -363,7 +369,7 @@ def prepare(args, method=None, check_ingredients=True, *, data):
     data sets)."""
     started = time.time()
     check_args(args)
-    check_writable(args, method)
+    check_writable(args, (method or "soup",), kind=False)  # the kind: once the data's place is known
     device = distributed.setup(args.device)
     precision.use_tf32(args.tf32)
     prefix.configure(prefix_folder(args.prefix_cache))
@@ -420,6 +426,9 @@ def begin(args, method, methods=None, *, data):
     if finished_line is not None:
         end()
         return finished_line, None, None
+    # before the locks, the data and any work; the results file's kind once no input is it (clearer): now
+    # when --data-location named the data, else once the data set's standard place is known
+    check_writable(args, methods or (method,), kind=args.data_location is not None)
     output = None
     if method is not None:
         output = soup_output(args, method)
@@ -428,6 +437,8 @@ def begin(args, method, methods=None, *, data):
         lock_output(soup_output(args, None).path)
     setup = prepare(args, method, data=data)
     check_data_place(args, methods or (method,), setup)
+    if args.data_location is None:
+        results.check_appendable(args.results_db)
     individual.check_exclude_top(setup, args.exclude_top)
     memory.reset_peak(setup.device)
     return None, setup, output

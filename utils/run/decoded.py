@@ -332,7 +332,7 @@ def _decode_into(out, dataset, plan, rows, workers, desc):
 
 def _in_memory(dataset, plan, rows, workers, desc):
     need = len(rows) * int(np.prod(plan.shape))
-    budget = (mem_available() or float("inf")) * MEMORY_FRACTION / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    budget = (mem_available() or float("inf")) * MEMORY_FRACTION / distributed.local_world_size()
     if need > budget:
         _once(("memory", id(dataset)), logging.WARNING, "%s: %.1f GiB of decoded images exceed the memory "
               "budget (%.1f GiB): decoded in every pass", desc, need / 2**30, budget / 2**30)

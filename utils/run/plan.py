@@ -24,12 +24,12 @@ batch of the run's size (this rank's share) is run before learning: on CUDA its 
 VmHWM when the step raised it, otherwise the largest VmRSS sampled while the step ran (the process's
 high-water mark may come from reading the ingredients earlier, which says nothing about the step).
 """
-import os
 import threading
 from dataclasses import dataclass
 
 import torch
 
+from utils.runtime import distributed
 from utils.runtime.memory import mem_available, resident_peak_bytes, status_bytes
 
 MARGIN = 0.05                 # of the capacity kept free: allocator fragmentation, other processes
@@ -173,7 +173,7 @@ def so_far(device):
 
 
 def local_world_size():
-    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return distributed.local_world_size()
 
 
 # --------------------------------------------------------------------------------------- report
