@@ -111,14 +111,14 @@ def group(args):
     started = time.perf_counter()
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
-    world = dist.get_world_size()
+    world, rank = dist.get_world_size(), dist.get_rank()
     x = torch.full((4,), float(dist.get_rank() + 1), device=device)
     dist.all_reduce(x)
     dist.barrier()
     expected = world * (world + 1) / 2
     ok = bool((x == expected).all())
     dist.destroy_process_group()
-    print(f"process group: {backend} on {device}, rank {os.environ['RANK']} of {world}, init + all_reduce + "
+    print(f"process group: {backend} on {device}, rank {rank} of {world}, init + all_reduce + "
           f"barrier + teardown in {time.perf_counter() - started:.2f} s, sum {x[0].item():g} "
           f"(expected {expected:g}): {'ok' if ok else 'FAIL'}")
     return 0 if ok and not dist.is_initialized() else 1

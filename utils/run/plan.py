@@ -24,6 +24,7 @@ batch of the run's size (this rank's share) is run before learning: on CUDA its 
 VmHWM when the step raised it, otherwise the largest VmRSS sampled while the step ran (the process's
 high-water mark may come from reading the ingredients earlier, which says nothing about the step).
 """
+import os
 import threading
 from dataclasses import dataclass
 
