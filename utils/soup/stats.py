@@ -72,26 +72,46 @@ def bootstrap_differences(pairs, replicates=REPLICATES, seed=SEED):
     return total / len(pairs)
 
 
-def bootstrap_interval(pairs, level=0.95, replicates=REPLICATES, seed=SEED):
-    """(low, high) of the paired bootstrap percentile interval of the accuracy difference a - b in
-    percentage points (fixed seed: the same inputs give the same interval). `pairs`: one
-    (a_correct, b_correct), or a list of them whose differences are averaged (the shift mean)."""
+def bootstrap(pairs, level=0.95, replicates=REPLICATES, seed=SEED):
+    """(low, high, p) of the paired bootstrap of the accuracy difference a - b in percentage points
+    (fixed seed: the same inputs give the same numbers). `pairs`: one (a_correct, b_correct), or a
+    list of them whose differences are averaged (the shift mean). (low, high): the percentile interval
+    at `level`; p: the two-sided bootstrap p-value of a - b = 0, twice the share of replicates on the
+    far side of 0 from the observed difference (at most 1; resolution 1 / replicates), below 0.05
+    when the 95 % interval excludes 0."""
     if isinstance(pairs, tuple):
         pairs = [pairs]
     d = bootstrap_differences(pairs, replicates, seed)
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(d, [tail, 1.0 - tail])
-    return float(low), float(high)
+    observed = float(np.mean([100.0 * (np.count_nonzero(a) - np.count_nonzero(b)) / len(a)
+                              for a, b in ((np.asarray(a, bool), np.asarray(b, bool)) for a, b in pairs)]))
+    if observed > 0:
+        far = np.count_nonzero(d <= 0)
+    elif observed < 0:
+        far = np.count_nonzero(d >= 0)
+    else:
+        far = replicates
+    return float(low), float(high), min(1.0, 2.0 * far / replicates)
+
+
+def bootstrap_interval(pairs, level=0.95, replicates=REPLICATES, seed=SEED):
+    """(low, high) of `bootstrap`."""
+    return bootstrap(pairs, level, replicates, seed)[:2]
 
 
 def bootstrap_p(pairs, replicates=REPLICATES, seed=SEED):
-    """Two-sided bootstrap p-value of a - b = 0: twice the share of replicates on the far side of 0
-    from the observed difference (at most 1; resolution 1 / replicates). Below 0.05 exactly when the
-    95 % percentile interval excludes 0, up to the replicates on the boundary."""
-    if isinstance(pairs, tuple):
-        pairs = [pairs]
-    d = bootstrap_differences(pairs, replicates, seed)
-    observed = float(np.mean([100.0 * (np.mean(a) - np.mean(b)) for a, b in
-                              ((np.asarray(a, bool), np.asarray(b, bool)) for a, b in pairs)]))
-    far = np.count_nonzero(d <= 0) if observed > 0 else np.count_nonzero(d >= 0) if observed < 0 else replicates
-    return min(1.0, 2.0 * far / replicates)
+    """p of `bootstrap`."""
+    return bootstrap(pairs, 0.95, replicates, seed)[2]
+
+
+def accuracy_interval(correct, level=0.95, replicates=REPLICATES, seed=SEED):
+    """(low, high) percentile bootstrap interval of one model's accuracy in percent (a binomial draw
+    per replicate: the same distribution as resampling the examples)."""
+    c = np.asarray(correct, dtype=bool)
+    if c.ndim != 1 or not len(c):
+        raise ValueError("need a non-empty boolean vector")
+    draws = np.random.default_rng(seed).binomial(len(c), np.count_nonzero(c) / len(c), size=replicates)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(100.0 * draws / len(c), [tail, 1.0 - tail])
+    return float(low), float(high)
