@@ -116,28 +116,31 @@ def load(results_db, field):
     expected_data = rows * COLUMNS * DTYPE.itemsize
     try:
         st = os.stat(path)
-    except OSError as err:
-        raise Unusable(f"{path}: cannot be read ({err.strerror or err})") from err
+    except (OSError, ValueError) as err:
+        raise Unusable(f"{path}: cannot be read ({getattr(err, 'strerror', None) or err})") from err
     if not stat.S_ISREG(st.st_mode):
         raise Unusable(f"{path}: not a regular file")
-    if st.st_size > HEADER_MAX + expected_data:
-        raise Unusable(f"{path}: {st.st_size} bytes, more than {rows} rows of predictions take (wrong length)")
     try:
         with open(path, "rb") as f:
-            data = f.read(HEADER_MAX + expected_data + 1)
+            head = f.read(HEADER_MAX)   # the header first: what the file says it holds
+            shape, dtype, offset = _header(path, head)
+            if dtype != DTYPE:
+                raise Unusable(f"{path}: holds {dtype} values, not int16 (wrong dtype)")
+            if len(shape) != 2 or shape[1] != COLUMNS or shape[0] != rows:
+                raise Unusable(f"{path}: holds an array of shape {shape}, the results line names ({rows}, "
+                               f"{COLUMNS}) (wrong length)")
+            if st.st_size < offset + expected_data:
+                raise Unusable(f"{path}: truncated ({st.st_size - offset} of {expected_data} bytes of "
+                               "predictions)")
+            if st.st_size > offset + expected_data:
+                raise Unusable(f"{path}: {st.st_size - offset - expected_data} bytes more than its header "
+                               "declares (wrong length)")
+            f.seek(0)
+            data = f.read(offset + expected_data + 1)   # bounded by what the line declares
     except OSError as err:
         raise Unusable(f"{path}: cannot be read ({err.strerror or err})") from err
-    shape, dtype, offset = _header(path, data)
-    if dtype != DTYPE:
-        raise Unusable(f"{path}: holds {dtype} values, not int16 (wrong dtype)")
-    if len(shape) != 2 or shape[1] != COLUMNS or shape[0] != rows:
-        raise Unusable(f"{path}: holds an array of shape {shape}, the results line names ({rows}, {COLUMNS}) "
-                       "(wrong length)")
-    if len(data) - offset < expected_data:
-        raise Unusable(f"{path}: truncated ({len(data) - offset} of {expected_data} bytes of predictions)")
-    if len(data) - offset > expected_data:
-        raise Unusable(f"{path}: {len(data) - offset - expected_data} bytes more than its header declares "
-                       "(wrong length)")
+    if len(data) != offset + expected_data:
+        raise Unusable(f"{path}: changed while it was read")
     if hashlib.sha256(data).hexdigest() != field["sha256"]:
         raise Unusable(f"{path}: its sha256 is not the one its results line records (the file changed)")
     array = np.frombuffer(data, dtype=DTYPE, offset=offset).reshape(rows, COLUMNS)
@@ -150,7 +153,7 @@ def load(results_db, field):
 
 def _header(path, data):
     """(shape, dtype, data offset) of the .npy header at the start of `data`, or Unusable."""
-    f = io.BytesIO(data[:HEADER_MAX])
+    f = io.BytesIO(data)
     try:
         version = npy_format.read_magic(f)
         read = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}.get(version)
