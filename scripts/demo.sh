@@ -23,7 +23,8 @@
 # run), DEMO_MEHL_EPOCHS (1: MEHL's epochs over the 5000 held-out images, the 40 steps per group that
 # the paper's 5 epochs take over 1000; docs/ZOO.md), DEMO_K (4: MEHL's model batch),
 # DEMO_SEEDS ("1 2 3": MEHL-Soup+'s seeds), DEMO_FIRST_N ("4 8": the figure's extra runs),
-# DEMO_EXCLUDE ("2 4 7": the elimination table's top-k), DEMO_ZOO_FLAGS (extra flags of the zoo build),
+# DEMO_EXCLUDE ("2 4 7": the elimination table's top-k; DEMO_FIRST_N, DEMO_EXCLUDE or DEMO_SEEDS set
+# empty skips those runs), DEMO_ZOO_FLAGS (extra flags of the zoo build),
 # DEMO_SOUP_FLAGS (extra flags of every soup script), DEMO_SKIP_SETUP=1 (use the current .venv as is).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,9 +35,9 @@ ARCH=${DEMO_ARCH:-efficientnet-lite0}
 TEST_SIZE=${DEMO_TEST_SIZE:-}
 MEHL_EPOCHS=${DEMO_MEHL_EPOCHS:-1}
 K=${DEMO_K:-4}
-FIRST_N=${DEMO_FIRST_N:-4 8}
-EXCLUDE=${DEMO_EXCLUDE:-2 4 7}
-SEEDS=${DEMO_SEEDS:-1 2 3}
+FIRST_N=${DEMO_FIRST_N-4 8}
+EXCLUDE=${DEMO_EXCLUDE-2 4 7}
+SEEDS=${DEMO_SEEDS-1 2 3}
 PY=${PYTHON:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 start=$(date +%s)
