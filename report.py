@@ -515,14 +515,15 @@ def shift_sets(r):
 
 
 def fmt_p(p):
-    return "<1e-4" if p < 1e-4 else f"{p:.2g}"
+    """'p=0.035', 'p<1e-4' (below the bootstrap's resolution, and McNemar's that small)."""
+    return "p<1e-4" if p < 1e-4 else f"p={p:.2g}"
 
 
 def fmt_cmp(c):
     if c is None:
         return "-"
     diff, p, (low, high) = c
-    return f"{diff:+.2f} [{low:+.2f}, {high:+.2f}] p={fmt_p(p)}"
+    return f"{diff:+.2f} [{low:+.2f}, {high:+.2f}] {fmt_p(p)}"
 
 
 def best_individual(lines):
@@ -579,7 +580,7 @@ def comparisons(lines, notes):
             cells = []
             for s in shifts:
                 c = paired(r, b, [s], notes)
-                cells.append("-" if c is None else f"{c[0]:+.2f} p={fmt_p(c[1])}")
+                cells.append("-" if c is None else f"{c[0]:+.2f} {fmt_p(c[1])}")
             per_shift.append("| " + " | ".join([name, *cells]) + " |")
     return index, "\n".join(out), "\n".join(per_shift)
 
