@@ -47,8 +47,8 @@ def evaluate_individuals(setup, paths=None):
     if distributed.is_primary():
         existing = results.read(setup.results_db)
         # lines written before --precision existed were evaluated in fp32
-        cached = [with_predictions(setup.results_db, results.latest(existing, k, absent={"precision": precision.DEFAULT}))
-                  for k in keys]
+        cached = [results.latest(existing, k, absent={"precision": precision.DEFAULT}) for k in keys]
+        cached = [with_predictions(setup.results_db, c) for c in cached]
     cached = distributed.broadcast_object(cached)
     todo = [i for i, c in enumerate(cached) if c is None]
     if len(todo) < len(paths):
