@@ -91,12 +91,12 @@ echo "== 3/4 extra runs for the figure (first n ingredients) and the elimination
 # These report test accuracy only: --no-shifts skips the shift sets, --no-epoch-test MEHL's per-epoch log.
 for n in $FIRST_N; do
   soup "greedy_first$n" greedy_soup.py --params_end "$n" --no-shifts
-  soup "mehl_plus_first$n" MEHL_soup_layer.py --params_end "$n" --model_batch "$K" --layer-size 0 --cosine-lr \
+  soup "mehl_plus_first$n" MEHL_soup_layer.py --params_end "$n" --epochs "$MEHL_EPOCHS" --model_batch "$K" --layer-size 0 --cosine-lr \
     --no-epoch-test --no-shifts --resume
 done
 for k in $EXCLUDE; do
   soup "greedy_top$k" greedy_soup.py --exclude-top "$k" --no-shifts
-  soup "mehl_plus_top$k" MEHL_soup_layer.py --exclude-top "$k" --model_batch "$K" --layer-size 0 --cosine-lr \
+  soup "mehl_plus_top$k" MEHL_soup_layer.py --exclude-top "$k" --epochs "$MEHL_EPOCHS" --model_batch "$K" --layer-size 0 --cosine-lr \
     --no-epoch-test --no-shifts --resume
 done
 
