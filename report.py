@@ -678,7 +678,8 @@ def claims_counts(per_zoo):
     out = [f"| claim ({len(per_zoo)} zoo builds) | test: right / n.s. / wrong | "
            "shift mean: right / n.s. / wrong |", "|---|---|---|"]
     for claim in order:
-        cells = [" / ".join(str(counts[claim][col][o]) for o in OUTCOMES) for col in ("test", "shift")]
+        cells = [" / ".join(str(counts[claim][col][o]) for o in OUTCOMES) if any(counts[claim][col].values())
+                 else "-" for col in ("test", "shift")]
         out.append(f"| {claim} | {cells[0]} | {cells[1]} |")
     return "\n".join(out)
 
