@@ -9,7 +9,7 @@
 # Time: not measured on a quiet machine since the sets are full size. Measured beside four other
 # engineers' jobs (load average 5 to 16): the zoo 8 min 17 s (OMP_NUM_THREADS=1, beside a second zoo
 # build); the soups 34 s to 1175 s each (greedy soup's time includes the 12 ingredients' evaluations and
-# the frozen prefix's first pass); the last 10 extra runs and the report 233 s. Before the full-size
+# the frozen prefix's first pass); the last 8 extra runs and the report 233 s. Before the full-size
 # sets a fresh clone took 9.2 minutes (552 s) on the quiet machine. The 18 soup processes share the frozen
 # prefix's outputs through files in ~/.cache/model_soups/prefix (--prefix-cache; checked before use,
 # safe to delete). Reruns skip every soup already written (DEMO_FORCE=1 redoes them). The table is
