@@ -369,7 +369,8 @@ def finish(run, progress):
     if reestimated:
         reestimate(setup.model, setup.bundle.heldout, setup.device, args.batch_size, args.workers)
     evaluated = inputs.evaluation(setup.model, setup.device, args.batch_size, args.workers, args.precision)
-    scores = evaluate_all(evaluated, setup.bundle, setup.device, args.batch_size, shifts=not args.no_shifts)
+    scores = evaluate_all(evaluated, setup.bundle, setup.device, args.batch_size, shifts=not args.no_shifts,
+                          keep=True)
     summary = hyperplane.summary(progress.alpha)
     alpha = progress.alpha.tolist()
     identical_numbers = sum(setup.reference[n].numel() for n in layout.identical)

@@ -88,7 +88,8 @@ def main(argv=None):
 
     soup, kept, steps = greedy(ranking, lambda p: load_checked(p, setup.reference), heldout_of)
     setup.model.load_state_dict(soup)
-    scores = evaluate_all(evaluated, setup.bundle, setup.device, args.batch_size, shifts=not args.no_shifts)
+    scores = evaluate_all(evaluated, setup.bundle, setup.device, args.batch_size, shifts=not args.no_shifts,
+                          keep=True)
 
     path_of = {index_of(p): p for _, p, _ in ranking}
     order = [i for i, _, _ in ranking]

@@ -222,7 +222,8 @@ def main(argv=None):
     del stacked
     soup = {k: v.detach().cpu().clone() for k, v in setup.model.state_dict().items()}
     evaluated = inputs.evaluation(setup.model, setup.device, args.batch_size, args.workers, args.precision)
-    scores = evaluate_all(evaluated, setup.bundle, setup.device, args.batch_size, shifts=not args.no_shifts)
+    scores = evaluate_all(evaluated, setup.bundle, setup.device, args.batch_size, shifts=not args.no_shifts,
+                          keep=True)
 
     alpha_list = alpha.cpu().double().tolist()
     rule = batchnorm.rule(setup.model, reestimated=bool(reestimated))

@@ -34,11 +34,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from utils.files import paths, results
+from utils.files import paths, predictions, results
 from utils.files.soup_io import read_recipe, sidecar
 from utils.files.state_dicts import atomic_write, load_state_dict
 from utils.runtime.errors import UserError, run_main
-from utils.soup import distance
+from utils.soup import distance, stats
 
 log = logging.getLogger("report")
 
@@ -152,25 +152,46 @@ def unusable(r):
     return next((k for k, ok in checks if not ok), None)
 
 
+# The fields of a results line the report keeps (of "args": exclude_top and randomseed). The rest
+# (a long "args", a learned soup's inline "alpha") is dropped as the file streams by: memory grows with
+# the number of lines, not with what each holds. An inline alpha is read again when a figure needs it.
+KEPT = ("method", "heldout", "test", "shift_mean", "shifts", "missing_shifts", "ingredients", "range_fingerprints",
+        "dataset", "arch", "model_location", "path", "soup_file", "seconds", "peak_memory_bytes", "index")
+
+
+def trim(r, path, offset):
+    """The fields of line `r` (at `offset` of the results file `path`) that the report reads."""
+    out = {k: r[k] for k in KEPT if k in r}
+    if isinstance(r.get("args"), dict):
+        out["args"] = {k: r["args"][k] for k in ("exclude_top", "randomseed") if k in r["args"]}
+    if "predictions" in r:
+        try:
+            predictions.check_field(r["predictions"])
+            out["predictions"] = r["predictions"]
+        except predictions.Unusable as why:
+            out["predictions_unusable"] = str(why)
+    out["source"] = (str(path), offset, r.get("alpha") is not None)
+    return out
+
+
 def load(paths, dataset=None, arch=None):
-    """The usable lines of the results files, of `dataset` and `arch` when given. A line whose fields
-    have the wrong type is left out, with one warning per file."""
+    """The usable lines of the results files (their `KEPT` fields), of `dataset` and `arch` when given,
+    read one line at a time. A line whose fields have the wrong type is left out, with one warning per
+    file."""
     lines = []
     for path in paths:
-        bad = []
-        for r in results.read(path):
+        bad, first = 0, None
+        for offset, r in results.stream(path):
             field = unusable(r)
             if field:
-                bad.append((r, field))
-            else:
-                lines.append(r)
+                bad += 1
+                first = first or (r.get("method"), field, repr(_field(r, field))[:80])
+            elif (dataset is None or r.get("dataset") == dataset) and (arch is None or r.get("arch") == arch):
+                lines.append(trim(r, path, offset))
         if bad:
-            r, field = bad[0]
             log.warning("%s: %d results line(s) left out, a field the report reads has the wrong type "
-                        "(the first: a %r line, %s = %.80r)", path, len(bad), r.get("method"), field,
-                        _field(r, field))
-    return [r for r in lines if (dataset is None or r.get("dataset") == dataset)
-            and (arch is None or r.get("arch") == arch)]
+                        "(the first: a %r line, %s = %s)", path, bad, *first)
+    return lines
 
 
 def _field(r, name):
@@ -283,6 +304,14 @@ def seed_of(r):
     return (r.get("args") or {}).get("randomseed")
 
 
+def seed_order(seed):
+    """Sort key of seeds as results lines record them: numbers, then strings, then none recorded
+    (another tool's line may write "2" where this project writes 2)."""
+    if isinstance(seed, int):
+        return 0, seed, ""
+    return (1, 0, seed) if isinstance(seed, str) else (2, 0, "")
+
+
 def per_seed(lines, method, exclude=0):
     """The latest line of each --randomseed of `method`, over the range `latest` picks (lines that
     differ only in their seed: run other settings into another results file)."""
@@ -316,7 +345,8 @@ def aggregate(rs):
     shifts = {}
     for name in (rs[-1].get("shifts") or {}):
         shifts[name], spread[name] = mean_sd([(r.get("shifts") or {}).get(name) for r in rs])
-    out["shifts"], out["spread"], out["seeds"] = shifts, spread, sorted(seed_of(r) for r in rs)
+    out["seed_lines"] = rs
+    out["shifts"], out["spread"], out["seeds"] = shifts, spread, sorted((seed_of(r) for r in rs), key=seed_order)
     return out
 
 
@@ -346,18 +376,20 @@ def shift_names(lines):
     return names
 
 
-def render_main(rows, shifts):
+def render_main(rows, shifts, bold=frozenset()):
+    """The main table; the accuracies in `bold` ({(row number, column key)}: `marks`) in bold."""
     head = ["method", "held-out", "test", "shift mean", *shifts, "time (s)", "peak mem (GB)"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, r in rows:
+    for i, (name, r) in enumerate(rows):
         s = r.get("shifts") or {}
         mem = r.get("peak_memory_bytes")
         secs = r.get("seconds") if r.get("method") != "individual" else None
         spread = r.get("spread") or {}
 
         def acc(key, value):
-            return fmt(value) + (f" ± {spread[key]:.2f}" if value is not None and spread.get(key) is not None
+            text = fmt(value) + (f" ± {spread[key]:.2f}" if value is not None and spread.get(key) is not None
                                  else "")
+            return f"**{text}**" if (i, key) in bold else text
         cells = [name, acc("heldout", r.get("heldout")), acc("test", r.get("test")),
                  acc("shift_mean", r.get("shift_mean")), *[acc(k, s.get(k)) for k in shifts],
                  "-" if secs is None else f"{secs:.0f}",
@@ -383,14 +415,17 @@ def zoo_shape(lines):
             f"{greedy['heldout']:.2f}, {greedy['heldout'] - best:+.2f} over the best ingredient.")
 
 
-def elimination(lines):
-    """test accuracy of greedy and MEHL-Soup+ after removing the top-k ingredients, k as run."""
+def elimination(lines, notes=None):
+    """test accuracy of greedy and MEHL-Soup+ after removing the top-k ingredients, k as run, and
+    MEHL-Soup+ against greedy soup at each k (exact McNemar, bootstrap interval)."""
+    notes = {} if notes is None else notes
     ks = sorted({excluded(r) for r in lines if method_key(r.get("method")) in
                  (method_key("greedy"), method_key("MEHL-Soup+"))})
     if not ks:
         return None
     head = ["removed"] + ["none" if k == 0 else f"top-{k}" for k in ks]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    pair = []
     for method, name in (("greedy", "greedy soup"), ("MEHL-Soup+", "MEHL-Soup+")):
         runs = {k: latest(lines, method, exclude=k) for k in ks}
         # several seeds of the whole range: the one the runs with ingredients removed used, so that the
@@ -403,7 +438,260 @@ def elimination(lines):
                 name = f"{name} (seed {seed_of(same[0])})"
         cells = [fmt((runs[k] or {}).get("test")) for k in ks]
         out.append("| " + " | ".join([name, *cells]) + " |")
+        pair.append(runs)
+    if len(pair) == 2:
+        cells = [fmt_cmp(paired(pair[1][k], pair[0][k], ["test"], notes))
+                 if pair[0][k] is not None and pair[1][k] is not None else "-" for k in ks]
+        out.append("| " + " | ".join(["MEHL-Soup+ - greedy soup", *cells]) + " |")
     return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------ paired statistics
+ALPHA = 0.05   # significance level of every mark and of the claims table
+_PREDICTIONS = {}   # (results file, predictions file, sha256) -> {set: rows} or None (unusable, warned)
+NO_PREDICTIONS = "no predictions (a line written before they were kept)"
+
+
+def predictions_of(r, notes):
+    """{set name: (rows, 6) int16} of line `r`, or None. An unusable file is one warning (once per
+    file) and one note in `notes` (the report says which comparisons were left out and why)."""
+    if "predictions" not in r:
+        why = r.get("predictions_unusable") or NO_PREDICTIONS
+        notes.setdefault(why, set()).add(line_name(r))
+        return None
+    field = r["predictions"]
+    key = (r["source"][0] if r.get("source") else "", field["file"], field["sha256"])
+    if key not in _PREDICTIONS:
+        try:
+            _PREDICTIONS[key] = predictions.load(key[0], field)
+        except predictions.Unusable as why:
+            log.warning("predictions of a %s line of %s: %s; its paired comparisons are left out",
+                        r.get("method"), key[0], why)
+            _PREDICTIONS[key] = str(why)
+    got = _PREDICTIONS[key]
+    if isinstance(got, str):
+        notes.setdefault(got, set()).add(line_name(r))
+        return None
+    return got
+
+
+def line_name(r):
+    if r.get("method") == "individual":
+        return f"ingredient #{r['index'] if 'index' in r else (r.get('ingredients') or ['?'])[0]}"
+    seed = seed_of(r)
+    extra = f" top-{excluded(r)} removed" if excluded(r) else ""
+    return f"{r.get('method')}{'' if seed is None else f' seed {seed}'}{extra}"
+
+
+def correct(rows):
+    return rows[:, 1] == rows[:, 0]
+
+
+def paired(a, b, sets, notes):
+    """(a - b in points, p, (low, high)) of lines a and b on `sets` (one set: exact McNemar and a
+    bootstrap interval; several: their mean difference by a paired bootstrap within each set), or
+    None when a line lacks predictions of a set or the two files hold other examples (noted)."""
+    pa, pb = predictions_of(a, notes), predictions_of(b, notes)
+    if pa is None or pb is None:
+        return None
+    pairs = []
+    for name in sets:
+        ra, rb = pa.get(name), pb.get(name)
+        if ra is None or rb is None or not len(ra):
+            return None
+        if ra.shape != rb.shape or not (ra[:, 0] == rb[:, 0]).all():
+            why = f"the predictions of {name} are of different examples (labels differ)"
+            notes.setdefault(why, set()).add(f"{line_name(a)} / {line_name(b)}")
+            return None
+        pairs.append((correct(ra), correct(rb)))
+    diff = sum(100.0 * (x.mean() - y.mean()) for x, y in pairs) / len(pairs)
+    low, high, p = stats.bootstrap(pairs)
+    if len(pairs) == 1:
+        p = stats.mcnemar(*pairs[0])
+    return float(diff), p, (low, high)
+
+
+def shift_sets(r):
+    return [f"shift/{k}" for k, v in (r.get("shifts") or {}).items() if v is not None]
+
+
+def fmt_p(p):
+    """'p=0.035', 'p<1e-4' (below the bootstrap's resolution, and McNemar's that small)."""
+    return "p<1e-4" if p < 1e-4 else f"p={p:.2g}"
+
+
+def fmt_cmp(c):
+    if c is None:
+        return "-"
+    diff, p, (low, high) = c
+    return f"{diff:+.2f} [{low:+.2f}, {high:+.2f}] {fmt_p(p)}"
+
+
+def best_individual(lines):
+    """(index, line) of the ingredient best on held-out (ties: the lower index), or None."""
+    ind = individuals(lines)
+    if not ind:
+        return None
+    return max(ind.items(), key=lambda kv: (kv[1].get("heldout") or -1, -kv[0]))
+
+
+def representative(lines, method, exclude=0):
+    """The line that stands for `method` in a paired test: seed 1 where it was run, else the first seed."""
+    rs = per_seed(lines, method, exclude)
+    return pick_seed(rs) if rs else None
+
+
+def pick_seed(rs):
+    ones = [r for r in rs if seed_of(r) == 1]
+    return ones[0] if ones else sorted(rs, key=lambda r: seed_order(seed_of(r)))[0]
+
+
+def soup_lines(lines):
+    """[(name, line)] of every soup of the main table, each seed on its own."""
+    out = []
+    for method, name in METHODS:
+        rs = per_seed(lines, method)
+        for r in sorted(rs, key=lambda r: seed_order(seed_of(r))):
+            out.append((name if len(rs) == 1 else f"{name} seed {seed_of(r)}", r))
+    return out
+
+
+def comparisons(lines, notes):
+    """The paired tables: every soup against the best ingredient and against greedy soup, on test and
+    on the shift mean, and against the best ingredient on each shift."""
+    best = best_individual(lines)
+    greedy = representative(lines, "greedy")
+    soups = soup_lines(lines)
+    if best is None or not soups:
+        return None
+    index, b = best
+    shifts = [n for n in shift_sets(b)]
+    head = ["soup", "test - best", "shift mean - best", "test - greedy", "shift mean - greedy"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in soups:
+        vs_greedy = [None, None] if greedy is None or r is greedy else \
+            [paired(r, greedy, ["test"], notes), paired(r, greedy, shifts, notes) if shifts else None]
+        cells = [paired(r, b, ["test"], notes), paired(r, b, shifts, notes) if shifts else None, *vs_greedy]
+        out.append("| " + " | ".join([name, *(fmt_cmp(c) for c in cells)]) + " |")
+    per_shift = []
+    if shifts:
+        head = ["soup", *(s.split("/", 1)[1] for s in shifts)]
+        per_shift = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, r in soups:
+            cells = []
+            for s in shifts:
+                c = paired(r, b, [s], notes)
+                cells.append("-" if c is None else f"{c[0]:+.2f} {fmt_p(c[1])}")
+            per_shift.append("| " + " | ".join([name, *cells]) + " |")
+    return index, "\n".join(out), "\n".join(per_shift)
+
+
+def marks(rows, notes):
+    """{(row number, column key)} of the accuracies to print bold: in each column (test, shift mean,
+    each shift) the best and every one not significantly different from it (p > ALPHA), as
+    google-research/modeljoust marks a table. A row of several seeds is tested by its `representative`."""
+    reps = [pick_seed(r["seed_lines"]) if "seed_lines" in r else r for _, r in rows]
+    bold = set()
+    columns = [("test", lambda r: ["test"])] + [("shift_mean", shift_sets)] + \
+        [(s, (lambda name: lambda r: [f"shift/{name}"])(s)) for s in shift_names([r for _, r in rows])]
+    for key, sets_of in columns:
+        def value(r):
+            return r.get("shift_mean") if key == "shift_mean" else r.get("test") if key == "test" else \
+                (r.get("shifts") or {}).get(key)
+        scored = [(i, rep) for i, rep in enumerate(reps) if rep is not None and value(rep) is not None
+                  and predictions_of(rep, notes) is not None]
+        if not scored:
+            continue
+        top_i, top = max(scored, key=lambda t: value(t[1]))
+        bold.add((top_i, key))
+        for i, rep in scored:
+            sets = sets_of(top)
+            c = None if i == top_i or not sets else paired(rep, top, sets, notes)
+            if c is not None and c[1] > ALPHA:
+                bold.add((i, key))
+    return bold
+
+
+# The paper's claims, as paired tests: (claim, a, b, sign): the claim is that sign * (a - b) > 0.
+CLAIMS = [("uniform soup < best ingredient", "uniform", "best", -1),
+          ("greedy soup > best ingredient", "greedy", "best", 1),
+          ("Learned-Soup+ > greedy soup", "Learned-Soup+", "greedy", 1),
+          ("MEHL-Soup+ > Learned-Soup+", "MEHL-Soup+", "Learned-Soup+", 1),
+          ("MEHL-Soup+ > greedy soup", "MEHL-Soup+", "greedy", 1)]
+OUTCOMES = ("right", "n.s.", "wrong")
+
+
+def outcome(c, sign):
+    """'right' / 'n.s.' / 'wrong' of a claim that sign * (a - b) > 0, at p < ALPHA; None without a test."""
+    if c is None:
+        return None
+    diff, p, _ = c
+    if p >= ALPHA:
+        return "n.s."
+    return "right" if sign * diff > 0 else "wrong"
+
+
+def claims(lines, notes):
+    """[(claim, test comparison, test outcome, shift-mean comparison, its outcome)] of one zoo."""
+    best = best_individual(lines)
+
+    def line(name, exclude=0):
+        return (best[1] if best else None) if name == "best" else representative(lines, name, exclude)
+    out = []
+    for claim, a_name, b_name, sign in CLAIMS:
+        a, b = line(a_name), line(b_name)
+        if a is None or b is None:
+            continue
+        t = paired(a, b, ["test"], notes)
+        shifts = [s for s in shift_sets(a) if s in shift_sets(b)]
+        m = paired(a, b, shifts, notes) if shifts else None
+        out.append((claim, t, outcome(t, sign), m, outcome(m, sign)))
+    for k in sorted({excluded(r) for r in lines if excluded(r)}):
+        a, b = line("MEHL-Soup+", k), line("greedy", k)
+        if a is None or b is None:
+            continue
+        t = paired(a, b, ["test"], notes)
+        shifts = [s for s in shift_sets(a) if s in shift_sets(b)]
+        m = paired(a, b, shifts, notes) if shifts else None
+        out.append((f"MEHL-Soup+ > greedy soup, top-{k} removed", t, outcome(t, 1), m, outcome(m, 1)))
+    return out
+
+
+def render_claims(rows):
+    out = ["| claim | test | outcome | shift mean | outcome |", "|---|---|---|---|---|"]
+    for claim, t, to, m, mo in rows:
+        out.append(f"| {claim} | {fmt_cmp(t)} | {to or '-'} | {fmt_cmp(m)} | {mo or '-'} |")
+    return "\n".join(out)
+
+
+def claims_counts(per_zoo):
+    """The claims table over several zoo builds: per claim, on test and on the shift mean, how many
+    builds put it significantly right, not significantly different, significantly wrong."""
+    order, counts = [], {}
+    for rows in per_zoo:
+        for claim, _, to, _, mo in rows:
+            if claim not in counts:
+                order.append(claim)
+                counts[claim] = {"test": dict.fromkeys(OUTCOMES, 0), "shift": dict.fromkeys(OUTCOMES, 0)}
+            for col, o in (("test", to), ("shift", mo)):
+                if o is not None:
+                    counts[claim][col][o] += 1
+    out = [f"| claim ({len(per_zoo)} zoo builds) | test: right / n.s. / wrong | "
+           "shift mean: right / n.s. / wrong |", "|---|---|---|"]
+    for claim in order:
+        cells = [" / ".join(str(counts[claim][col][o]) for o in OUTCOMES) if any(counts[claim][col].values())
+                 else "-" for col in ("test", "shift")]
+        out.append(f"| {claim} | {cells[0]} | {cells[1]} |")
+    return "\n".join(out)
+
+
+def render_notes(notes):
+    if not notes:
+        return []
+    out = ["Comparisons left out:", ""]
+    for why, names in sorted(notes.items()):
+        out.append(f"- {', '.join(sorted(names))}: {why}")
+    return out + [""]
 
 
 def distance_rows(lines):
@@ -545,38 +833,61 @@ def _plt():
     return plt
 
 
-def figure_ingredients(lines, path):
+def test_interval(r, notes):
+    """(low, high) bootstrap 95 % interval of a line's test accuracy, None without predictions."""
+    preds = predictions_of(r, notes)
+    if preds is None or preds.get("test") is None or not len(preds["test"]):
+        return None
+    return stats.accuracy_interval(correct(preds["test"]))
+
+
+def errorbar(ax, pts, style, label):
+    """Points (n, accuracy, interval or None) with their intervals as error bars."""
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    lo = [p[1] - p[2][0] if p[2] else 0.0 for p in pts]
+    hi = [p[2][1] - p[1] if p[2] else 0.0 for p in pts]
+    ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style, capsize=3, label=label)
+
+
+def figure_ingredients(lines, path, notes=None):
+    """Test accuracy of greedy soup and MEHL-Soup+ over the first n ingredients, and of the ingredient
+    that is best on held-out among the first n (what the table calls the best ingredient; not the best
+    on test, which no method can pick), each with its 95 % bootstrap interval."""
+    notes = {} if notes is None else notes
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     drawn = False
     for method, style in (("greedy", "o-"), ("MEHL-Soup+", "s-")):
         pts = {}
         for r in lines:
-            if method_key(r.get("method")) == method_key(method) and not excluded(r):
-                pts[range_size(r)] = r.get("test")
-        pts = sorted((n, v) for n, v in pts.items() if v is not None)
+            if method_key(r.get("method")) == method_key(method) and not excluded(r) and r.get("test") is not None:
+                pts[range_size(r)] = r
         if pts:
-            ax.plot(*zip(*pts), style, label=method)
+            errorbar(ax, [(n, r["test"], test_interval(r, notes)) for n, r in sorted(pts.items())], style, method)
             drawn = True
     ind = individuals(lines)
     if ind:
         order = sorted(ind)
-        best = [max(ind[i]["test"] for i in order[:n]) for n in range(1, len(order) + 1)]
-        ax.plot(range(1, len(order) + 1), best, ":", color="grey", label="best individual so far")
+        pts = []
+        for n in range(1, len(order) + 1):
+            pick = max(order[:n], key=lambda i: (ind[i].get("heldout") or -1, -i))
+            pts.append((n, ind[pick]["test"], test_interval(ind[pick], notes)))
+        errorbar(ax, pts, ":", "best ingredient on held-out so far")
         drawn = True
     if not drawn:
         plt.close(fig)
         return None
     ax.set_xlabel("number of ingredients souped (the first n)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.legend()
+    ax.set_ylabel("test accuracy (%), 95 % interval")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
     return path
 
 
-def figure_scatter(lines, rows, path):
+def figure_scatter(lines, rows, path, notes=None):
+    notes = {} if notes is None else notes
     plt = _plt()
     ind = [r for r in individuals(lines).values() if r.get("shift_mean") is not None]
     if not ind:
@@ -586,8 +897,11 @@ def figure_scatter(lines, rows, path):
                label="ingredients")
     for name, r in rows:
         if r.get("method") != "individual" and r.get("shift_mean") is not None and r.get("test") is not None:
-            ax.scatter([r["test"]], [r["shift_mean"]], s=60, marker="*", label=name)
-    ax.set_xlabel("test accuracy (%)")
+            line = pick_seed(r["seed_lines"]) if "seed_lines" in r else r
+            interval = test_interval(line, notes)
+            xerr = None if interval is None else [[r["test"] - interval[0]], [interval[1] - r["test"]]]
+            ax.errorbar([r["test"]], [r["shift_mean"]], xerr=xerr, fmt="*", markersize=9, capsize=3, label=name)
+    ax.set_xlabel("test accuracy (%; soups: 95 % interval)")
     ax.set_ylabel("mean accuracy over shifts (%)")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -603,8 +917,11 @@ def coefficients_of(r):
     matrix of numbers."""
     if r is None:
         return None
-    if r.get("alpha") is not None:
-        alpha = as_matrix(r["alpha"])
+    inline = r.get("alpha")
+    if inline is None and r.get("source") and r["source"][2]:  # dropped when the file streamed by
+        inline = (results.line_at(*r["source"][:2]) or {}).get("alpha")
+    if inline is not None:
+        alpha = as_matrix(inline)
         if alpha is None:
             log.warning("the %s line of %s holds an alpha that is not a matrix of numbers: its coefficients "
                         "figure is left out", r.get("method"), r.get("soup_file") or "no soup file")
@@ -680,14 +997,33 @@ def figure_coefficients(lines, path):
 
 def report_zoo(lines, out, prefix="", h="##"):
     """The markdown parts of one zoo's report (its distances and figures written into `out`, named
-    `prefix` + name; `h` the level of its headings) and its main table."""
+    `prefix` + name; `h` the level of its headings), its main table and its claims rows."""
+    notes = {}
     rows = main_table(lines)
     shifts = shift_names([r for _, r in rows])
-    table = render_main(rows, shifts)
-    parts = ["Main table (accuracies in percent; time and peak memory of each soup run).", "", table, ""]
+    table = render_main(rows, shifts, marks(rows, notes))
+    parts = ["Main table (accuracies in percent; time and peak memory of each soup run). Bold: in each column, "
+             "the best and every accuracy not significantly different from it (exact McNemar p > 0.05; the "
+             "shift mean: paired bootstrap over the six sets), as modeljoust marks a table; a row of several "
+             "seeds is tested by its seed-1 soup.", "", table, ""]
     missing = sorted({m for _, r in rows for m in (r.get("missing_shifts") or [])})
     if missing:
         parts += [f"Shift sets missing on disk (shown as '{MISSING}'): {', '.join(missing)}.", ""]
+    compared = comparisons(lines, notes)
+    if compared:
+        index, table_pairs, table_shifts = compared
+        parts += [f"{h} Paired comparisons", "",
+                  f"Each soup minus the best ingredient (#{index}, chosen on held-out) and minus greedy soup, in "
+                  "percentage points, with the 95 % paired bootstrap interval (10,000 replicates, seed 0) and "
+                  "the p-value: exact McNemar on test, paired bootstrap over the six shift sets (examples "
+                  "resampled within each set) on the shift mean.", "", table_pairs, ""]
+        if table_shifts:
+            parts += [f"On each shift set, minus the best ingredient (exact McNemar):", "", table_shifts, ""]
+    found = claims(lines, notes)
+    if found:
+        parts += [f"{h} The paper's claims, tested", "",
+                  "right / wrong: significantly (p < 0.05) in the claimed / the opposite direction; n.s.: not "
+                  "significantly different. MEHL-Soup+ is its seed-1 soup.", "", render_claims(found), ""]
     shape = zoo_shape(lines)
     if shape:
         parts += [f"{h} How the zoo soups (held-out)", "", shape, ""]
@@ -698,15 +1034,16 @@ def report_zoo(lines, out, prefix="", h="##"):
                   "the ingredients' mean distance from it (0 = the uniform soup, about 1 = as far out as a "
                   "typical ingredient); median, 90th percentile and max over blocks, and the range of the "
                   f"coefficients. Every block: {prefix}distances.csv.", "", far, ""]
-    elim = elimination(lines)
+    elim = elimination(lines, notes)
     if elim:
         parts += [f"{h} Removing the top-k ingredients (test accuracy)", "", elim, ""]
-    for name, fn in (("ingredients.png", lambda p: figure_ingredients(lines, p)),
-                     ("scatter.png", lambda p: figure_scatter(lines, rows, p)),
+    for name, fn in (("ingredients.png", lambda p: figure_ingredients(lines, p, notes)),
+                     ("scatter.png", lambda p: figure_scatter(lines, rows, p, notes)),
                      ("coefficients.png", lambda p: figure_coefficients(lines, p))):
         if fn(out / f"{prefix}{name}"):
             parts += [f"![{prefix}{name}]({prefix}{name})", ""]
-    return parts, table
+    parts += render_notes(notes)
+    return parts, table, found
 
 
 def main(argv=None):
@@ -718,7 +1055,7 @@ def main(argv=None):
         raise UserError("no results lines to report on")
     parts = ["# Results", ""]
     if len(zoos) == 1:
-        more, printed = report_zoo(zoos[0][1], out)
+        more, printed, _ = report_zoo(zoos[0][1], out)
         parts += more
     else:
         labels = [f"{k}. {zoo_label(z)}" for k, (z, _) in enumerate(zoos, 1)]
@@ -726,12 +1063,20 @@ def main(argv=None):
                     "--model-location picks one): %s", len(zoos), "; ".join(labels))
         parts += [f"The results hold lines of {len(zoos)} zoos, reported one section each (--dataset, --arch or "
                   "--model-location picks one):", "", *labels, ""]
-        tables = []
+        tables, per_zoo = [], []
         for k, (zoo, lines) in enumerate(zoos, 1):
-            more, table = report_zoo(lines, out, f"zoo{k}-", "###")
+            more, table, found = report_zoo(lines, out, f"zoo{k}-", "###")
             parts += [f"## Zoo {k}: {zoo_label(zoo)}", "", *more]
             tables.append(f"zoo {k}: {zoo_label(zoo)}\n\n{table}")
+            if found:
+                per_zoo.append(found)
         printed = "\n\n".join(tables)
+        if len(per_zoo) > 1:
+            counts = claims_counts(per_zoo)
+            parts += ["## The paper's claims over the zoos", "",
+                      "How many zoos put each claim significantly right (p < 0.05), not significantly "
+                      "different, or significantly wrong; MEHL-Soup+ is each zoo's seed-1 soup.", "", counts, ""]
+            printed += "\n\n" + counts
     write_text(out / "report.md", "\n".join(parts))
     print(f"wrote {out / 'report.md'}\n")
     print(printed)

@@ -44,7 +44,8 @@ def main(argv=None):
     setup.model.load_state_dict(soup)
     # a frozen prefix shared by the ingredients runs once per data set (utils/run/prefix.py)
     evaluated = inputs.evaluation(setup.model, setup.device, args.batch_size, args.workers, args.precision)
-    scores = evaluate_all(evaluated, setup.bundle, setup.device, args.batch_size, shifts=not args.no_shifts)
+    scores = evaluate_all(evaluated, setup.bundle, setup.device, args.batch_size, shifts=not args.no_shifts,
+                          keep=True)
 
     record = outputs.write_outputs(setup, output, METHOD, paths, scores, soup)
     if distributed.is_primary():

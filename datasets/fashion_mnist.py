@@ -32,7 +32,7 @@ FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-label
          "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
            "Ankle boot")
-DEFAULT_HELDOUT_PER_CLASS = 100
+DEFAULT_HELDOUT_PER_CLASS = 500   # 5000 held-out images: docs/ZOO.md, "The held-out size"
 CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "contrast", "rotation", "jpeg", "pixelate")
 
 

@@ -45,6 +45,9 @@ def parse_args(argv=None):
                         "once (other archs: 0)")
     p.add_argument("--draws", type=int, default=300, help="random selection sets")
     p.add_argument("--seed", type=int, default=0, help="seed of the selection sets")
+    p.add_argument("--sizes", type=int, nargs="+", default=None,
+                   help="also draw selection sets of these sizes (the held-out size as a curve: docs/ZOO.md, "
+                        "\"The held-out size\"); each at most the pool of held-out and test images")
     p.add_argument("--out", default=None, help="also write the numbers as JSON here (refused if it exists)")
     return p.parse_known_args(argv)
 
@@ -75,9 +78,14 @@ def check_split(paths, split):
             data = json.loads(record.read_text()).get("data")
         except (OSError, ValueError, AttributeError) as err:
             raise UserError(f"{record}: not a readable ingredient record ({err})") from err
-        if data is not None and data != split:
+        # the test subset trains nothing: a zoo is measured against all its test images (--test-size 0)
+        if data is not None and _without_test(data) != _without_test(split):
             raise UserError(f"{record} was trained with the split {data}, these flags give {split}: pass the "
                             "zoo's own data flags (--finetune-size, --heldout-per-class, --test-size, ...)")
+
+
+def _without_test(split):
+    return {k: v for k, v in split.items() if k != "test_size"} if isinstance(split, dict) else split
 
 
 class Soups:
@@ -119,6 +127,22 @@ def greedy(soups, n, select):
     return kept, best - single[order[0]], acc(range(n)) - single[order[0]]
 
 
+def draw_sets(soups, n, pool, size, draws, seed):
+    """Greedy soup on `draws` random selection sets of `size` of the `pool` images."""
+    rng = random.Random(seed)
+    kept_counts, gains, gaps = {}, [], []
+    for _ in tqdm(range(draws), desc=f"selection sets of {size}", leave=False):
+        kept, gain, gap = greedy(soups, n, torch.tensor(rng.sample(range(pool), size)))
+        kept_counts[len(kept)] = kept_counts.get(len(kept), 0) + 1
+        gains.append(gain)
+        gaps.append(gap)
+    share = {k: kept_counts[k] / draws for k in sorted(kept_counts)}
+    return {"size": size, "draws_kept_share": share,
+            "draws_p_kept_3_or_more": sum(v for k, v in share.items() if k >= 3),
+            "draws_mean_gain": sum(gains) / len(gains),
+            "draws_mean_uniform_minus_best": sum(gaps) / len(gaps)}
+
+
 def main(argv=None):
     args, data_flags = parse_args(argv)
     if args.draws < 1:
@@ -148,28 +172,25 @@ def main(argv=None):
                   bundle.test.project)
     n, size, pool = len(paths), len(y_held), len(y_held) + len(y_test)
     real = greedy(soups, n, torch.arange(size))
-    rng = random.Random(args.seed)
-    kept_counts, gains, gaps = {}, [], []
-    for _ in tqdm(range(args.draws), desc="selection sets", leave=False):
-        kept, gain, gap = greedy(soups, n, torch.tensor(rng.sample(range(pool), size)))
-        kept_counts[len(kept)] = kept_counts.get(len(kept), 0) + 1
-        gains.append(gain)
-        gaps.append(gap)
-    share = {k: kept_counts[k] / args.draws for k in sorted(kept_counts)}
+    sizes = args.sizes or [size]
+    bad = [s for s in sizes if not 1 <= s <= pool]
+    if bad:
+        raise UserError(f"--sizes {bad[0]}: need 1 .. {pool} (the held-out and test images)")
+    curve = [draw_sets(soups, n, pool, s, args.draws, args.seed) for s in sizes]
     record = {"zoo": str(zoo), "ingredients": n, "selection_size": size, "pool": pool, "draws": args.draws,
               "seed": args.seed,
               "heldout": {"kept": real[0], "gain": real[1], "uniform_minus_best": real[2]},
-              "draws_kept_share": share, "draws_p_kept_3_or_more": sum(v for k, v in share.items() if k >= 3),
-              "draws_mean_gain": sum(gains) / len(gains),
-              "draws_mean_uniform_minus_best": sum(gaps) / len(gaps)}
-    print(f"{zoo}: {n} ingredients, selection sets of {size} images")
+              **{k: v for k, v in curve[0].items() if k != "size"}}
+    if args.sizes:
+        record["sizes"] = curve
+    print(f"{zoo}: {n} ingredients, held-out split of {size} images")
     print(f"  real held-out: greedy keeps {len(real[0])} {real[0]}, {real[1]:+.2f} over the best ingredient; "
           f"uniform {real[2]:+.2f}")
-    print(f"  {args.draws} draws from the {pool} held-out and test images: greedy keeps "
-          + ", ".join(f"{k}: {v:.0%}" for k, v in share.items())
-          + f"; 3 or more: {record['draws_p_kept_3_or_more']:.0%}; "
-          f"mean gain {record['draws_mean_gain']:+.2f}, "
-          f"mean uniform {record['draws_mean_uniform_minus_best']:+.2f}")
+    for c in curve:
+        print(f"  {args.draws} selection sets of {c['size']} drawn from the {pool} held-out and test images: "
+              "greedy keeps " + ", ".join(f"{k}: {v:.0%}" for k, v in c["draws_kept_share"].items())
+              + f"; 3 or more: {c['draws_p_kept_3_or_more']:.0%}; mean gain {c['draws_mean_gain']:+.2f}, "
+              f"mean uniform {c['draws_mean_uniform_minus_best']:+.2f}")
     if args.out:
         Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
     return record

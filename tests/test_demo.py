@@ -46,6 +46,14 @@ def test_demo_reduced_size_end_to_end(tmp_path, fmnist_root):
                   and r["ingredients"] == [0, 1, 2]) == [1, 2]
     assert "| MEHL-Soup+ (mean ± sd of 2 seeds) |" in proc.stdout
     assert "How far each soup went" in report and (out / "report" / "distances.csv").is_file()
+    # every line names its predictions file (issue 28): test and each shift it was scored on, 100 examples
+    from utils.files import predictions
+    for r in lines:
+        sets = dict(predictions.check_field(r["predictions"]))
+        assert sets["test"] == 100 and all(sets[f"shift/{s}"] == 100 for s in r.get("shifts") or {})
+        assert predictions.load(out / "results.jsonl", r["predictions"])["test"].shape == (100, 6)
+    assert "Paired comparisons" in report and ("p=" in report or "p<" in report)
+    assert "The paper's claims, tested" in report
 
     again = run_demo(out, zoo, fmnist_root)
     assert again.returncode == 0, again.stderr[-3000:]

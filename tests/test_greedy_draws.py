@@ -45,3 +45,16 @@ def test_another_split_or_a_missing_zoo_is_refused(tmp_path, fmnist_root, capsys
             run_main(greedy_draws.main, args)
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and words in err and "Traceback" not in err, err[-1500:]
+
+
+def test_sizes_draw_selection_sets_of_each_size(tmp_path, fmnist_root, capsys):
+    zoo = make_zoo(tmp_path / "zoo", 4, noise=0.3)
+    record = greedy_draws.main(draws_argv(zoo, fmnist_root, "--draws", "10", "--sizes", "10", "50"))
+    assert [c["size"] for c in record["sizes"]] == [10, 50]
+    for c in record["sizes"]:
+        assert sum(c["draws_kept_share"].values()) == pytest.approx(1.0)
+    # a selection set of the whole pool is the same set every draw: one kept count, every time
+    assert list(record["sizes"][1]["draws_kept_share"].values()) == [1.0]
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(greedy_draws.main, draws_argv(zoo, fmnist_root, "--sizes", "51"))
+    assert exit_info.value.code == 2 and "--sizes 51" in capsys.readouterr().err

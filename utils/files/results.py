@@ -101,6 +101,54 @@ def read(path):
     return records
 
 
+def stream(path):
+    """(byte offset, record) of every usable record of a results file, one line at a time (memory
+    holds one line, whatever the file's size), with `read`'s skipping and its one warning per file at
+    the end. The offset lets a reader keep only the fields it needs and read a line again (`line_at`)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    check_regular(path)
+    skipped, used, first_bad = 0, 0, None
+    with open(path, "rb") as f:
+        offset = 0
+        for lineno, raw in enumerate(f, 1):
+            start, offset = offset, offset + len(raw)
+            if not raw.strip():
+                continue
+            record = _parse(raw)
+            if isinstance(record, dict):
+                used += 1
+                yield start, record
+            else:
+                skipped += 1
+                first_bad = first_bad or lineno
+    if skipped and (str(path), skipped) not in _WARNED:
+        _WARNED.add((str(path), skipped))
+        log.warning("%s: skipped %d line(s) that are not whole JSON objects in UTF-8 (a torn write, "
+                    "another tool's line), the first at line %d; the other %d lines are used",
+                    path, skipped, first_bad, used)
+
+
+def line_at(path, offset):
+    """The record of the line starting at byte `offset` of a results file (`stream`'s offsets), or
+    None when it is no longer a JSON object there (the file changed)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            record = _parse(f.readline())
+    except OSError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _parse(raw):
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+
+
 def append(path, record):
     """Append one record (primary rank only). Adds a timestamp. Returns the record. When the file
     does not end with a newline (a torn last line), the record starts on a fresh line."""

@@ -2,9 +2,11 @@
 repeats) and the correct / total counts are all-reduced. What is evaluated is given: a module and the
 items it maps to logits (a recipe's `Inputs`, utils/run/inputs.py). Image files are decoded once
 (utils/run/decoded.py); a set that is decoded in every pass keeps its loader's worker processes from one
-evaluation to the next (`close_loaders` ends them). Batches are pinned on CUDA."""
+evaluation to the next (`close_loaders` ends them). Batches are pinned on CUDA. Per-example top-5
+predictions are kept on request, for the report's paired tests (utils/files/predictions.py)."""
 import atexit
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
@@ -71,43 +73,99 @@ def close_loaders():
     _LOADERS.clear()
 
 
+TOP = 5               # predicted classes kept per example (best first)
+CHUNK_ROWS = 1 << 16  # predictions copied to the host this many rows at a time (one sync each)
+
+
 @torch.no_grad()
-def accuracy(model, dataset, device, batch_size=256, workers=0, project=None, desc="eval"):
+def accuracy(model, dataset, device, batch_size=256, workers=0, project=None, desc="eval", keep=False):
     """Top-1 accuracy in percent of `model` (in eval mode) on the items of `dataset`; `project` maps
-    logits onto the set's labels."""
+    logits onto the set's labels. With `keep`, (accuracy, rows): rows is an int16 array (N, 1 + TOP)
+    in the set's order, each row the label then the TOP best classes (-1 past the number of classes),
+    gathered from every rank.
+
+    No host sync per batch: the correct count stays on the device and is read once per set, and the
+    kept rows are copied to the host CHUNK_ROWS at a time."""
     model.eval()
-    counts = torch.zeros(2, dtype=torch.float64)
+    correct, total = torch.zeros((), dtype=torch.int64, device=device), 0
+    labels, chunks, pending, pending_rows = [], [], [], 0
     loader = make_loader(dataset, batch_size, workers, device=device, desc=desc)
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not distributed.is_primary()):
         logits = model(x.to(device, non_blocking=True))
         if project is not None:
             logits = project(logits)
-        counts[0] += (logits.argmax(1).cpu() == y).sum().item()
-        counts[1] += len(y)
+        y_dev = y.to(device, non_blocking=True)
+        correct += (logits.argmax(1) == y_dev).sum()
+        total += len(y)
+        if keep:
+            labels.append(y)
+            pending.append(logits.topk(min(TOP, logits.shape[1]), dim=1).indices.to(torch.int16))
+            pending_rows += len(y)
+            if pending_rows >= CHUNK_ROWS:
+                chunks.append(torch.cat(pending).cpu())
+                pending, pending_rows = [], 0
+    if pending:
+        chunks.append(torch.cat(pending).cpu())
+    counts = torch.stack([correct.to(torch.float64), torch.tensor(float(total), dtype=torch.float64,
+                                                                  device=correct.device)])
     if distributed.is_distributed() and torch.distributed.get_backend() == "nccl":
-        counts = distributed.all_reduce_sum(counts.to(device)).cpu()
+        counts = distributed.all_reduce_sum(counts)
     else:
+        counts = counts.cpu()
         distributed.all_reduce_sum(counts)
-    return 100.0 * counts[0].item() / max(1.0, counts[1].item())
+    counts = counts.cpu()
+    score = 100.0 * counts[0].item() / max(1.0, counts[1].item())
+    if not keep:
+        return score
+    return score, _rows(labels, chunks, len(dataset))
 
 
-def evaluate_all(inputs_of, bundle, device, batch_size=256, heldout=True, test=True, shifts=True):
+def _rows(labels, chunks, n):
+    """(n, 1 + TOP) int16 rows of the whole set: this rank's (rank, rank + world, ...) interleaved
+    with the other ranks'."""
+    top = torch.cat(chunks) if chunks else torch.zeros((0, TOP), dtype=torch.int16)
+    mine = torch.full((len(top), 1 + TOP), -1, dtype=torch.int16)
+    if len(top):
+        mine[:, 0] = torch.cat(labels).to(torch.int16)
+        mine[:, 1:1 + top.shape[1]] = top
+    if not distributed.is_distributed():
+        return mine.numpy()
+    shares = [None] * distributed.world_size()
+    torch.distributed.all_gather_object(shares, mine.numpy())
+    rows = np.full((n, 1 + TOP), -1, dtype=np.int16)
+    for r, share in enumerate(shares):
+        rows[r::distributed.world_size()] = share
+    return rows
+
+
+def evaluate_all(inputs_of, bundle, device, batch_size=256, heldout=True, test=True, shifts=True, keep=False):
     """Held-out, test and every shift accuracy of what `inputs_of(dataset, desc)` gives to run on each
-    data set (`utils.run.prefix.evaluation_inputs`); a missing shift is reported as None and listed."""
-    def score(dataset, project, desc):
+    data set (`utils.run.prefix.evaluation_inputs`); a missing shift is reported as None and listed.
+    With `keep`, the scores also hold "predictions": {set name: rows of `accuracy`} with the set names
+    "heldout", "test" and "shift/<name>" (utils/files/predictions.py writes them to a file)."""
+    kept = {}
+
+    def score(dataset, project, desc, name):
         inputs = inputs_of(dataset, desc)
-        return accuracy(inputs.forward, inputs.dataset, device, batch_size, inputs.workers, project, desc)
+        got = accuracy(inputs.forward, inputs.dataset, device, batch_size, inputs.workers, project, desc, keep)
+        if not keep:
+            return got
+        kept[name] = got[1]
+        return got[0]
 
     out = {}
     if heldout:
-        out["heldout"] = score(bundle.heldout, None, "held-out")
+        out["heldout"] = score(bundle.heldout, None, "held-out", "heldout")
     if test:
-        out["test"] = score(bundle.test.dataset, bundle.test.project, "test")
+        out["test"] = score(bundle.test.dataset, bundle.test.project, "test", "test")
     if shifts:
         out["shifts"] = {}
         for s in bundle.shifts:
-            out["shifts"][s.name] = None if s.dataset is None else score(s.dataset, s.project, s.name)
+            out["shifts"][s.name] = None if s.dataset is None else score(s.dataset, s.project, s.name,
+                                                                         f"shift/{s.name}")
         present = [v for v in out["shifts"].values() if v is not None]
         out["shift_mean"] = sum(present) / len(present) if present else None
         out["missing_shifts"] = [s.name for s in bundle.shifts if s.dataset is None]
+    if keep:
+        out["predictions"] = kept
     return out

@@ -1,13 +1,14 @@
 """Accuracies of the individual ingredients: held-out, test and every shift, one results line each
-(method "individual"). An ingredient whose line is already in the results file, for the same file,
-dataset, architecture, held-out split and test size, is not evaluated again.
+(method "individual"), with the file of its per-example predictions (utils/files/predictions.py). An
+ingredient whose line is already in the results file, for the same file, dataset, architecture,
+held-out split and test size, with a usable predictions file, is not evaluated again.
 
 Used by greedy soup (held-out ranking), by --exclude-top in every soup script, and by the report."""
 import json
 import logging
 from pathlib import Path
 
-from utils.files import identity, results
+from utils.files import identity, predictions, results
 from utils.files.ingredients import index_of, load_checked
 from utils.run import inputs, precision
 from utils.run.evaluation import evaluate_all
@@ -49,6 +50,7 @@ def evaluate_individuals(setup, paths=None):
         # lines written before --precision and --tf32 existed were evaluated in exact fp32
         cached = [results.latest(existing, k, absent={"precision": precision.DEFAULT, "tf32": False})
                   for k in keys]
+        cached = [with_predictions(setup.results_db, c) for c in cached]
     cached = distributed.broadcast_object(cached)
     todo = [i for i, c in enumerate(cached) if c is None]
     if len(todo) < len(paths):
@@ -61,13 +63,30 @@ def evaluate_individuals(setup, paths=None):
         sd = load_checked(paths[i], setup.reference)
         setup.model.load_state_dict(sd)
         del sd
-        scores = evaluate_all(evaluated, setup.bundle, setup.device, setup.batch_size)
+        scores = evaluate_all(evaluated, setup.bundle, setup.device, setup.batch_size, keep=True)
+        kept = scores.pop("predictions")
+        if distributed.is_primary():
+            scores["predictions"] = predictions.save(setup.results_db, kept)
         record = {**keys[i], **scores, "device": str(setup.device),
                   "world_size": distributed.world_size()}
         out[i] = results.append(setup.results_db, record)
         log.info("ingredient %d (%s): held-out %.2f, test %.2f", keys[i]["index"], paths[i].name,
                  scores["heldout"], scores["test"])
     return out
+
+
+def with_predictions(results_db, line):
+    """`line` when the predictions file it names is usable, else None: a cached accuracy comes with
+    its predictions, so a line without them (an older file, a damaged file) is evaluated again."""
+    if line is None:
+        return None
+    try:
+        predictions.load(results_db, line.get("predictions"))
+    except predictions.Unusable as why:
+        log.info("ingredient %s: its cached line has no usable predictions (%s); evaluated again",
+                 line.get("index"), why)
+        return None
+    return line
 
 
 def heldout_ranking(setup, paths=None):

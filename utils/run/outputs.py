@@ -6,7 +6,7 @@ Weights & Biases log of a run (`Wandb`)."""
 import os
 import time
 
-from utils.files import identity, results, soup_io
+from utils.files import identity, predictions, results, soup_io
 from utils.files.ingredients import index_of
 from utils.runtime import distributed, memory
 
@@ -18,12 +18,16 @@ def write_outputs(setup, output, method, paths, scores, soup, *, sidecars=None, 
     `recipe` fields go into it), then its results line (with `fields`). Returns the line."""
     soup_io.save_soup(soup, output.path, method, paths, setup.arguments, coefficients=coefficients,
                       extra=recipe, overwrite=output.replace, sidecars=sidecars)
+    scores = dict(scores)
+    kept = scores.pop("predictions", None)
+    if kept is not None and distributed.is_primary():  # before the line, which marks the run as finished
+        scores["predictions"] = predictions.save(setup.results_db, kept)
     return results.append(setup.results_db, result_record(setup, output, method, paths, scores, **fields))
 
 
 def result_record(setup, output, method, paths, scores, **fields):
     """A soup's results line: method, dataset, architecture, the souped ingredients (`paths`), held-out
-    / test / shift accuracies (`scores`), the split, seconds, peak memory, the soup file, the range's
+    / test / shift accuracies (`scores`, with the "predictions" field naming their file), the split, seconds, peak memory, the soup file, the range's
     file stamps (which make a rerun of this command find the line), the recipe's own `fields`, and the
     arguments. Learned and MEHL soups share the field names `blocks`, `identical_parameters`,
     `identical_numbers` and `batchnorm`."""
