@@ -111,6 +111,21 @@ def test_evaluation_takes_what_it_is_given(effnet, images):
     assert calls == ["held-out", "test"] and with_prefix == without
 
 
+def test_recipes_of_any_batch_size_share_one_prefix_pass(effnet, images, monkeypatch):
+    """Learned-Soup (batch 256) and the other recipes (128) find the same outputs: the prefix runs
+    PASS_BATCH images at a time whatever the recipe's batch, so one pass serves them all."""
+    effnet.eval()
+    prefix._MEMORY.update(key=None, outputs={})
+    batches = []
+    real = prefix._compute
+    monkeypatch.setattr(prefix, "_compute", lambda split, dataset, device, batch_size, *rest:
+                        batches.append(batch_size) or real(split, dataset, device, batch_size, *rest))
+    for batch in (256, 128, 7):
+        assert inputs.evaluation(effnet, torch.device("cpu"), batch, 0, "fp32")(images, "test").prefixed
+        assert inputs.learning(effnet, images, torch.device("cpu"), batch, 0, ["_fc.weight"], "fp32").prefixed
+    assert batches == [prefix.PASS_BATCH]
+
+
 def test_no_prefix_for_other_archs(images):
     model = get_arch("tiny-cnn").build(10)
     assert prefix.split_of(model) is None and prefix.outputs(model, images, torch.device("cpu")) is None

@@ -6,8 +6,8 @@ past the number of classes), the sets one after the other in the order the line 
 check that two files hold the same examples before it pairs them.
 
 The file is named by its sha256 (identical predictions share one file; nothing is ever overwritten
-with other bytes), written to an unpredictable temporary name in its folder, fsynced and renamed into
-place. Read back, it is untrusted input: `load` checks the line's field, the file's kind and size
+with other bytes), written as every output is (utils/files/state_dicts.py `atomic_write`: a private temporary,
+renamed into place). Read back, it is untrusted input: `load` checks the line's field, the file's kind and size
 before it reads, then the .npy header (dtype, shape), then the sha256, and raises `Unusable` with one
 sentence saying what is wrong; the caller warns once and leaves the comparison out."""
 import hashlib
@@ -15,12 +15,12 @@ import io
 import os
 import re
 import stat
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from numpy.lib import format as npy_format
 
+from utils.files.state_dicts import atomic_write
 from utils.runtime.errors import UserError
 
 COLUMNS = 6           # label + the top 5
@@ -53,20 +53,10 @@ def save(results_db, kept):
     target = folder / f"{digest[:32]}.npy"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        if not _same_bytes(target, data):
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.chmod(tmp, 0o666 & ~_umask())
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
     except OSError as err:
         raise UserError(f"could not write the predictions file {target}: {err.strerror or err}") from err
+    if not _same_bytes(target, data):  # written as every output is (a private temporary, renamed)
+        atomic_write(target, lambda tmp: Path(tmp).write_bytes(data), overwrite=True, size=len(data))
     return {"file": str(target.relative_to(Path(results_db).parent)), "sha256": digest,
             "columns": "label, top-5 classes", "dtype": "int16",
             "sets": [[n, int(len(np.asarray(kept[n]).reshape(-1, COLUMNS)))] for n in names]}
@@ -81,12 +71,6 @@ def _same_bytes(target, data):
         return target.read_bytes() == data
     except OSError:
         return False
-
-
-def _umask():
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def check_field(field):

@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 LIMIT_BYTES = 512 * 2**20   # per data set, on the CPU
 FORMAT = 1                  # of the files on disk: a change of what they hold changes it
 SPOT_CHECKS = 8             # items of a file computed afresh and compared before it is used
+PASS_BATCH = 128            # images per prefix pass of a recipe, whatever its own batch size (see standing_in)
 _MEMORY = {"key": None, "outputs": {}}      # prefix_key -> {id(dataset): (dataset, h or None, y)}
 _DISK = {"folder": None, "warned": False}   # the on-disk cache (configure); None: memory only
 
@@ -76,15 +77,19 @@ class Tail(nn.Module):
         return self.tail(h)
 
 
-def standing_in(model, dataset, device, batch_size, learned=(), desc="prefix", split=None):
+def standing_in(model, dataset, device, learned=(), desc="prefix", split=None):
     """(the prefix's outputs on `dataset` as a data set, `Tail`) when the prefix stands for the model (see
     the module's docstring) and holds none of the `learned` tensors, else None. Ask at each use: the
     prefix tensors are checked when it is called. `split`: a Split of the model (utils/archs), default
-    the one its architecture declares. utils/run/inputs.py is where a recipe asks."""
+    the one its architecture declares. utils/run/inputs.py is where a recipe asks.
+
+    The prefix runs PASS_BATCH images at a time whatever the recipe's batch size: a convolution may sum in
+    another order for another batch, so outputs computed at the recipe's size would be found only by
+    recipes of that size, and Learned-Soup (256) would pass over every set again after the others (128)."""
     split = split_of(model) if split is None else split
     if split is None or set(split.keys) & set(learned):
         return None
-    found = outputs(model, dataset, device, batch_size, desc, split)
+    found = outputs(model, dataset, device, PASS_BATCH, desc, split)
     if found is None:
         return None
     _, h, y = found
