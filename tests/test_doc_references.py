@@ -10,7 +10,11 @@ virtual environment). Checked, statically (no project module is imported):
   project of that name) and defines `<name>` (a def, a class or an assignment, at any depth);
 - `<file>.py:<line>` and `<file>.py:<first>-<last>`: the file exists and has that many lines;
 - a path of the project's own folders (utils/, datasets/, scripts/, tests/, docs/) ending in .py, .md or
-  .sh: the file exists.
+  .sh: the file exists;
+- a section named after a document (README or docs/<name>.md, then the section's title in double
+  quotes): the document has a heading, or a paragraph opening in bold, that starts with those words;
+- a link of README.md or docs/*.md to a file of the project (`[text](docs/<name>.md#<anchor>)`): the file
+  exists, and so does the anchor's heading.
 
 A failure names the file, the line and the name that does not resolve, one per line."""
 import ast
@@ -31,6 +35,8 @@ DOTTED = re.compile(rf"(?<![\w./-])utils(?:\.{IDENT})+")
 PY_FILE = r"(?<![\w./-])((?:[\w.-]+/)*[\w-]+\.py)"
 FILE_NAME = re.compile(PY_FILE + rf":({IDENT})")
 FILE_LINE = re.compile(PY_FILE + r":(\d+)(?:-(\d+))?(?!\d)")
+SECTION = re.compile(r"(?<![\w/.-])(README(?:\.md)?|docs/[\w.-]+\.md)(?:\]\([^)]*\))?(?:'s)?,? \"([^\"]+)\"")
+LINK = re.compile(r"\]\(([^()\s]+)\)")
 OWN_PATH = re.compile(rf"(?<![\w./-])((?:{'|'.join(OWN_FOLDERS)})/(?:[\w.-]+/)*[\w.-]+\.(?:py|md|sh))(?![\w/])")
 
 
@@ -215,7 +221,68 @@ def problems_in(lines):
         for m in OWN_PATH.finditer(text):
             if not (ROOT / m.group(1)).is_file():
                 found.append(f"{where}:{n}: `{m.group(1)}`: no such file")
+        for m in SECTION.finditer(text):
+            why = section_problem(m.group(1), m.group(2))
+            if why:
+                found.append(f"{where}:{n}: `{m.group(0)}`: {why}")
+        if where.endswith(".md"):
+            for m in LINK.finditer(text):
+                why = link_problem(where, m.group(1))
+                if why:
+                    found.append(f"{where}:{n}: `{m.group(1)}`: {why}")
     return found
+
+
+def slug(heading):
+    """The anchor GitHub gives a heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def titles(path):
+    """The headings of a markdown file (what anchors point at)."""
+    return tuple(h for h, bold in sections(path) if not bold)
+
+
+def headings(path):
+    """The headings of a markdown file and its paragraphs' bold openings."""
+    return tuple(h for h, _ in sections(path))
+
+
+@lru_cache(maxsize=None)
+def sections(path):
+    if not Path(path).is_file():
+        return ()
+    found, fenced = [], False
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,6} ", line):
+            found.append((line.lstrip("#").strip(), False))
+        elif not fenced and re.match(r"\*\*[^*]+\*\*", line):
+            found.append((line[2:line.index("**", 2)], True))  # a paragraph that opens in bold
+    return tuple(found)
+
+
+def section_problem(doc, title):
+    path = ROOT / ("README.md" if doc.startswith("README") else doc)
+    if not path.is_file():
+        return f"no file {doc}"
+    if any(h.lower().startswith(title.lower()) for h in headings(path)):
+        return None
+    return f"{path.relative_to(ROOT).as_posix()} has no heading \"{title}\""
+
+
+def link_problem(where, target):
+    if re.match(r"[a-z]+:", target):
+        return None  # a web address
+    file, _, anchor = target.partition("#")
+    path = (ROOT / where).parent / file if file else ROOT / where
+    if not path.exists():
+        return f"no file {file}"
+    if anchor and path.suffix == ".md" and anchor not in {slug(h) for h in titles(path.resolve())}:
+        return f"{file or where} has no heading with the anchor #{anchor}"
+    return None
 
 
 # ------------------------------------------------------------------------------- the tests
@@ -233,6 +300,9 @@ def test_every_name_the_docs_and_docstrings_give_exists():
     ("utils/run/prefix.py:1-999999", "not 999999"),
     ("see utils/run/no_such_module.py", "no such file"),
     ("utils.files.identity.NoClass.x", "has no `NoClass`"),
+    ('(README, "No such section")', 'README.md has no heading "No such section"'),
+    ("[the claims](RESULTS.md#no-such-anchor)", "has no heading with the anchor #no-such-anchor"),
+    ("[the claims](NO_SUCH_DOC.md)", "no file NO_SUCH_DOC.md"),
 ])
 def test_a_name_that_does_not_exist_is_named_with_its_file_and_line(text, expected):
     problems = problems_in([("docs/X.md", 7, text)])
@@ -243,6 +313,8 @@ def test_a_name_that_does_not_exist_is_named_with_its_file_and_line(text, expect
     "utils.run.prefix", "utils.run.prefix.outputs", "`utils.files.identity.stamp`", "utils.run",
     "utils/run/prefix.py:outputs", "prefix.py:prefix_key", "utils/run/prefix.py:1-10",
     "utils/run/mehl.py", "utils.run.mehl.StepLog.read", "the end of a sentence: utils.run.mehl.",
+    '(README, "Your own zoo")', 'docs/GUARANTEES.md, "Runs are resumable"',
+    "[the claims](RESULTS.md#what-holds-across-zoo-builds)", "[a site](https://example.org/x.md)",
 ])
 def test_a_name_that_exists_passes(text):
     assert problems_in([("docs/X.md", 1, text)]) == []
