@@ -1,7 +1,7 @@
 """The names the docs give must exist, so that a rename cannot leave a doc pointing at nothing.
 
-Read: README.md, docs/*.md, and the docstrings and comments of every .py file of the project (not the
-virtual environment). Checked, statically (no project module is imported):
+Read: README.md, docs/*.md, the docstrings and comments of every .py file of the project (not the virtual
+environment) and the comments of its shell scripts. Checked, statically (no project module is imported):
 
 - a dotted name under `utils` (a module, or a module's attribute, or a class's attribute): the module's
   file exists and the attribute is defined, assigned or imported at its top level (a class's attribute in
@@ -56,6 +56,17 @@ def doc_texts():
                 yield path.relative_to(ROOT).as_posix(), n, line
     for path in project_files(".py"):
         yield from python_texts(path)
+    for path in project_files(".sh"):
+        yield from shell_comments(path)
+
+
+def shell_comments(path):
+    """The comments of one shell script, line by line."""
+    rel = path.relative_to(ROOT).as_posix()
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        m = re.search(r"(?:^|\s)(#.*)$", line)
+        if m and not line.startswith("#!"):
+            yield rel, n, m.group(1)
 
 
 def python_texts(path, rel=None):
