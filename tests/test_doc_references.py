@@ -19,6 +19,7 @@ environment) and the comments of its shell scripts. Checked, statically (no proj
 A failure names the file, the line and the name that does not resolve, one per line."""
 import ast
 import io
+import os
 import re
 import tokenize
 from functools import lru_cache
@@ -27,7 +28,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SKIP_DIRS = {".venv", ".git", "__pycache__", ".pytest_cache", "node_modules"}
+SKIP_DIRS = {"__pycache__", "node_modules"}
 OWN_FOLDERS = ("utils", "datasets", "scripts", "tests", "docs")
 
 IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
@@ -42,10 +43,13 @@ OWN_PATH = re.compile(rf"(?<![\w./-])((?:{'|'.join(OWN_FOLDERS)})/(?:[\w.-]+/)*[
 
 # ------------------------------------------------------------------------------- the texts read
 def project_files(suffix):
-    for path in sorted(ROOT.rglob(f"*{suffix}")):
-        rel = path.relative_to(ROOT)
-        if not SKIP_DIRS.intersection(rel.parts) and path.is_file():
-            yield path
+    """The project's files ending in `suffix`, sorted; hidden folders (the virtual environment, git's)
+    and caches are not entered."""
+    found = []
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SKIP_DIRS]
+        found += [Path(folder) / f for f in files if f.endswith(suffix)]
+    return sorted(found)
 
 
 def doc_texts():
