@@ -308,7 +308,7 @@ def test_every_name_the_docs_and_docstrings_give_exists():
 
 @pytest.mark.parametrize("text, expected", [
     ("see `utils.run.prefix.evaluation_inputs`", "utils.run.prefix has no `evaluation_inputs`"),
-    ("utils.nothing_here.x", "no such module"),
+    ("utils.nothing_here.x", "utils has no `nothing_here`"),
     ("`prefix.py:no_such_function`", "prefix.py defines no `no_such_function`"),
     ("`no_such_file.py:main`", "no file no_such_file.py"),
     ("utils/run/prefix.py:999999", "has"),
