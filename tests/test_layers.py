@@ -37,7 +37,7 @@ def imported(path, modules):
             if node.level:  # relative import
                 anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
-            # `from utils.x import y`: y may be a module of package utils.x
+            # `from utils.<package> import <name>`: <name> may be a module of that package
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
         else:
             continue

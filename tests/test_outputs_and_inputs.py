@@ -1,4 +1,4 @@
-"""Outputs against inputs (docs/GUARANTEES.md, "Outputs are atomic and never silently overwritten"):
+"""Outputs against inputs (docs/GUARANTEES.md, "Outputs are never an input, atomic, and never silently overwritten"):
 an output path that is an ingredient, a data file, the held-out index or another output of the run is
 one line, exit 2, before anything is read or written (no results line, no lock file, no temporary
 file); a lock never truncates a file that is not its own; a soup and its recipe are replaced as a pair,

@@ -34,7 +34,7 @@ class ClipClassifier(nn.Module):
 
     The text-side leftovers stay as parameters because the published checkpoints hold them; they are
     not used in forward and are frozen (requires_grad=False), so they are identical in every ingredient
-    and the soup code leaves them out of coefficient problems (utils.files.state_dicts.identical_keys)."""
+    and the soup code leaves them out of coefficient problems (utils.run.layout.Layout.identical)."""
 
     def __init__(self, clip, num_classes):
         super().__init__()

@@ -14,8 +14,8 @@
   rebuilt only from ingredients whose sha256 matches).
 - `changes(old, new)`: what differs between two descriptions, in words.
 
-Caches keyed by contents rather than by files (the frozen prefix's outputs, utils/run/prefix.py) hash
-the tensors they depend on with `sha256_bytes`."""
+Caches keyed by contents rather than by files hash what they depend on themselves (the frozen
+prefix's outputs: `utils.run.prefix.prefix_key`, every prefix tensor element for element)."""
 import hashlib
 import os
 from pathlib import Path

@@ -1,5 +1,5 @@
-"""Per-example predictions of an evaluation, kept for the report's paired tests (README, "Paired
-statistics"). One file per results line, beside the results file in `<results file>.predictions/`:
+"""Per-example predictions of an evaluation, kept for the report's paired tests (docs/RESULTS.md,
+"Paired statistics"). One file per results line, beside the results file in `<results file>.predictions/`:
 a .npy int16 array of shape (rows, 6), each row an example's label then its five best classes (-1
 past the number of classes), the sets one after the other in the order the line lists them
 ("predictions": {"file", "sha256", "sets": [[name, rows], ...]}). The label column lets the report

@@ -140,7 +140,7 @@ def _rows(labels, chunks, n):
 
 def evaluate_all(inputs_of, bundle, device, batch_size=256, heldout=True, test=True, shifts=True, keep=False):
     """Held-out, test and every shift accuracy of what `inputs_of(dataset, desc)` gives to run on each
-    data set (`utils.run.prefix.evaluation_inputs`); a missing shift is reported as None and listed.
+    data set (`utils.run.inputs.evaluation`); a missing shift is reported as None and listed.
     With `keep`, the scores also hold "predictions": {set name: rows of `accuracy`} with the set names
     "heldout", "test" and "shift/<name>" (utils/files/predictions.py writes them to a file)."""
     kept = {}

@@ -1,4 +1,4 @@
-"""Paired statistics of two models scored on the same examples (README, "Paired statistics"): pure
+"""Paired statistics of two models scored on the same examples (docs/RESULTS.md, "Paired statistics"): pure
 functions on boolean vectors of per-example correctness, vectorised, no Python loop over examples.
 
 - `mcnemar`: the exact McNemar test, a binomial sign test on the discordant examples (those exactly
