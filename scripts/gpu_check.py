@@ -262,7 +262,7 @@ def main(argv=None):
     print(f"forward+backward: {args.iters * args.batch_size / seconds:.1f} images/s "
           f"({seconds / args.iters * 1000:.1f} ms/iter over {args.iters} iterations)")
     kind = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak resident set of the process"
-    print(f"peak memory: {gib(peak_bytes(device)):.2f} GiB ({kind})")
+    print(f"peak memory: {gib(peak_bytes(device))} ({kind})")
 
 
 # ------------------------------------------------------------------------ a real run (issue 29)
@@ -373,13 +373,13 @@ def real_run_check(args, device):
             if measured is not None:
                 off = measured / predicted - 1
                 ok = abs(off) <= 0.05
-                print(f"  peak at K = {k}: predicted {gib(predicted):.3f} GiB, measured {gib(measured):.3f} GiB "
-                      f"(torch.cuda.max_memory_allocated; {gib(torch.cuda.max_memory_reserved(device)):.3f} GiB "
+                print(f"  peak at K = {k}: predicted {gib(predicted)}, measured {gib(measured)} "
+                      f"(torch.cuda.max_memory_allocated; {gib(torch.cuda.max_memory_reserved(device))} "
                       f"reserved): {off:+.1%}: {'ok' if ok else 'FAIL'} (within 5 %)")
                 if not ok:
                     failures.append(f"predicted peak off by {off:+.1%}")
             else:
-                print(f"  peak at K = {k}: predicted {gib(predicted):.3f} GiB (measured on CUDA only)")
+                print(f"  peak at K = {k}: predicted {gib(predicted)} (measured on CUDA only)")
         print(f"  steps: {seen['steps']}, batches read through the run's DataLoader: {seen['batches']}" + (f", every batch pinned: {'ok' if not seen['unpinned'] else 'FAIL'}, "
               f"no host sync in any step nor in reading its batch (set_sync_debug_mode error): "
               f"{'ok' if not seen['syncs'] else 'FAIL'}"

@@ -218,3 +218,9 @@ def read_recipe(recipe_file):
 
 def _is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def method_of(family, plus):
+    """The method a learned soup's results line names: `family` (one row of coefficients, model-wise),
+    with "+" when `plus` (a row per block)."""
+    return family + "+" if plus else family

@@ -137,4 +137,6 @@ def peak_bytes(device):
 
 
 def gib(n):
-    return round(n / 2**30, 3)
+    """Bytes for a reader, the one unit everywhere: "1.234 GiB" (4 significant digits), "-" for None
+    (not measured)."""
+    return "-" if n is None else f"{n / 2**30:.4g} GiB"
