@@ -33,7 +33,7 @@ data batch; the same seed gives the same soup as one process (up to float roundi
     torchrun --nproc_per_node=2 MEHL_soup_layer.py --model-location zoo/fashion_mnist \\
         --arch efficientnet-lite0 --model_batch 4 --epochs 5 --cosine-lr
 
-The results line holds the alpha summary; `<soup>.alpha.json` holds alpha. After every group the
+The results line holds the alpha summary, `<soup>.coefficients.json` alpha. After every group the
 resume state (`utils/files/mehl_state.py`) is written atomically to --resume's file (default
 `<soup>.state.pt`): --resume continues an interrupted run to the same soup. The file is kept after
 success; a new run over it needs --resume or --overwrite.
@@ -256,13 +256,13 @@ def finish(run, progress):
     identical_numbers = sum(setup.reference[n].numel() for n in layout.identical)
     rows_per_rank = sampling.shard_range(min(run.k, len(run.paths)), distributed.world_size(), 0)[1]
     soup_sd = {k: v.detach().cpu().clone() for k, v in setup.model.state_dict().items()}
-    statistics = batchnorm_statistics(setup.model, state_buffers(setup.model, floating=False)) if reestimated else []
+    statistics = (batchnorm_statistics(setup.model, state_buffers(setup.model, floating=False))
+                  if reestimated else [])
     batchnorm = rule(setup.model, reestimated)
     products, why = mehl.products_of(progress.groups)
     record = outputs.write_outputs(
         setup, run.output, run.method, run.paths, scores, soup_sd,
-        sidecars={"alpha": {"ingredients": [str(p) for p in run.paths], "blocks": layout.blocks, "alpha": alpha,
-                            "summary": summary}},
+        sidecars={"coefficients": soup_io.coefficients_file(layout.blocks, alpha, summary=summary)},
         coefficients=soup_io.coefficients(layout, alpha, soup_sd, statistics), recipe={"batchnorm": batchnorm},
         blocks=layout.num_blocks, model_batch=run.k, groups=progress.groups, alpha_summary=summary,
         identical_parameters=layout.identical, identical_numbers=identical_numbers,

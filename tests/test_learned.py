@@ -128,7 +128,8 @@ def test_coefficients_move_to_good_ingredient(tmp_path, fmnist_root):
     assert losses[-1] < 0.5 * losses[0], losses
     assert record["batchnorm"] != "re-estimated on held-out"
     coeff = json.loads((tmp_path / "soup.coefficients.json").read_text())
-    assert coeff["blocks"][0]["alpha"]["1"] == pytest.approx(record["alpha"][1])
+    assert coeff["alpha"][0][1] == pytest.approx(record["alpha"][1])
+    assert [item["path"] for item in coeff["ingredients"]] == [str((zoo / f"model_{i}.pt").resolve()) for i in (0, 1)]
     assert coeff["temperature"] == record["temperature"]
     # the recipe rebuilds the soup without learning
     rebuilt, soup = rebuild(tmp_path / "soup.recipe.json"), load_state_dict(out)
