@@ -286,18 +286,22 @@ def real_run_check(args, device):
     cuda = device.type == "cuda"
     scratch = Path(tempfile.mkdtemp(prefix="gpu_check_real_run."))
     seen = {"steps": 0, "batches": 0, "unpinned": 0, "syncs": [], "paths": [], "limit": None, "fp": None, "k": None}
-    real = script.footprint, mehl.step, mehl.check_fast_path, plan.predicted_peak, sampling.RankLoader.epoch
+    real = plan.footprint, mehl.step, mehl.check_fast_path, plan.predicted_peak, sampling.RankLoader.epoch
+    capacity_bytes = plan.capacity_bytes
 
-    def footprint(run, batch):
-        fp, batch = real[0](run, batch)
-        n = len(run.paths)
+    def footprint(setup, layout, soup, paths, batch, **kw):
+        fp, batch = real[0](setup, layout, soup, paths, batch, **kw)
+        n = len(paths)
         capacity = (plan.step_peak(fp, n // 2) + fp.row // 2 + (plan.CUDA_HEADROOM if cuda else 0)) / (1 - plan.MARGIN)
-        run.args.memory_limit = seen["limit"] = capacity / 2**30
+        seen["limit"] = capacity / 2**30  # the plan's --memory-limit from here on (`limited`)
         if cuda:
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, capacity / total), device)
         seen["fp"] = fp
         return fp, batch
+
+    def limited(device, limit_gib=None, local_world=1):
+        return capacity_bytes(device, seen["limit"] if seen["limit"] is not None else limit_gib, local_world)
 
     def step(model, soup, group, bounds, batch, *rest, **kw):
         seen["steps"] += 1
@@ -346,7 +350,8 @@ def real_run_check(args, device):
             zoo, data = scratch / "zoo", scratch / "data"
             write_synthetic_zoo(zoo, args.zoo_size, args.arch, 10)
             write_synthetic_imagenet(data, 10, 27, input_size(get_arch(args.arch)))  # 13 held out a class
-        script.footprint, mehl.step, mehl.check_fast_path = footprint, step, check_fast_path
+        plan.footprint, plan.capacity_bytes = footprint, limited
+        mehl.step, mehl.check_fast_path = step, check_fast_path
         sampling.RankLoader.epoch = epoch
         argv = ["--arch", args.arch, "--datasets", "ImageNet", "--model-location", str(zoo),
                 "--data-location", str(data), "--heldout-per-class", "13", "--model_batch", "auto",
@@ -393,7 +398,8 @@ def real_run_check(args, device):
         print(f"  block products: {', '.join(seen['paths']) or 'not checked'}"
               + (f" ({segmented.failure})" if segmented.failure else ""))
     finally:
-        script.footprint, mehl.step, mehl.check_fast_path = real[:3]
+        plan.footprint, mehl.step, mehl.check_fast_path = real[:3]
+        plan.capacity_bytes = capacity_bytes
         sampling.RankLoader.epoch = real[4]
         if cuda:
             torch.cuda.set_per_process_memory_fraction(1.0, device)
