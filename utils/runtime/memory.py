@@ -4,6 +4,7 @@ On Linux the resident peak is the process's own high-water mark (`VmHWM` in /pro
 `getrusage`'s `ru_maxrss` is not used there: a process started by fork (or vfork) and exec inherits its
 parent's high-water mark in it, so a soup run started from a large process (a test runner, a driver
 script) would report the parent's peak."""
+import math
 import os
 import resource
 import sys
@@ -137,6 +138,11 @@ def peak_bytes(device):
 
 
 def gib(n):
-    """Bytes for a reader, the one unit everywhere: "1.234 GiB" (4 significant digits), "-" for None
-    (not measured)."""
-    return "-" if n is None else f"{n / 2**30:.4g} GiB"
+    """Bytes for a reader, in the one unit used everywhere: GiB with three decimals, and below 1 GiB
+    four significant digits ("0.0009766 GiB" for 1 MiB), never an exponent; "-" for None (not
+    measured)."""
+    if n is None:
+        return "-"
+    x = n / 2**30
+    decimals = 3 if x == 0 or abs(x) >= 1 else min(12, 3 - math.floor(math.log10(abs(x))))
+    return f"{x:.{decimals}f} GiB"
