@@ -244,35 +244,35 @@ def clip_factor(grad, max_norm=1.0):
     return (max_norm / (torch.linalg.vector_norm(grad) + 1e-6)).clamp_(max=1.0)
 
 
-def step(model, soup, group, bounds, batch, n_global, labelsmooth=0.0, clip=False):
+def step(model, soup, learner, bounds, batch, n_global, labelsmooth=0.0, clip=False):
     """One MEHL step: the gradient at the soup (the model's parameters), clipped to norm 1 for ViTs as
     released, projected onto the directions, an optimizer step on X at the schedule's lr, and the soup
     moved by sum_i (X_new - X_old)[i, b] P[i, b] in place (it starts at the center, X at 0, so it stays
     center + sum_i X[i, b] P[i, b] up to float rounding). No value is read back from the device: returns
     the batch loss as a device tensor, and records the first step after which the soup was not finite
-    in `group.first_bad` (read both with `StepLog`)."""
-    if group.step == 0 and group.center is not soup.theta:
+    in `learner.first_bad` (read both with `StepLog`)."""
+    if learner.step == 0 and learner.center is not soup.theta:
         with torch.no_grad():
-            soup.theta.copy_(group.center)
+            soup.theta.copy_(learner.center)
     loss = gradient(model, soup, batch, n_global, labelsmooth)
-    dX = hyperplane.project(group.P, soup.grad, bounds, scale=clip_factor(soup.grad) if clip else None)
-    group.X.grad = dX.to(group.X.dtype)
-    set_lr(group.optimizer, group.schedule(group.step))
-    before = group.X.detach().clone()
-    group.optimizer.step()
-    group.step += 1
+    dX = hyperplane.project(learner.P, soup.grad, bounds, scale=clip_factor(soup.grad) if clip else None)
+    learner.X.grad = dX.to(learner.X.dtype)
+    set_lr(learner.optimizer, learner.schedule(learner.step))
+    before = learner.X.detach().clone()
+    learner.optimizer.step()
+    learner.step += 1
     with torch.no_grad():
-        move = group.X.detach() - before
+        move = learner.X.detach() - before
         if distributed.is_distributed():
             # each rank holds its own rows: their sum goes through the gradient's buffer, free until
             # the next backward pass
-            hyperplane.combine(move, group.P, bounds, out=soup.grad)
+            hyperplane.combine(move, learner.P, bounds, out=soup.grad)
             soup.theta.add_(distributed.all_reduce_sum(soup.grad))
         else:
-            hyperplane.combine(move, group.P, bounds, out=soup.theta, accumulate=True)
+            hyperplane.combine(move, learner.P, bounds, out=soup.theta, accumulate=True)
         # NaN propagates through min and max (documented), and an Inf is one of them: exact, one pass
         bad = ~torch.isfinite(torch.stack(torch.aminmax(soup.theta))).all()
-        group.first_bad = torch.where(bad & (group.first_bad == 0), group.step, group.first_bad)
+        learner.first_bad = torch.where(bad & (learner.first_bad == 0), learner.step, learner.first_bad)
     return loss
 
 
@@ -281,8 +281,8 @@ class StepLog:
     an epoch (`read`), together with the group's non-finite flag: one host sync per read, none per
     step."""
 
-    def __init__(self, group, label, lr, every=None):
-        self.group, self.label, self.lr = group, label, lr
+    def __init__(self, learner, label, lr, every=None):
+        self.learner, self.label, self.lr = learner, label, lr
         self.every = every or LOG_EVERY
         self.pending = []
 
@@ -299,7 +299,7 @@ class StepLog:
         if not self.pending:
             return 0.0
         values = torch.cat([torch.cat([loss for loss, _, _ in self.pending]).double(),
-                            self.group.first_bad.reshape(1).double()]).tolist()
+                            self.learner.first_bad.reshape(1).double()]).tolist()
         mehl_state.check_finite(int(values[-1]), self.label, self.lr)
         total = 0.0
         for value, (_, n, lr) in zip(values, self.pending):
