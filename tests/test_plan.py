@@ -95,7 +95,8 @@ def test_capacity_is_at_most_the_limit():
 
 
 def test_bytes_read_in_one_unit_everywhere():
-    assert memory.gib(GiB) == "1.000 GiB" and memory.gib(12_345_678_901) == "11.498 GiB"
+    assert memory.gib(GiB) == "1 GiB" and memory.gib(12_345_678_901) == "11.498 GiB"
+    assert memory.gib(GiB // 4) == "0.25 GiB"
     assert memory.gib(2**20) == "0.0009766 GiB" and memory.gib(50_000) == "0.00004657 GiB"  # no exponent
     assert memory.gib(None) == "-" and plan.gib is memory.gib
 

@@ -2,9 +2,10 @@
 ingredients it was made from are fingerprinted, so that a resume continues exactly the run that was
 interrupted or is refused in one line.
 
-The resume state (`Progress.state`) holds: version, config (the defining arguments, and `ingredient_files`: each ingredient's
-path, size, modification time and sha256), models_epoch, next_group, order, soup, alpha, the two
-generator states, groups (the log of finished groups) and seconds. Also here: the check that stops a
+The resume state (`Progress.state`; `path_of` names its file, `save` writes it, `load` reads and
+checks it) holds: version, config (`config_of`: the defining arguments, and `ingredient_files`: each
+ingredient's path, size, modification time and sha256), models_epoch, next_group, order, soup, alpha,
+the two generator states, groups (the log of finished groups) and seconds. Also here: the check that stops a
 run whose soup went non-finite (a too large --lr) before anything of its group is written."""
 import json
 import logging
@@ -24,6 +25,7 @@ from utils.soup import sampling
 
 log = logging.getLogger("MEHL_soup")
 
+VERSION = 1
 FIELDS = ("version", "config", "models_epoch", "next_group", "order", "soup", "alpha", "models_rng",
           "data_rng", "groups", "seconds")
 FILES_KEY = "ingredient_files"
@@ -153,7 +155,6 @@ def check_finite(first_bad_step, group, lr):
 
 
 # ------------------------------------------------------------------- the resume state of a run
-VERSION = 1
 UNDERSCORE_FLAGS = ("params_start", "params_end", "model_batch", "models_epochs")
 
 

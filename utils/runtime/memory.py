@@ -138,11 +138,11 @@ def peak_bytes(device):
 
 
 def gib(n):
-    """Bytes for a reader, in the one unit used everywhere: GiB with three decimals, and below 1 GiB
-    four significant digits ("0.0009766 GiB" for 1 MiB), never an exponent; "-" for None (not
-    measured)."""
+    """Bytes for a reader, in the one unit used everywhere: GiB to three decimals, below 1 GiB to four
+    significant digits, trailing zeros dropped and never an exponent ("0.25 GiB", "0.0009766 GiB" for
+    1 MiB, "11.498 GiB"); "-" for None (not measured)."""
     if n is None:
         return "-"
     x = n / 2**30
     decimals = 3 if x == 0 or abs(x) >= 1 else min(12, 3 - math.floor(math.log10(abs(x))))
-    return f"{x:.{decimals}f} GiB"
+    return f"{x:.{decimals}f}".rstrip("0").rstrip(".") + " GiB"
