@@ -27,14 +27,13 @@ from tqdm import tqdm
 
 import datasets
 from utils.files import soup_io
-from utils.files.ingredients import index_of
 from utils.files.state_dicts import param_names
-from utils.run import batchnorm, cli, individual, inputs, outputs
+from utils.run import batchnorm, cli, individual, inputs, outputs, plan
 from utils.run.evaluation import evaluate_all
 from utils.run.layout import make_layout, state_buffers
 from utils.runtime import distributed
 from utils.runtime.errors import UserError, run_main
-from utils.runtime.memory import gib, mem_available, reset_peak
+from utils.runtime.memory import gib, reset_peak
 from utils.soup import learned, sampling
 
 log = logging.getLogger("learned_soup")
@@ -63,12 +62,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def method_of(args):
-    """Learned-Soup+ (one row of coefficients per block) with --layerwise or --layer-size, else
-    Learned-Soup (one row)."""
-    return "Learned-Soup+" if args.layerwise or args.layer_size is not None else "Learned-Soup"
-
-
 def block_size(args):
     """The --layer-size of the blocks: None gives one block (Learned-Soup); --layerwise alone is 0."""
     if args.layer_size is not None:
@@ -84,25 +77,18 @@ def check_learning_args(args):
 
 
 # ------------------------------------------------------------------------------------------ memory
-def available_bytes(device):
-    """Free memory where the ingredients will live: CUDA free memory, or MemAvailable on the host."""
-    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else mem_available()
-
-
 def check_memory(args, setup, n):
-    """Refuse (on every rank) when N ingredients + the model + a margin will not fit."""
+    """Refuse (on every rank) when N ingredients + the model + a margin will not fit in what this process
+    may use (`plan.capacity_bytes`, MEHL's measure too: --memory-limit, the device's free memory, a
+    host's shared among its ranks)."""
     param_bytes = sum(p.numel() * p.element_size() for p in setup.model.parameters())
     model_bytes = sum(v.numel() * v.element_size() for v in setup.reference.values())
     need = n * param_bytes + 3 * model_bytes + MARGIN_BYTES
-    if setup.device.type == "cpu":  # ranks on one host share its memory
-        need *= distributed.local_world_size()
-    have = available_bytes(setup.device)
-    if args.memory_limit is not None:
-        have = min(have, int(args.memory_limit * 2**30)) if have is not None else int(args.memory_limit * 2**30)
+    have = plan.capacity_bytes(setup.device, args.memory_limit, distributed.local_world_size())
     ok = args.memory_check == "off" or have is None or need <= have
-    distributed.agree(ok, f"{n} resident ingredients need about {gib(need)} GiB on {setup.device} "
-                      f"({n} x {gib(param_bytes)} GiB of parameters + model + margin) but {gib(have or 0)} "
-                      "GiB is available: use fewer ingredients (--params_start/--params_end), MEHL soup, "
+    distributed.agree(ok, f"{n} resident ingredients need about {gib(need)} on {setup.device} "
+                      f"({n} x {gib(param_bytes)} of parameters + model + margin) but {gib(have or 0)} "
+                      "is available: use fewer ingredients (--params_start/--params_end), MEHL soup, "
                       "or --memory-check off")
     return need, have
 
@@ -199,7 +185,7 @@ def mix_into_model(setup, layout, stacked, alpha, args):
 def main(argv=None):
     args = parse_args(argv)
     check_learning_args(args)
-    method = method_of(args)
+    method = soup_io.method_of("Learned-Soup", plus=block_size(args) is not None)  # by the flags
     finished_line, setup, output = cli.begin(args, method, data=datasets.build_dataset)
     if finished_line is not None:
         return finished_line
@@ -234,7 +220,7 @@ def main(argv=None):
               **({"alpha": alpha_list[0]} if layout.num_blocks == 1 else {})}
     record = outputs.write_outputs(
         setup, output, method, paths, scores, soup,
-        sidecars={"coefficients": coefficients_doc(paths, layout.blocks, alpha_list, beta.item())},
+        sidecars={"coefficients": soup_io.coefficients_file(layout.blocks, alpha_list, temperature=beta.item())},
         coefficients=soup_io.coefficients(layout, alpha_list, soup, reestimated),
         recipe={"temperature": beta.item(), "batchnorm": rule}, **fields)
     wandb.log({"heldout": scores["heldout"], "test": scores["test"]})
@@ -252,14 +238,6 @@ def log_start(method, layout, n):
                  "BatchNorm statistics %s", method, n, len(layout.names), layout.num_blocks,
                  len(layout.identical), "frozen (eval mode)" if layout.frozen_stats
                  else "differ (train mode, re-estimated at the end)")
-
-
-def coefficients_doc(paths, blocks, alpha, temperature):
-    """The `<soup>.coefficients.json` sidecar: alpha per block and ingredient, readable, one entry per
-    block with its tensors."""
-    return {"ingredients": [index_of(p) for p in paths], "temperature": temperature,
-            "blocks": [{"tensors": names, "alpha": dict(zip(map(str, (index_of(p) for p in paths)), row))}
-                       for names, row in zip(blocks, alpha)]}
 
 
 if __name__ == "__main__":

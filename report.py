@@ -6,7 +6,7 @@ What it reads (it evaluates nothing, and writes nothing outside --out):
   - the results files (--results-db): every table and figure comes from their lines;
   - the recipe `<soup>.recipe.json` of every soup of the main table (each seed) whose file is on
     disk; for the coefficients figure, when the latest MEHL-Soup+ line holds no alpha, that soup's
-    sidecar `<soup>.alpha.json` (or a Learned-Soup's `<soup>.coefficients.json`);
+    `<soup>.coefficients.json` (or an earlier version's `<soup>.alpha.json`);
   - for the distance table only: those soups and the ingredients their recipes name, streamed. Per set
     of ingredients, two passes read them one at a time (their float64 mean, then each one's distance
     from it), so memory holds the mean, one ingredient and one soup whatever their number. Where the
@@ -911,10 +911,10 @@ def figure_scatter(lines, rows, path, notes=None):
 
 
 def coefficients_of(r):
-    """alpha (blocks x ingredients) of a learned soup's line: inline, or in the sidecar beside its soup
-    (MEHL's `.alpha.json` holds the matrix; Learned-Soup's `.coefficients.json` one entry per block
-    with alpha by ingredient index). None, with a warning naming the line or the file, when it is not a
-    matrix of numbers."""
+    """alpha (blocks x ingredients) of a learned soup's line: inline, or in the coefficients file beside
+    its soup (`soup_io.coefficients_file`), or in a file of an earlier version (MEHL's `.alpha.json`;
+    `soup_io.OLD_SIDECARS`). None, with a warning naming the line or the file, when it is not a matrix
+    of numbers."""
     if r is None:
         return None
     inline = r.get("alpha")
@@ -927,7 +927,7 @@ def coefficients_of(r):
                         "figure is left out", r.get("method"), r.get("soup_file") or "no soup file")
         return alpha
     soup = r.get("soup_file")
-    for kind in ("alpha", "coefficients"):
+    for kind in ("coefficients", "alpha"):
         f = sidecar(soup, kind) if soup else None
         if f and f.is_file():
             try:
@@ -941,8 +941,10 @@ def coefficients_of(r):
 
 
 def read_coefficients(path):
-    """The alpha matrix of a `.alpha.json` or `.coefficients.json` sidecar (None when it has no blocks);
-    a ValueError, KeyError or TypeError when the file is not one."""
+    """The alpha matrix of a coefficients file (None when it has no blocks): `alpha` as rows, in the
+    file written now and in an earlier MEHL `.alpha.json`; in an earlier Learned-Soup
+    `.coefficients.json`, one entry per block with alpha by ingredient index. A ValueError, KeyError or
+    TypeError when the file is not one."""
     doc = json.loads(Path(path).read_text())
     if not isinstance(doc, dict):
         raise ValueError(f"a JSON {type(doc).__name__}, not an object")

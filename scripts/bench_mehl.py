@@ -232,7 +232,7 @@ def worker(args):
     import torch
     import datasets
     import MEHL_soup_layer as recipe
-    from utils.run import cli
+    from utils.run import cli, mehl
     from utils.run.batchnorm import set_mode
     from utils.run.layout import make_layout
     from utils.runtime import memory
@@ -259,7 +259,7 @@ def worker(args):
         torch.nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
 
     if k and args.step == "project":
-        soup = recipe.start_model(model, layout, base)
+        soup = mehl.start_model(model, layout, base)
         set_mode(model, layout.frozen_stats)
     else:
         learned_only(model, layout, base)

@@ -262,7 +262,7 @@ def main(argv=None):
     print(f"forward+backward: {args.iters * args.batch_size / seconds:.1f} images/s "
           f"({seconds / args.iters * 1000:.1f} ms/iter over {args.iters} iterations)")
     kind = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak resident set of the process"
-    print(f"peak memory: {gib(peak_bytes(device)):.2f} GiB ({kind})")
+    print(f"peak memory: {gib(peak_bytes(device))} ({kind})")
 
 
 # ------------------------------------------------------------------------ a real run (issue 29)
@@ -286,18 +286,22 @@ def real_run_check(args, device):
     cuda = device.type == "cuda"
     scratch = Path(tempfile.mkdtemp(prefix="gpu_check_real_run."))
     seen = {"steps": 0, "batches": 0, "unpinned": 0, "syncs": [], "paths": [], "limit": None, "fp": None, "k": None}
-    real = script.footprint, mehl.step, mehl.check_fast_path, plan.predicted_peak, sampling.RankLoader.epoch
+    real = plan.footprint, mehl.step, mehl.check_fast_path, plan.predicted_peak, sampling.RankLoader.epoch
+    capacity_bytes = plan.capacity_bytes
 
-    def footprint(run, batch):
-        fp, batch = real[0](run, batch)
-        n = len(run.paths)
+    def footprint(setup, layout, soup, paths, batch, **kw):
+        fp, batch = real[0](setup, layout, soup, paths, batch, **kw)
+        n = len(paths)
         capacity = (plan.step_peak(fp, n // 2) + fp.row // 2 + (plan.CUDA_HEADROOM if cuda else 0)) / (1 - plan.MARGIN)
-        run.args.memory_limit = seen["limit"] = capacity / 2**30
+        seen["limit"] = capacity / 2**30  # the plan's --memory-limit from here on (`limited`)
         if cuda:
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, capacity / total), device)
         seen["fp"] = fp
         return fp, batch
+
+    def limited(device, limit_gib=None, local_world=1):
+        return capacity_bytes(device, seen["limit"] if seen["limit"] is not None else limit_gib, local_world)
 
     def step(model, soup, group, bounds, batch, *rest, **kw):
         seen["steps"] += 1
@@ -346,7 +350,8 @@ def real_run_check(args, device):
             zoo, data = scratch / "zoo", scratch / "data"
             write_synthetic_zoo(zoo, args.zoo_size, args.arch, 10)
             write_synthetic_imagenet(data, 10, 27, input_size(get_arch(args.arch)))  # 13 held out a class
-        script.footprint, mehl.step, mehl.check_fast_path = footprint, step, check_fast_path
+        plan.footprint, plan.capacity_bytes = footprint, limited
+        mehl.step, mehl.check_fast_path = step, check_fast_path
         sampling.RankLoader.epoch = epoch
         argv = ["--arch", args.arch, "--datasets", "ImageNet", "--model-location", str(zoo),
                 "--data-location", str(data), "--heldout-per-class", "13", "--model_batch", "auto",
@@ -373,13 +378,13 @@ def real_run_check(args, device):
             if measured is not None:
                 off = measured / predicted - 1
                 ok = abs(off) <= 0.05
-                print(f"  peak at K = {k}: predicted {gib(predicted):.3f} GiB, measured {gib(measured):.3f} GiB "
-                      f"(torch.cuda.max_memory_allocated; {gib(torch.cuda.max_memory_reserved(device)):.3f} GiB "
+                print(f"  peak at K = {k}: predicted {gib(predicted)}, measured {gib(measured)} "
+                      f"(torch.cuda.max_memory_allocated; {gib(torch.cuda.max_memory_reserved(device))} "
                       f"reserved): {off:+.1%}: {'ok' if ok else 'FAIL'} (within 5 %)")
                 if not ok:
                     failures.append(f"predicted peak off by {off:+.1%}")
             else:
-                print(f"  peak at K = {k}: predicted {gib(predicted):.3f} GiB (measured on CUDA only)")
+                print(f"  peak at K = {k}: predicted {gib(predicted)} (measured on CUDA only)")
         print(f"  steps: {seen['steps']}, batches read through the run's DataLoader: {seen['batches']}" + (f", every batch pinned: {'ok' if not seen['unpinned'] else 'FAIL'}, "
               f"no host sync in any step nor in reading its batch (set_sync_debug_mode error): "
               f"{'ok' if not seen['syncs'] else 'FAIL'}"
@@ -393,7 +398,8 @@ def real_run_check(args, device):
         print(f"  block products: {', '.join(seen['paths']) or 'not checked'}"
               + (f" ({segmented.failure})" if segmented.failure else ""))
     finally:
-        script.footprint, mehl.step, mehl.check_fast_path = real[:3]
+        plan.footprint, mehl.step, mehl.check_fast_path = real[:3]
+        plan.capacity_bytes = capacity_bytes
         sampling.RankLoader.epoch = real[4]
         if cuda:
             torch.cuda.set_per_process_memory_fraction(1.0, device)

@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 from utils.files import paths  # noqa: E402
 from utils.run.cli import MEMORY_LIMIT_MAX, check_number  # noqa: E402
 from utils.runtime.errors import UserError, run_main  # noqa: E402
+from utils.runtime.memory import gib  # noqa: E402
 from utils.files.state_dicts import atomic_write  # noqa: E402
 
 HOOK = ROOT / "scripts" / "paper_scale_hook"
@@ -316,10 +317,6 @@ def extrapolate(processes, seconds, counts):
 
 
 # ------------------------------------------------------------------------------------- output
-def gib(n):
-    return "-" if n is None else f"{n / 2**30:.2f}"
-
-
 def table(entries, setup):
     lines = [f"{'step':38} {'exit':>4} {'seconds':>8} {'data':>8} {'fixed':>8} {'peak RSS':>9} {'peak GPU':>9}"
              f" {'at paper counts':>15}"]

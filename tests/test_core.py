@@ -132,3 +132,9 @@ def test_learning_mode_turns_dropout_off_and_bn_by_rule():
     torch.testing.assert_close(model(x), model(x))  # deterministic: no dropout masks
     set_mode(model, frozen_stats=False)
     assert model[1].training and not model[2].training
+
+
+def test_one_method_of_names_both_learned_families():
+    from utils.files.soup_io import method_of
+    assert method_of("MEHL-Soup", plus=False) == "MEHL-Soup" and method_of("MEHL-Soup", plus=True) == "MEHL-Soup+"
+    assert method_of("Learned-Soup", plus=True) == "Learned-Soup+"

@@ -128,7 +128,8 @@ def test_coefficients_move_to_good_ingredient(tmp_path, fmnist_root):
     assert losses[-1] < 0.5 * losses[0], losses
     assert record["batchnorm"] != "re-estimated on held-out"
     coeff = json.loads((tmp_path / "soup.coefficients.json").read_text())
-    assert coeff["blocks"][0]["alpha"]["1"] == pytest.approx(record["alpha"][1])
+    assert coeff["alpha"][0][1] == pytest.approx(record["alpha"][1])
+    assert [item["path"] for item in coeff["ingredients"]] == [str((zoo / f"model_{i}.pt").resolve()) for i in (0, 1)]
     assert coeff["temperature"] == record["temperature"]
     # the recipe rebuilds the soup without learning
     rebuilt, soup = rebuild(tmp_path / "soup.recipe.json"), load_state_dict(out)
@@ -138,13 +139,13 @@ def test_coefficients_move_to_good_ingredient(tmp_path, fmnist_root):
 
 def test_report_reads_the_coefficients_sidecar_learned_soup_writes(tmp_path):
     """report.py falls back to `<soup>.coefficients.json` when a line holds no alpha: it must read the
-    file as learned soup writes it (one entry per block, alpha by ingredient index)."""
+    file as learned soup writes it (`soup_io.coefficients_file`, its ingredients named by path and sha256)."""
     from report import coefficients_of
-    from utils.files.soup_io import sidecar, write_json
-    paths = [tmp_path / "model_3.pt", tmp_path / "model_5.pt"]
+    from utils.files.soup_io import coefficients_file, sidecar, write_json
+    named = [{"path": str(tmp_path / f"model_{i}.pt"), "sha256": "0" * 64} for i in (3, 5)]
     alpha = [[0.25, 0.75], [0.6, 0.4]]
     write_json(sidecar(tmp_path / "soup.pt", "coefficients"),
-               learned_soup.coefficients_doc(paths, [["a.weight"], ["b.weight"]], alpha, 1.5))
+               {"ingredients": named, **coefficients_file([["a.weight"], ["b.weight"]], alpha, temperature=1.5)})
     assert coefficients_of({"method": "Learned-Soup+", "soup_file": str(tmp_path / "soup.pt")}) == alpha
 
 

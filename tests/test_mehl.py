@@ -14,6 +14,7 @@ from tests.conftest import make_zoo, torchrun
 from datasets import build_dataset
 from utils.archs import get_arch
 from utils.files import soup_io
+from utils.files.identity import sha256
 from utils.files.state_dicts import param_names
 from utils.run import mehl as mehl_step
 from utils.run.batchnorm import reestimate, set_mode
@@ -45,8 +46,10 @@ def test_soup_stays_on_the_hyperplane_and_rebuilds_from_alpha(tmp_path, zoo4, fm
     record = mehl.main(argv(zoo4, fmnist_root, tmp_path, "--model_batch", 3, "--cosine-lr"))
     assert record["method"] == "MEHL-Soup+" and record["blocks"] == N_TENSORS
     assert [len(g["ingredients"]) for g in record["groups"]] == [3, 1]
-    alpha = torch.tensor(json.loads((tmp_path / "soup.alpha.json").read_text())["alpha"],
-                         dtype=torch.float64)
+    coefficients = json.loads((tmp_path / "soup.coefficients.json").read_text())
+    assert [(item["path"], item["sha256"]) for item in coefficients["ingredients"]] == \
+        [(str((zoo4 / f"model_{i}.pt").resolve()), sha256(zoo4 / f"model_{i}.pt")) for i in range(4)]
+    alpha = torch.tensor(coefficients["alpha"], dtype=torch.float64)
     assert alpha.shape == (N_TENSORS, 4)
     assert_close(alpha.sum(1), torch.ones(N_TENSORS, dtype=torch.float64))
     assert record["alpha_summary"]["negative"] == int((alpha < 0).sum())
@@ -64,7 +67,7 @@ def test_layer_size_picks_the_blocks(tmp_path, zoo4, fmnist_root):
     huge = mehl.main(argv(zoo4, fmnist_root, tmp_path, "--model_batch", 2, "--layer-size", 10**9,
                          name="model_wise"))
     assert huge["method"] == "MEHL-Soup" and huge["blocks"] == 1
-    alpha = json.loads((tmp_path / "model_wise.alpha.json").read_text())["alpha"]
+    alpha = json.loads((tmp_path / "model_wise.coefficients.json").read_text())["alpha"]
     assert len(alpha) == 1 and len(alpha[0]) == 4
 
 

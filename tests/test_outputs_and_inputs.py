@@ -438,7 +438,7 @@ def test_a_soup_name_whose_sidecar_temporaries_pass_name_max_is_refused_before_w
 
 
 def test_a_sidecar_that_exists_as_a_folder_is_refused_before_work(capsys, zoo, out, fmnist_root):
-    for script, kind in (("uniform", "recipe"), ("learned", "coefficients"), ("mehl", "alpha")):
+    for script, kind in (("uniform", "recipe"), ("learned", "coefficients"), ("mehl", "coefficients")):
         folder = soup_io.sidecar(out / "soup.pt", kind)
         folder.mkdir()
         line = refused_untouched(capsys, script, argv(zoo, fmnist_root, out, first=QUICK[script]), out, zoo)

@@ -94,6 +94,23 @@ def test_capacity_is_at_most_the_limit():
     assert plan.capacity_bytes(cpu) >= memory.status_bytes("VmRSS")
 
 
+def test_bytes_read_in_one_unit_everywhere():
+    assert memory.gib(GiB) == "1 GiB" and memory.gib(12_345_678_901) == "11.498 GiB"
+    assert memory.gib(GiB // 4) == "0.25 GiB"
+    assert memory.gib(2**20) == "0.0009766 GiB" and memory.gib(50_000) == "0.00004657 GiB"  # no exponent
+    assert memory.gib(None) == "-" and plan.gib is memory.gib
+
+
+def test_auto_leaves_the_parsed_arguments_as_given(tmp_path, zoo, fmnist_root, monkeypatch):
+    """The K chosen goes into the run's values and its recorded arguments, not into the namespace."""
+    parsed, real = [], mehl.parse_args
+    monkeypatch.setattr(mehl, "parse_args", lambda a=None: parsed.append(real(a)) or parsed[-1])
+    record = mehl.main(argv(zoo, fmnist_root, tmp_path, "--model_batch", "auto"))
+    assert parsed[0].model_batch == "auto" and not hasattr(parsed[0], "requested")
+    assert record["args"]["model_batch"] == record["model_batch"] >= 1
+    assert record["args"]["requested"] == {"model_batch": "auto"}
+
+
 MEASURE_ONE_ALLOCATION = """
 import time, torch
 from utils.run import plan

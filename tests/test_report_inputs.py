@@ -224,6 +224,34 @@ def test_coefficients_of_another_width_than_the_lines_ingredients_are_drawn(tmp_
     assert (tmp_path / "rep" / "coefficients.png").read_bytes()[:4] == b"\x89PNG"
 
 
+ALPHA = [[0.2, 0.3, 0.5], [1.0, -0.5, 0.5]]
+COEFFICIENTS_FILES = {  # the file written now, and the two that earlier versions wrote
+    "coefficients.json": {"ingredients": [{"path": f"/zoo/model_{i}.pt", "sha256": "0" * 64} for i in range(3)],
+                          "blocks": [["a"], ["b"]], "alpha": ALPHA, "summary": {}, "soup_sha256": "1" * 64},
+    "alpha.json": {"ingredients": [f"/zoo/model_{i}.pt" for i in range(3)], "blocks": [["a"], ["b"]],
+                   "alpha": ALPHA, "summary": {}},
+    "coefficients.json (Learned-Soup, earlier)": {
+        "ingredients": [0, 1, 2], "temperature": 1.0,
+        "blocks": [{"tensors": [name], "alpha": {str(i): v for i, v in enumerate(row)}}
+                   for name, row in zip("ab", ALPHA)]}}
+
+
+@pytest.mark.parametrize("name", list(COEFFICIENTS_FILES))
+def test_the_report_reads_the_coefficients_file_and_those_of_earlier_versions(tmp_path, name):
+    (tmp_path / f"mehl.{name.split()[0]}").write_text(json.dumps(COEFFICIENTS_FILES[name]))
+    rows = [{"method": "MEHL-Soup+", "ingredients": [0, 1, 2], "heldout": 81.0, "test": 81.0, "shifts": {},
+             "soup_file": str(tmp_path / "mehl.pt"), "args": {"exclude_top": 0}}]
+    assert report.coefficients_of(rows[0]) == ALPHA
+    report.main(["--results-db", str(write_lines(tmp_path / "r.jsonl", rows)), "--out", str(tmp_path / "rep")])
+    assert (tmp_path / "rep" / "coefficients.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_coefficients_file_is_read_before_an_earlier_versions_alpha_file(tmp_path):
+    (tmp_path / "mehl.alpha.json").write_text(json.dumps({"alpha": [[9.0, -8.0]]}))
+    (tmp_path / "mehl.coefficients.json").write_text(json.dumps(COEFFICIENTS_FILES["coefficients.json"]))
+    assert report.coefficients_of({"soup_file": str(tmp_path / "mehl.pt")}) == ALPHA
+
+
 @pytest.mark.parametrize("bad", [{"heldout": "85"}, {"shifts": [1, 2]}, {"args": {"randomseed": [1]}},
                                  {"method": 5}, {"ingredients": 3}, {"args": {"exclude_top": "2"}}])
 def test_a_results_line_with_fields_of_the_wrong_type_is_left_out_with_a_warning(tmp_path, caplog, bad):

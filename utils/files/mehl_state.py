@@ -2,20 +2,30 @@
 ingredients it was made from are fingerprinted, so that a resume continues exactly the run that was
 interrupted or is refused in one line.
 
-A state holds: version, config (the defining arguments, and `ingredient_files`: each ingredient's
-path, size, modification time and sha256), models_epoch, next_group, order, soup, alpha, the two
-generator states, groups (the log of finished groups) and seconds. Also here: the check that stops a
+The resume state (`Progress.state`; `path_of` names its file, `save` writes it, `load` reads and
+checks it) holds: version, config (`config_of`: the defining arguments, and `ingredient_files`: each
+ingredient's path, size, modification time and sha256), models_epoch, next_group, order, soup, alpha,
+the two generator states, groups (the log of finished groups) and seconds. Also here: the check that stops a
 run whose soup went non-finite (a too large --lr) before anything of its group is written."""
 import json
+import logging
 import math
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from utils.files import identity
-from utils.files.state_dicts import load_torch
+from utils.files.ingredients import index_of
+from utils.files.soup_io import sidecar
+from utils.files.state_dicts import atomic_write, load_torch
 from utils.runtime import distributed
 from utils.runtime.errors import UserError
+from utils.soup import sampling
 
+log = logging.getLogger("MEHL_soup")
+
+VERSION = 1
 FIELDS = ("version", "config", "models_epoch", "next_group", "order", "soup", "alpha", "models_rng",
           "data_rng", "groups", "seconds")
 FILES_KEY = "ingredient_files"
@@ -44,7 +54,7 @@ def _refuse(path, why):
 def check_header(state, path, config, flag_of):
     """The fields, the configuration (`flag_of(key)` names a differing argument) and the ingredient
     fingerprints against this run's. Raises a one-line UserError."""
-    if not isinstance(state, dict) or state.get("version") != 1:
+    if not isinstance(state, dict) or state.get("version") != VERSION:
         raise UserError(f"--resume {path}: not a MEHL state file of this version")
     missing = [k for k in FIELDS if k not in state]
     if missing:
@@ -142,3 +152,90 @@ def check_finite(first_bad_step, group, lr):
         raise UserError(f"the soup became non-finite (NaN or Inf) in group {group}, step {first_bad_step}: "
                         f"the coefficients diverged; try a smaller --lr (now {lr:g}); nothing was written "
                         "for this group")
+
+
+# ------------------------------------------------------------------- the resume state of a run
+UNDERSCORE_FLAGS = ("params_start", "params_end", "model_batch", "models_epochs")
+
+
+def flag_of(key):
+    """The flag of a defining argument, as MEHL_soup_layer.py spells it."""
+    return "--" + (key if key in UNDERSCORE_FLAGS else key.replace("_", "-"))
+
+
+def path_of(resume, soup_target, method):
+    """--resume's file when it names one, else `<soup>.state.pt` (runs/<method>.state.pt without a
+    soup)."""
+    if isinstance(resume, str):
+        return Path(resume)
+    return sidecar(soup_target or Path(f"runs/{method}.pt"), "state")
+
+
+def config_of(run_key, model_location, paths):
+    """The arguments that define the run (`run_key`, as for reruns), where its ingredients live and
+    their indices and fingerprints: a resume state made with other values is refused."""
+    return {**run_key, "model_location": str(Path(model_location).resolve()),
+            "ingredients": [index_of(p) for p in paths], FILES_KEY: fingerprints(paths)}
+
+
+def load(path, *, resume, overwrite, config, added, flag_of):
+    """The saved resume state when --resume names an existing file (checked against `config`), else
+    None. Without --resume an existing state file is refused unless --overwrite. `added` maps the
+    defining flags left out of the config at their defaults (`cli.ADDED_DEFAULTS`) to (now, default):
+    they are compared both ways here."""
+    exists = path.is_file()
+    distributed.agree(exists == distributed.broadcast_object(exists),
+                      f"{path}: the state file is not visible to every rank (use a shared folder)")
+    if not resume:
+        if exists and not overwrite:
+            raise UserError(f"{path} holds the state of an earlier run: pass --resume to continue it "
+                            "or --overwrite to start again")
+        return None
+    if not exists:
+        log.info("--resume: %s does not exist yet; starting from the beginning", path)
+        return None
+    state = read(path)
+    saved = state.get("config") if isinstance(state, dict) else None
+    for key, (now, default) in added.items():
+        made = saved.get(key, default) if isinstance(saved, dict) else now
+        if made != now:
+            raise UserError(f"--resume {path} was made with another configuration: {flag_of(key)} {made!r} "
+                            f"in the state, {now!r} now")
+    check_header(state, path, config, flag_of)
+    return state
+
+
+def save(path, state):
+    """Write the resume state atomically (the primary rank)."""
+    if distributed.is_primary():
+        atomic_write(path, lambda tmp: torch.save(state, tmp), overwrite=True)
+
+
+@dataclass
+class Progress:
+    """Where a run stands: what its resume state holds, saved after every group."""
+    models_epoch: int = 0
+    next_group: int = 0
+    order: list = None        # this models-epoch's ingredient order (None: not drawn yet)
+    alpha: torch.Tensor = None  # B x N coefficients of the soup (None: before the first group)
+    groups: list = field(default_factory=list)
+    seconds: float = 0.0
+    models_rng: torch.Generator = None
+    data_rng: torch.Generator = None
+
+    @classmethod
+    def start(cls, seed, state=None):
+        p = cls(models_rng=sampling.models_generator(seed), data_rng=sampling.data_generator(seed))
+        if state is not None:
+            p.models_epoch, p.next_group, p.order = state["models_epoch"], state["next_group"], state["order"]
+            p.alpha, p.groups, p.seconds = state["alpha"], state["groups"], state["seconds"]
+            p.models_rng.set_state(state["models_rng"])
+            p.data_rng.set_state(state["data_rng"])
+        return p
+
+    def state(self, config, soup):
+        """The resume state: this position, the run's config and the soup."""
+        return {"version": VERSION, "config": config, "models_epoch": self.models_epoch,
+                "next_group": self.next_group, "order": self.order, "soup": soup.cpu(),
+                "alpha": self.alpha, "models_rng": self.models_rng.get_state(),
+                "data_rng": self.data_rng.get_state(), "groups": self.groups, "seconds": self.seconds}

@@ -17,9 +17,12 @@ from utils.runtime.errors import UserError
 
 # The files a run writes beside its soup `<name>.pt`: `<name>` + suffix.
 SIDECARS = {"recipe": ".recipe.json",             # ingredients, coefficients, arguments (every soup)
-            "alpha": ".alpha.json",               # MEHL's coefficients over all ingredients
-            "coefficients": ".coefficients.json",  # Learned-Soup's coefficients and temperature
+            "coefficients": ".coefficients.json",  # a learned soup's coefficients (`coefficients_file`)
             "state": ".state.pt"}                 # MEHL's --resume state
+# Files that earlier versions wrote and the report still reads: MEHL's `<name>.alpha.json`
+# ({ingredients: paths, blocks, alpha, summary}); Learned-Soup's `<name>.coefficients.json` then held
+# {ingredients: indices, temperature, blocks: [{tensors, alpha: {index: value}}]}.
+OLD_SIDECARS = {"alpha": ".alpha.json"}
 
 
 JSON_LIMIT = 64 * 2**20   # bytes of a recipe or sidecar read at most (one holds a few MB of numbers)
@@ -56,7 +59,16 @@ def sidecar(path, kind):
     path = Path(path)
     if kind == "lock":
         return path.with_name(f".{path.name}.lock")
-    return path.with_name(path.stem + SIDECARS[kind])
+    return path.with_name(path.stem + {**SIDECARS, **OLD_SIDECARS}[kind])
+
+
+def coefficients_file(blocks, alpha, **extra):
+    """The `<soup>.coefficients.json` of a learned soup (Learned-Soup(+) and MEHL-Soup(+) alike), less
+    its ingredients: `save_soup` names them by path and sha256, in the order of alpha's columns (an
+    ingredient's index is derived from its file name, `utils.files.ingredients.index_of`). `blocks`:
+    the tensor names of each block; `alpha`: blocks x ingredients; `extra`: what the method adds (the
+    temperature, the alpha summary)."""
+    return {"blocks": blocks, "alpha": alpha, **extra}
 
 
 def write_json(path, doc, staged=None):
@@ -70,8 +82,9 @@ def write_json(path, doc, staged=None):
 
 
 def save_soup(sd, path, method, paths, args, coefficients=None, extra=None, overwrite=False, sidecars=None):
-    """Write the soup, its recipe and its `sidecars` ({kind: JSON object}, named by `sidecar`) as one
-    set (primary rank only): all are written to temporary files first, so a write that fails (a full
+    """Write the soup, its recipe and its `sidecars` ({kind: JSON object}, named by `sidecar`; the
+    coefficients file gets the ingredients' paths and sha256 from the recipe's) as one set (primary rank
+    only): all are written to temporary files first, so a write that fails (a full
     disk) leaves the old set whole, and only then renamed. The recipe and each sidecar record the soup
     file's sha256 (`recipe_describes`). `coefficients`: for learned soups, a dict with "names" (the
     parameter names), "blocks" (lists of names) and "alpha" (B x N nested lists) – the parameters not
@@ -93,7 +106,9 @@ def save_soup(sd, path, method, paths, args, coefficients=None, extra=None, over
             "args": args,
             **(extra or {}),
         }
-        docs = {sidecar(path, kind): {**doc, "soup_sha256": digest} for kind, doc in (sidecars or {}).items()}
+        named = [{"path": d["path"], "sha256": d["sha256"]} for d in recipe["ingredients"]]
+        docs = {sidecar(path, kind): {**({"ingredients": named} if kind == "coefficients" else {}), **doc,
+                                      "soup_sha256": digest} for kind, doc in (sidecars or {}).items()}
         docs[sidecar(path, "recipe")] = recipe
         for file, doc in docs.items():
             write_json(file, doc, staged)
@@ -218,3 +233,9 @@ def read_recipe(recipe_file):
 
 def _is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def method_of(family, plus):
+    """The method a learned soup's results line names: `family` (one row of coefficients, model-wise),
+    with "+" when `plus` (a row per block)."""
+    return family + "+" if plus else family

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from utils import archs
 from utils.archs import timm_models
-from utils.files import identity, ingredients, lock, paths, results
+from utils.files import identity, ingredients, lock, mehl_state, paths, results
 from utils.files.paths import check_run
-from utils.files.soup_io import recipe_beside, recipe_describes, sidecar
+from utils.files.soup_io import recipe_beside, recipe_describes
 from utils.run import decoded, evaluation, precision, prefix
 from utils.runtime import distributed
 from utils.runtime.errors import UserError
@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 # through the environment; DDP is always on under torchrun; the split and finetune switches had no
 # effect on souping).
 IGNORED_FLAGS = ("--local-rank", "--local_rank", "--ddp", "--split", "--finetune")
+IGNORED_HELP = {"--split": "ignored (the released scripts' switch; the held-out split is what "
+                "--heldout-per-class, --heldout-index and --split-seed say)",
+                "--finetune": "ignored (the released scripts' switch; souping never fine-tunes)"}
 
 # Also finetune.py's (it reads the fine-tune split's images too).
 SKIP_BAD_IMAGES_HELP = ("drop the image files that fail the check before any work (not a regular file, "
@@ -98,8 +101,11 @@ def soup_parser(description, method):
     g.add_argument("--overwrite", action="store_true", help="replace an existing soup file")
     g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (offline unless "
                    "configured)")
+    g = p.add_argument_group("ignored", "flags of the released launcher, accepted so that its commands "
+                             "run, and ignored")
     for flag in IGNORED_FLAGS:
-        p.add_argument(flag, nargs="?", const=True, default=None, help=argparse.SUPPRESS)
+        g.add_argument(flag, nargs="?", const=True, default=None,
+                       help=IGNORED_HELP.get(flag, argparse.SUPPRESS))
     return p
 
 
@@ -196,9 +202,7 @@ def run_targets(args, methods):
         if soup is not None:
             soups[soup] = "--save-soup" if args.save_soup else f"the default --save-soup of {method}"
         if hasattr(args, "resume"):  # MEHL: its state, --resume's file or the one beside the soup
-            given = isinstance(args.resume, str)
-            state = Path(args.resume) if given else sidecar(soup or Path(f"runs/{method}.pt"), "state")
-            states[state] = given
+            states[mehl_state.path_of(args.resume, soup, method)] = isinstance(args.resume, str)
     return soups, states
 
 

@@ -36,21 +36,31 @@ CUDA they come in page-locked memory from the run's one DataLoader, `sampling.Ra
 returned as a device tensor, the
 ViT clip factor stays one (`clip_factor`), and the non-finite check is a device flag; `StepLog` reads
 the losses and the flag together every `LOG_EVERY` steps and at the end of an epoch.
+
+Also here: `Ledger`, what the recipe's loops do at their edges besides the algorithm (progress, the
+resume state saved after every group, the per-epoch test log, --stop-after-groups).
 """
+import logging
+import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from utils.files import mehl_state
-from utils.files.ingredients import load_checked
+from utils.files.ingredients import index_of, load_checked
+from utils.run import inputs
+from utils.run.evaluation import evaluate_all
 from utils.runtime import distributed
 from utils.soup import hyperplane, segmented
 from utils.soup.schedules import set_lr
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MEAN_SLICE = 1 << 22  # numbers per all-reduce when the first center is averaged over ranks
+log = logging.getLogger("MEHL_soup")
 LOG_EVERY = 20  # steps between reads of the loss and the non-finite flag (each read waits for the device)
 # The fast path's products may differ from the per-block loop's by float32 sums taken in another order
 # (about 1e-6 of the largest value); a miscompiled kernel or a fault is off by far more.
@@ -234,35 +244,35 @@ def clip_factor(grad, max_norm=1.0):
     return (max_norm / (torch.linalg.vector_norm(grad) + 1e-6)).clamp_(max=1.0)
 
 
-def step(model, soup, group, bounds, batch, n_global, labelsmooth=0.0, clip=False):
+def step(model, soup, learner, bounds, batch, n_global, labelsmooth=0.0, clip=False):
     """One MEHL step: the gradient at the soup (the model's parameters), clipped to norm 1 for ViTs as
     released, projected onto the directions, an optimizer step on X at the schedule's lr, and the soup
     moved by sum_i (X_new - X_old)[i, b] P[i, b] in place (it starts at the center, X at 0, so it stays
     center + sum_i X[i, b] P[i, b] up to float rounding). No value is read back from the device: returns
     the batch loss as a device tensor, and records the first step after which the soup was not finite
-    in `group.first_bad` (read both with `StepLog`)."""
-    if group.step == 0 and group.center is not soup.theta:
+    in `learner.first_bad` (read both with `StepLog`)."""
+    if learner.step == 0 and learner.center is not soup.theta:
         with torch.no_grad():
-            soup.theta.copy_(group.center)
+            soup.theta.copy_(learner.center)
     loss = gradient(model, soup, batch, n_global, labelsmooth)
-    dX = hyperplane.project(group.P, soup.grad, bounds, scale=clip_factor(soup.grad) if clip else None)
-    group.X.grad = dX.to(group.X.dtype)
-    set_lr(group.optimizer, group.schedule(group.step))
-    before = group.X.detach().clone()
-    group.optimizer.step()
-    group.step += 1
+    dX = hyperplane.project(learner.P, soup.grad, bounds, scale=clip_factor(soup.grad) if clip else None)
+    learner.X.grad = dX.to(learner.X.dtype)
+    set_lr(learner.optimizer, learner.schedule(learner.step))
+    before = learner.X.detach().clone()
+    learner.optimizer.step()
+    learner.step += 1
     with torch.no_grad():
-        move = group.X.detach() - before
+        move = learner.X.detach() - before
         if distributed.is_distributed():
             # each rank holds its own rows: their sum goes through the gradient's buffer, free until
             # the next backward pass
-            hyperplane.combine(move, group.P, bounds, out=soup.grad)
+            hyperplane.combine(move, learner.P, bounds, out=soup.grad)
             soup.theta.add_(distributed.all_reduce_sum(soup.grad))
         else:
-            hyperplane.combine(move, group.P, bounds, out=soup.theta, accumulate=True)
+            hyperplane.combine(move, learner.P, bounds, out=soup.theta, accumulate=True)
         # NaN propagates through min and max (documented), and an Inf is one of them: exact, one pass
         bad = ~torch.isfinite(torch.stack(torch.aminmax(soup.theta))).all()
-        group.first_bad = torch.where(bad & (group.first_bad == 0), group.step, group.first_bad)
+        learner.first_bad = torch.where(bad & (learner.first_bad == 0), learner.step, learner.first_bad)
     return loss
 
 
@@ -271,8 +281,8 @@ class StepLog:
     an epoch (`read`), together with the group's non-finite flag: one host sync per read, none per
     step."""
 
-    def __init__(self, group, label, lr, every=None):
-        self.group, self.label, self.lr = group, label, lr
+    def __init__(self, learner, label, lr, every=None):
+        self.learner, self.label, self.lr = learner, label, lr
         self.every = every or LOG_EVERY
         self.pending = []
 
@@ -289,7 +299,7 @@ class StepLog:
         if not self.pending:
             return 0.0
         values = torch.cat([torch.cat([loss for loss, _, _ in self.pending]).double(),
-                            self.group.first_bad.reshape(1).double()]).tolist()
+                            self.learner.first_bad.reshape(1).double()]).tolist()
         mehl_state.check_finite(int(values[-1]), self.label, self.lr)
         total = 0.0
         for value, (_, n, lr) in zip(values, self.pending):
@@ -300,3 +310,109 @@ class StepLog:
             bar.set_postfix(loss=f"{values[-2]:.4f}")
         self.pending = []
         return total
+
+
+def products_agreed(checked, device):
+    """`products_record` of a group, "kernels" only where every rank ran them."""
+    products, why = products_record(checked)  # this group's path (turned off since?)
+    if distributed.is_distributed():
+        on_loop = distributed.all_reduce_sum(torch.tensor([float(products != "kernels")], device=device))
+        if products == "kernels" and float(on_loop) > 0:
+            products, why = "loop", "another rank ran the per-block loop"
+    return products, why
+
+
+def products_of(groups):
+    """The results line's `block_products` ("kernels" when every group's steps ran the fast path, else
+    "loop") and `block_products_why` (the first group's reason for the loop), from the groups' log, which
+    the resume state keeps (docs/GUARANTEES.md)."""
+    paths = [g.get("block_products") for g in groups]
+    if paths and all(p == "kernels" for p in paths):
+        return "kernels", None
+    why = next((g.get("block_products_why") for g in groups if g.get("block_products_why")), None)
+    return "loop", why or "not recorded (groups learned before the path was recorded)"
+
+
+def start_model(model, layout, base):
+    """Load the starting state dict, and make the learned parameters one flat soup vector; only they
+    get gradients."""
+    model.load_state_dict(base)
+    learned = set(layout.names)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in learned)
+    return FlatSoup(model, layout.names)
+
+
+class Ledger:
+    """What happens at the edges of Algorithm 1's loops (MEHL_soup_layer.py `learn`, whose `Run` it
+    reads) besides the algorithm: progress bars, the losses read from the device (`StepLog`), the
+    per-epoch test accuracy (logged only, never used), the fast path's self-check and record, and after
+    every group the resume state saved and --stop-after-groups."""
+
+    def __init__(self, run, progress):
+        self.run, self.done_here, self.started, self.seconds = run, 0, time.time(), progress.seconds
+        self.primary, self.block_products = distributed.is_primary(), None
+        self.groups_bar = tqdm(total=run.models_epochs * math.ceil(len(run.paths) / run.k),
+                               initial=len(progress.groups), desc="groups", disable=not self.primary)
+        self.label = len(progress.groups)
+
+    def start_group(self, steps, P):
+        if self.block_products is None:  # the first group of this process: the fast path against the loop
+            soup = self.run.soup
+            self.block_products = check_fast_path(P, self.run.layout.bounds, soup.theta, soup.grad)
+        self.label, self.tests = self.label + 1, []
+        self.bar = tqdm(total=steps, desc=f"group {self.label}", leave=False, disable=not self.primary)
+
+    def start_epoch(self, learner):
+        self.epoch_loss, self.steps = 0.0, StepLog(learner, self.label, self.run.lr)
+
+    def after_step(self, learner, loss, n_global):
+        self.steps.add(loss, n_global, learner.schedule(learner.step - 1))
+        self.bar.update()
+        if self.steps.due():  # losses and the non-finite flag are read every LOG_EVERY steps
+            self.epoch_loss += self.steps.read(self.bar, self.run.wandb)
+
+    def after_epoch(self, learner, epoch):
+        run, setup = self.run, self.run.setup
+        self.epoch_loss += self.steps.read(self.bar, run.wandb)
+        learner.losses.append(self.epoch_loss / len(setup.bundle.heldout))
+        if run.epoch_test:  # logged only, never used to choose anything
+            test = inputs.evaluation(setup.model, setup.device, setup.batch_size, setup.workers, setup.precision)
+            self.tests.append(evaluate_all(test, setup.bundle, setup.device, setup.batch_size, heldout=False,
+                                           shifts=False)["test"])
+            run.wandb.log({"epoch_test": self.tests[-1], "epoch_loss": learner.losses[-1]})
+        if self.primary:
+            log.info("group %d epoch %d: held-out loss %.4f%s", self.label, epoch + 1, learner.losses[-1],
+                     f", test {self.tests[-1]:.2f} (logged only)" if self.tests else "")
+
+    def after_group(self, progress, group, losses, last):
+        """Log the group, save the resume state; True when --stop-after-groups stops the run here."""
+        self.bar.close()
+        products, why = products_agreed(self.block_products, self.run.setup.device)
+        progress.groups.append({"models_epoch": progress.models_epoch, "group": progress.next_group,
+                                "ingredients": [index_of(self.run.paths[i]) for i in group],
+                                "heldout_loss": losses, "test_logged_only": self.tests,
+                                "block_products": products, "block_products_why": why})
+        progress.next_group += 1
+        progress.seconds = self.seconds + time.time() - self.started
+        mehl_state.save(self.run.state_path, progress.state(self.run.config, self.run.soup.theta))
+        self.groups_bar.update()
+        self.done_here += 1
+        stop = self.run.stop_after_groups and self.done_here >= self.run.stop_after_groups and not last
+        if stop:
+            self.close()
+        return stop
+
+    def close(self):
+        self.groups_bar.close()
+
+
+def log_start(method, setup, layout, n, k, directions_dtype):
+    if distributed.is_primary():
+        identical = sum(setup.reference[name].numel() for name in layout.identical)
+        log.info("%s: %d ingredients, K=%d, %d block(s) over %d learned parameter tensors (%d numbers, "
+                 "directions in %s); %d parameter tensor(s) identical in all ingredients kept as they are "
+                 "(%d numbers); BatchNorm: %s", method, n, k, layout.num_blocks, len(layout.names),
+                 layout.numel, directions_dtype, len(layout.identical), identical,
+                 "statistics identical, eval mode" if layout.frozen_stats else "statistics differ, "
+                 "train mode, re-estimated at the end")

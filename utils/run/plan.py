@@ -24,14 +24,24 @@ batch of the run's size (this rank's share) is run before learning: on CUDA its 
 VmHWM when the step raised it, otherwise the largest VmRSS sampled while the step ran (the process's
 high-water mark may come from reading the ingredients earlier, which says nothing about the step).
 """
+import argparse
+import logging
 import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from torch.utils.data import default_collate
 
+from utils.run import inputs, mehl
+from utils.run.batchnorm import set_mode
 from utils.runtime import distributed
-from utils.runtime.memory import mem_available, resident_peak_bytes, status_bytes
+from utils.runtime.errors import UserError
+from utils.runtime.memory import gib, mem_available, resident_peak_bytes, status_bytes
+from utils.soup import segmented
+
+log = logging.getLogger("MEHL_soup")
 
 MARGIN = 0.05                 # of the capacity kept free: allocator fragmentation, other processes
 CUDA_HEADROOM = 2**28         # bytes kept free on CUDA besides (see the module's docstring)
@@ -178,11 +188,6 @@ def local_world_size():
 
 
 # --------------------------------------------------------------------------------------- report
-def gib(n):
-    """Bytes for a reader: GiB, or MiB below one GiB."""
-    return f"{n / 2**30:.3f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
 def describe(fp, k, how, n, world, device, capacity, fits, numel, dtype, batch):
     """The plan's lines, as printed before learning."""
     rows = rows_per_rank(min(k, n), world)
@@ -208,3 +213,98 @@ def describe(fp, k, how, n, world, device, capacity, fits, numel, dtype, batch):
                  f"would take K = {card or 'none: not even K = 1'}"
                  + ("" if device.type == "cuda" else " (with this device's plain step: a GPU's differs)"))
     return lines
+
+
+# ------------------------------------------------------------------------- --model_batch and K
+def footprint(setup, layout, soup, paths, batch, *, batch_size, workers, precision, labelsmooth,
+              directions_dtype):
+    """The run's `Footprint` and the batch it measured: one plain forward/backward on the first `batch`
+    held-out items (the rank's share of a batch), measured; the model's buffers (BatchNorm statistics
+    that a train-mode forward updates) and the gradient are put back as they were, so the run is
+    unchanged."""
+    saved = [b.detach().clone() for b in setup.model.buffers()]
+    set_mode(setup.model, layout.frozen_stats)  # as learning: a frozen prefix stands in only in eval mode
+    held = inputs.learning(setup.model, setup.bundle.heldout, setup.device, batch_size, workers, layout.names,
+                           precision)
+    items = default_collate([held.dataset[i] for i in range(min(batch, len(held.dataset)))])
+    batch = len(items[1])
+    before = so_far(setup.device)
+    peak, resident = measure(lambda: mehl.gradient(held.forward, soup, items, batch_size, labelsmooth),
+                             setup.device)
+    with torch.no_grad():
+        for b, value in zip(setup.model.buffers(), saved):
+            b.copy_(value)
+        soup.grad.zero_()
+    checkpoint = 0
+    if setup.device.type == "cpu":  # read into host memory: on a GPU it is not on the device
+        checkpoint = max(sum(v.numel() * v.element_size() for v in setup.reference.values()),
+                         max(Path(p).stat().st_size for p in paths))
+    dtype = mehl.DTYPES[directions_dtype]
+    width = segmented.padded(layout.numel)  # the rows' stride (mehl.load_rows)
+    return Footprint(plain_peak=peak, resident=resident, row=width * dtype.itemsize,
+                     soup_row=width * soup.theta.element_size(), checkpoint=checkpoint,
+                     halved=dtype.itemsize < soup.theta.element_size(), so_far=before), batch
+
+
+def agreed_minimum(k, n, device):
+    """The smallest of every rank's `k` (in [0, n])."""
+    if not distributed.is_distributed():
+        return k
+    votes = torch.zeros(n + 1, dtype=torch.float64, device=device)
+    votes[k] = 1
+    distributed.all_reduce_sum(votes)
+    return int(torch.nonzero(votes)[0])
+
+
+def resumed_k(state, path):
+    """The K that --model_batch auto chose when the resumed run started (a resume continues with it)."""
+    k = state["config"].get("model_batch_chosen")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise UserError(f"--resume {path}: its configuration records no K chosen by --model_batch auto "
+                        f"(found {k!r}); start again with --overwrite")
+    return k
+
+
+def choose_k(setup, layout, soup, paths, model_batch, resumed, *, memory_limit, batch_size, workers,
+             precision, labelsmooth, directions_dtype):
+    """Measure the plain step, fix K and print the plan; returns K. K is `model_batch` (--model_batch)
+    as given; with 'auto', `resumed` (the K the resumed run started with) or the largest that fits."""
+    n, world = len(paths), distributed.world_size()
+    prepare_allocator(setup.device)  # expandable segments on CUDA, for the measurement and the run
+    fp, batch = footprint(setup, layout, soup, paths, -(-batch_size // world), batch_size=batch_size,
+                          workers=workers, precision=precision, labelsmooth=labelsmooth,
+                          directions_dtype=directions_dtype)
+    release_cached(setup.device)  # the first group's rows come before the step's activations
+    capacity = capacity_bytes(setup.device, memory_limit, local_world_size())
+    fits = agreed_minimum(n if capacity is None else largest_k(fp, capacity, n, world, setup.device.type),
+                          n, setup.device)
+    if model_batch != "auto":
+        k, how = model_batch, "--model_batch as given"
+    elif resumed is not None:
+        k, how = resumed, "chosen by --model_batch auto when this run started, from its state"
+    elif fits:
+        k, how = fits, "--model_batch auto: the largest that fits"
+    else:
+        limited = " (--memory-limit)" if memory_limit is not None else ""
+        raise UserError(f"--model_batch auto: not even K = 1 fits: its predicted peak is "
+                        f"{gib(predicted_peak(fp, 1, world))}, {gib(capacity)} is available{limited}; free "
+                        "memory, use bfloat16 directions (--directions-dtype), a smaller --batch-size or more "
+                        "processes (torchrun)")
+    if distributed.is_primary():
+        for line in describe(fp, k, how, n, world, setup.device, capacity, fits, layout.numel, directions_dtype,
+                             batch):
+            log.info("plan: %s", line)
+        if capacity is not None and step_peak(fp, min(k, n), world) > budget(capacity, setup.device.type):
+            log.warning("plan: K = %d is predicted to need more than the %s available (%s)", k, gib(capacity),
+                        f"K = {fits} would fit" if fits else "not even K = 1 fits")
+    return k
+
+
+def model_batch_value(text):
+    """--model_batch: a whole number, or 'auto'."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a whole number or 'auto', got {text!r}") from None

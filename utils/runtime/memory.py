@@ -4,6 +4,7 @@ On Linux the resident peak is the process's own high-water mark (`VmHWM` in /pro
 `getrusage`'s `ru_maxrss` is not used there: a process started by fork (or vfork) and exec inherits its
 parent's high-water mark in it, so a soup run started from a large process (a test runner, a driver
 script) would report the parent's peak."""
+import math
 import os
 import resource
 import sys
@@ -137,4 +138,11 @@ def peak_bytes(device):
 
 
 def gib(n):
-    return round(n / 2**30, 3)
+    """Bytes for a reader, in the one unit used everywhere: GiB to three decimals, below 1 GiB to four
+    significant digits, trailing zeros dropped and never an exponent ("0.25 GiB", "0.0009766 GiB" for
+    1 MiB, "11.498 GiB"); "-" for None (not measured)."""
+    if n is None:
+        return "-"
+    x = n / 2**30
+    decimals = 3 if x == 0 or abs(x) >= 1 else min(12, 3 - math.floor(math.log10(abs(x))))
+    return f"{x:.{decimals}f}".rstrip("0").rstrip(".") + " GiB"
