@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import datasets
 from utils.archs import get_arch, split_of
+from utils.files.ingredients import ingredient_file
 from utils.files.paths import Role, check_distinct, check_writable, data_inputs
 from utils.files.state_dicts import atomic_write, check_dtypes, check_state_dict, load_state_dict, save_state_dict
 from utils.run import inputs, precision, prefix
@@ -463,7 +464,7 @@ def check_paths(args, pt, js, standard=None):
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out_dir)
-    pt, js = out / f"model_{args.index}.pt", out / f"model_{args.index}.json"
+    pt, js = ingredient_file(out, args.index), ingredient_file(out, args.index, ".json")
     check_paths(args, pt, js)
     if not args.overwrite and (pt.exists() or js.exists()):
         raise UserError(f"{pt} exists: refusing to overwrite it (pass --overwrite, or choose another --index)")

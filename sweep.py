@@ -158,12 +158,14 @@ def main(argv=None):
 
 
 def built(out, i):
-    return (out / f"model_{i}.pt").exists() and (out / f"model_{i}.json").exists()
+    from utils.files.ingredients import ingredient_file  # here, so `--help` stays fast (no torch)
+    return ingredient_file(out, i).exists() and ingredient_file(out, i, ".json").exists()
 
 
 def build(finetune, config, flags, out, i):
     """finetune.py for one configuration as <out>/model_<i>; an existing one (.pt and .json) is read."""
-    pt, js = out / f"model_{i}.pt", out / f"model_{i}.json"
+    from utils.files.ingredients import ingredient_file
+    pt, js = ingredient_file(out, i), ingredient_file(out, i, ".json")
     if built(out, i):
         return json.loads(js.read_text())
     return finetune.main(to_argv(config) + flags + ["--out-dir", str(out), "--index", str(i),
