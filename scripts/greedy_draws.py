@@ -13,7 +13,9 @@ Flags not listed by --help go to finetune.py's data options (--finetune-size, --
 --test-size, --data-location, --datasets, --arch; the sweep's defaults first). The split they give must be
 the one the zoo's ingredients record (model_<i>.json), or the script refuses: otherwise a selection set
 could hold images an ingredient was trained on.
-Selection sets are drawn with --seed; every soup's predictions are computed once, on the CPU.
+Selection sets are drawn with --seed; every soup's predictions are computed once, on the CPU. The frozen
+part's outputs come from the recipes' prefix pass (utils/run/prefix.py: checked against the prefix
+tensors, and kept between runs in its default folder, $MODEL_SOUPS_CACHE/prefix or ~/.cache/model_soups/prefix).
 """
 import argparse
 import json
