@@ -150,7 +150,8 @@ BAD = [truncated, text_file, empty_file, a_bare_tensor, missing_key, unexpected_
 
 
 # Checkpoints whose unpacking is bounded before anything is read (a zip bomb, a legacy pickle that declares
-# more than it holds, a file larger than a checkpoint of the arch, torch's pre-1.0 tar format).
+# more than it holds, a file larger than a checkpoint of the arch, torch's pre-1.0 tar format); what they
+# return follows the file's name and a colon in the refusal.
 def zip_bomb(path):
     """torch's zip format whose entries are deflated: 128 MiB of zeros in one storage (the state dict
     is valid: the 10-number bias is a view of it), about 130 KB on disk."""
@@ -164,7 +165,7 @@ def zip_bomb(path):
                          compresslevel=1)
     plain.unlink()
     assert path.stat().st_size < 2**20
-    return "its zip entries unpack to 128.0 MiB, more than a checkpoint of this architecture may hold"
+    return ": its zip entries unpack to 128.0 MiB, more than a checkpoint of this architecture may hold"
 
 
 def legacy_declares_more_than_it_holds(path):
@@ -175,14 +176,14 @@ def legacy_declares_more_than_it_holds(path):
     torch.save(sd, path, _use_new_zipfile_serialization=False)
     with open(path, "r+b") as f:
         f.truncate(200_000)
-    return "its pickle declares storages of 128.0 MiB"
+    return ": its pickle declares storages of 128.0 MiB"
 
 
 def oversized_file(path):
     sd = get_arch("tiny-cnn").build(10).state_dict()
     sd["classifier.bias"] = torch.zeros(2**25)[:10]
     torch.save(sd, path)  # stored, not compressed: 128 MiB on disk
-    return "the file is 128.0 MiB, more than a checkpoint of this architecture may hold"
+    return ": the file is 128.0 MiB, more than a checkpoint of this architecture may hold"
 
 
 def old_tar_format(path):
@@ -191,7 +192,7 @@ def old_tar_format(path):
         tmp.write_bytes(b"\x80\x02}q\x00.")
         tar.add(member, arcname="pickle")
         tmp.unlink()
-    return "a torch checkpoint in the pre-1.0 tar format is not accepted"
+    return ": a torch checkpoint in the pre-1.0 tar format is not accepted"
 
 
 # every bad file through every script; the bounded unpacking of the other formats through one script each
@@ -204,7 +205,7 @@ def test_bad_ingredient_is_refused_before_work(capsys, zoo, out, fmnist_root, sc
     bad = zoo / "model_2.pt"
     expected = spoil(bad)
     line = refused(capsys, script, argv(zoo, fmnist_root, out, first=QUICK[script]))
-    assert line.startswith(f"error: {bad}: ") and expected in line, line
+    assert line.startswith(f"error: {bad}") and expected in line, line
     nothing_written(out)
 
 
