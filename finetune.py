@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import datasets
 from utils.archs import get_arch, split_of
+from utils.files.ingredients import ingredient_file
 from utils.files.paths import Role, check_distinct, check_writable, data_inputs
 from utils.files.state_dicts import atomic_write, check_dtypes, check_state_dict, load_state_dict, save_state_dict
 from utils.run import inputs, precision, prefix
@@ -418,7 +419,7 @@ def initial_state(args, spec, num_classes):
         if args.pretrained is None:
             return spec.build(num_classes, pretrained=True)
         return load_pretrained(spec.build(num_classes, pretrained=False), Path(args.pretrained), args.arch)
-    init = Path(args.init) if args.init else Path(args.out_dir) / "model_0.pt"
+    init = Path(args.init) if args.init else ingredient_file(args.out_dir, 0)
     if not init.is_file():
         raise UserError(f"{init}: no start model; build the linear probe first "
                         f"(finetune.py --linear-probe --index 0 --out-dir {args.out_dir}) or pass --init")
@@ -449,7 +450,7 @@ def check_paths(args, pt, js, standard=None):
     """The ingredient written is none of the files read (--overwrite never covers an input): the
     start model (--init, by default model_0.pt of --out-dir), --pretrained, the data (`standard`: the
     folder it was read from when no --data-location named it, known once it is read), the index."""
-    start = Path(args.init) if args.init else None if args.linear_probe else Path(args.out_dir) / "model_0.pt"
+    start = Path(args.init) if args.init else None if args.linear_probe else ingredient_file(args.out_dir, 0)
     inputs = [Role("--init", f"the start model (--init{'' if args.init else ', by default'} {start})", start)
               ] if start else []
     if args.pretrained:
@@ -463,7 +464,7 @@ def check_paths(args, pt, js, standard=None):
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out_dir)
-    pt, js = out / f"model_{args.index}.pt", out / f"model_{args.index}.json"
+    pt, js = ingredient_file(out, args.index), ingredient_file(out, args.index, ".json")
     check_paths(args, pt, js)
     if not args.overwrite and (pt.exists() or js.exists()):
         raise UserError(f"{pt} exists: refusing to overwrite it (pass --overwrite, or choose another --index)")

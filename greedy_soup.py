@@ -45,16 +45,19 @@ def add_to_soup(soup, theta, n):
             if v.is_floating_point() else v for k, v in soup.items()}
 
 
-def greedy(ranking, load, heldout_of):
+def greedy(ranking, load, heldout_of, add=add_to_soup, quiet=False):
     """The greedy recipe over `ranking` [(index, path, held-out accuracy)], best first.
 
-    `load(path)` gives a state dict, `heldout_of(sd)` its held-out accuracy. Returns the soup, the
-    kept indices, and the steps [{"ingredient", "heldout", "kept"}] (the first is the best ingredient)."""
+    `load(path)` gives a state dict, `add(soup, theta, n)` the candidate of a soup of n and one more
+    ingredient, `heldout_of(candidate)` its held-out accuracy (scripts/greedy_draws.py passes sets of
+    indices for state dicts, so that each soup is evaluated once over its many selection sets).
+    Returns the soup, the kept indices, and the steps [{"ingredient", "heldout", "kept"}] (the first is
+    the best ingredient). `quiet`: no progress bar and no log line per step."""
     first_index, first_path, best = ranking[0]
     soup, kept = load(first_path), [first_index]
     steps = [{"ingredient": first_index, "heldout": best, "kept": True}]
-    for index, path, _ in tqdm(ranking[1:], desc="greedy", disable=not distributed.is_primary()):
-        candidate = add_to_soup(soup, load(path), len(kept))
+    for index, path, _ in tqdm(ranking[1:], desc="greedy", disable=quiet or not distributed.is_primary()):
+        candidate = add(soup, load(path), len(kept))
         acc = heldout_of(candidate)
         take = acc > best
         steps.append({"ingredient": index, "heldout": acc, "kept": take})
@@ -62,7 +65,7 @@ def greedy(ranking, load, heldout_of):
             soup, best = candidate, acc
             kept.append(index)
         del candidate
-        if distributed.is_primary():
+        if distributed.is_primary() and not quiet:
             log.info("ingredient %d: candidate held-out %.2f -> %s (soup of %d, best %.2f)", index, acc,
                      "kept" if take else "dropped", len(kept), best)
     return soup, kept, steps

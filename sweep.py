@@ -131,6 +131,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     import finetune  # the top-level script; imported here so `--help` stays fast
+    from utils.files.ingredients import ingredient_file
     args, passthrough = parse_args(argv)
     for flag in ("--out-dir", "--index", "--overwrite", "--init", "--linear-probe", "--lr", "--wd", "--epochs",
                  "--label-smoothing", "--mixup", "--randaug-n", "--randaug-m", "--seed"):
@@ -147,10 +148,10 @@ def main(argv=None):
     bar = tqdm(list(enumerate(configs)), desc=f"zoo {out}")
     for i, config in bar:
         if i and start == "anchor" and not init and not built(out, i):  # only when an ingredient needs it
-            anchor = build(finetune, ANCHOR, passthrough + ["--init", str(out / "model_0.pt")], out / "anchor", 0)
-            log.info("anchor (%s): held-out %.2f, test %.2f", out / "anchor" / "model_0.pt", anchor["heldout"],
+            anchor = build(finetune, ANCHOR, passthrough + ["--init", str(ingredient_file(out, 0))], out / "anchor", 0)
+            log.info("anchor (%s): held-out %.2f, test %.2f", ingredient_file(out / "anchor", 0), anchor["heldout"],
                      anchor["test"])
-            init = ["--init", str(out / "anchor" / "model_0.pt")]
+            init = ["--init", str(ingredient_file(out / "anchor", 0))]
         records.append(build(finetune, config, passthrough + (init if i else []), out, i))
         bar.set_postfix(last=f"{records[-1]['heldout']:.1f}/{records[-1]['test']:.1f}")
     summarise(records)
@@ -158,12 +159,14 @@ def main(argv=None):
 
 
 def built(out, i):
-    return (out / f"model_{i}.pt").exists() and (out / f"model_{i}.json").exists()
+    from utils.files.ingredients import ingredient_file  # here, so `--help` stays fast (no torch)
+    return ingredient_file(out, i).exists() and ingredient_file(out, i, ".json").exists()
 
 
 def build(finetune, config, flags, out, i):
     """finetune.py for one configuration as <out>/model_<i>; an existing one (.pt and .json) is read."""
-    pt, js = out / f"model_{i}.pt", out / f"model_{i}.json"
+    from utils.files.ingredients import ingredient_file
+    pt, js = ingredient_file(out, i), ingredient_file(out, i, ".json")
     if built(out, i):
         return json.loads(js.read_text())
     return finetune.main(to_argv(config) + flags + ["--out-dir", str(out), "--index", str(i),

@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from datasets.base import DataBundle, EvalSet
-from datasets.heldout import check_source, heldout_split
+from datasets.heldout import check_source, heldout_split, subsample
 from utils.runtime.errors import UserError
 
 LAYOUT = {
@@ -65,12 +65,6 @@ class ImageArrays(Dataset):
         return (self.transform(img) if self.transform else img), int(self.labels[i])
 
 
-def _subsample(n, size, seed):
-    if size is None or size >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
-
-
 def _read(root, name):
     folder_name, train_files, test_files, label_key, num_classes = LAYOUT[name]
     if root is None:
@@ -99,8 +93,8 @@ def _build(name, root, preprocess, heldout_per_class, heldout_index, seed, test_
     mask, split = heldout_split(train_y, default, heldout_per_class, heldout_index, seed,
                                 f"the train batches of {folder}")
     held, rest = np.flatnonzero(mask), np.flatnonzero(~mask)
-    rest = rest[_subsample(len(rest), finetune_size, seed + 1)]
-    keep = _subsample(len(test_y), test_size, seed + 2)
+    rest = rest[subsample(len(rest), finetune_size, seed + 1)]
+    keep = subsample(len(test_y), test_size, seed + 2)
     split.update(heldout_size=len(held), finetune_size=len(rest), test_size=len(keep), folder=str(folder))
     return DataBundle(
         name=name, num_classes=num_classes,

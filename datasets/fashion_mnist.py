@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
 from datasets.base import DataBundle, EvalSet
-from datasets.heldout import check_source, heldout_split, per_class_split
+from datasets.heldout import check_source, heldout_split, subsample
 from utils.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -200,16 +200,6 @@ def corrupt(images, name, seed):
     raise ValueError(f"unknown corruption {name}")
 
 
-def _subsample(labels, size, seed):
-    """Indices of a seeded, class-balanced subsample of `size` (all when size is None or too big)."""
-    n = len(labels)
-    if size is None or size >= n:
-        return np.arange(n)
-    per_class = int(np.ceil(size / len(np.unique(labels))))
-    idx = np.flatnonzero(per_class_split(labels, per_class, seed))
-    return np.sort(np.random.default_rng(seed).choice(idx, size=size, replace=False))
-
-
 # ---------------------------------------------------------------------------------- the bundle
 def build_fashion_mnist(root, preprocess, heldout_per_class=None, heldout_index=None, seed=0,
                         test_size=None, finetune_size=None, train_preprocess=None, corruption_seed=0):
@@ -222,8 +212,8 @@ def build_fashion_mnist(root, preprocess, heldout_per_class=None, heldout_index=
 
     mask, split = heldout_split(train_y, DEFAULT_HELDOUT_PER_CLASS, heldout_per_class, heldout_index, seed)
     held, rest = np.flatnonzero(mask), np.flatnonzero(~mask)
-    rest = rest[_subsample(train_y[rest], finetune_size, seed + 1)]
-    keep = _subsample(test_y, test_size, seed + 2)
+    rest = rest[subsample(len(rest), finetune_size, seed + 1, labels=train_y[rest])]
+    keep = subsample(len(test_y), test_size, seed + 2, labels=test_y)
     test_x, test_y = test_x[keep], test_y[keep]
     split.update(heldout_size=len(held), finetune_size=len(rest), test_size=len(keep), folder=str(folder))
 

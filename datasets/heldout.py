@@ -48,6 +48,20 @@ def heldout_split(labels, default_per_class, per_class=None, index_file=None, se
     return per_class_split(labels, per_class, seed), {"heldout": "drawn", "per_class": per_class, "seed": seed}
 
 
+def subsample(n, size, seed, labels=None):
+    """Sorted indices of a seeded subsample of `size` out of n items (all when size is None or >= n); with
+    the items' `labels`, class-balanced: drawn from `per_class_split`'s ceil(size / classes) of each class.
+    Every family subsamples its fine-tune, test and shift sets with it."""
+    if size is None or size >= n:
+        return np.arange(n)
+    if size < 1:
+        raise UserError(f"subsample size must be >= 1, got {size}")
+    pool = n
+    if labels is not None:
+        pool = np.flatnonzero(per_class_split(labels, int(np.ceil(size / len(np.unique(labels)))), seed))
+    return np.sort(np.random.default_rng(seed).choice(pool, size=size, replace=False))
+
+
 def per_class_split(labels, per_class, seed):
     """Boolean mask over `labels`: `per_class` examples of each class drawn with a seeded generator
     (held-out = True). Deterministic for a given (labels, per_class, seed)."""

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from datasets.base import DataBundle, EvalSet
-from datasets.heldout import check_source, heldout_split
-from datasets.images import ImageFiles
-from datasets.imagenet import IMG_EXTENSIONS, SelectLogits, _shrink, _subsample, _subset, list_classes, subfolders
+from datasets.heldout import check_source, heldout_split, subsample
+from datasets.images import ImageFiles, shrink, subset
+from datasets.imagenet import IMG_EXTENSIONS, SelectLogits, list_classes, subfolders
 from utils.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -110,14 +110,14 @@ def build_image_folder(root, preprocess, heldout_per_class=None, heldout_index=N
     if lacking:
         log.warning("ImageFolder: the held-out split takes every train image of %s: the fine-tune split "
                     "lacks them", _show([classes[c] for c in lacking]))
-    rest = rest[_subsample(len(rest), finetune_size, seed + 1)]
-    keep = _subsample(len(val_paths), test_size, seed + 2)
-    shifts = [_shrink(s, test_size, seed + 3 + k) for k, s in enumerate(shifts)]
+    rest = rest[subsample(len(rest), finetune_size, seed + 1)]
+    keep = subsample(len(val_paths), test_size, seed + 2)
+    shifts = [shrink(s, test_size, seed + 3 + k) for k, s in enumerate(shifts)]
     split.update(heldout_size=len(held), finetune_size=len(rest), test_size=len(keep), folder=str(root),
                  classes=len(classes), shifts=[s.name for s in shifts])
     return DataBundle(
         name="ImageFolder", num_classes=len(classes),
-        finetune=ImageFiles(*_subset(train_paths, train_labels, rest), train_preprocess or preprocess),
-        heldout=ImageFiles(*_subset(train_paths, train_labels, held), preprocess),
-        test=EvalSet("test", ImageFiles(*_subset(val_paths, val_labels, keep), preprocess)),
+        finetune=ImageFiles(*subset(train_paths, train_labels, rest), train_preprocess or preprocess),
+        heldout=ImageFiles(*subset(train_paths, train_labels, held), preprocess),
+        test=EvalSet("test", ImageFiles(*subset(val_paths, val_labels, keep), preprocess)),
         shifts=shifts, split=split)

@@ -22,8 +22,8 @@ import torch
 from tqdm import tqdm
 
 from datasets.base import DataBundle, EvalSet
-from datasets.heldout import check_source, heldout_split
-from datasets.images import ImageFiles
+from datasets.heldout import check_source, heldout_split, subsample
+from datasets.images import ImageFiles, shrink, subset
 from utils.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -94,19 +94,6 @@ class MaxOverLogits:
 
 
 # -------------------------------------------------------------------------------------- helpers
-def _subsample(n, size, seed):
-    """Sorted indices of a seeded random subsample of `size` out of n (all when size is None or >= n)."""
-    if size is None or size >= n:
-        return np.arange(n)
-    if size < 1:
-        raise UserError(f"subsample size must be >= 1, got {size}")
-    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
-
-
-def _subset(paths, labels, keep):
-    return [paths[i] for i in keep], labels[keep]
-
-
 def _missing(name, reason):
     log.warning("shift %s skipped: %s", name, reason)
     return EvalSet(name, None, missing=reason)
@@ -146,7 +133,7 @@ def imagenet_sketch(root, wnids, preprocess):
     return EvalSet("ImageNet-Sketch", ImageFiles(paths, labels, preprocess))
 
 
-def imagenet_subset(root, wnids, preprocess, name, dirname):
+def imagenetsubset(root, wnids, preprocess, name, dirname):
     """ImageNet-R / ImageNet-A: a subset of the wnids; label = position among the set's sorted wnids,
     logits = the 1000-way logits restricted to those classes (in the same order)."""
     folder = Path(root) / dirname
@@ -208,15 +195,6 @@ def objectnet(root, wnids, preprocess):
                    project=MaxOverLogits([groups[n] for n in names]))
 
 
-def _shrink(evalset, size, seed):
-    ds = evalset.dataset
-    if ds is None:
-        return evalset
-    keep = _subsample(len(ds), size, seed)
-    ds.paths, ds.labels = _subset(ds.paths, ds.labels, keep)
-    return evalset
-
-
 # ----------------------------------------------------------------------------------------- bundle
 def _check_layout(root):
     base = Path(root) / "imagenet"
@@ -252,21 +230,21 @@ def build_imagenet(root, preprocess, heldout_per_class=None, heldout_index=None,
     if len(np.unique(train_labels[rest])) < len(wnids):
         log.warning("ImageNet: the held-out split takes every train image of some classes; the fine-tune "
                     "split lacks them")
-    rest = rest[_subsample(len(rest), finetune_size, seed + 1)]
+    rest = rest[subsample(len(rest), finetune_size, seed + 1)]
 
     val_paths, val_labels = list_classes(base / "val", wnids, range(len(wnids)), "ImageNet val")
-    keep = _subsample(len(val_paths), test_size, seed + 2)
-    test = EvalSet("test", ImageFiles(*_subset(val_paths, val_labels, keep), preprocess))
+    keep = subsample(len(val_paths), test_size, seed + 2)
+    test = EvalSet("test", ImageFiles(*subset(val_paths, val_labels, keep), preprocess))
 
     shifts = [imagenet_v2(root, wnids, preprocess), imagenet_sketch(root, wnids, preprocess),
-              imagenet_subset(root, wnids, preprocess, "ImageNet-R", "imagenet-r"),
+              imagenetsubset(root, wnids, preprocess, "ImageNet-R", "imagenet-r"),
               objectnet(root, wnids, preprocess),
-              imagenet_subset(root, wnids, preprocess, "ImageNet-A", "imagenet-a")]
-    shifts = [_shrink(s, test_size, seed + 3 + k) for k, s in enumerate(shifts)]
+              imagenetsubset(root, wnids, preprocess, "ImageNet-A", "imagenet-a")]
+    shifts = [shrink(s, test_size, seed + 3 + k) for k, s in enumerate(shifts)]
     split.update(heldout_size=len(held), finetune_size=len(rest), test_size=len(keep), folder=str(base),
                  missing_shifts=[s.name for s in shifts if s.dataset is None])
     return DataBundle(
         name="ImageNet", num_classes=len(wnids),
-        finetune=ImageFiles(*_subset(train_paths, train_labels, rest), train_preprocess or preprocess),
-        heldout=ImageFiles(*_subset(train_paths, train_labels, held), preprocess),
+        finetune=ImageFiles(*subset(train_paths, train_labels, rest), train_preprocess or preprocess),
+        heldout=ImageFiles(*subset(train_paths, train_labels, held), preprocess),
         test=test, shifts=shifts, split=split)

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from datasets.base import not_regular
+from datasets.heldout import subsample
 from utils.runtime.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -176,3 +177,17 @@ def record_drops(bundle, bad):
     for key, ds in sizes.items():
         if key in split and ds is not None:
             split[key] = len(ds)
+
+
+def subset(paths, labels, keep):
+    """The paths and labels (a numpy array) at the indices `keep`."""
+    return [paths[i] for i in keep], labels[keep]
+
+
+def shrink(evalset, size, seed):
+    """`evalset` (of ImageFiles) cut to a seeded subsample of `size` images, in place (a missing set as it is)."""
+    ds = evalset.dataset
+    if ds is None:
+        return evalset
+    ds.paths, ds.labels = subset(ds.paths, ds.labels, subsample(len(ds), size, seed))
+    return evalset

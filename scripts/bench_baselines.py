@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from utils.archs.standins import write_synthetic_zoo  # noqa: E402
+from scripts.standins import write_synthetic_zoo  # noqa: E402
 from utils.files import paths, results  # noqa: E402
 from utils.files.ingredients import available  # noqa: E402
 from utils.run.cli import check_number  # noqa: E402

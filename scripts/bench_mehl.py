@@ -46,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from utils.archs.standins import input_size, write_synthetic_imagenet, write_synthetic_zoo  # noqa: E402
+from scripts.standins import input_size, write_synthetic_imagenet, write_synthetic_zoo  # noqa: E402
 from utils.files import paths  # noqa: E402
 from utils.files.ingredients import available  # noqa: E402
 from utils.run.cli import check_number  # noqa: E402

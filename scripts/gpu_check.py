@@ -280,7 +280,7 @@ def real_run_check(args, device):
     mehl.LOG_EVERY steps, which are meant to wait). Exits with status 1 when a check fails."""
     import tempfile
     import MEHL_soup_layer as script
-    from utils.archs.standins import input_size, write_synthetic_imagenet, write_synthetic_zoo
+    from scripts.standins import input_size, write_synthetic_imagenet, write_synthetic_zoo
     from utils.run import plan
 
     cuda = device.type == "cuda"

@@ -117,7 +117,7 @@ gpu_imports || exit 2
 if [[ $DEVICE == cuda* ]]; then
   "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())" || exit 2
 fi
-SIZE=$("$PY" -c "import sys; sys.path.insert(0, '.'); from utils.archs import get_arch; from utils.archs.standins import input_size; print(input_size(get_arch('$ARCH')))") || exit 2
+SIZE=$("$PY" -c "import sys; sys.path.insert(0, '.'); from utils.archs import get_arch; from scripts.standins import input_size; print(input_size(get_arch('$ARCH')))") || exit 2
 record "prepare: python, bundle, imports" "${BUDGET[prepare]}" "$SECONDS" ok
 
 # ------------------------------------------------------------------------------------------ the stages
@@ -135,7 +135,7 @@ stage 3 "$NZOO synthetic $ARCH ingredients and a synthetic ImageNet tree" zoo.tx
   bash -c "'$PY' scripts/gpu_stages.py disk '$scratch' $zoo_bytes '$NZOO $ARCH stand-ins' && '$PY' -c \"
 import sys
 sys.path.insert(0, '.')
-from utils.archs.standins import write_synthetic_imagenet, write_synthetic_zoo
+from scripts.standins import write_synthetic_imagenet, write_synthetic_zoo
 write_synthetic_zoo('$scratch/zoo', $NZOO, '$ARCH', 10, device='cuda' if '$DEVICE'.startswith('cuda') else 'cpu')
 write_synthetic_imagenet('$scratch/data', 10, 27, $SIZE)  # 13 held-out + 14 fine-tune per class
 \""

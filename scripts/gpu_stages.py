@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 GiB = 2**30
 NEEDED = ["numpy", "PIL", "torch", "torchvision", "tqdm", "safetensors", "regex", "ftfy", "timm", "open_clip",
           "open_clip.tokenizer", "open_clip.model"]
-PROJECT = ["datasets", "utils.run.cli", "utils.run.plan", "utils.archs.standins", "utils.soup.segmented",
+PROJECT = ["datasets", "utils.run.cli", "utils.run.plan", "scripts.standins", "utils.soup.segmented",
            "MEHL_soup_layer", "greedy_soup", "uniform_soup", "learned_soup", "report"]
 SCRIPTS = ["gpu_check.py", "bench_mehl.py", "paper_scale.py", "individual.py"]
 PAPER_INGREDIENTS = 72
@@ -133,7 +133,7 @@ PUBLISHED_OUTSIDE_VISUAL = {"model.positional_embedding", "model.text_projection
 def vit_l14(args):
     import torch
     from utils.archs import get_arch
-    from utils.archs.standins import write_synthetic_zoo
+    from scripts.standins import write_synthetic_zoo
     from utils.files.ingredients import ingredient_paths, load_checked
     from utils.run import mehl, plan
     device = torch.device(args.device)

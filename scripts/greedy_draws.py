@@ -13,7 +13,9 @@ Flags not listed by --help go to finetune.py's data options (--finetune-size, --
 --test-size, --data-location, --datasets, --arch; the sweep's defaults first). The split they give must be
 the one the zoo's ingredients record (model_<i>.json), or the script refuses: otherwise a selection set
 could hold images an ingredient was trained on.
-Selection sets are drawn with --seed; every soup's predictions are computed once, on the CPU.
+Selection sets are drawn with --seed; every soup's predictions are computed once, on the CPU. The frozen
+part's outputs come from the recipes' prefix pass (utils/run/prefix.py: checked against the prefix
+tensors, and kept between runs in its default folder, $MODEL_SOUPS_CACHE/prefix or ~/.cache/model_soups/prefix).
 """
 import argparse
 import json
@@ -28,10 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import finetune  # noqa: E402
+import greedy_soup  # noqa: E402
 import sweep  # noqa: E402
 from utils.archs import get_arch  # noqa: E402
+from utils.files.ingredients import available, ingredient_file, ingredient_paths, load_checked  # noqa: E402
 from utils.files.paths import Role, check_outputs  # noqa: E402
-from utils.files.state_dicts import load_state_dict  # noqa: E402
+from utils.run import prefix  # noqa: E402
 from utils.runtime.errors import UserError, run_main  # noqa: E402
 
 
@@ -53,19 +57,13 @@ def parse_args(argv=None):
 
 
 def zoo_paths(zoo, n):
+    """The zoo's ingredients model_0 .. model_{n-1} (n=None: all), through the recipes' listing."""
     if not zoo.is_dir():
         raise UserError(f"--zoo {zoo}: no such folder (build one with scripts/build_zoo.sh)")
-    count = n
-    if count is None:
-        count = 0
-        while (zoo / f"model_{count}.pt").is_file():
-            count += 1
-    paths = [zoo / f"model_{i}.pt" for i in range(count)]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if count < 2 or missing:
-        raise UserError(f"--zoo {zoo}: need model_0.pt .. model_{max(count, 2) - 1}.pt"
-                        + (f"; missing {missing[0]}" if missing else ""))
-    return paths
+    if (len(available(zoo)) if n is None else n) < 2:
+        raise UserError(f"--zoo {zoo}: need at least 2 ingredients ({ingredient_file('', 0).name}, "
+                        f"{ingredient_file('', 1).name}, ...)")
+    return ingredient_paths(zoo, 0, n)
 
 
 def check_split(paths, split):
@@ -112,19 +110,16 @@ class Soups:
 
 
 def greedy(soups, n, select):
-    """Greedy soup (greedy_soup.py's recipe) on the images `select`: (kept ingredients, soup accuracy - best ingredient's,
-    uniform soup - best ingredient), in percentage points."""
+    """Greedy soup (greedy_soup.py's recipe, its own function) on the images `select`: (kept ingredients,
+    soup accuracy - best ingredient's, uniform soup - best ingredient), in percentage points. A soup is
+    the tuple of its ingredients' indices, evaluated once (`Soups`)."""
     def acc(ids):
         return 100.0 * soups.correct(ids)[select].double().mean().item()
     single = [acc([i]) for i in range(n)]
-    order = sorted(range(n), key=lambda i: (-single[i], i))
-    kept, best = [order[0]], single[order[0]]
-    for c in order[1:]:
-        a = acc(kept + [c])
-        if a > best:
-            kept.append(c)
-            best = a
-    return kept, best - single[order[0]], acc(range(n)) - single[order[0]]
+    ranking = sorted(((i, i, single[i]) for i in range(n)), key=lambda r: (-r[2], r[0]))
+    _, kept, _ = greedy_soup.greedy(ranking, lambda i: (i,), acc, add=lambda ids, i, _: ids + i, quiet=True)
+    best = single[ranking[0][0]]
+    return kept, acc(kept) - best, acc(range(n)) - best
 
 
 def draw_sets(soups, n, pool, size, draws, seed):
@@ -160,14 +155,18 @@ def main(argv=None):
     _, bundle = finetune.load_bundle(ft, spec)
     check_split(paths, bundle.split)
     model = spec.build(bundle.num_classes, pretrained=False)
-    states = [load_state_dict(p) for p in paths]
+    reference = model.state_dict()
+    states = [load_checked(p, reference) for p in paths]
     model.load_state_dict(states[0])
     model.eval()
     split = finetune.frozen_split(model, spec, ft.frozen_blocks)
-    head, tail = (lambda x: x, model) if split is None else (split.head, split.tail)
+    tail = model if split is None else split.tail
+    # the frozen part runs once per data set, through the recipes' prefix outputs (checked against the
+    # prefix tensors, kept on disk as the recipes' --prefix-cache default)
+    prefix.configure(prefix.default_folder())
     cpu = torch.device("cpu")
-    h_held, y_held = finetune.run_batched(head, bundle.heldout, cpu, 256, "held-out (frozen part)")
-    h_test, y_test = finetune.run_batched(head, bundle.test.dataset, cpu, 256, "test (frozen part)")
+    h_held, y_held = finetune.frozen_activations(model, split, bundle.heldout, cpu, "held-out")
+    h_test, y_test = finetune.frozen_activations(model, split, bundle.test.dataset, cpu, "test")
     soups = Soups(model, tail, states, torch.cat([h_held, h_test]), torch.cat([y_held, y_test]),
                   bundle.test.project)
     n, size, pool = len(paths), len(y_held), len(y_held) + len(y_test)

@@ -175,7 +175,7 @@ def counts_of(args):
 def write_inputs(args, out):
     """The stand-in ingredients (in a child process: the GPU it may draw on is released at its exit)
     and the JPEG tree. Returns [(what, seconds)]."""
-    from utils.archs.standins import write_imagenet_tree
+    from scripts.standins import write_imagenet_tree
     timings = []
     started = time.perf_counter()
     done = subprocess.run([args.python, str(Path(__file__).resolve()), "--out", str(out), "--zoo-device",
@@ -196,7 +196,7 @@ def write_inputs(args, out):
 
 def write_zoo(folder, n, arch, classes, device):
     import torch
-    from utils.archs.standins import write_synthetic_zoo
+    from scripts.standins import write_synthetic_zoo
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     write_synthetic_zoo(folder, int(n), arch, int(classes), device=device)

@@ -1,7 +1,8 @@
 """scripts/gpu_check.sh, which runs unattended in one call on a lent GPU, smoke-tested on the CPU with
 tiny-clip: every stage runs, the outputs land in $OUT, nothing is left that would refuse a second run,
 and a fresh Python holding only torch, torchvision and numpy (what `pip install torch torchvision numpy`
-gives) runs it with pip's index turned off, from the bundle of scripts/gpu_wheels.sh alone."""
+gives) runs it with pip's index turned off, from the bundle of scripts/gpu_wheels.sh alone; and
+scripts/gpu_check.py's throughput check on the CPU."""
 import json
 import os
 import re
@@ -146,3 +147,16 @@ def test_a_fresh_python_with_only_torch_runs_every_stage_offline_from_the_bundle
     assert vit[0]["card_k_bfloat16"] > vit[0]["card_k_float32"] > 0
     # what the stages wrote (the stand-ins, the bundle's install folder) is gone
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "linked", "out", "venv"]
+
+
+def test_gpu_check_script_runs_on_cpu(capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    gpu_check.main(["--arch", "tiny-clip", "--device", "cpu", "--batch-size", "4", "--image-size", "32",
+                    "--num-classes", "5", "--warmup", "1", "--iters", "2"])
+    out = capsys.readouterr().out
+    assert "images/s" in out and "peak memory" in out and "batch 4, 32 px" in out

@@ -151,7 +151,7 @@ def test_fast_path_agrees_with_the_per_block_loop(interpreted, n, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_padded_rows_give_the_products_of_unpadded_ones(interpreted, dtype):
     """Rows `segmented.padded` apart (as a run loads them): the kernels load the padding, as 128-bit loads
-    need (tests/test_kernels_compiled.py), but no product changes, also with NaN written into it."""
+    need (tests/test_segmented_kernels.py), but no product changes, also with NaN written into it."""
     sizes = [5, 1019, 0, 3, 2048, 1, 700, 17]  # 3793 numbers: 15 of padding per row
     bounds, offset = [], 0
     for size in sizes:

@@ -1,7 +1,7 @@
 """Memory bounded in every phase (issue 22, item 2): each soup script, run as a fresh process on 6 and on
 24 stand-in ingredients, peaks with 24 at most one ingredient above its peak with 6 (the peak is the
 process's own VmHWM, recorded at exit by scripts/paper_scale_hook). Learned-Soup+ holds all N by design:
-it refuses with its estimate when they do not fit. The ingredients are `utils.archs.standins:wide_cnn`
+it refuses with its estimate when they do not fit. The ingredients are `tests.models:wide_cnn`
 (19 MB each), so that one ingredient stands out of the noise of a process's peak.
 
 The processes run with glibc's mmap threshold fixed at 1 MiB (MALLOC_MMAP_THRESHOLD_): by default
@@ -17,10 +17,10 @@ import sys
 
 import pytest
 
+from scripts.standins import jpeg_pool, write_imagenet_tree, write_synthetic_zoo
 from tests.conftest import ROOT
-from utils.archs.standins import jpeg_pool, write_imagenet_tree, write_synthetic_zoo
 
-ARCH = "utils.archs.standins:wide_cnn"
+ARCH = "tests.models:wide_cnn"
 CLASSES = 3
 SCRIPTS = {"individual": "scripts/individual.py", "uniform": "uniform_soup.py", "greedy": "greedy_soup.py",
            "mehl": "MEHL_soup_layer.py", "learned": "learned_soup.py"}

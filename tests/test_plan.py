@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import MEHL_soup_layer as mehl
+from scripts.standins import jpeg_pool, write_imagenet_tree, write_synthetic_zoo
 from tests import helpers
 from tests.conftest import ROOT, make_zoo
 from utils.archs import get_arch
-from utils.archs.standins import jpeg_pool, write_imagenet_tree, write_synthetic_zoo
 from utils.run import plan
 from utils.runtime import memory
 from utils.runtime.errors import run_main
@@ -188,7 +188,7 @@ def test_a_state_of_a_given_k_is_not_resumed_by_auto(capsys, tmp_path, fmnist_ro
 
 
 # ---------------------------------------------------------------------- prediction on a CPU
-ARCH = "utils.archs.standins:wide_cnn"
+ARCH = "tests.models:wide_cnn"
 
 
 def mehl_process(zoo, data, out, *extra):

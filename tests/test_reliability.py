@@ -9,6 +9,10 @@ import logging
 import os
 import pickle
 import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
 
 import numpy as np
 import pytest
@@ -145,14 +149,86 @@ BAD = [truncated, text_file, empty_file, a_bare_tensor, missing_key, unexpected_
        nan_value, inf_in_a_buffer, integer_weights]
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-@pytest.mark.parametrize("spoil", BAD, ids=[f.__name__ for f in BAD])
+# Checkpoints whose unpacking is bounded before anything is read (a zip bomb, a legacy pickle that declares
+# more than it holds, a file larger than a checkpoint of the arch, torch's pre-1.0 tar format); what they
+# return follows the file's name and a colon in the refusal.
+def zip_bomb(path):
+    """torch's zip format whose entries are deflated: 128 MiB of zeros in one storage (the state dict
+    is valid: the 10-number bias is a view of it), about 130 KB on disk."""
+    sd = get_arch("tiny-cnn").build(10).state_dict()
+    sd["classifier.bias"] = torch.zeros(2**25)[:10]  # torch.save writes the whole storage
+    plain = path.with_name("plain.tmp")
+    torch.save(sd, plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename), compress_type=zipfile.ZIP_DEFLATED,
+                         compresslevel=1)
+    plain.unlink()
+    assert path.stat().st_size < 2**20
+    return ": its zip entries unpack to 128.0 MiB, more than a checkpoint of this architecture may hold"
+
+
+def legacy_declares_more_than_it_holds(path):
+    """torch's legacy (non-zip) format: the pickle declares a 128 MiB storage, the file is cut after
+    200 KB (torch allocates the declared size before reading the bytes)."""
+    sd = get_arch("tiny-cnn").build(10).state_dict()
+    sd["classifier.bias"] = torch.zeros(2**25)[:10]
+    torch.save(sd, path, _use_new_zipfile_serialization=False)
+    with open(path, "r+b") as f:
+        f.truncate(200_000)
+    return ": its pickle declares storages of 128.0 MiB"
+
+
+def oversized_file(path):
+    sd = get_arch("tiny-cnn").build(10).state_dict()
+    sd["classifier.bias"] = torch.zeros(2**25)[:10]
+    torch.save(sd, path)  # stored, not compressed: 128 MiB on disk
+    return ": the file is 128.0 MiB, more than a checkpoint of this architecture may hold"
+
+
+def old_tar_format(path):
+    with tarfile.open(path, "w") as tar:
+        member = tmp = path.with_name("pickle")
+        tmp.write_bytes(b"\x80\x02}q\x00.")
+        tar.add(member, arcname="pickle")
+        tmp.unlink()
+    return ": a torch checkpoint in the pre-1.0 tar format is not accepted"
+
+
+# every bad file through every script; the bounded unpacking of the other formats through one script each
+CASES = [(spoil, s) for spoil in BAD + [zip_bomb] for s in SCRIPTS] + [
+    (legacy_declares_more_than_it_holds, "mehl"), (oversized_file, "greedy"), (old_tar_format, "uniform")]
+
+
+@pytest.mark.parametrize("spoil, script", CASES, ids=[f"{f.__name__}-{s}" for f, s in CASES])
 def test_bad_ingredient_is_refused_before_work(capsys, zoo, out, fmnist_root, script, spoil):
     bad = zoo / "model_2.pt"
     expected = spoil(bad)
     line = refused(capsys, script, argv(zoo, fmnist_root, out, first=QUICK[script]))
     assert line.startswith(f"error: {bad}") and expected in line, line
     nothing_written(out)
+
+
+@pytest.mark.slow
+def test_a_zip_bomb_does_not_raise_peak_memory(tmp_path, zoo, out, fmnist_root):
+    """As a process: the refused bomb costs no more peak memory than a refusal of a small bad file."""
+    def peak(spoil):
+        shutil.copy(zoo / "model_0.pt", zoo / "model_1.pt")
+        spoil(zoo / "model_1.pt")
+        code = ("import sys, uniform_soup; from utils.runtime.errors import run_main\n"
+                "from utils.runtime.memory import resident_peak_bytes\n"
+                "try:\n    run_main(uniform_soup.main, sys.argv[1:])\n"
+                "finally:\n    print('PEAK', resident_peak_bytes(), file=sys.stderr)\n")
+        done = subprocess.run([sys.executable, "-c", code, *argv(zoo, fmnist_root, out)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+        assert "error: " in done.stderr, done.stderr[-2000:]
+        return int(done.stderr.split("PEAK ")[-1].split()[0])
+
+    peak(lambda p: p.write_bytes(b"not a checkpoint"))  # warm: the first run fills the data cache
+    small = peak(lambda p: p.write_bytes(b"not a checkpoint"))
+    bomb = peak(zip_bomb)
+    assert bomb < small + 64 * 2**20, (small, bomb)  # the bomb would add 128 MiB (twice: inflate, copy)
 
 
 def test_mixed_dtypes_are_cast_with_a_warning_naming_the_file(caplog, zoo, out, fmnist_root):

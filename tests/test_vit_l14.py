@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 
+from scripts.standins import jpeg_pool, write_imagenet_tree, write_synthetic_zoo
 from tests.conftest import ROOT
 from utils.archs import get_arch
-from utils.archs.standins import jpeg_pool, write_imagenet_tree, write_synthetic_zoo
 from utils.files.ingredients import load_checked
 
 ARCH = "clip-vit-l14"

@@ -61,9 +61,10 @@ def image_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation=v2
     return v2.Compose(steps)
 
 
-# ------------------------------------------------------------------------- tiny arch for tests
+# ------------------------------------------------------------- tiny-cnn: the smallest --arch
 class TinyCNN(nn.Module):
-    """A small conv net with BatchNorm, for tests and quick CPU experiments (any input size)."""
+    """`--arch tiny-cnn`: a small conv net with BatchNorm, for quick CPU runs of every script (the demo's
+    DEMO_ARCH=tiny-cnn; the tests' processes name it too) on any input size."""
 
     def __init__(self, num_classes, width=8):
         super().__init__()

@@ -14,8 +14,8 @@
   rebuilt only from ingredients whose sha256 matches).
 - `changes(old, new)`: what differs between two descriptions, in words.
 
-Caches keyed by contents rather than by files hash what they depend on themselves (the frozen
-prefix's outputs: `utils.run.prefix.prefix_key`, every prefix tensor element for element)."""
+Every cache key is a `sha256_bytes` of its parts: the frozen prefix's outputs (utils/run/prefix.py) hash
+the tensors they depend on, the decoded images (utils/run/decoded.py) each file's path and `stamp`."""
 import hashlib
 import os
 from pathlib import Path
@@ -39,11 +39,16 @@ def sha256(path):
     return h.hexdigest()
 
 
-def sha256_bytes(*parts):
-    """The sha256 of byte strings, each followed by a separator (so that ("ab", "c") != ("a", "bc"))."""
+def sha256_bytes(parts):
+    """The sha256 of the parts of a key, each followed by a separator (so that ("ab", "c") != ("a", "bc")):
+    a bytes-like part (bytes, a numpy array's memory) as it is, anything else as its str in UTF-8.
+    `parts` is any iterable, consumed once (a generator keeps a million paths out of memory)."""
     h = hashlib.sha256()
     for part in parts:
-        h.update(part if isinstance(part, bytes) else str(part).encode())
+        try:
+            h.update(memoryview(part))
+        except TypeError:
+            h.update(str(part).encode())
         h.update(b"\0")
     return h.hexdigest()
 

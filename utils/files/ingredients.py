@@ -14,7 +14,12 @@ from utils.runtime.errors import UserError
 from utils.soup.sampling import shard_range
 
 log = logging.getLogger(__name__)
-_NAME = re.compile(r"^model_(\d+)$")
+_NAME = re.compile(r"^model_(\d+)$")   # the stem of ingredient_file
+
+
+def ingredient_file(folder, index, suffix=".pt"):
+    """Where ingredient `index` lives in `folder`: model_{index}.pt (its finetune record: suffix ".json")."""
+    return Path(folder) / f"model_{index}{suffix}"
 
 
 def available(model_location):
@@ -55,7 +60,7 @@ def ingredient_paths(model_location, params_start=0, params_end=None):
     inside = sorted(i for i in found if params_start <= i < params_end)
     if len(inside) < params_end - params_start:
         first = itertools.islice((i for i in range(params_start, params_end) if i not in found), 5)
-        show = ", ".join(f"model_{i}.pt" for i in first)
+        show = ", ".join(ingredient_file("", i).name for i in first)
         missing = params_end - params_start - len(inside)
         raise UserError(f"{missing} ingredient(s) missing in {folder} for range "
                         f"[{params_start}, {params_end}): {show}{' ...' if missing > 5 else ''}")

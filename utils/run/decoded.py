@@ -44,7 +44,6 @@ Under torchrun every rank calls in at the same point (an evaluation, a learning 
 that every rank sees (checked: rank 0 creates the temporary file and every rank looks for it), each rank
 decodes its strided share (rank, rank + world, ...) into that one file; otherwise each rank decodes every
 image into its own file (a warning says so)."""
-import hashlib
 import json
 import logging
 import os
@@ -353,14 +352,14 @@ class _Entry:
 
 
 def _entry(folder, dataset, plan):
-    digest = hashlib.sha256()
-    for part in (f"format {FORMAT}", torch.__version__, torchvision.__version__, PIL.__version__,
-                 plan.description, f"border {getattr(dataset, 'border', 0)}", len(dataset)):
-        digest.update(str(part).encode() + b"\0")
-    for p in dataset.paths:  # each image file by its identity: a rewritten file names another entry
-        # os.fsencode: a name is any byte string (img_\xe9.JPEG is not UTF-8), hashed as its bytes
-        digest.update(os.fsencode(os.path.abspath(p)) + b"\0" + identity.stamp(p).encode() + b"\0")
-    key = digest.hexdigest()
+    def parts():
+        yield from (f"format {FORMAT}", torch.__version__, torchvision.__version__, PIL.__version__,
+                    plan.description, f"border {getattr(dataset, 'border', 0)}", len(dataset))
+        for p in dataset.paths:  # each image file by its identity: a rewritten file names another entry
+            # os.fsencode: a name is any byte string (img_\xe9.JPEG is not UTF-8), hashed as its bytes
+            yield os.fsencode(os.path.abspath(p))
+            yield identity.stamp(p)
+    key = identity.sha256_bytes(parts())
     return _Entry(folder / f"{key}.npy", folder / f"{key}.json", key, (len(dataset), *plan.shape))
 
 

@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from utils.archs import split_of
 from utils.files.cache import cache_folder
+from utils.files.identity import sha256_bytes
 from utils.files.state_dicts import atomic_write, check_unpacked_size
 from utils.runtime import distributed
 from utils.runtime.errors import UserError
@@ -100,12 +101,14 @@ def standing_in(model, dataset, device, learned=(), desc="prefix", split=None):
 def prefix_key(model, split):
     """sha256 of every prefix tensor (name, dtype, shape and each element) and the model's class."""
     state = model.state_dict()
-    digest = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode() + b"\0")
-    for key in split.keys:
-        t = state[key].detach()
-        digest.update(f"{key} {t.dtype} {tuple(t.shape)}".encode() + b"\0")
-        digest.update(_tensor_bytes(t))
-    return digest.hexdigest()
+
+    def parts():
+        yield f"{type(model).__module__}.{type(model).__qualname__}"
+        for key in split.keys:
+            t = state[key].detach()
+            yield f"{key} {t.dtype} {tuple(t.shape)}"
+            yield _tensor_bytes(t)
+    return sha256_bytes(parts())
 
 
 def _tensor_bytes(t):
@@ -186,12 +189,9 @@ def _disk_entry(prefix, dataset, device, batch_size):
     data = fingerprint()
     if data is None:
         return None
-    digest = hashlib.sha256()
     threads = torch.get_num_threads() if device.type == "cpu" else 0
-    for part in (f"format {FORMAT}", prefix, torch.__version__, device.type, threads, batch_size, len(dataset),
-                 data):
-        digest.update(str(part).encode() + b"\0")
-    key = digest.hexdigest()
+    key = sha256_bytes((f"format {FORMAT}", prefix, torch.__version__, device.type, threads, batch_size,
+                        len(dataset), str(data)))
     return _Entry(folder / f"{key}.pt", key)
 
 

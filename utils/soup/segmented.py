@@ -28,7 +28,7 @@ WARPS = 16        # warps per program (sm_90 and later)
 # Before sm_90 (A100 sm_80, consumer Ampere/Ada sm_86/sm_89): 16-row tiles take about 112 registers a
 # thread in `combine` (ptxas of Triton 3.8), so one 512-thread program fills an SM's 64K registers and it
 # runs 16 warps (of 48 on sm_86); 8-row tiles take 64, two programs fit: 32 warps. The rows are read
-# once either way; `project_partials` reads the gradient once per tile of rows. tests/test_kernels_compiled.py
+# once either way; `project_partials` reads the gradient once per tile of rows. tests/test_segmented_kernels.py
 # compiles both for sm_80, sm_86 and sm_90 and checks it.
 TILES_BEFORE_SM90 = (1024, 8, 16)  # (columns, rows, warps)
 SEGS = 256        # partial sums read at once by a block's program

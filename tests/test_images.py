@@ -19,7 +19,7 @@ import finetune
 from datasets import build_dataset, images
 from tests.conftest import make_zoo, write_imagenet_tree
 from tests.helpers import argv, nothing_written, refused
-from tests.test_heldout_split import within, write_image_folder
+from tests.test_heldout import within, write_image_folder
 from utils.runtime.errors import UserError, run_main
 from uniform_soup import main as uniform_main
 

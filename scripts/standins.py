@@ -1,4 +1,5 @@
-"""Stand-in inputs for benchmarks and for the whole job at the real size when the real ones are absent:
+"""Stand-in inputs for the benchmarks (bench_*.py, gpu_check), paper_scale.py and the tests that run the
+whole job at the real size when the real inputs are absent:
 ingredients of an architecture in its checkpoint layout (its start plus seeded perturbations), an
 ImageNet-like tree of random images of the architecture's input size, and an ImageNet-shaped tree of
 real JPEG files at ImageNet's size with the five shift folders laid out as `datasets/imagenet.py` reads
@@ -13,7 +14,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.archs import get_arch
-from utils.files.ingredients import available
+from utils.files.ingredients import available, ingredient_file
 from utils.runtime.errors import UserError
 
 # ImageNet's JPEGs: most are 500 x 375 (or 375 x 500), saved at a quality near 90, about 110 KB.
@@ -57,7 +58,7 @@ def write_synthetic_zoo(folder, n, arch, num_classes, scale=0.01, device="cpu"):
                 sd[k] = v + scale * spreads[k] * noise
             else:
                 sd[k] = v.clone()
-        torch.save(sd, folder / f"model_{i}.pt")
+        torch.save(sd, ingredient_file(folder, i))
 
 
 def _spread(v):
@@ -183,18 +184,3 @@ def write_objectnet(base, num_classes, total, writer):
     for folder, n in zip(groups, spread_over(total, mapped)):
         writer.images(base / "images" / folder, n)
     writer.images(base / "images" / "unmapped_thing", 1)
-
-
-# ------------------------------------------------------------------- a model for memory tests
-WIDE_CNN_WIDTH = 512
-
-
-def wide_cnn(num_classes, pretrained=False):
-    """`--arch utils.archs.standins:wide_cnn`: the tiny-cnn test arch (utils.archs.TinyCNN, BatchNorm
-    included) 64 times wider, about 4.7 M parameters or 19 MB an ingredient, so that one ingredient
-    stands out of the noise of a process's peak resident memory in tests of memory bounds, while a
-    forward pass on 16 px images stays cheap."""
-    from utils.archs import TinyCNN, image_transform
-    if pretrained:
-        raise UserError("wide_cnn has no pre-trained weights")
-    return TinyCNN(num_classes, width=WIDE_CNN_WIDTH), image_transform(16)
