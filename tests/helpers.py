@@ -69,3 +69,21 @@ def last_line(done):
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     return done.stderr.strip().splitlines()[-1]
+
+
+def copy_for_a_user(shared, packages=("utils", "datasets"), scripts=("*.py",)):
+    """The scripts (`scripts`: globs at the top level) and the `packages` they import, copied into
+    `shared` where every user may read them: the checkout may sit in a private folder, as a clone
+    inside `mktemp -d` does, which another user cannot enter."""
+    import shutil
+    code = shared / "code"
+    for name in packages:
+        shutil.copytree(ROOT / name, code / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for pattern in scripts:
+        for script in ROOT.glob(pattern):
+            shutil.copy(script, code / script.name)
+    for folder, _, files in os.walk(code):
+        os.chmod(folder, 0o755)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o644)
+    return code

@@ -90,7 +90,7 @@ V1_IMAGENET = v1.Compose([v1.Resize(18, interpolation=v1.InterpolationMode.BICUB
                               "factory-v1", "v1-resize-to-hw", "timm-resnet10t"])
 def test_the_split_is_the_transform_bit_for_bit(transform):
     transform = timm_eval() if transform == "timm" else transform
-    plan = decoded.split(transform)
+    plan = decoded.stages(transform)
     assert plan is not None
     x = torch.stack([plan.geometric(img).as_subclass(torch.Tensor) for img in photos()])
     assert x.dtype == torch.uint8 and tuple(x.shape[1:]) == plan.shape
@@ -99,8 +99,8 @@ def test_the_split_is_the_transform_bit_for_bit(transform):
 
 def test_v1_and_v2_steps_of_the_same_settings_name_different_files():
     """PIL's resize and the tensor's give other pixels: the key's description tells them apart."""
-    a = decoded.split(v1.Compose([v1.Resize(16), v1.CenterCrop(16), v1.ToTensor()]))
-    b = decoded.split(image_transform(16, mean=(0, 0, 0), std=(1, 1, 1)))
+    a = decoded.stages(v1.Compose([v1.Resize(16), v1.CenterCrop(16), v1.ToTensor()]))
+    b = decoded.stages(image_transform(16, mean=(0, 0, 0), std=(1, 1, 1)))
     assert a.description != b.description and a.v1 and not b.v1
 
 
@@ -118,7 +118,7 @@ def test_v1_and_v2_steps_of_the_same_settings_name_different_files():
 ], ids=["no-crop", "unknown-lambda", "v1-no-crop", "v1-unknown-step", "v1-after-totensor", "unknown-step",
         "float16", "after-todtype"])
 def test_a_transform_that_cannot_be_split_is_not_kept(transform, tree):
-    assert decoded.split(transform) is None
+    assert decoded.stages(transform) is None
     ds = bundle(tree).heldout
     ds.transform = transform
     assert decoded.images(ds) is None

@@ -22,7 +22,7 @@ import greedy_soup
 import MEHL_soup_layer
 import uniform_soup
 from tests.conftest import ROOT
-from tests.helpers import FILES, QUICK, SCRIPTS, argv, cli, last_line, nothing_written, refused
+from tests.helpers import FILES, QUICK, SCRIPTS, argv, cli, copy_for_a_user, last_line, nothing_written, refused
 from utils.archs import get_arch
 from utils.files import state_dicts
 from utils.files.state_dicts import load_state_dict
@@ -544,22 +544,6 @@ def test_a_permission_error_from_anywhere_is_one_line(capsys, monkeypatch, zoo, 
         assert line == (f"error: {target}: this user may not open it (Permission denied): give this user access "
                         "to it, or choose another path"), line
         nothing_written(out)
-
-
-def copy_for_a_user(shared):
-    """The scripts and the packages they import, copied into `shared` where every user may read them (the
-    checkout may sit in a private folder, as a clone inside `mktemp -d` does)."""
-    import shutil
-    code = shared / "code"
-    for name in ("utils", "datasets"):
-        shutil.copytree(ROOT / name, code / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for script in ROOT.glob("*.py"):
-        shutil.copy(script, code / script.name)
-    for folder, _, files in os.walk(code):
-        os.chmod(folder, 0o755)
-        for name in files:
-            os.chmod(os.path.join(folder, name), 0o644)
-    return code
 
 
 @pytest.mark.slow

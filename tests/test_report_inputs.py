@@ -15,6 +15,7 @@ import torch
 
 import report
 from tests.conftest import ROOT
+from tests.helpers import copy_for_a_user
 from utils.runtime.errors import run_main
 
 
@@ -339,19 +340,6 @@ def test_an_output_name_that_is_a_symbolic_link_loop_is_one_line(tmp_path, capsy
         (out / name).unlink()
 
 
-def copy_for_a_user(shared):
-    """What report.py runs (itself and utils/), copied into `shared`, readable by every user: the
-    checkout may sit in a private folder (a clone inside `mktemp -d`), which the user cannot enter."""
-    code = shared / "code"
-    shutil.copytree(ROOT / "utils", code / "utils", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "report.py", code / "report.py")
-    for folder, dirs, files in os.walk(code):
-        os.chmod(folder, 0o755)
-        for name in files:
-            os.chmod(os.path.join(folder, name), 0o644)
-    return code
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root, and no setpriv to drop to a user")
 def test_a_read_only_out_folder_and_an_unreadable_results_file_are_one_line_for_a_user():
@@ -362,7 +350,7 @@ def test_a_read_only_out_folder_and_an_unreadable_results_file_are_one_line_for_
     shared = Path(tempfile.mkdtemp(prefix="report-user-", dir="/tmp"))
     try:
         shared.chmod(0o755)
-        code = copy_for_a_user(shared)
+        code = copy_for_a_user(shared, packages=("utils",), scripts=("report.py",))
         db = write_lines(shared / "r.jsonl", zoo_lines(shared / "zoo"))
         db.chmod(0o644)
         (shared / "ro").mkdir()

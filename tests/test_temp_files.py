@@ -41,7 +41,7 @@ def test_the_decoded_cache_writes_through_no_planted_link_and_takes_the_umasks_m
     folder = tmp_path / "cache"
     folder.mkdir()
     heldout = bundle(tree).heldout
-    entry = decoded._entry(folder, heldout, decoded.split(heldout.transform))
+    entry = decoded._entry(folder, heldout, decoded.stages(heldout.transform))
     outside = [tmp_path / "outside-data", tmp_path / "outside-header"]
     for target in outside:
         target.write_bytes(b"")

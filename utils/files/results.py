@@ -59,10 +59,7 @@ def check_appendable(path, flag="--results-db"):
         return
     except OSError as err:
         raise UserError(f"{flag} {path}: cannot be read ({err.strerror or err})") from err
-    try:
-        record = json.loads(first.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        record = None
+    record = _parse(first)
     if not isinstance(record, dict):
         raise UserError(f"{flag} {path} is not a results file (its first line is not a JSON object): "
                         "refusing to append to it; give a new or a results file")
@@ -71,46 +68,24 @@ def check_appendable(path, flag="--results-db"):
 def read(path):
     """All usable records of a results file (a missing file has none): the lines that are whole
     JSON objects. Other lines are skipped and counted; one warning per file says how many."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    check_regular(path)
-    records, skipped, first_bad = [], 0, None
-    try:
-        f = open(path, "rb")
-    except OSError as err:
-        raise UserError(f"the results file {path} cannot be read ({err.strerror or err})") from err
-    with f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-                record = None
-            if isinstance(record, dict):
-                records.append(record)
-            else:
-                skipped += 1
-                first_bad = first_bad or lineno
-    if skipped and (str(path), skipped) not in _WARNED:
-        _WARNED.add((str(path), skipped))
-        log.warning("%s: skipped %d line(s) that are not whole JSON objects in UTF-8 (a torn write, "
-                    "another tool's line), the first at line %d; the other %d lines are used",
-                    path, skipped, first_bad, len(records))
-    return records
+    return [record for _, record in stream(path)]
 
 
 def stream(path):
     """(byte offset, record) of every usable record of a results file, one line at a time (memory
-    holds one line, whatever the file's size), with `read`'s skipping and its one warning per file at
-    the end. The offset lets a reader keep only the fields it needs and read a line again (`line_at`)."""
+    holds one line, whatever the file's size), skipping and counting the lines that are not whole JSON
+    objects, with one warning per file at the end. The offset lets a reader keep only the fields it
+    needs and read a line again (`line_at`)."""
     path = Path(path)
     if not path.exists():
         return
     check_regular(path)
+    try:
+        f = open(path, "rb")
+    except OSError as err:
+        raise UserError(f"the results file {path} cannot be read ({err.strerror or err})") from err
     skipped, used, first_bad = 0, 0, None
-    with open(path, "rb") as f:
+    with f:
         offset = 0
         for lineno, raw in enumerate(f, 1):
             start, offset = offset, offset + len(raw)

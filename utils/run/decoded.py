@@ -6,7 +6,7 @@ at the model's input size.
 What is kept. A data set of image files opts in by having `paths` (its files, in item order),
 `labels`, `transform` and `image(i)` (item i decoded, before the transform): datasets/imagenet.py's
 ImageFiles, used by ImageNet and ImageFolder. Its transform is split at its ToDtype (v2) or ToTensor
-(v1) step when it is a torchvision Compose of known steps, nested Composes flattened (`split`: RGB, to a
+(v1) step when it is a torchvision Compose of known steps, nested Composes flattened (`stages`: RGB, to a
 tensor, resize, centre crop; then ToDtype and Normalize, as utils/archs `image_transform` and
 `clip_transform` build it; or torchvision v1's Resize, CenterCrop on the PIL image, then ToTensor and
 Normalize, as timm's eval transforms are; the factory path's and timm's `pil_rgb_then` wrapper included).
@@ -115,7 +115,9 @@ TO_TENSOR = ("torchvision.transforms.transforms.ToTensor", "timm.data.transforms
 
 
 @dataclass(frozen=True)
-class Split:
+class Stages:
+    """A transform in two stages: the geometric one, whose uint8 output is kept, and the float one,
+    applied per batch (`stages`)."""
     geometric: object         # image -> uint8 tensor (3, H, W): a v2.Compose, or a v1.Compose ending in
                               # pil_to_tensor
     floats: tuple             # steps on a batch of uint8 images: ToDtype or ToTensor, then Normalize
@@ -190,8 +192,8 @@ def _name(step):
     return f"{type(step).__module__}.{type(step).__qualname__}"
 
 
-def split(transform):
-    """The transform as a Split, or None when it is not a Compose (v2 or v1, nested in any number of
+def stages(transform):
+    """The transform as Stages, or None when it is not a Compose (v2 or v1, nested in any number of
     Composes) of known steps giving one image size (a final CenterCrop, or a Resize to (H, W)):
     - v2: to_rgb / pil_rgb, then ToImage, then to_rgb / RGB / Resize / CenterCrop, then
       ToDtype(float32, scale=True) and Normalize;
@@ -223,19 +225,19 @@ def split(transform):
     if size is None or len(size) not in (1, 2) or (isinstance(sized[-1], (v2.Resize, v1.Resize)) and len(size) != 2):
         return None  # images of varying shape cannot be kept in one array
     h, w = size if len(size) == 2 else size * 2
-    return Split(whole, tuple(floats), (3, h, w), " ".join(_describe(s) for s in geometric),
+    return Stages(whole, tuple(floats), (3, h, w), " ".join(_describe(s) for s in geometric),
                  v1=not isinstance(floats[0], v2.ToDtype))
 
 
-def _plan(dataset, desc):
-    """The dataset's Split, or None (not image files, or a transform that cannot be split: said once)."""
+def _stages_of(dataset, desc):
+    """The dataset's transform as Stages, or None (not image files, or a transform that cannot be split: said once)."""
     if not all(hasattr(dataset, a) for a in ("paths", "labels", "transform", "image")):
         return None
-    plan = split(dataset.transform)
-    if plan is None:
+    staged = stages(dataset.transform)
+    if staged is None:
         _once(("transform", id(dataset)), logging.INFO, "%s: images decoded in every pass: the transform is not "
               "a torchvision Compose of known steps giving one image size (utils/run/decoded.py)", desc)
-    return plan
+    return staged
 
 
 # ------------------------------------------------------------------------------ kept images
@@ -243,8 +245,8 @@ class Decoded(Dataset):
     """Items `rows` of a data set as (uint8 image, label), from `array` (uint8 (M, 3, H, W): every item
     of the set, or exactly `rows`); `to_float` makes a batch of them what the transform gives."""
 
-    def __init__(self, array, stored, rows, labels, plan):
-        self.array, self.stored, self.rows, self.plan = array, stored, rows, plan
+    def __init__(self, array, stored, rows, labels, staged):
+        self.array, self.stored, self.rows, self.staged = array, stored, rows, staged
         self.labels = np.asarray(labels)
 
     def __len__(self):
@@ -263,7 +265,7 @@ class Decoded(Dataset):
         return x, torch.as_tensor(self.labels[rows.start:rows.stop:rows.step], dtype=torch.int64)
 
     def to_float(self, x):
-        return self.plan.to_float(x)
+        return self.staged.to_float(x)
 
 
 class FromUint8(nn.Module):
@@ -289,55 +291,55 @@ def images(dataset, rows=None, workers=0, desc="images"):
     n = len(dataset)
     rows = range(n) if rows is None else rows
     where = _STATE["where"]
-    plan = None if where is None or n == 0 else _plan(dataset, desc)
-    if plan is None:
+    staged = None if where is None or n == 0 else _stages_of(dataset, desc)
+    if staged is None:
         return None
     kept = dataset.__dict__.get("_decoded")
     if kept is not None and kept[0] == (n, dataset.transform) and _covers(kept[1], rows, n):
-        return Decoded(kept[2], kept[1], rows, dataset.labels, plan)
+        return Decoded(kept[2], kept[1], rows, dataset.labels, staged)
     array, stored = None, range(n)
     if isinstance(where, Path):
-        array = _from_disk(where, dataset, plan, workers, desc)
+        array = _from_disk(where, dataset, staged, workers, desc)
     if array is None:
         stored = rows
-        array = _in_memory(dataset, plan, rows, workers, desc)
+        array = _in_memory(dataset, staged, rows, workers, desc)
     if array is None:
         return None
     dataset.__dict__["_decoded"] = ((n, dataset.transform), stored, array)
-    return Decoded(array, stored, rows, dataset.labels, plan)
+    return Decoded(array, stored, rows, dataset.labels, staged)
 
 
 class _Geometric(Dataset):
-    def __init__(self, dataset, plan, rows):
-        self.dataset, self.plan, self.rows = dataset, plan, rows
+    def __init__(self, dataset, staged, rows):
+        self.dataset, self.staged, self.rows = dataset, staged, rows
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, j):
-        return self.plan.geometric(self.dataset.image(self.rows[j])).as_subclass(torch.Tensor)
+        return self.staged.geometric(self.dataset.image(self.rows[j])).as_subclass(torch.Tensor)
 
 
-def _decode_into(out, dataset, plan, rows, workers, desc):
+def _decode_into(out, dataset, staged, rows, workers, desc):
     """Decode items `rows` into `out` (uint8 (len(rows), 3, H, W)) with `workers` processes."""
-    loader = DataLoader(_Geometric(dataset, plan, rows), batch_size=DECODE_BATCH, num_workers=workers)
+    loader = DataLoader(_Geometric(dataset, staged, rows), batch_size=DECODE_BATCH, num_workers=workers)
     start = 0
     for x in tqdm(loader, desc=f"{desc}: decoding (once)", leave=False, disable=not distributed.is_primary()):
-        if tuple(x.shape[1:]) != plan.shape:
-            raise RuntimeError(f"{desc}: decoded images of shape {tuple(x.shape[1:])}, expected {plan.shape}")
+        if tuple(x.shape[1:]) != staged.shape:
+            raise RuntimeError(f"{desc}: decoded images of shape {tuple(x.shape[1:])}, expected {staged.shape}")
         out[start:start + len(x)] = x.numpy()
         start += len(x)
 
 
-def _in_memory(dataset, plan, rows, workers, desc):
-    need = len(rows) * int(np.prod(plan.shape))
+def _in_memory(dataset, staged, rows, workers, desc):
+    need = len(rows) * int(np.prod(staged.shape))
     budget = (mem_available() or float("inf")) * MEMORY_FRACTION / distributed.local_world_size()
     if need > budget:
         _once(("memory", id(dataset)), logging.WARNING, "%s: %.1f GiB of decoded images exceed the memory "
               "budget (%.1f GiB): decoded in every pass", desc, need / 2**30, budget / 2**30)
         return None
-    array = np.empty((len(rows), *plan.shape), dtype=np.uint8)
-    _decode_into(array, dataset, plan, rows, workers, desc)
+    array = np.empty((len(rows), *staged.shape), dtype=np.uint8)
+    _decode_into(array, dataset, staged, rows, workers, desc)
     log.info("%s: %d images decoded once, kept in memory (%.1f MiB)", desc, len(rows), need / 2**20)
     return array
 
@@ -351,16 +353,16 @@ class _Entry:
     shape: tuple
 
 
-def _entry(folder, dataset, plan):
+def _entry(folder, dataset, staged):
     def parts():
         yield from (f"format {FORMAT}", torch.__version__, torchvision.__version__, PIL.__version__,
-                    plan.description, f"border {getattr(dataset, 'border', 0)}", len(dataset))
+                    staged.description, f"border {getattr(dataset, 'border', 0)}", len(dataset))
         for p in dataset.paths:  # each image file by its identity: a rewritten file names another entry
             # os.fsencode: a name is any byte string (img_\xe9.JPEG is not UTF-8), hashed as its bytes
             yield os.fsencode(os.path.abspath(p))
             yield identity.stamp(p)
     key = identity.sha256_bytes(parts())
-    return _Entry(folder / f"{key}.npy", folder / f"{key}.json", key, (len(dataset), *plan.shape))
+    return _Entry(folder / f"{key}.npy", folder / f"{key}.json", key, (len(dataset), *staged.shape))
 
 
 def _all(ok):
@@ -371,11 +373,11 @@ def _all(ok):
     return int(distributed.all_reduce_sum(flag).item()) == 0
 
 
-def _from_disk(folder, dataset, plan, workers, desc):
+def _from_disk(folder, dataset, staged, workers, desc):
     """Every item's image from the folder's file (read, or decoded and written), or None when the
     folder cannot take it (the caller keeps the images in memory then)."""
-    entry = _entry(folder, dataset, plan)
-    array = _read(entry, dataset, plan)
+    entry = _entry(folder, dataset, staged)
+    array = _read(entry, dataset, staged)
     if _all(array is not None):
         log.debug("%s: decoded images read from %s", desc, entry.data)
         return array
@@ -384,25 +386,25 @@ def _from_disk(folder, dataset, plan, workers, desc):
     if tmp is None:
         return None
     if _all(os.path.isfile(tmp) and os.path.getsize(tmp) >= int(np.prod(entry.shape))):
-        return _fill_shared(entry, Path(tmp), dataset, plan, workers, desc)
+        return _fill_shared(entry, Path(tmp), dataset, staged, workers, desc)
     _once("unshared", logging.WARNING, "--decode-cache %s is not one folder for every rank: each rank decodes "
           "every image into its own file", folder)
     own = Path(tmp) if distributed.is_primary() else _create(entry)
     if own is None:
         return None
     array = _open(own, entry.shape, "r+")
-    _decode_into(array, dataset, plan, range(len(dataset)), workers, desc)
+    _decode_into(array, dataset, staged, range(len(dataset)), workers, desc)
     array.flush()
     del array
     return None if _commit(entry, own, desc) is None else _open(entry.data, entry.shape, "c")
 
 
-def _fill_shared(entry, tmp, dataset, plan, workers, desc):
+def _fill_shared(entry, tmp, dataset, staged, workers, desc):
     """Every rank decodes its strided share into the one temporary file; rank 0 checks it and puts it
     in place."""
     rank, world, n = distributed.rank(), distributed.world_size(), entry.shape[0]
     array = _open(tmp, entry.shape, "r+")
-    _decode_into(array[rank::world], dataset, plan, range(rank, n, world), workers, desc)
+    _decode_into(array[rank::world], dataset, staged, range(rank, n, world), workers, desc)
     array.flush()
     del array
     counts = torch.zeros(world, dtype=torch.int64)
@@ -494,7 +496,7 @@ def _commit(entry, tmp, desc, counts=None):
     return entry.data
 
 
-def _read(entry, dataset, plan):
+def _read(entry, dataset, staged):
     """The file's array when it exists and passes every check, else None (a warning if it exists)."""
     try:
         modes = [os.stat(p).st_mode for p in (entry.header, entry.data)]
@@ -520,7 +522,7 @@ def _read(entry, dataset, plan):
         return _distrust(entry, "checksum mismatch (a damaged file)")
     gen = np.random.default_rng(int.from_bytes(os.urandom(8), "little"))  # not the run's random state
     for i in gen.choice(len(array), size=min(SPOT_CHECKS, len(array)), replace=False):
-        if not np.array_equal(plan.geometric(dataset.image(int(i))).numpy(), array[i]):
+        if not np.array_equal(staged.geometric(dataset.image(int(i))).numpy(), array[i]):
             return _distrust(entry, "images decoded afresh differ from the file")
     return array
 
