@@ -33,11 +33,8 @@ data batch; the same seed gives the same soup as one process (up to float roundi
     torchrun --nproc_per_node=2 MEHL_soup_layer.py --model-location zoo/fashion_mnist \\
         --arch efficientnet-lite0 --model_batch 4 --epochs 5 --cosine-lr
 
-The results line holds the alpha summary, `<soup>.coefficients.json` alpha. After every group the
-resume state (`utils/files/mehl_state.py`) is written atomically to --resume's file (default
-`<soup>.state.pt`): --resume continues an interrupted run to the same soup. The file is kept after
-success; a new run over it needs --resume or --overwrite.
-"""
+The results line holds the alpha summary, `<soup>.coefficients.json` alpha. The resume state
+(`utils/files/mehl_state.py`, default `<soup>.state.pt`) is saved after every group and kept."""
 import dataclasses
 import logging
 import math
@@ -233,8 +230,10 @@ def learn(run, progress, ledger):
             alpha_center = hyperplane.mean_alpha(group, N, B) if first else progress.alpha
             delta = hyperplane.alpha_delta(alpha_center, X, inv_norms, my_rows)
             progress.alpha = alpha_center + distributed.all_reduce_sum(delta.to(setup.device)).cpu()
-            if ledger.after_group(progress, group, learner.losses, last=progress.next_group + 1 == len(groups)
-                                  and progress.models_epoch + 1 == run.models_epochs):
+            stop = ledger.after_group(progress, group, learner.losses, last=progress.next_group + 1 == len(groups)
+                                      and progress.models_epoch + 1 == run.models_epochs)
+            del center, P, inv_norms, X, optimizer, learner  # the K rows go before the next group's load
+            if stop:
                 return False
         previous, progress.order, progress.next_group = progress.order, None, 0
         progress.models_epoch += 1

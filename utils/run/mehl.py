@@ -388,6 +388,7 @@ class Ledger:
     def after_group(self, progress, group, losses, last):
         """Log the group, save the resume state; True when --stop-after-groups stops the run here."""
         self.bar.close()
+        self.steps = None  # it holds the group's learner, hence its K rows: not into the next group
         products, why = products_agreed(self.block_products, self.run.setup.device)
         progress.groups.append({"models_epoch": progress.models_epoch, "group": progress.next_group,
                                 "ingredients": [index_of(self.run.paths[i]) for i in group],
