@@ -161,7 +161,7 @@ def make_run(args):
     state = mehl_state.load(state_path, resume=args.resume, overwrite=args.overwrite, config=config,
                             added={k: (getattr(args, k), v) for k, v in cli.ADDED_DEFAULTS.items()},
                             flag_of=mehl_state.flag_of)
-    resumed = plan.resumed_k(state, state_path) if state is not None and args.model_batch == "auto" else None
+    resumed = mehl_state.resumed_k(state, state_path) if state is not None and args.model_batch == "auto" else None
     if state is not None:
         mehl_state.check_contents(state, state_path, n=len(paths), numel=layout.numel, blocks=layout.num_blocks,
                                   model_batch=resumed or args.model_batch, models_epochs=args.models_epochs,

@@ -327,7 +327,7 @@ def test_a_name_that_does_not_exist_is_named_with_its_file_and_line(text, expect
 @pytest.mark.parametrize("text", [
     "utils.run.prefix", "utils.run.prefix.outputs", "`utils.files.identity.stamp`", "utils.run",
     "utils/run/prefix.py:outputs", "prefix.py:prefix_key", "utils/run/prefix.py:1-10",
-    "utils/run/mehl.py", "utils.run.mehl.StepLog.read", "the end of a sentence: utils.run.mehl.",
+    "utils/run/mehl.py", "utils.run.mehl.StepLog.flush", "the end of a sentence: utils.run.mehl.",
     '(README, "Your own zoo")', 'docs/GUARANTEES.md, "Runs are resumable"',
     "[the claims](RESULTS.md#what-holds-across-zoo-builds)", "[a site](https://example.org/x.md)",
 ])

@@ -103,20 +103,20 @@ def test_steps_keep_the_soup_on_the_hyperplane_without_a_model_sized_allocation(
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_the_first_non_finite_step_is_flagged_and_stops_at_the_next_read(bad):
+def test_the_first_non_finite_step_is_flagged_and_stops_at_the_next_flush(bad):
     model = chain(2)
     soup, group, bounds, data, _ = setup_step(model)
     log = mehl.StepLog(group, label=3, lr=0.05, every=10)
     for step in range(4):
         log.add(mehl.step(model, soup, group, bounds, data, len(data[1])), len(data[1]), 0.05)
         if step == 0:
-            assert log.read() > 0 and not log.pending
+            assert log.flush() > 0 and not log.pending
             with torch.no_grad():
                 soup.theta[5] = bad  # the soup went bad between step 1 and step 2
     assert not log.due() and len(log.pending) == 3
     assert int(group.first_bad) == 2
     with pytest.raises(UserError, match=r"non-finite \(NaN or Inf\) in group 3, step 2: .*--lr \(now 0.05\)"):
-        log.read()
+        log.flush()
 
 
 @pytest.mark.parametrize("n", [1, 3, 18])

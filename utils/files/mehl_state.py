@@ -86,6 +86,15 @@ def _changed_files(old, new):
     return None
 
 
+def resumed_k(state, path):
+    """The K that --model_batch auto chose when the resumed run started (a resume continues with it)."""
+    k = state["config"].get("model_batch_chosen")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise UserError(f"--resume {path}: its configuration records no K chosen by --model_batch auto "
+                        f"(found {k!r}); start again with --overwrite")
+    return k
+
+
 def check_contents(state, path, *, n, numel, blocks, model_batch, models_epochs, dtype):
     """Every field's type, range and shape against this run: position in the order, the order a
     permutation of the n ingredients, the log as long as the groups done, soup (numel,) and alpha

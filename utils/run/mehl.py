@@ -278,7 +278,7 @@ def step(model, soup, learner, bounds, batch, n_global, labelsmooth=0.0, clip=Fa
 
 class StepLog:
     """The losses of a group's steps, kept on the device and read every `every` steps and at the end of
-    an epoch (`read`), together with the group's non-finite flag: one host sync per read, none per
+    an epoch (`flush`), together with the group's non-finite flag: one host sync per read, none per
     step."""
 
     def __init__(self, learner, label, lr, every=None):
@@ -292,7 +292,7 @@ class StepLog:
     def due(self):
         return len(self.pending) >= self.every
 
-    def read(self, bar=None, wandb=None):
+    def flush(self, bar=None, wandb=None):
         """Log the pending steps (the bar's postfix, one wandb line per step) and return the sum of
         loss x global batch size over them. Raises a one-line UserError when the soup went non-finite
         (`mehl_state.check_finite`)."""
@@ -370,11 +370,11 @@ class Ledger:
         self.steps.add(loss, n_global, learner.schedule(learner.step - 1))
         self.bar.update()
         if self.steps.due():  # losses and the non-finite flag are read every LOG_EVERY steps
-            self.epoch_loss += self.steps.read(self.bar, self.run.wandb)
+            self.epoch_loss += self.steps.flush(self.bar, self.run.wandb)
 
     def after_epoch(self, learner, epoch):
         run, setup = self.run, self.run.setup
-        self.epoch_loss += self.steps.read(self.bar, run.wandb)
+        self.epoch_loss += self.steps.flush(self.bar, run.wandb)
         learner.losses.append(self.epoch_loss / len(setup.bundle.heldout))
         if run.epoch_test:  # logged only, never used to choose anything
             test = inputs.evaluation(setup.model, setup.device, setup.batch_size, setup.workers, setup.precision)

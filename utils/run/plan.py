@@ -256,15 +256,6 @@ def agreed_minimum(k, n, device):
     return int(torch.nonzero(votes)[0])
 
 
-def resumed_k(state, path):
-    """The K that --model_batch auto chose when the resumed run started (a resume continues with it)."""
-    k = state["config"].get("model_batch_chosen")
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise UserError(f"--resume {path}: its configuration records no K chosen by --model_batch auto "
-                        f"(found {k!r}); start again with --overwrite")
-    return k
-
-
 def choose_k(setup, layout, soup, paths, model_batch, resumed, *, memory_limit, batch_size, workers,
              precision, labelsmooth, directions_dtype):
     """Measure the plain step, fix K and print the plan; returns K. K is `model_batch` (--model_batch)
