@@ -67,7 +67,7 @@ def fmnist_root(tmp_path_factory):
     return make_fmnist(tmp_path_factory.mktemp("fmnist"))
 
 
-def make_zoo(folder, n, num_classes=10, arch="tiny-cnn", noise=0.05, differ_buffers=False, seed=0):
+def make_zoo(folder, n, num_classes=10, arch="tests.models:tiny_cnn", noise=0.05, differ_buffers=False, seed=0):
     """n ingredients: the arch's start plus seeded noise on every float parameter that fine-tuning moves
     (a parameter built frozen, such as CLIP's text leftovers, stays identical, as in the published
     checkpoints); BatchNorm statistics identical in all (frozen-statistics fine-tuning) unless
@@ -95,7 +95,7 @@ def make_zoo(folder, n, num_classes=10, arch="tiny-cnn", noise=0.05, differ_buff
 
 @pytest.fixture
 def zoo(tmp_path):
-    """Three tiny-cnn ingredients (a module may define its own `zoo`)."""
+    """Three tiny_cnn ingredients (tests/models.py) (a module may define its own `zoo`)."""
     return make_zoo(tmp_path / "zoo", 3)
 
 

@@ -22,7 +22,7 @@ QUICK = {"uniform": [], "greedy": [], "learned": ["--epochs", "1"],
          "mehl": ["--epochs", "1", "--model_batch", "2", "--no-epoch-test"]}
 
 
-def argv(zoo, data, out, *extra, first=(), arch="tiny-cnn", datasets=None, heldout=3, test_size=20,
+def argv(zoo, data, out, *extra, first=(), arch="tests.models:tiny_cnn", datasets=None, heldout=3, test_size=20,
          batch_size=32, device="cpu", name="soup"):
     """A soup script's command line on a tiny zoo, every item a string: the zoo, data and arch, the
     split and batch sizes, the device, the results file `<out>/results.jsonl` and the soup
@@ -72,9 +72,9 @@ def last_line(done):
 
 
 def copy_for_a_user(shared, packages=("utils", "datasets"), scripts=("*.py",)):
-    """The scripts (`scripts`: globs at the top level) and the `packages` they import, copied into
-    `shared` where every user may read them: the checkout may sit in a private folder, as a clone
-    inside `mktemp -d` does, which another user cannot enter."""
+    """The scripts (`scripts`: globs at the top level), the `packages` they import and the tests' models
+    (tests/models.py), copied into `shared` where every user may read them: the checkout may sit in a
+    private folder, as a clone inside `mktemp -d` does, which another user cannot enter."""
     import shutil
     code = shared / "code"
     for name in packages:
@@ -82,6 +82,8 @@ def copy_for_a_user(shared, packages=("utils", "datasets"), scripts=("*.py",)):
     for pattern in scripts:
         for script in ROOT.glob(pattern):
             shutil.copy(script, code / script.name)
+    (code / "tests").mkdir()
+    shutil.copy(ROOT / "tests" / "models.py", code / "tests" / "models.py")  # the tests' --arch
     for folder, _, files in os.walk(code):
         os.chmod(folder, 0o755)
         for name in files:

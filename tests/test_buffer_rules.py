@@ -13,7 +13,8 @@ import MEHL_soup_layer as mehl
 import uniform_soup
 from tests import helpers
 from tests.conftest import make_zoo
-from utils.archs import ARCHS, ArchSpec, TinyCNN, image_transform, register
+from tests.models import TinyCNN
+from utils.archs import ARCHS, ArchSpec, image_transform, register
 from utils.files import soup_io
 from utils.runtime.errors import UserError
 

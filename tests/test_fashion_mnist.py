@@ -10,7 +10,7 @@ from utils.runtime.errors import UserError
 
 
 def build(root, **kw):
-    return build_dataset("FashionMNIST", str(root), get_arch("tiny-cnn").preprocess, **kw)
+    return build_dataset("FashionMNIST", str(root), get_arch("tests.models:tiny_cnn").preprocess, **kw)
 
 
 def train_ids(ds):

@@ -99,9 +99,9 @@ def test_finetune_without_linear_probe_is_a_user_error(tmp_path, fmnist_root):
 def test_frozen_blocks_need_an_arch_that_declares_a_prefix(tmp_path, fmnist_root):
     """The depth is the architecture's declaration (utils/archs: register_split), not a name finetune.py
     knows: an arch that declares none trains whole, and refuses frozen blocks in one line."""
-    args = ["--arch", "tiny-cnn", "--linear-probe", "--epochs", "1", "--data-location", str(fmnist_root),
+    args = ["--arch", "tests.models:tiny_cnn", "--linear-probe", "--epochs", "1", "--data-location", str(fmnist_root),
             "--out-dir", str(tmp_path), *TINY]
-    with pytest.raises(UserError, match="--frozen-blocks 2: --arch tiny-cnn declares no frozen prefix"):
+    with pytest.raises(UserError, match="--frozen-blocks 2: --arch tests.models:tiny_cnn declares no frozen prefix"):
         finetune.main(args + ["--frozen-blocks", "2"])
     assert finetune.main(args)["steps"] > 0 and (tmp_path / "model_0.pt").is_file()
 

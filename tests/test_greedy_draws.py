@@ -13,7 +13,7 @@ from utils.runtime.errors import run_main
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import greedy_draws  # noqa: E402
 
-DATA = ["--arch", "tiny-cnn", "--heldout-per-class", "3", "--test-size", "20", "--finetune-size", "0",
+DATA = ["--arch", "tests.models:tiny_cnn", "--heldout-per-class", "3", "--test-size", "20", "--finetune-size", "0",
         "--frozen-blocks", "0"]
 
 

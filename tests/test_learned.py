@@ -90,9 +90,9 @@ def test_epochs_zero_is_uniform_soup(tmp_path, fmnist_root):
 
 
 def train_good(data_root, steps=60):
-    """A tiny-cnn trained briefly on the tiny Fashion-MNIST (learnable templates)."""
+    """A tiny_cnn trained briefly on the tiny Fashion-MNIST (learnable templates)."""
     from datasets import build_dataset
-    spec = get_arch("tiny-cnn")
+    spec = get_arch("tests.models:tiny_cnn")
     bundle = build_dataset("FashionMNIST", data_root, spec.preprocess, heldout_per_class=5, test_size=40)
     model = spec.build(10)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
@@ -159,7 +159,7 @@ def test_layerwise_one_row_per_tensor_and_identical_kept(tmp_path, fmnist_root):
     out = tmp_path / "plus.pt"
     record = learned_soup.main(argv(zoo, fmnist_root, tmp_path, "--layerwise", "--epochs", "1",
                                       "--save-soup", out))
-    n_params = len(list(get_arch("tiny-cnn").build(10).parameters()))
+    n_params = len(list(get_arch("tests.models:tiny_cnn").build(10).parameters()))
     assert record["method"] == "Learned-Soup+" and record["blocks"] == n_params - 1
     assert record["identical_parameters"] == ["features.0.bias"]
     recipe = json.loads((tmp_path / "plus.recipe.json").read_text())

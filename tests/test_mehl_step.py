@@ -253,7 +253,7 @@ def test_a_groups_center_is_the_soup_itself(tmp_path, dtype):
 
     zoo = make_zoo(tmp_path / "zoo", 3)
     paths = [zoo / f"model_{i}.pt" for i in range(3)]
-    model = get_arch("tiny-cnn").build(10)
+    model = get_arch("tests.models:tiny_cnn").build(10)
     like = model.state_dict()
     layout, base = make_layout(paths, model, like, 0)
     model.load_state_dict(base)

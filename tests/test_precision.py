@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tests.helpers import SCRIPTS, argv, refused
-from utils.archs import TinyCNN
+from tests.models import TinyCNN
 from utils.files import results
 from utils.run import cli, inputs, mehl, precision
 from utils.soup import learned

@@ -127,7 +127,7 @@ def test_recipes_of_any_batch_size_share_one_prefix_pass(effnet, images, monkeyp
 
 
 def test_no_prefix_for_other_archs(images):
-    model = get_arch("tiny-cnn").build(10)
+    model = get_arch("tests.models:tiny_cnn").build(10)
     assert prefix.split_of(model) is None and prefix.outputs(model, images, torch.device("cpu")) is None
 
 

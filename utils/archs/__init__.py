@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch import nn
 from torchvision.transforms import v2
 
 from utils.runtime.errors import UserError
@@ -61,31 +60,7 @@ def image_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation=v2
     return v2.Compose(steps)
 
 
-# ------------------------------------------------------------- tiny-cnn: the smallest --arch
-class TinyCNN(nn.Module):
-    """`--arch tiny-cnn`: a small conv net with BatchNorm, for quick CPU runs of every script (the demo's
-    DEMO_ARCH=tiny-cnn; the tests' processes name it too) on any input size."""
-
-    def __init__(self, num_classes, width=8):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.classifier = nn.Linear(2 * width, num_classes)
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
-
-
-def _tiny_cnn(num_classes, pretrained=False):
-    torch.manual_seed(0)  # "pre-trained" start is a fixed random init, so every ingredient shares it
-    return TinyCNN(num_classes)
-
-
-ARCHS = {
-    "tiny-cnn": ArchSpec("tiny-cnn", _tiny_cnn, image_transform(16), image_transform(16)),
-}
+ARCHS = {}  # name -> ArchSpec, filled by `register` (the modules imported at the end of this file)
 ALIASES = {}
 
 

@@ -62,7 +62,7 @@ def _builder(model_name, config=None):
         cfg = config or open_clip.get_model_config(model_name)
         if cfg is None:
             raise UserError(f"open_clip has no model config {model_name!r}")
-        # A fixed random start, so two builds agree (as the tiny-cnn test arch does); the global RNG
+        # A fixed random start, so two builds agree (as every arch here does); the global RNG
         # of the caller is left as it was.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)

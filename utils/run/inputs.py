@@ -34,7 +34,7 @@ class Inputs:
 def learning(model, dataset, device, batch_size, workers, learned, precision_name, desc="held-out"):
     """The Inputs of a learning epoch over `dataset` with the tensors `learned` being learned (ask at each
     epoch: the prefix's tensors are checked each time)."""
-    found = prefix.standing_in(model, dataset, device, learned=learned, desc=desc)
+    found = prefix.precomputed(model, dataset, device, learned=learned, desc=desc)
     if found is not None:
         return in_precision(Inputs(*found, 0, "model."), precision_name, device)
     kept = decoded.images(dataset, None, workers, desc)
@@ -50,7 +50,7 @@ def evaluation(model, device, batch_size, workers, precision_name, split=None):
     than the one its architecture declares (finetune.py's depth)."""
     def inputs_of(dataset, desc="eval"):
         model.eval()
-        found = prefix.standing_in(model, dataset, device, desc=desc, split=split)
+        found = prefix.precomputed(model, dataset, device, desc=desc, split=split)
         plain = Inputs(*found, 0, "model.") if found is not None else Inputs(dataset, model, workers)
         return in_precision(plain, precision_name, device)
     return inputs_of

@@ -7,8 +7,8 @@ data set (greedy soup: every ingredient and every candidate) or takes many MEHL 
 split computes the prefix's output once and afterwards runs only the rest of the network; finetune.py
 computes its frozen blocks' activations once per zoo.
 
-Using it is a step each recipe takes (utils/run/inputs.py): `standing_in` gives the prefix's outputs
-and the rest of the model (`Tail`) when the prefix may stand for the model, else nothing.
+Using it is a step each recipe takes (utils/run/inputs.py): `precomputed` gives the prefix's outputs,
+computed once, and the rest of the model (`Tail`) when the prefix may stand for the model, else nothing.
 
 The prefix stands for the model only when it computes what the whole model would:
 - the architecture declares where its prefix ends (utils/archs: `register_split`; today
@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 LIMIT_BYTES = 512 * 2**20   # per data set, on the CPU
 FORMAT = 1                  # of the files on disk: a change of what they hold changes it
 SPOT_CHECKS = 8             # items of a file computed afresh and compared before it is used
-PASS_BATCH = 128            # images per prefix pass of a recipe, whatever its own batch size (see standing_in)
+PASS_BATCH = 128            # images per prefix pass of a recipe, whatever its own batch size (see precomputed)
 _MEMORY = {"key": None, "outputs": {}}      # prefix_key -> {id(dataset): (dataset, h or None, y)}
 _DISK = {"folder": None, "warned": False}   # the on-disk cache (configure); None: memory only
 
@@ -78,7 +78,7 @@ class Tail(nn.Module):
         return self.tail(h)
 
 
-def standing_in(model, dataset, device, learned=(), desc="prefix", split=None):
+def precomputed(model, dataset, device, learned=(), desc="prefix", split=None):
     """(the prefix's outputs on `dataset` as a data set, `Tail`) when the prefix stands for the model (see
     the module's docstring) and holds none of the `learned` tensors, else None. Ask at each use: the
     prefix tensors are checked when it is called. `split`: a Split of the model (utils/archs), default
