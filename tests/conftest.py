@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)
 
+from tests.models import TINY_CNN  # noqa: E402 - importable once ROOT is on the path
+
 
 def write_idx(path, array):
     """Write an IDX file (the original MNIST / Fashion-MNIST format), gzipped."""
@@ -67,7 +69,7 @@ def fmnist_root(tmp_path_factory):
     return make_fmnist(tmp_path_factory.mktemp("fmnist"))
 
 
-def make_zoo(folder, n, num_classes=10, arch="tests.models:tiny_cnn", noise=0.05, differ_buffers=False, seed=0):
+def make_zoo(folder, n, num_classes=10, arch=TINY_CNN, noise=0.05, differ_buffers=False, seed=0):
     """n ingredients: the arch's start plus seeded noise on every float parameter that fine-tuning moves
     (a parameter built frozen, such as CLIP's text leftovers, stays identical, as in the published
     checkpoints); BatchNorm statistics identical in all (frozen-statistics fine-tuning) unless

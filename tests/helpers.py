@@ -1,7 +1,9 @@
 """What the test files share: the four soup scripts (`SCRIPTS`, `FILES`), the one builder of their
 command lines (`argv`), and running a command line as a user would (`refused`, `cli`, `last_line`,
-`nothing_written`). Fixtures and the tiny data and zoos are in tests/conftest.py."""
+`nothing_written`), and MEHL as a process whose plan is read (`planned_mehl`). Fixtures and the tiny data and zoos are in tests/conftest.py."""
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,6 +14,7 @@ import learned_soup
 import MEHL_soup_layer
 import uniform_soup
 from tests.conftest import ROOT
+from tests.models import TINY_CNN
 from utils.runtime.errors import run_main
 
 SCRIPTS = {"uniform": uniform_soup, "greedy": greedy_soup, "learned": learned_soup,
@@ -22,7 +25,7 @@ QUICK = {"uniform": [], "greedy": [], "learned": ["--epochs", "1"],
          "mehl": ["--epochs", "1", "--model_batch", "2", "--no-epoch-test"]}
 
 
-def argv(zoo, data, out, *extra, first=(), arch="tests.models:tiny_cnn", datasets=None, heldout=3, test_size=20,
+def argv(zoo, data, out, *extra, first=(), arch=TINY_CNN, datasets=None, heldout=3, test_size=20,
          batch_size=32, device="cpu", name="soup"):
     """A soup script's command line on a tiny zoo, every item a string: the zoo, data and arch, the
     split and batch sizes, the device, the results file `<out>/results.jsonl` and the soup
@@ -89,3 +92,16 @@ def copy_for_a_user(shared, packages=("utils", "datasets"), scripts=("*.py",)):
         for name in files:
             os.chmod(os.path.join(folder, name), 0o644)
     return code
+
+
+def planned_mehl(args, results_db, timeout):
+    """MEHL_soup_layer.py with `args` as a fresh process, glibc's mmap threshold fixed (freed memory leaves
+    the resident set: tests/test_memory_bounds.py says why); it must succeed. Returns (its stderr, K and
+    the predicted peak in bytes from the plan it printed, its results line in `results_db`)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "1048576"}
+    done = subprocess.run([sys.executable, str(ROOT / "MEHL_soup_layer.py"), *map(str, args)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = re.search(r"plan: K = (\d+) \(.*\); predicted peak .* \((\d+) bytes\)", done.stderr)
+    record = json.loads(results_db.read_text().splitlines()[-1])
+    return done.stderr, int(found.group(1)), int(found.group(2)), record

@@ -8,12 +8,13 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
+from tests.models import TINY_CNN
 
 
 def run_demo(out, zoo, data):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "DEMO_SKIP_SETUP": "1",
            "DEMO_OUT": str(out), "DEMO_ZOO": str(zoo), "DEMO_DATA": str(data), "DEMO_N": "3",
-           "DEMO_ARCH": "tests.models:tiny_cnn", "DEMO_TEST_SIZE": "100", "DEMO_K": "2", "DEMO_FIRST_N": "2",
+           "DEMO_ARCH": TINY_CNN, "DEMO_TEST_SIZE": "100", "DEMO_K": "2", "DEMO_FIRST_N": "2",
            "DEMO_EXCLUDE": "1", "DEMO_SEEDS": "1 2",
            "DEMO_ZOO_FLAGS": "--heldout-per-class 10 --finetune-size 200 --test-size 100 "
                              "--epochs-min 1 --epochs-max 1",

@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import ROOT, free_port, make_zoo, torchrun
 from tests.helpers import argv
+from tests.models import TINY_CNN
 
 HOOK = textwrap.dedent('''
     import os, sys, time
@@ -103,7 +104,7 @@ def test_rendezvous_that_cannot_complete(tmp_path, zoo, fmnist_root, who):
            "MASTER_PORT": str(port), "SOUP_DIST_TIMEOUT": "5"}
     started = time.monotonic()
     done = subprocess.run([sys.executable, str(ROOT / "uniform_soup.py"),
-                           "--model-location", str(zoo), "--arch", "tests.models:tiny_cnn", "--data-location",
+                           "--model-location", str(zoo), "--arch", TINY_CNN, "--data-location",
                            str(fmnist_root), "--device", "cpu", "--results-db", str(tmp_path / "r.jsonl"),
                            "--save-soup", "none"],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
@@ -209,7 +210,7 @@ def test_rendezvous_with_another_program_at_master_port_is_bounded_by_the_timeou
                "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "SOUP_DIST_TIMEOUT": "5"}
         started = time.monotonic()
         done = subprocess.run([sys.executable, str(ROOT / "uniform_soup.py"), "--model-location", str(zoo),
-                               "--arch", "tests.models:tiny_cnn", "--data-location", str(fmnist_root), "--device", "cpu",
+                               "--arch", TINY_CNN, "--data-location", str(fmnist_root), "--device", "cpu",
                                "--results-db", str(tmp_path / "r.jsonl"), "--save-soup", "none"],
                               capture_output=True, text=True, cwd=ROOT, env=env, timeout=100)
         elapsed = time.monotonic() - started

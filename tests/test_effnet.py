@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.models import TINY_CNN
 from utils.archs import effnet
 from utils.archs import get_arch, split_of
 from utils.runtime.errors import UserError
@@ -69,7 +70,7 @@ def test_the_declared_prefix_is_every_block_but_the_last_and_depths_are_bounded(
     assert split_of(model, 0).keys == tuple(k for k in model.state_dict() if k.startswith(("_conv_stem.", "_bn0.")))
     with pytest.raises(UserError, match=r"--frozen-blocks must be in \[0, 16\], got 17"):
         split_of(model, 17)
-    assert split_of(get_arch("tests.models:tiny_cnn").build(10)) is None  # an arch that declares no prefix
+    assert split_of(get_arch(TINY_CNN).build(10)) is None  # an arch that declares no prefix
 
 
 def test_the_architectures_layer_imports_nothing_above_it():

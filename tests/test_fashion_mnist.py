@@ -5,12 +5,13 @@ import torch
 
 from datasets import build_dataset
 from datasets.fashion_mnist import CORRUPTIONS, corrupt
+from tests.models import TINY_CNN
 from utils.archs import get_arch
 from utils.runtime.errors import UserError
 
 
 def build(root, **kw):
-    return build_dataset("FashionMNIST", str(root), get_arch("tests.models:tiny_cnn").preprocess, **kw)
+    return build_dataset("FashionMNIST", str(root), get_arch(TINY_CNN).preprocess, **kw)
 
 
 def train_ids(ds):

@@ -7,6 +7,7 @@ from torch.utils.data import TensorDataset
 
 import finetune
 import sweep
+from tests.models import TINY_CNN
 from utils.archs import effnet
 from utils.run import prefix
 from utils.runtime.errors import UserError
@@ -99,9 +100,9 @@ def test_finetune_without_linear_probe_is_a_user_error(tmp_path, fmnist_root):
 def test_frozen_blocks_need_an_arch_that_declares_a_prefix(tmp_path, fmnist_root):
     """The depth is the architecture's declaration (utils/archs: register_split), not a name finetune.py
     knows: an arch that declares none trains whole, and refuses frozen blocks in one line."""
-    args = ["--arch", "tests.models:tiny_cnn", "--linear-probe", "--epochs", "1", "--data-location", str(fmnist_root),
+    args = ["--arch", TINY_CNN, "--linear-probe", "--epochs", "1", "--data-location", str(fmnist_root),
             "--out-dir", str(tmp_path), *TINY]
-    with pytest.raises(UserError, match="--frozen-blocks 2: --arch tests.models:tiny_cnn declares no frozen prefix"):
+    with pytest.raises(UserError, match=f"--frozen-blocks 2: --arch {TINY_CNN} declares no frozen prefix"):
         finetune.main(args + ["--frozen-blocks", "2"])
     assert finetune.main(args)["steps"] > 0 and (tmp_path / "model_0.pt").is_file()
 

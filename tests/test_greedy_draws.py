@@ -8,12 +8,13 @@ import pytest
 import greedy_soup
 from tests.conftest import make_zoo
 from tests.helpers import argv
+from tests.models import TINY_CNN
 from utils.runtime.errors import run_main
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import greedy_draws  # noqa: E402
 
-DATA = ["--arch", "tests.models:tiny_cnn", "--heldout-per-class", "3", "--test-size", "20", "--finetune-size", "0",
+DATA = ["--arch", TINY_CNN, "--heldout-per-class", "3", "--test-size", "20", "--finetune-size", "0",
         "--frozen-blocks", "0"]
 
 

@@ -22,6 +22,7 @@ import MEHL_soup_layer
 import uniform_soup
 from tests.conftest import ROOT, make_zoo
 from tests.helpers import QUICK, SCRIPTS, argv, cli, last_line, nothing_written, refused
+from tests.models import TINY_CNN
 from utils.files import results
 from utils.files.state_dicts import load_state_dict
 from utils.runtime.errors import UserError, run_main
@@ -534,7 +535,7 @@ def tree(*folders):
 def test_bench_baselines_flags_are_one_line(capsys, tmp_path, zoo, extra, said):
     bench = script_module("bench_baselines")
     out = tmp_path / "bench"
-    line = one_line(capsys, bench.main, ["--model-location", zoo, "--arch", "tests.models:tiny_cnn", "--out", out, *extra])
+    line = one_line(capsys, bench.main, ["--model-location", zoo, "--arch", TINY_CNN, "--out", out, *extra])
     assert line.endswith(said) if said.startswith("error: argument") else line == said, line
     assert not out.exists()
 
@@ -542,7 +543,7 @@ def test_bench_baselines_flags_are_one_line(capsys, tmp_path, zoo, extra, said):
 def test_bench_baselines_timeout_is_a_failed_row_not_a_traceback(tmp_path, zoo, fmnist_root):
     """--timeout 0.01 raised subprocess.TimeoutExpired out of the script: each run is now a failed row."""
     bench = script_module("bench_baselines")
-    rows = bench.main(["--model-location", str(zoo), "--arch", "tests.models:tiny_cnn", "--data-location", str(fmnist_root),
+    rows = bench.main(["--model-location", str(zoo), "--arch", TINY_CNN, "--data-location", str(fmnist_root),
                        "--counts", "2", "--methods", "uniform", "--out", str(tmp_path / "b"), "--timeout", "0.01",
                        "--device", "cpu"])
     assert rows == [{"method": "uniform", "n": 2, "error": ["stopped after --timeout 0.01 s"],
@@ -556,7 +557,7 @@ def test_bench_outputs_never_land_on_an_input_or_another_kind_of_file(capsys, tm
     notes = tmp_path / "notes.json"
     notes.write_text('{"mine": 1}')
     before = tree(zoo, fmnist_root, tmp_path)
-    base = ["--model-location", zoo, "--arch", "tests.models:tiny_cnn", "--data-location", fmnist_root, "--ks", "2",
+    base = ["--model-location", zoo, "--arch", TINY_CNN, "--data-location", fmnist_root, "--ks", "2",
             "--device", "cpu"]
     line = one_line(capsys, mehl.main, [*base, "--out", zoo / "model_0.pt"])
     assert line.startswith(f"error: --out {zoo / 'model_0.pt'} is also ingredient model_0.pt of --model-location"), line
@@ -574,19 +575,19 @@ def test_bench_outputs_never_land_on_an_input_or_another_kind_of_file(capsys, tm
     draws = script_module("greedy_draws")
     line = one_line(capsys, draws.main, ["--zoo", zoo, "--out", zoo / "model_9.pt"])
     assert line.startswith(f"error: --out {zoo / 'model_9.pt'} would be read as ingredient model_9.pt"), line
-    line = one_line(capsys, baselines.main, ["--model-location", zoo, "--arch", "tests.models:tiny_cnn", "--out", notes,
+    line = one_line(capsys, baselines.main, ["--model-location", zoo, "--arch", TINY_CNN, "--out", notes,
                                              "--counts", "2"])
     assert line == f"error: --out {notes} is a file: give a folder", line
     (fmnist_root / "uniform_2.jsonl").symlink_to(zoo / "model_1.pt")  # a results file that is an ingredient
     try:
-        line = one_line(capsys, baselines.main, ["--model-location", zoo, "--arch", "tests.models:tiny_cnn", "--out", fmnist_root,
+        line = one_line(capsys, baselines.main, ["--model-location", zoo, "--arch", TINY_CNN, "--out", fmnist_root,
                                                  "--counts", "2", "--methods", "uniform"])
     finally:
         (fmnist_root / "uniform_2.jsonl").unlink()
     assert line.startswith(f"error: --out {fmnist_root / 'uniform_2.jsonl'} is also ingredient model_1.pt"), line
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "uniform_2.jsonl").write_bytes(b"PK\x03\x04 someone's file")
-    line = one_line(capsys, baselines.main, ["--model-location", zoo, "--arch", "tests.models:tiny_cnn", "--out", tmp_path / "b",
+    line = one_line(capsys, baselines.main, ["--model-location", zoo, "--arch", TINY_CNN, "--out", tmp_path / "b",
                                              "--counts", "2", "--methods", "uniform"])
     assert line.startswith(f"error: --out {tmp_path / 'b' / 'uniform_2.jsonl'} is not a results file"), line
     assert tree(zoo, fmnist_root, tmp_path) == {**before, str(tmp_path / "b"): None,
@@ -602,7 +603,7 @@ def test_bench_outputs_never_land_on_an_input_or_another_kind_of_file(capsys, tm
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bench_mehl_flags_are_one_line(capsys, tmp_path, zoo, extra, said):
     mehl = script_module("bench_mehl")
-    line = one_line(capsys, mehl.main, ["--model-location", zoo, "--arch", "tests.models:tiny_cnn", "--out",
+    line = one_line(capsys, mehl.main, ["--model-location", zoo, "--arch", TINY_CNN, "--out",
                                         tmp_path / "b.json", *extra])
     assert line == said, line
     assert not (tmp_path / "b.json").exists()
@@ -649,14 +650,14 @@ def test_paper_scale_out_that_cannot_hold_its_files_is_one_line(capsys, tmp_path
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_finetune_flags_are_one_line(capsys, tmp_path, extra, said):
     import finetune
-    line = one_line(capsys, finetune.main, ["--arch", "tests.models:tiny_cnn", "--out-dir", tmp_path / "ft", *extra])
+    line = one_line(capsys, finetune.main, ["--arch", TINY_CNN, "--out-dir", tmp_path / "ft", *extra])
     assert line.endswith(said) if said.startswith("error: argument") else line.startswith(said), line
     assert not (tmp_path / "ft").exists()
 
 
 def test_finetune_outputs_are_checked_before_the_work(capsys, tmp_path, fmnist_root):
     import finetune
-    base = ["--arch", "tests.models:tiny_cnn", "--linear-probe", "--data-location", fmnist_root, "--device", "cpu"]
+    base = ["--arch", TINY_CNN, "--linear-probe", "--data-location", fmnist_root, "--device", "cpu"]
     blocker = tmp_path / "a file"
     blocker.write_text("mine")
     line = one_line(capsys, finetune.main, [*base, "--out-dir", blocker])

@@ -20,6 +20,7 @@ from datasets import build_dataset, images
 from tests.conftest import make_zoo, write_imagenet_tree
 from tests.helpers import argv, nothing_written, refused
 from tests.test_heldout import within, write_image_folder
+from tests.models import TINY_CNN
 from utils.runtime.errors import UserError, run_main
 from uniform_soup import main as uniform_main
 
@@ -245,7 +246,7 @@ def test_soup_script_names_a_file_whose_data_fails_mid_run(zoo, tree, out, capsy
 def test_finetune_refuses_a_bad_fine_tune_image_before_any_work(tree, tmp_path, monkeypatch):
     path = a_file(tree, "finetune")
     spoil(Path(path), "dangling link", monkeypatch)
-    args = ["--arch", "tests.models:tiny_cnn", "--datasets", "ImageNet", "--data-location", str(tree), "--heldout-per-class",
+    args = ["--arch", TINY_CNN, "--datasets", "ImageNet", "--data-location", str(tree), "--heldout-per-class",
             "1", "--finetune-size", "0", "--test-size", "0", "--out-dir", str(tmp_path / "ft"), "--device", "cpu",
             "--epochs", "1", "--batch-size", "4", "--linear-probe", "--max-steps", "1"]
     with pytest.raises(UserError, match=f"image file {path} is a symbolic link to a missing file"):
@@ -259,7 +260,7 @@ def test_a_bad_image_through_run_main_is_exit_2(tree, capsys, tmp_path, monkeypa
     path = a_file(tree, "heldout")
     spoil(Path(path), "/dev/zero link", monkeypatch)
     with pytest.raises(SystemExit) as done:
-        run_main(finetune.main, ["--linear-probe", "--arch", "tests.models:tiny_cnn", "--datasets", "ImageNet",
+        run_main(finetune.main, ["--linear-probe", "--arch", TINY_CNN, "--datasets", "ImageNet",
                                  "--data-location", str(tree), "--heldout-per-class", "1",
                                  "--out-dir", str(tmp_path / "ft"), "--device", "cpu"])
     assert done.value.code == 2

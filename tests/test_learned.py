@@ -11,6 +11,7 @@ import learned_soup
 import uniform_soup
 from tests import helpers
 from tests.conftest import make_zoo, torchrun
+from tests.models import TINY_CNN
 from utils.archs import get_arch
 from utils.files import results
 from utils.files.soup_io import rebuild
@@ -92,7 +93,7 @@ def test_epochs_zero_is_uniform_soup(tmp_path, fmnist_root):
 def train_good(data_root, steps=60):
     """A tiny_cnn trained briefly on the tiny Fashion-MNIST (learnable templates)."""
     from datasets import build_dataset
-    spec = get_arch("tests.models:tiny_cnn")
+    spec = get_arch(TINY_CNN)
     bundle = build_dataset("FashionMNIST", data_root, spec.preprocess, heldout_per_class=5, test_size=40)
     model = spec.build(10)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
@@ -159,7 +160,7 @@ def test_layerwise_one_row_per_tensor_and_identical_kept(tmp_path, fmnist_root):
     out = tmp_path / "plus.pt"
     record = learned_soup.main(argv(zoo, fmnist_root, tmp_path, "--layerwise", "--epochs", "1",
                                       "--save-soup", out))
-    n_params = len(list(get_arch("tests.models:tiny_cnn").build(10).parameters()))
+    n_params = len(list(get_arch(TINY_CNN).build(10).parameters()))
     assert record["method"] == "Learned-Soup+" and record["blocks"] == n_params - 1
     assert record["identical_parameters"] == ["features.0.bias"]
     recipe = json.loads((tmp_path / "plus.recipe.json").read_text())

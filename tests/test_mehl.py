@@ -11,6 +11,7 @@ from tests import reference
 import MEHL_soup_layer as mehl
 from tests import helpers
 from tests.conftest import make_zoo, torchrun
+from tests.models import TINY_CNN
 from datasets import build_dataset
 from utils.archs import get_arch
 from utils.files import soup_io
@@ -72,7 +73,7 @@ def test_layer_size_picks_the_blocks(tmp_path, zoo4, fmnist_root):
 
 
 def test_projection_equals_autograd_through_functional_call(zoo4, fmnist_root):
-    spec = get_arch("tests.models:tiny_cnn")
+    spec = get_arch(TINY_CNN)
     model = spec.build(10)
     sds = load_zoo(zoo4, 4)
     model.load_state_dict(sds[0])
@@ -111,7 +112,7 @@ def test_one_group_equals_optimising_X_with_autograd(tmp_path, zoo4, fmnist_root
     record = mehl.main(argv(zoo4, fmnist_root, tmp_path, "--model_batch", 10, "--lr", 0.05,
                            "--randomseed", 3))
     assert len(record["groups"]) == 1
-    spec = get_arch("tests.models:tiny_cnn")
+    spec = get_arch(TINY_CNN)
     model = spec.build(10)
     sds = load_zoo(zoo4, 4)
     model.load_state_dict(sds[0])
@@ -206,7 +207,7 @@ def test_differing_batchnorm_statistics_are_reestimated(tmp_path, fmnist_root):
     record = mehl.main(argv(zoo, fmnist_root, tmp_path, "--model_batch", 2))
     assert record["batchnorm"] == "re-estimated on held-out"
     soup = soup_of(tmp_path)
-    spec = get_arch("tests.models:tiny_cnn")
+    spec = get_arch(TINY_CNN)
     model = spec.build(10)
     model.load_state_dict(soup)
     data = build_dataset("FashionMNIST", str(fmnist_root), spec.preprocess, heldout_per_class=4,

@@ -8,6 +8,7 @@ from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests import reference
+from tests.models import TINY_CNN
 from utils.run import mehl
 from utils.runtime.errors import UserError
 from utils.soup import hyperplane, segmented
@@ -253,7 +254,7 @@ def test_a_groups_center_is_the_soup_itself(tmp_path, dtype):
 
     zoo = make_zoo(tmp_path / "zoo", 3)
     paths = [zoo / f"model_{i}.pt" for i in range(3)]
-    model = get_arch("tests.models:tiny_cnn").build(10)
+    model = get_arch(TINY_CNN).build(10)
     like = model.state_dict()
     layout, base = make_layout(paths, model, like, 0)
     model.load_state_dict(base)

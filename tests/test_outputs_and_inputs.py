@@ -16,6 +16,7 @@ import torch
 
 from tests.conftest import ROOT, make_fmnist
 from tests.helpers import QUICK, SCRIPTS, argv, refused
+from tests.models import TINY_CNN
 from utils.files import lock, soup_io, state_dicts
 from utils.files.state_dicts import load_state_dict
 from utils.runtime.errors import UserError
@@ -136,7 +137,7 @@ def test_individual_step_never_appends_to_an_input(capsys, monkeypatch, tmp_path
     scripts' is, against the ingredients, the data (given or at its standard place) and the index."""
     import datasets.fashion_mnist
     script = individual_script()
-    base = ["--model-location", str(zoo), "--arch", "tests.models:tiny_cnn", "--heldout-per-class", "3", "--test-size", "20",
+    base = ["--model-location", str(zoo), "--arch", TINY_CNN, "--heldout-per-class", "3", "--test-size", "20",
             "--device", "cpu"]
     before = snapshot(zoo, fmnist_root)
     for results, expected in ((zoo / "model_0.pt", f"is also ingredient model_0.pt of --model-location {zoo}"),
@@ -172,7 +173,7 @@ def test_a_file_of_the_data_sets_standard_place_is_refused(capsys, monkeypatch, 
         before = snapshot(system)
         with pytest.raises(UserError) as err:
             finetune.main(["--out-dir", str(system), "--index", "0", "--linear-probe", "--heldout-per-class", "3",
-                           "--finetune-size", "64", "--test-size", "30", "--device", "cpu", "--arch", "tests.models:tiny_cnn",
+                           "--finetune-size", "64", "--test-size", "30", "--device", "cpu", "--arch", TINY_CNN,
                            "--overwrite"])
         assert str(err.value).startswith(f"--out-dir {system / 'model_0.pt'} {expected}"), str(err.value)
         assert snapshot(system) == before
@@ -212,7 +213,7 @@ def test_finetune_never_writes_over_what_it_reads(zoo, fmnist_root):
     import finetune
     tiny = ["--data-location", str(fmnist_root), "--out-dir", str(zoo), "--heldout-per-class", "3",
             "--finetune-size", "64", "--test-size", "30", "--batch-size", "16", "--device", "cpu",
-            "--arch", "tests.models:tiny_cnn", "--overwrite"]
+            "--arch", TINY_CNN, "--overwrite"]
     before = snapshot(zoo)
     for extra, expected in ((["--index", "0"], f"--out-dir {zoo / 'model_0.pt'} is also the start model (--init, "
                                                  f"by default {zoo / 'model_0.pt'})"),

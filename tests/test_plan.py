@@ -1,9 +1,7 @@
 """MEHL's memory plan and --model_batch auto (utils/run/plan.py, MEHL_soup_layer.py): the planner's
 arithmetic, the prediction against the peak a fresh process measures on a CPU, and what defines a run
 that 'auto' started (its rerun does nothing, its --resume continues with the K it chose)."""
-import json
 import os
-import re
 import subprocess
 import sys
 from functools import partial
@@ -198,14 +196,9 @@ def mehl_process(zoo, data, out, *extra):
     args = ["--model-location", zoo, "--arch", ARCH, "--datasets", "ImageNet", "--data-location", data,
             "--batch-size", 16, "--epochs", 1, "--no-epoch-test", "--no-shifts", "--results-db",
             out / "results.jsonl", "--save-soup", out / "soup.pt", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "1048576"}
-    done = subprocess.run([sys.executable, str(ROOT / "MEHL_soup_layer.py"), *map(str, args)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = re.search(r"plan: K = (\d+) \(.*\); predicted peak .* \((\d+) bytes\)", done.stderr)
-    record = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
-    assert record["model_batch"] == int(found.group(1))
-    return int(found.group(2)), int(found.group(1)), record["peak_memory_bytes"]
+    _, k, predicted, record = helpers.planned_mehl(args, out / "results.jsonl", timeout=300)
+    assert record["model_batch"] == k
+    return predicted, k, record["peak_memory_bytes"]
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import learned_soup
 import MEHL_soup_layer as mehl
 from tests.conftest import torchrun
 from tests.helpers import argv
+from tests.models import TINY_CNN
 from utils.archs import effnet as effnet_arch
 from utils.archs import get_arch
 from utils.run import inputs, prefix
@@ -127,7 +128,7 @@ def test_recipes_of_any_batch_size_share_one_prefix_pass(effnet, images, monkeyp
 
 
 def test_no_prefix_for_other_archs(images):
-    model = get_arch("tests.models:tiny_cnn").build(10)
+    model = get_arch(TINY_CNN).build(10)
     assert prefix.split_of(model) is None and prefix.outputs(model, images, torch.device("cpu")) is None
 
 

@@ -23,6 +23,7 @@ import MEHL_soup_layer
 import uniform_soup
 from tests.conftest import ROOT
 from tests.helpers import FILES, QUICK, SCRIPTS, argv, cli, copy_for_a_user, last_line, nothing_written, refused
+from tests.models import TINY_CNN
 from utils.archs import get_arch
 from utils.files import state_dicts
 from utils.files.state_dicts import load_state_dict
@@ -41,7 +42,7 @@ class Payload:
 
 
 def evil_zip(path, marker):
-    sd = get_arch("tests.models:tiny_cnn").build(10).state_dict()
+    sd = get_arch(TINY_CNN).build(10).state_dict()
     torch.save({**sd, "payload": Payload(marker)}, path)  # torch's zip format
 
 
@@ -155,7 +156,7 @@ BAD = [truncated, text_file, empty_file, a_bare_tensor, missing_key, unexpected_
 def zip_bomb(path):
     """torch's zip format whose entries are deflated: 128 MiB of zeros in one storage (the state dict
     is valid: the 10-number bias is a view of it), about 130 KB on disk."""
-    sd = get_arch("tests.models:tiny_cnn").build(10).state_dict()
+    sd = get_arch(TINY_CNN).build(10).state_dict()
     sd["classifier.bias"] = torch.zeros(2**25)[:10]  # torch.save writes the whole storage
     plain = path.with_name("plain.tmp")
     torch.save(sd, plain)
@@ -171,7 +172,7 @@ def zip_bomb(path):
 def legacy_declares_more_than_it_holds(path):
     """torch's legacy (non-zip) format: the pickle declares a 128 MiB storage, the file is cut after
     200 KB (torch allocates the declared size before reading the bytes)."""
-    sd = get_arch("tests.models:tiny_cnn").build(10).state_dict()
+    sd = get_arch(TINY_CNN).build(10).state_dict()
     sd["classifier.bias"] = torch.zeros(2**25)[:10]
     torch.save(sd, path, _use_new_zipfile_serialization=False)
     with open(path, "r+b") as f:
@@ -180,7 +181,7 @@ def legacy_declares_more_than_it_holds(path):
 
 
 def oversized_file(path):
-    sd = get_arch("tests.models:tiny_cnn").build(10).state_dict()
+    sd = get_arch(TINY_CNN).build(10).state_dict()
     sd["classifier.bias"] = torch.zeros(2**25)[:10]
     torch.save(sd, path)  # stored, not compressed: 128 MiB on disk
     return ": the file is 128.0 MiB, more than a checkpoint of this architecture may hold"

@@ -3,11 +3,12 @@ import json
 import math
 
 from report import main
+from tests.models import TINY_CNN
 
 
 def line(method, ingredients, test, heldout, shifts, exclude=0, **extra):
     present = [v for v in shifts.values() if v is not None]
-    return {"method": method, "dataset": "FashionMNIST", "arch": "tests.models:tiny_cnn", "ingredients": ingredients,
+    return {"method": method, "dataset": "FashionMNIST", "arch": TINY_CNN, "ingredients": ingredients,
             "heldout": heldout, "test": test, "shifts": shifts,
             "shift_mean": sum(present) / len(present) if present else None,
             "missing_shifts": [k for k, v in shifts.items() if v is None],

@@ -16,6 +16,7 @@ import torch
 import report
 from tests.conftest import ROOT
 from tests.helpers import copy_for_a_user
+from tests.models import TINY_CNN
 from utils.runtime.errors import run_main
 
 
@@ -24,7 +25,7 @@ def write_lines(path, rows):
     return path
 
 
-def zoo_lines(folder, dataset="FashionMNIST", arch="tests.models:tiny_cnn", best=80.0):
+def zoo_lines(folder, dataset="FashionMNIST", arch=TINY_CNN, best=80.0):
     """The lines a zoo's runs append: each ingredient's (naming its file), then uniform and greedy soups
     (naming --model-location), as utils/run/individual.py and utils/files/results.py write them."""
     folder = str(Path(folder).resolve())
@@ -118,7 +119,7 @@ def test_lines_that_record_no_folder_join_the_one_zoo_of_their_dataset(tmp_path)
     rows = zoo_lines(tmp_path / "zoo")
     for r in rows[3:]:
         del r["model_location"]
-    rows.append({"method": "MEHL-Soup+", "dataset": "FashionMNIST", "arch": "tests.models:tiny_cnn", "ingredients": [0, 1, 2],
+    rows.append({"method": "MEHL-Soup+", "dataset": "FashionMNIST", "arch": TINY_CNN, "ingredients": [0, 1, 2],
                  "heldout": 83.0, "test": 83.0, "shifts": {}, "args": {"exclude_top": 0}})
     table = report.main(["--results-db", str(write_lines(tmp_path / "r.jsonl", rows)), "--out", str(tmp_path / "rep")])
     assert "## Zoo" not in (tmp_path / "rep" / "report.md").read_text()
@@ -142,7 +143,7 @@ def learned_pair(tmp_path):
                   "coefficients": {"names": ["w", "b"], "blocks": [["w"], ["b"]],
                                    "alpha": [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]}}
         (tmp_path / f"{stem}.recipe.json").write_text(json.dumps(recipe))
-        rows.append({"method": method, "dataset": "FashionMNIST", "arch": "tests.models:tiny_cnn", "ingredients": [0, 1, 2],
+        rows.append({"method": method, "dataset": "FashionMNIST", "arch": TINY_CNN, "ingredients": [0, 1, 2],
                      "heldout": 80.0, "test": 80.0, "shifts": {}, "soup_file": str(tmp_path / f"{stem}.pt"),
                      "args": {"exclude_top": 0}, "alpha": [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]})
     return write_lines(tmp_path / "r.jsonl", rows)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import report
+from tests.models import TINY_CNN
 from utils.files import predictions
 from utils.soup import stats
 
@@ -36,7 +37,7 @@ def model(db, rng, labels, p_right, method, **extra):
         kept[name] = rows_of(labels[name], right)
         acc[name] = 100.0 * right.mean()
     shifts = {s: acc[f"shift/{s}"] for s in SHIFTS}
-    return {"method": method, "dataset": "FashionMNIST", "arch": "tests.models:tiny_cnn", "model_location": "zoo",
+    return {"method": method, "dataset": "FashionMNIST", "arch": TINY_CNN, "model_location": "zoo",
             "heldout": acc["heldout"], "test": acc["test"], "shifts": shifts,
             "shift_mean": sum(shifts.values()) / len(shifts), "missing_shifts": [],
             "predictions": predictions.save(db, kept), **extra}
@@ -164,7 +165,7 @@ def test_the_results_file_streams(tmp_path):
     report keeps is a small part of the file (it held every parsed line whole before)."""
     db = tmp_path / "big.jsonl"
     line = {"method": "individual", "index": 0, "heldout": 80.0, "test": 79.0, "dataset": "FashionMNIST",
-            "arch": "tests.models:tiny_cnn", "path": "zoo/model_0.pt", "args": {"junk": "x" * 100_000, "exclude_top": 0}}
+            "arch": TINY_CNN, "path": "zoo/model_0.pt", "args": {"junk": "x" * 100_000, "exclude_top": 0}}
     with open(db, "w") as f:
         for i in range(200):
             f.write(json.dumps({**line, "index": i}) + "\n")

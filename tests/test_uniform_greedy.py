@@ -10,6 +10,7 @@ import greedy_soup
 import uniform_soup
 from tests import helpers
 from tests.conftest import make_zoo, torchrun
+from tests.models import TINY_CNN
 from utils.archs import get_arch
 from utils.files import results
 from utils.files.state_dicts import load_state_dict
@@ -57,7 +58,7 @@ def test_bad_input_fails_before_work(tmp_path, fmnist_root):
     with pytest.raises(UserError, match="empty range|must be <"):
         uniform_soup.main(argv(zoo2, fmnist_root, tmp_path, "--params_start", "1", "--params_end", "1"))
     # a checkpoint of another architecture (10 classes -> 3)
-    torch.save(get_arch("tests.models:tiny_cnn").build(3).state_dict(), zoo2 / "model_1.pt")
+    torch.save(get_arch(TINY_CNN).build(3).state_dict(), zoo2 / "model_1.pt")
     with pytest.raises(UserError, match="does not match"):
         greedy_soup.main(argv(zoo2, fmnist_root, tmp_path, "--save-soup", "none"))
     assert not (tmp_path / "results.jsonl").exists()  # nothing was evaluated
@@ -68,7 +69,7 @@ def coded_zoo(folder, n):
     """Ingredient i = the tiny_cnn start with classifier.bias + e_i: the bias of any mean of
     ingredients tells which were averaged."""
     folder.mkdir(parents=True, exist_ok=True)
-    base = get_arch("tests.models:tiny_cnn").build(10).state_dict()
+    base = get_arch(TINY_CNN).build(10).state_dict()
     for i in range(n):
         sd = {k: v.clone() for k, v in base.items()}
         sd["classifier.bias"] = base["classifier.bias"] + torch.eye(10)[i]

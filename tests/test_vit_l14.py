@@ -2,17 +2,13 @@
 layout: stand-ins load strictly, and MEHL's memory plan (utils/run/plan.py) holds at its size: a fresh
 MEHL-Soup+ process on two ViT-L/14 stand-ins at K = 2 peaks within 10 % of the peak it predicted (its
 VmHWM on this CPU, as tests/test_plan.py measures)."""
-import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from scripts.standins import jpeg_pool, write_imagenet_tree, write_synthetic_zoo
-from tests.conftest import ROOT
+from tests.helpers import planned_mehl
 from utils.archs import get_arch
 from utils.files.ingredients import load_checked
 
@@ -44,19 +40,14 @@ def test_the_plan_holds_at_vit_l14_size(tmp_path):
             "--heldout-per-class", 2, "--test-size", 2, "--batch-size", 2, "--epochs", 1, "--no-epoch-test",
             "--no-shifts", "--model_batch", 2, "--device", "cpu", "--results-db", out / "results.jsonl",
             "--save-soup", "none", "--resume", out / "mehl.state.pt"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "1048576"}
-    done = subprocess.run([sys.executable, str(ROOT / "MEHL_soup_layer.py"), *map(str, args)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = re.search(r"plan: K = (\d+) \(.*\); predicted peak .* \((\d+) bytes\)", done.stderr)
-    record = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
-    predicted, measured = int(found.group(2)), record["peak_memory_bytes"]
+    stderr, k, predicted, record = planned_mehl(args, out / "results.jsonl", timeout=1200)
+    measured = record["peak_memory_bytes"]
     # the step's own part of the prediction (plain step + 2 rows), not only the process's peak before learning
     plain, row = (float(v) * 2**30 for v in re.search(
         r"measured before learning: ([0-9.]+) GiB; a step holds 2 row\(s\) .*?: ([0-9.]+) GiB each",
-        done.stderr).groups())
+        stderr).groups())
     print(f"ViT-L/14, K = 2, batch 2: predicted {predicted / 2**30:.3f} GiB (plain step {plain / 2**30:.3f} + "
           f"2 rows of {row / 2**30:.3f}), measured {measured / 2**30:.3f} GiB ({(predicted - measured) / measured:+.1%})")
-    assert int(found.group(1)) == record["model_batch"] == 2
+    assert k == record["model_batch"] == 2
     assert abs(predicted - measured) <= 0.1 * measured, (predicted, measured)
     assert abs(plain + 2 * row - measured) <= 0.1 * measured, (plain + 2 * row, measured)
