@@ -17,7 +17,8 @@
 #   bash scripts/demo.sh
 #
 # Environment (all optional): DEMO_OUT (runs/demo), DEMO_ZOO (zoo/fashion_mnist), DEMO_N (12),
-# DEMO_ARCH (efficientnet-lite0; any --arch: tests.models:tiny_cnn, the tests' model, for a quick run), DEMO_DATA (data root; default the dataset's standard place),
+# DEMO_ARCH (efficientnet-lite0; any --arch: tests.models:tiny_cnn, the tests' model, for a quick run),
+# DEMO_DATA (data root; default the dataset's standard place),
 # DEMO_TEST_SIZE (all 10,000; a number: that many test images, and images per shift set, for a quick
 # run), DEMO_MEHL_EPOCHS (1: MEHL's epochs over the 5000 held-out images, the 40 steps per group that
 # the paper's 5 epochs take over 1000; docs/ZOO.md), DEMO_K (4: MEHL's model batch),
